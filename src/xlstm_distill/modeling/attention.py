@@ -1,0 +1,188 @@
+"""The student's sequence mixer: teacher q/k/v/o projections + SWA with sinks and/or mLSTM, mixed per head."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+
+from xlstm_distill.kernels import mlstm_chunkwise, mlstm_recurrent_step, swa_sinks_attention, swa_sinks_attention_cached
+from xlstm_distill.kernels.mlstm import MLSTMState
+from xlstm_distill.modeling.cache import HybridCache, TokenLayout
+from xlstm_distill.modeling.configuration import HybridConfig
+from xlstm_distill.modeling.families import qk_norm_of
+
+# Initial gate biases (see docs/decisions.md): forget gates remember long (sigmoid(3..6) = 0.95..0.998),
+# input gates start neutral, and the output gate starts near the SWA branch (sigmoid(-3) = 0.047), which alone
+# reproduces the teacher inside the window.
+FORGET_BIAS_RANGE = (3.0, 6.0)
+OUTPUT_GATE_BIAS = -3.0
+
+
+class FeatureMap(nn.Module):
+    """Hedgehog-style per-head feature map: phi(x) = softmax(x W_h + b_h) over the feature dimension."""
+
+    def __init__(self, num_heads: int, head_dim: int, feature_dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_heads, head_dim, feature_dim))  # (NH, DH, DF)
+        self.bias = nn.Parameter(torch.empty(num_heads, feature_dim))  # (NH, DF)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Identity start: phi(x) = softmax(x) when feature_dim == head_dim."""
+        with torch.no_grad():
+            self.weight.copy_(torch.eye(*self.weight.shape[1:]).expand_as(self.weight))
+            self.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, NH, T, DH) -> (B, NH, T, DF)
+        z = torch.einsum("bhtd,hdf->bhtf", x, self.weight.to(x.dtype)) + self.bias.to(x.dtype)[None, :, None]
+        return torch.softmax(z.float(), dim=-1).to(x.dtype)
+
+
+class GateProjection(nn.Linear):
+    """Per-head scalar gates from the concatenated q, k, v head activations: [input, forget] and/or output."""
+
+    def __init__(self, in_features: int, num_heads: int, memory_gates: bool, output_gate: bool) -> None:
+        self.num_heads, self.memory_gates, self.output_gate = num_heads, memory_gates, output_gate
+        super().__init__(in_features, (2 * memory_gates + output_gate) * num_heads)
+
+    def reset_parameters(self) -> None:
+        """Weights zero (constant gates at the start); biases as in docs/decisions.md."""
+        nn.init.zeros_(self.weight)
+        bias = torch.zeros(2 * self.memory_gates + self.output_gate, self.num_heads)
+        if self.memory_gates:
+            bias[1] = torch.linspace(*FORGET_BIAS_RANGE, self.num_heads)
+        if self.output_gate:
+            bias[-1] = OUTPUT_GATE_BIAS
+        with torch.no_grad():
+            self.bias.copy_(bias.flatten())
+
+
+class HybridAttention(nn.Module):
+    """Drop-in replacement of one teacher attention layer (same call signature as transformers' attention)."""
+
+    def __init__(self, teacher_attn: nn.Module, config: HybridConfig, layer_idx: int) -> None:
+        super().__init__()
+        teacher = config.get_teacher_config()
+        self.layer_idx = layer_idx
+        self.mixer = config.mixer
+        self.window, self.num_sinks, self.chunk_size = config.window_size, config.num_sink_tokens, config.chunk_size
+        self.num_heads = teacher.num_attention_heads
+        self.num_kv_heads = getattr(teacher, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = teacher_attn.head_dim
+        self.scaling = teacher_attn.scaling
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (
+            teacher_attn.q_proj, teacher_attn.k_proj, teacher_attn.v_proj, teacher_attn.o_proj)
+        self.qk_norm = qk_norm_of(teacher.model_type)
+        if self.qk_norm != "none":
+            self.q_norm, self.k_norm = teacher_attn.q_norm, teacher_attn.k_norm
+        self.apply_rope = sys.modules[type(teacher_attn).__module__].apply_rotary_pos_emb  # the family's own RoPE
+
+        H, D = self.num_heads, self.head_dim
+        self.uses_swa, self.uses_memory, self.gated_memory = config.uses_swa, config.uses_memory, config.gated_memory
+        output_gate = self.uses_swa and self.uses_memory
+        self.num_gates = 2 * self.gated_memory + output_gate
+        if self.uses_memory:
+            feature_dim = config.feature_dim or D
+            self.q_feature_map = FeatureMap(H, D, feature_dim)
+            self.k_feature_map = FeatureMap(H, D, feature_dim)
+        if self.num_gates:
+            gate_in = (H + 2 * self.num_kv_heads) * D  # concatenated q, k, v head activations
+            self.gate_proj = GateProjection(gate_in, H, self.gated_memory, output_gate)
+
+    def new_parameter_names(self) -> list[str]:
+        """Names (relative to this module) of the parameters the teacher does not have."""
+        return [n for n, _ in self.named_parameters() if n.split(".")[0] in ("q_feature_map", "k_feature_map", "gate_proj")]
+
+    def project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Teacher projections (+ q/k norms). Returns q (B, T, NH*DH), k, v (B, T, NKV*DH), before RoPE."""
+        B, T, _ = hidden_states.shape
+        q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        elif self.qk_norm == "head":
+            q = self.q_norm(q.view(B, T, -1, self.head_dim)).view(B, T, -1)
+            k = self.k_norm(k.view(B, T, -1, self.head_dim)).view(B, T, -1)
+        return q, k, v
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,  # (B, T, HIDDEN)
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,  # ignored: the layout below carries padding and documents
+        past_key_values: HybridCache | None = None,
+        layout: TokenLayout | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None]:
+        B, T, _ = hidden_states.shape
+        H, KV, D = self.num_heads, self.num_kv_heads, self.head_dim
+        q, k, v = self.project(hidden_states)
+        gates = self.gate_proj(torch.cat([q, k, v], dim=-1)).transpose(1, 2) if self.num_gates else None  # (B, G*NH, T)
+        q = q.view(B, T, H, D).transpose(1, 2)  # (B, NH, T, DH)
+        k = k.view(B, T, KV, D).transpose(1, 2)  # (B, NKV, T, DH)
+        v = v.view(B, T, KV, D).transpose(1, 2)  # (B, NKV, T, DH)
+        cos, sin = position_embeddings
+        q, k = self.apply_rope(q, k, cos, sin)
+        cache = past_key_values.layers[self.layer_idx] if past_key_values is not None else None
+
+        swa = self._swa(q, k, v, layout, cache) if self.uses_swa else None
+        memory = self._memory(q, k, v, gates, layout, cache) if self.uses_memory else None
+        if swa is None:
+            y = memory
+        elif memory is None:
+            y = swa
+        else:
+            o = torch.sigmoid(gates[:, -H:].float()).unsqueeze(-1).to(q.dtype)  # (B, NH, T, 1)
+            y = o * memory + (1 - o) * swa
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D)), None
+
+    def _swa(self, q, k, v, layout: TokenLayout, cache: dict | None) -> torch.Tensor:
+        """Sliding-window + sinks branch; fills / reads the sink and ring-buffer K/V of ``cache``."""
+        if cache is None or not layout.continues_cache:
+            out = swa_sinks_attention(q, k, v, layout.doc_start, self.window, self.num_sinks, self.scaling)
+        else:
+            keys = torch.cat([cache["sink_k"], cache["ring_k"], k], dim=2)
+            values = torch.cat([cache["sink_v"], cache["ring_v"], v], dim=2)
+            key_pos = torch.cat([layout.cached_key_pos, layout.position], dim=1)  # (B, S + W + T)
+            out = swa_sinks_attention_cached(q, layout.position, keys, values, key_pos, self.window, self.num_sinks, self.scaling)
+        if cache is not None:
+            _write_kv(cache, k, v, layout.write)
+        return out
+
+    def _memory(self, q, k, v, gates, layout: TokenLayout, cache: dict | None) -> torch.Tensor:
+        """mLSTM (or linear-attention) branch over the feature-mapped q, k; per query head (GQA k, v shared)."""
+        group = self.num_heads // self.num_kv_heads
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        fq, fk = self.q_feature_map(q), self.k_feature_map(k)  # (B, NH, T, DF)
+        if self.gated_memory:
+            H = self.num_heads
+            i, lf = gates[:, :H].float(), nn.functional.logsigmoid(gates[:, H:2 * H].float())  # (B, NH, T)
+            normalizer = "max"
+        else:
+            i = lf = torch.zeros(fq.shape[:3], device=q.device)
+            normalizer = "sum"
+        state = cache.get("state") if cache is not None and layout.continues_cache else None
+        if state is not None and q.shape[2] == 1:
+            h, state = mlstm_recurrent_step(fq[:, :, 0], fk[:, :, 0], v[:, :, 0], i[..., 0], lf[..., 0], state, normalizer)
+            h = h.unsqueeze(2).to(v.dtype)
+        else:
+            reset = None if layout.continues_cache else layout.reset
+            h, state = mlstm_chunkwise(fq, fk, v, i, lf, state, reset, normalizer, self.chunk_size)
+        if cache is not None:
+            cache["state"] = MLSTMState(*state)
+        return h
+
+
+def _write_kv(cache: dict, k: torch.Tensor, v: torch.Tensor, write) -> None:
+    """Store this forward's sink and window K/V in the cache (allocating it on first use)."""
+    B, KV, _, D = k.shape
+    if "sink_k" not in cache:
+        S, W = write.sink_src.shape[1], write.ring_src.shape[1]
+        for name, n in (("sink_k", S), ("sink_v", S), ("ring_k", W), ("ring_v", W)):
+            cache[name] = k.new_zeros(B, KV, n, D)
+    for kind, src, from_new in (("sink", write.sink_src, write.sink_from_new), ("ring", write.ring_src, write.ring_from_new)):
+        idx = src[:, None, :, None].expand(B, KV, src.shape[1], D)
+        keep = from_new[:, None, :, None]
+        cache[f"{kind}_k"] = torch.where(keep, torch.gather(k, 2, idx), cache[f"{kind}_k"])
+        cache[f"{kind}_v"] = torch.where(keep, torch.gather(v, 2, idx), cache[f"{kind}_v"])

@@ -1,0 +1,171 @@
+"""Token layout (documents, padding, positions) and the constant-size generation cache of the hybrid student.
+
+Padding and packed documents are handled the same way: a maximal run of tokens with the same attention-mask
+value and document id is a *document*. Nothing crosses a document boundary: attention is restricted to the
+query's document, the recurrent state is reset at its first token, and sinks are its first tokens. Positions
+(RoPE, window, sinks) count from the document start, as transformers does for left padding.
+
+The cache keeps, per layer, the mLSTM state (C, n, m), the K/V of the current document's sink tokens and a
+ring buffer of the last W tokens' K/V: its size does not depend on how many tokens were generated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from xlstm_distill.kernels.mlstm import MLSTMState
+
+
+@dataclass
+class CacheWrite:
+    """Where the K/V of this forward's tokens go in the cache (same for every layer).
+
+    For every sink slot and ring slot: whether it receives a new token (else it keeps its content) and that
+    token's index in this forward's sequence.
+    """
+
+    sink_from_new: torch.Tensor  # (B, S) bool
+    sink_src: torch.Tensor  # (B, S) long
+    ring_from_new: torch.Tensor  # (B, W) bool
+    ring_src: torch.Tensor  # (B, W) long
+    sink_pos: torch.Tensor  # (B, S) positions held after the write, -1 = empty
+    ring_pos: torch.Tensor  # (B, W)
+    doc_length: torch.Tensor  # (B,) tokens of the current document after this forward
+
+
+@dataclass
+class TokenLayout:
+    """How the tokens of one forward call are arranged in documents."""
+
+    position: torch.Tensor  # (B, T) position of every token inside its document
+    doc_start: torch.Tensor  # (B, T) index of the first token of every token's document (full forward only)
+    reset: torch.Tensor  # (B, T) bool, True at the first token of a document
+    continues_cache: bool  # True: the tokens continue the document held by the cache
+    write: CacheWrite | None = None  # set when a cache is to be filled
+    cached_key_pos: torch.Tensor | None = None  # (B, S + W) positions of the cached sink + ring K/V, -1 = empty
+
+
+def _slot_plan(length: torch.Tensor, pos0: torch.Tensor, offset: torch.Tensor, window: int, sinks: int,
+               old_sink_pos: torch.Tensor | None, old_ring_pos: torch.Tensor | None) -> CacheWrite:
+    """Cache slots after a forward. Document positions p >= pos0 were computed in this forward, at index
+    offset + (p - pos0); ``length`` is the document length afterwards. All arguments (B,) long."""
+    B = length.shape[0]
+    dev = length.device
+    j = torch.arange(sinks, device=dev).expand(B, sinks)
+    sink_valid = j < length[:, None]
+    sink_from_new = sink_valid & (j >= pos0[:, None])
+    s = torch.arange(window, device=dev).expand(B, window)
+    p = length[:, None] - 1 - torch.remainder(length[:, None] - 1 - s, window)  # latest position in slot s
+    ring_valid = (p >= sinks) & (p >= 0)
+    ring_from_new = ring_valid & (p >= pos0[:, None])
+    empty_s, empty_r = torch.full_like(j, -1), torch.full_like(s, -1)
+    sink_pos = torch.where(sink_valid, j, empty_s if old_sink_pos is None else old_sink_pos)
+    ring_pos = torch.where(ring_valid, p, empty_r if old_ring_pos is None else old_ring_pos)
+    return CacheWrite(
+        sink_from_new=sink_from_new,
+        sink_src=(offset[:, None] + j - pos0[:, None]).clamp(min=0),
+        ring_from_new=ring_from_new,
+        ring_src=(offset[:, None] + p - pos0[:, None]).clamp(min=0),
+        sink_pos=sink_pos,
+        ring_pos=ring_pos,
+        doc_length=length,
+    )
+
+
+def full_layout(
+    batch_size: int,
+    seq_len: int,
+    device: torch.device,
+    attention_mask: torch.Tensor | None = None,  # (B, T) 1 = token, 0 = padding
+    document_ids: torch.Tensor | None = None,  # (B, T) packed-document ids
+) -> TokenLayout:
+    """Layout of a forward that does not continue a cache."""
+    boundary = torch.zeros(batch_size, seq_len, dtype=torch.bool, device=device)
+    boundary[:, 0] = True
+    for ids in (attention_mask, document_ids):
+        if ids is not None:
+            if ids.shape != (batch_size, seq_len):
+                raise ValueError(f"Expected a ({batch_size}, {seq_len}) mask / document_ids, got {tuple(ids.shape)}.")
+            boundary[:, 1:] |= ids[:, 1:] != ids[:, :-1]
+    idx = torch.arange(seq_len, device=device).expand(batch_size, seq_len)
+    doc_start = torch.cummax(torch.where(boundary, idx, 0), dim=1).values
+    return TokenLayout(idx - doc_start, doc_start, boundary, continues_cache=False)
+
+
+class HybridCache:
+    """Constant-size decoding state: per layer (C, n, m), sink K/V and a ring buffer of the window's K/V."""
+
+    def __init__(self, num_layers: int, window: int, num_sinks: int) -> None:
+        self.window = window
+        self.num_sinks = num_sinks
+        self.layers: list[dict[str, torch.Tensor | MLSTMState]] = [{} for _ in range(num_layers)]
+        self.seen_tokens = 0  # input positions consumed so far (padding included)
+        self.doc_length: torch.Tensor | None = None  # (B,) tokens of the current document
+        self.sink_pos: torch.Tensor | None = None  # (B, S)
+        self.ring_pos: torch.Tensor | None = None  # (B, W)
+
+    @property
+    def is_empty(self) -> bool:
+        return self.doc_length is None
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_tokens
+
+    def plan(
+        self,
+        batch_size: int,
+        seq_len: int,
+        device: torch.device,
+        attention_mask: torch.Tensor | None,  # (B, T) or (B, seen + T)
+        document_ids: torch.Tensor | None,
+    ) -> TokenLayout:
+        """Layout of the next forward and where its K/V go in the cache."""
+        if attention_mask is not None and attention_mask.shape[-1] == self.seen_tokens + seq_len:
+            attention_mask = attention_mask[:, -seq_len:]  # generate() passes the mask of past + new tokens
+        if self.is_empty:
+            layout = full_layout(batch_size, seq_len, device, attention_mask, document_ids)
+            if attention_mask is not None and not bool(attention_mask[:, -1].all()):
+                raise ValueError("Right padding cannot be cached: pad on the left for generation (padding_side='left').")
+            start = layout.doc_start[:, -1]
+            length = seq_len - start
+            layout.write = _slot_plan(length, torch.zeros_like(length), start, self.window, self.num_sinks, None, None)
+            return layout
+        if document_ids is not None or (attention_mask is not None and not bool(attention_mask.all())):
+            raise ValueError(
+                "Tokens that continue a cache must all belong to the cached document: padding and document_ids "
+                "are only supported in the first forward (left padding)."
+            )
+        if self.doc_length.shape[0] != batch_size:
+            raise ValueError(f"The cache holds batch size {self.doc_length.shape[0]}, got {batch_size}.")
+        pos0 = self.doc_length
+        position = pos0[:, None] + torch.arange(seq_len, device=device)
+        write = _slot_plan(pos0 + seq_len, pos0, torch.zeros_like(pos0), self.window, self.num_sinks,
+                           self.sink_pos, self.ring_pos)
+        no_reset = torch.zeros(batch_size, seq_len, dtype=torch.bool, device=device)
+        cached_key_pos = torch.cat([self.sink_pos, self.ring_pos], dim=1)
+        return TokenLayout(position, position, no_reset, continues_cache=True, write=write, cached_key_pos=cached_key_pos)
+
+    def commit(self, layout: TokenLayout, seq_len: int) -> None:
+        """Advance the bookkeeping after every layer has written its part of ``layout.write``."""
+        write = layout.write
+        self.doc_length, self.sink_pos, self.ring_pos = write.doc_length, write.sink_pos, write.ring_pos
+        self.seen_tokens += seq_len
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Select batch rows (beam search)."""
+        def pick(x):
+            return MLSTMState(*(pick(t) for t in x)) if isinstance(x, MLSTMState) else x.index_select(0, beam_idx.to(x.device))
+        for layer in self.layers:
+            for key, value in layer.items():
+                layer[key] = pick(value)
+        self.doc_length, self.sink_pos, self.ring_pos = (pick(x) for x in (self.doc_length, self.sink_pos, self.ring_pos))
+
+    def nbytes(self) -> int:
+        """Bytes held by the cache tensors (constant once the first forward has filled it)."""
+        total = 0
+        for layer in self.layers:
+            for value in layer.values():
+                total += sum(t.numel() * t.element_size() for t in (value if isinstance(value, MLSTMState) else (value,)))
+        return total

@@ -1,0 +1,93 @@
+"""`HybridConfig`: the single source of truth for a hybrid xLSTM student (teacher architecture + mixer settings)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import AutoConfig, PreTrainedConfig
+
+MIXERS = ("mlstm_swa", "mlstm", "swa", "linear_swa", "linear")
+BACKENDS = ("auto", "native", "triton")
+# The student's own settings (everything except the teacher architecture).
+MIXER_FIELDS = ("mixer", "window_size", "num_sink_tokens", "feature_dim", "chunk_size", "backend")
+# Attributes mirrored from the teacher config so that generation utilities find them on the student config.
+MIRRORED = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id",
+)
+
+
+class HybridConfig(PreTrainedConfig):
+    """Configuration of a hybrid student.
+
+    Args:
+        mixer: sequence mixer that replaces every attention layer: ``mlstm_swa`` (mLSTM + sliding window with
+            sinks, mixed by a per-head output gate; the paper's student), ``mlstm``, ``swa``, ``linear_swa``
+            (LoLCATs-style linear attention + window) or ``linear``.
+        window_size: sliding-window length W (a query sees itself and the W - 1 tokens before it).
+        num_sink_tokens: first tokens of every document that stay visible to all later queries.
+        feature_dim: output size of the per-head feature map phi (default: the teacher's head dimension).
+        chunk_size: chunk length of the chunkwise mLSTM kernel.
+        backend: ``auto`` (fastest available), ``native`` (pure PyTorch, CPU or GPU) or ``triton``
+            (`mlstm_kernels`, CUDA only).
+        teacher_config: the teacher's ``config.to_dict()``; filled in by :func:`xlstm_distill.convert`.
+        teacher_name: where the teacher came from (hub id, folder, GGUF or embedded name).
+    """
+
+    model_type = "xlstm_hybrid"
+
+    def __init__(
+        self,
+        mixer: str = "mlstm_swa",
+        window_size: int = 512,
+        num_sink_tokens: int = 4,
+        feature_dim: int | None = None,
+        chunk_size: int = 64,
+        backend: str = "auto",
+        teacher_config: dict[str, Any] | None = None,
+        teacher_name: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if mixer not in MIXERS:
+            raise ValueError(f"mixer={mixer!r} is not supported; choose one of {', '.join(MIXERS)}.")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r} is not supported; choose one of {', '.join(BACKENDS)}.")
+        for name, value, low in (("window_size", window_size, 1), ("num_sink_tokens", num_sink_tokens, 0),
+                                 ("chunk_size", chunk_size, 1), ("feature_dim", feature_dim or 1, 1)):
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
+        self.mixer = mixer
+        self.window_size = window_size
+        self.num_sink_tokens = num_sink_tokens
+        self.feature_dim = feature_dim
+        self.chunk_size = chunk_size
+        self.backend = backend
+        self.teacher_config = teacher_config
+        self.teacher_name = teacher_name
+        if teacher_config is not None:
+            for key in MIRRORED:
+                if key in teacher_config and key not in kwargs:
+                    kwargs[key] = teacher_config[key]
+            kwargs.setdefault("tie_word_embeddings", teacher_config.get("tie_word_embeddings", False))
+        super().__init__(**kwargs)
+
+    @property
+    def uses_swa(self) -> bool:
+        return self.mixer in ("mlstm_swa", "swa", "linear_swa")
+
+    @property
+    def uses_memory(self) -> bool:
+        """Whether the mixer has a recurrent (mLSTM or linear-attention) branch."""
+        return self.mixer != "swa"
+
+    @property
+    def gated_memory(self) -> bool:
+        """mLSTM (exponential input gate + forget gate) rather than plain linear attention."""
+        return self.mixer in ("mlstm_swa", "mlstm")
+
+    def get_teacher_config(self) -> PreTrainedConfig:
+        """The teacher's own config object (its family's class)."""
+        if self.teacher_config is None:
+            raise ValueError("This HybridConfig has no teacher_config: build students with xlstm_distill.convert().")
+        config = dict(self.teacher_config)
+        return AutoConfig.for_model(config.pop("model_type"), **config)

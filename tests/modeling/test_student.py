@@ -1,0 +1,176 @@
+"""The hybrid student: teacher equivalence, cached decoding, padding, packing, save/load, errors."""
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+import xlstm_distill as xd
+from conftest import FAMILY_EXTRAS, perturb_new_parameters, tiny_teacher
+
+MIXERS = ["mlstm_swa", "mlstm", "swa", "linear_swa", "linear"]
+SMALL = dict(window_size=8, num_sink_tokens=2, chunk_size=4)
+
+
+def student_of(mixer: str, family: str = "llama", **config) -> xd.HybridForCausalLM:
+    student = xd.convert(tiny_teacher(family), xd.HybridConfig(mixer=mixer, **{**SMALL, **config}))
+    perturb_new_parameters(student)
+    return student
+
+
+def tokens(B: int, T: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 128, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", list(FAMILY_EXTRAS))
+def test_swa_with_large_window_reproduces_teacher(family):
+    teacher = tiny_teacher(family)
+    student = xd.convert(teacher, xd.HybridConfig(mixer="swa", window_size=64))
+    ids = tokens(2, 40)
+    with torch.no_grad():
+        diff = (teacher(ids).logits - student(ids).logits).abs().max()
+    assert diff <= 1e-4
+
+
+@pytest.mark.parametrize("family", list(FAMILY_EXTRAS))
+def test_small_window_differs_from_teacher(family):
+    """The equivalence above is not vacuous: a window shorter than the sequence changes the logits."""
+    teacher = tiny_teacher(family)
+    student = xd.convert(teacher, xd.HybridConfig(mixer="swa", window_size=4, num_sink_tokens=1))
+    ids = tokens(1, 40)
+    with torch.no_grad():
+        assert (teacher(ids).logits[:, 10:] - student(ids).logits[:, 10:]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_cached_decoding_matches_full_forward(mixer):
+    """Prefill, a multi-token chunk, then single tokens: same logits as one forward (T > window + sinks)."""
+    student = student_of(mixer)
+    ids = tokens(2, 30)
+    with torch.no_grad():
+        full = student(ids).logits
+        out = student(ids[:, :10], use_cache=True)
+        cache, pieces = out.past_key_values, [out.logits]
+        pieces.append(student(ids[:, 10:21], past_key_values=cache, use_cache=True).logits)
+        for t in range(21, 30):
+            pieces.append(student(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
+    torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_left_padded_batch_generation_equals_single(mixer):
+    student = student_of(mixer)
+    ids = tokens(2, 9)
+    short = ids[:1, :5]
+    batch = torch.cat([torch.cat([torch.zeros(1, 4, dtype=torch.long), short], 1), ids[1:]], 0)
+    mask = torch.ones_like(batch)
+    mask[0, :4] = 0
+    kwargs = dict(max_new_tokens=20, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    batched = student.generate(batch, attention_mask=mask, **kwargs)
+    for row, prompt, offset in ((0, short, 4), (1, ids[1:], 0)):
+        single = student.generate(prompt, **kwargs)  # may stop earlier at EOS; the batch then pads that row
+        n = single.sequences.shape[1]
+        assert torch.equal(batched.sequences[row, offset:offset + n], single.sequences[0])
+        steps = len(single.scores)
+        torch.testing.assert_close(torch.stack(batched.scores[:steps])[:, row], torch.stack(single.scores)[:, 0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_packed_documents_are_independent(mixer):
+    """document_ids: a packed row gives the same logits as its documents run one by one."""
+    student = student_of(mixer)
+    ids = tokens(1, 30)
+    doc_ids = torch.tensor([[0] * 13 + [1] * 6 + [2] * 11])
+    with torch.no_grad():
+        packed = student(ids, document_ids=doc_ids).logits
+        separate = torch.cat([student(ids[:, a:b]).logits for a, b in ((0, 13), (13, 19), (19, 30))], 1)
+    torch.testing.assert_close(packed, separate, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mixer", ["mlstm_swa", "swa"])
+def test_sampling_and_beam_search_run(mixer):
+    student = student_of(mixer)
+    torch.manual_seed(0)
+    out = student.generate(tokens(2, 6), max_new_tokens=5, do_sample=True, top_k=20)
+    assert out.shape == (2, 11)
+    beams = student.generate(tokens(1, 6), max_new_tokens=5, num_beams=3, do_sample=False)
+    assert beams.shape[1] <= 11 and torch.equal(beams[0, :6], tokens(1, 6)[0])
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_cache_memory_is_constant(mixer):
+    student = student_of(mixer)
+    sizes = []
+    with torch.no_grad():
+        cache = student(tokens(1, 4), use_cache=True).past_key_values
+        for t in range(4, 8 * SMALL["window_size"] + 1):
+            student(tokens(1, 1, seed=t), past_key_values=cache, use_cache=True)
+            if t in (2 * SMALL["window_size"], 8 * SMALL["window_size"]):
+                sizes.append(cache.nbytes())
+    assert sizes[0] == sizes[1] > 0
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "olmo3"])
+def test_save_load_round_trip(tmp_path, family):
+    student = student_of("mlstm_swa", family)
+    student.save_pretrained(tmp_path)
+    assert AutoConfig.from_pretrained(tmp_path).mixer == "mlstm_swa"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert isinstance(loaded, xd.HybridForCausalLM)
+    ids = tokens(2, 20)
+    with torch.no_grad():
+        assert torch.equal(student(ids).logits, loaded(ids).logits)
+
+
+def test_tied_embeddings_survive_save_load(tmp_path):
+    teacher = tiny_teacher("llama", tie_word_embeddings=True)
+    student = xd.convert(teacher, xd.HybridConfig(**SMALL))
+    assert student.lm_head.weight.data_ptr() == student.model.embed_tokens.weight.data_ptr()
+    student.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    torch.testing.assert_close(loaded.lm_head.weight, student.lm_head.weight)
+
+
+def test_teacher_weights_are_reused_and_gates_start_near_swa():
+    teacher = tiny_teacher("llama")
+    student = xd.convert(teacher, xd.HybridConfig(**SMALL))
+    attn = student.model.layers[1].self_attn
+    assert torch.equal(attn.q_proj.weight, teacher.model.layers[1].self_attn.q_proj.weight)
+    o_bias = attn.gate_proj.bias[-attn.num_heads:]
+    assert torch.sigmoid(o_bias).max() < 0.1  # output gate starts on the SWA branch
+    # per layer: q and k feature maps (weight, bias) and the gate projection (weight, bias)
+    assert len(student.new_parameter_names()) == 2 * 6
+    assert not any(name in dict(teacher.named_parameters()) for name in student.new_parameter_names())
+
+
+def test_unsupported_architecture_is_refused():
+    teacher = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(xd.UnsupportedArchitectureError, match="gpt2.*Supported families: llama"):
+        xd.convert(teacher)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(mixer="mamba"), "mixer='mamba' is not supported"),
+    (dict(window_size=0), "window_size must be an integer >= 1"),
+    (dict(num_sink_tokens=-1), "num_sink_tokens must be"),
+    (dict(backend="cuda-magic"), "backend='cuda-magic' is not supported"),
+])
+def test_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        xd.HybridConfig(**kwargs)
+
+
+def test_bad_forward_inputs_are_refused():
+    student = student_of("mlstm_swa")
+    ids = tokens(2, 6)
+    right_padded = torch.ones_like(ids)
+    right_padded[0, -2:] = 0
+    with pytest.raises(ValueError, match="pad on the left"):
+        student(ids, attention_mask=right_padded, use_cache=True)
+    cache = student(ids, use_cache=True).past_key_values
+    with pytest.raises(ValueError, match="only supported in the first forward"):
+        student(ids[:, :1], past_key_values=cache, document_ids=torch.zeros(2, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="Expected a \\(2, 6\\) mask"):
+        student(ids, document_ids=torch.zeros(2, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="exactly one of input_ids or inputs_embeds"):
+        student()
