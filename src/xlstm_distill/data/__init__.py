@@ -1,0 +1,22 @@
+"""Training data: sources, tokenization, document-aware packing, mixtures, offline corpora, decontamination."""
+
+from xlstm_distill.data.decontam import NGramIndex, decontaminate, eval_items
+from xlstm_distill.data.encoding import encode_chat, encode_text
+from xlstm_distill.data.offline import DOMAINS, build_offline_corpora, offline_sources
+from xlstm_distill.data.packing import PackedDataset, collate
+from xlstm_distill.data.sources import SUPPORTED_EXTENSIONS, Source
+
+__all__ = [
+    "DOMAINS",
+    "NGramIndex",
+    "PackedDataset",
+    "SUPPORTED_EXTENSIONS",
+    "Source",
+    "build_offline_corpora",
+    "collate",
+    "decontaminate",
+    "encode_chat",
+    "encode_text",
+    "eval_items",
+    "offline_sources",
+]

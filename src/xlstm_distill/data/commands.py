@@ -1,0 +1,52 @@
+"""``xlstm-distill data ...`` commands (mounted by the main CLI)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from xlstm_distill.data.offline import DOMAINS, build_offline_corpora
+
+app = typer.Typer(help="Training data: offline corpora.", no_args_is_help=True)
+
+
+@app.callback()
+def _data() -> None:
+    """Training data utilities."""
+
+
+@app.command()
+def offline(
+    out: Path = typer.Option(..., "--out", help="Folder for chat/code/prose/math .jsonl and manifest.json."),
+    max_mb_per_domain: float = typer.Option(32.0, "--max-mb-per-domain", help="Size cap of each domain file (MB)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for file order and generated math problems."),
+    domain: list[str] = typer.Option(list(DOMAINS), "--domain", help="Domains to build (repeatable)."),
+    eval_set: list[str] = typer.Option(
+        [],
+        "--eval-set",
+        help="Decontaminate only against eval sets whose name contains this (repeatable; default all).",
+    ),
+    decontaminate: bool = typer.Option(
+        True, "--decontaminate/--no-decontaminate", help="Drop docs sharing a 13-gram with eval items."
+    ),
+    linux_doc: bool = typer.Option(
+        True, "--linux-doc/--no-linux-doc", help="Add Linux kernel docs to prose if installed."
+    ),
+) -> None:
+    """Build domain corpora from locally installed packages (no model hub needed)."""
+    manifest = build_offline_corpora(
+        out,
+        max_bytes_per_domain=int(max_mb_per_domain * 1_000_000),
+        seed=seed,
+        domains=domain,
+        decontaminate_against=eval_set or None,
+        decontaminate_docs=decontaminate,
+        linux_doc=linux_doc,
+    )
+    for name, info in manifest["domains"].items():
+        typer.echo(
+            f"{name:6s} {info['docs']:7d} docs {info['bytes'] / 1e6:8.2f} MB  "
+            f"dropped {info['dropped_contaminated']:5d} contaminated  -> {out / info['file']}"
+        )
+    typer.echo(f"manifest: {out / 'manifest.json'}")

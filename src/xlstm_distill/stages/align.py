@@ -1,0 +1,93 @@
+"""Stage I: layer-wise alignment (PAPER.md Eq. 12).
+
+For every layer l, the student mixer gets the teacher's own attention input (teacher forcing) and is trained to
+reproduce the teacher's attention output: L = sum_l MSE(h^(l), h_hat^(l)). Layers are independent, so every layer
+trains in the same pass over one teacher forward, and each layer back-propagates on its own (memory of one layer).
+By default only the new parameters (feature maps, gates) train; ``train_projections`` adds q/k/v/o.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch.nn import functional as F
+
+from xlstm_distill.modeling import HybridForCausalLM
+from xlstm_distill.modeling.cache import full_layout
+from xlstm_distill.stages.common import teacher_forward
+
+
+@contextmanager
+def capture_attention(teacher: torch.nn.Module) -> Iterator[list[dict]]:
+    """Record every teacher attention layer's input hidden states, RoPE (cos, sin) and output during a forward."""
+    records: list[dict] = [{} for _ in teacher.model.layers]
+
+    def hook(idx: int):
+        def fn(module, args, kwargs, output):
+            records[idx]["input"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            records[idx]["rope"] = kwargs["position_embeddings"]
+            records[idx]["output"] = output[0]
+        return fn
+
+    handles = [layer.self_attn.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(teacher.model.layers)]
+    try:
+        yield records
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def set_stage1_trainable(student: HybridForCausalLM, train_projections: bool = False) -> list[str]:
+    """Freeze everything except the new mixer parameters (and q/k/v/o if asked). Returns the trainable names."""
+    trainable = set(student.new_parameter_names())
+    for name, p in student.named_parameters():
+        proj = train_projections and ".self_attn." in name and any(f".{x}_proj." in name for x in "qkvo")
+        p.requires_grad_(name in trainable or proj)
+    return [n for n, p in student.named_parameters() if p.requires_grad]
+
+
+def make_align_step(student: HybridForCausalLM, teacher: torch.nn.Module, autocast_dtype: torch.dtype | None = None):
+    """``step_fn`` for the trainer: one teacher forward, then per layer: mixer forward, MSE, backward."""
+    device = next(student.parameters()).device
+
+    def step(batch: dict[str, torch.Tensor], scale: float) -> dict[str, float]:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with torch.no_grad(), capture_attention(teacher) as records, _autocast(device, autocast_dtype):
+            teacher_forward(teacher, batch)
+        B, T = batch["input_ids"].shape
+        layout = full_layout(B, T, device, document_ids=batch.get("document_ids"))
+        metrics = {}
+        for idx, layer in enumerate(student.model.layers):
+            rec = records[idx]
+            with _autocast(device, autocast_dtype):
+                out, _ = layer.self_attn(hidden_states=rec["input"], position_embeddings=rec["rope"], layout=layout)
+            mse = F.mse_loss(out.float(), rec["output"].float())
+            (mse * scale).backward()
+            metrics[f"layer_{idx:02d}_mse"] = mse.item()
+        metrics["loss"] = sum(metrics.values())
+        return metrics
+
+    return step
+
+
+@torch.no_grad()
+def layer_mse(student: HybridForCausalLM, teacher: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> list[float]:
+    """Held-out per-layer MSE between the student mixers and the teacher attention (teacher-forced)."""
+    device = next(student.parameters()).device
+    totals = [0.0] * len(student.model.layers)
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with capture_attention(teacher) as records:
+            teacher_forward(teacher, batch)
+        B, T = batch["input_ids"].shape
+        layout = full_layout(B, T, device, document_ids=batch.get("document_ids"))
+        for idx, layer in enumerate(student.model.layers):
+            out, _ = layer.self_attn(hidden_states=records[idx]["input"], position_embeddings=records[idx]["rope"], layout=layout)
+            totals[idx] += float(F.mse_loss(out.float(), records[idx]["output"].float())) / len(batches)
+    return totals
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)

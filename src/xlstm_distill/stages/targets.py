@@ -1,0 +1,210 @@
+"""Teacher top-k targets for Stage II: computed once, stored in checksummed shards with a manifest.
+
+Every shard (safetensors) holds the packed training data itself plus the teacher's top-k next-token
+log-probabilities for every position, so Stage II reads one self-contained, verifiable stream:
+
+    input_ids     (N, T) int32        document_ids (N, T) int32      loss_mask (N, T) bool
+    topk_ids      (N, T, k) int32     topk_logprobs (N, T, k) float16
+
+Bytes per token: 6 k + 9 (k = 256: 1,545 B/token, about 1.5 GB per million tokens).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from xlstm_distill.stages.common import teacher_forward
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+def bytes_per_token(k: int) -> int:
+    """Disk bytes per stored token: ids int32 + log-probs float16 per top-k entry, plus the data itself."""
+    return 6 * k + 4 + 4 + 1
+
+
+def tokenizer_hash(tokenizer: Any) -> str:
+    """Stable fingerprint of a tokenizer's vocabulary (ids must mean the same tokens for teacher and student)."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
+
+
+def topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k (ids int32, log-probs float16) of the next-token distribution. logits (B, T, V)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    values, ids = logp.topk(k, dim=-1)
+    return ids.to(torch.int32), values.to(torch.float16)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def write_targets(
+    teacher: torch.nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    out_dir: Path,
+    *,
+    k: int,
+    num_sequences: int,
+    teacher_name: str,
+    tok_hash: str,
+    seq_len: int,
+    sequences_per_shard: int = 256,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run the teacher over ``num_sequences`` packed sequences and write shards + manifest (resumes at a shard)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = next(teacher.parameters()).device
+    manifest_path = out_dir / MANIFEST
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {
+        "format": FORMAT_VERSION, "teacher": teacher_name, "tokenizer_hash": tok_hash, "k": k,
+        "seq_len": seq_len, "num_sequences": num_sequences, "complete": False, "shards": [], **(extra or {})}
+    done = sum(s["num_sequences"] for s in manifest["shards"])
+    buffer: dict[str, list[torch.Tensor]] = {}
+    seen = 0
+    bar = tqdm(total=num_sequences, initial=done, desc="targets", unit="seq", dynamic_ncols=True)
+    for batch in batches:
+        if seen + len(batch["input_ids"]) <= done:  # already written in an earlier run: skip the teacher work
+            seen += len(batch["input_ids"])
+            continue
+        batch = {key: v.to(device) for key, v in batch.items()}
+        ids, logprobs = topk_logprobs(teacher_forward(teacher, batch), k)
+        part = {"input_ids": batch["input_ids"].int(), "document_ids": batch["document_ids"].int(),
+                "loss_mask": batch["loss_mask"].bool(), "topk_ids": ids, "topk_logprobs": logprobs}
+        for key, value in part.items():
+            buffer.setdefault(key, []).append(value.cpu())
+        seen += len(batch["input_ids"])
+        bar.update(len(batch["input_ids"]))
+        pending = seen - done
+        if pending >= sequences_per_shard or seen >= num_sequences:
+            keep = min(pending, num_sequences - done)
+            tensors = {key: torch.cat(v)[:keep].contiguous() for key, v in buffer.items()}
+            name = f"shard_{len(manifest['shards']):05d}.safetensors"
+            save_file(tensors, str(out_dir / f".{name}.tmp"))
+            os.replace(out_dir / f".{name}.tmp", out_dir / name)
+            manifest["shards"].append({"file": name, "num_sequences": keep, "sha256": _sha256(out_dir / name)})
+            done += keep
+            buffer = {}
+            _write_json(manifest_path, manifest)
+        if done >= num_sequences:
+            break
+    bar.close()
+    if done < num_sequences:
+        raise RuntimeError(f"The data ran out after {done} of {num_sequences} sequences: add data or lower num_sequences.")
+    manifest["complete"] = True
+    _write_json(manifest_path, manifest)
+    return manifest
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+class TargetMismatchError(ValueError):
+    """Stored targets do not belong to this run (teacher, tokenizer, k, length) or are damaged."""
+
+
+@dataclass
+class TargetShards:
+    """Reader: verifies the manifest against the run, checksums shards, yields shuffled batches, resumes exactly."""
+
+    path: Path
+    batch_size: int
+    seed: int = 0
+    expect: dict[str, Any] | None = None  # e.g. {"tokenizer_hash": ..., "k": 256, "seq_len": 1024}
+    rank: int = 0
+    world_size: int = 1
+
+    def __post_init__(self) -> None:
+        self.path = Path(self.path)
+        manifest_path = self.path / MANIFEST
+        if not manifest_path.is_file():
+            raise FileNotFoundError(f"No {MANIFEST} in {self.path}: run `xlstm-distill targets` first.")
+        self.manifest = json.loads(manifest_path.read_text())
+        if not self.manifest.get("complete"):
+            raise TargetMismatchError(f"Targets in {self.path} are incomplete: re-run `xlstm-distill targets` to finish them.")
+        for key, want in (self.expect or {}).items():
+            if self.manifest.get(key) != want:
+                raise TargetMismatchError(
+                    f"Targets in {self.path} were made with {key}={self.manifest.get(key)!r}, this run needs {want!r}. "
+                    "Regenerate them for this teacher/tokenizer/settings (or point to the right folder).")
+        self.offsets = np.cumsum([0] + [s["num_sequences"] for s in self.manifest["shards"]])
+        self.num_sequences = int(self.offsets[-1])
+        self.epoch, self.position = 0, 0
+        self._verified: set[str] = set()
+        self._cache: tuple[int, dict[str, torch.Tensor]] | None = None
+
+    def _shard(self, index: int) -> dict[str, torch.Tensor]:
+        if self._cache is not None and self._cache[0] == index:
+            return self._cache[1]
+        info = self.manifest["shards"][index]
+        file = self.path / info["file"]
+        if not file.is_file():
+            raise TargetMismatchError(f"Target shard {file} is missing.")
+        if info["file"] not in self._verified:
+            if _sha256(file) != info["sha256"]:
+                raise TargetMismatchError(f"Target shard {file} is corrupt (checksum mismatch): delete it and regenerate.")
+            self._verified.add(info["file"])
+        try:
+            tensors = load_file(str(file))
+        except SafetensorError as err:
+            raise TargetMismatchError(f"Target shard {file} cannot be read ({err}): delete it and regenerate.") from err
+        self._cache = (index, tensors)
+        return tensors
+
+    def _order(self) -> np.ndarray:
+        """This rank's sequence order for the current epoch (shuffled within shards, shards in random order)."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = np.concatenate([self.offsets[s] + rng.permutation(self.offsets[s + 1] - self.offsets[s])
+                                for s in rng.permutation(len(self.offsets) - 1)])
+        return order[self.rank::self.world_size]
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        while True:
+            order = self._order()
+            while self.position + self.batch_size <= len(order):
+                rows = order[self.position:self.position + self.batch_size]
+                self.position += self.batch_size
+                yield self._gather(rows)
+            self.epoch, self.position = self.epoch + 1, 0
+
+    def _gather(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        parts = []
+        for row in rows:
+            shard = int(np.searchsorted(self.offsets, row, side="right") - 1)
+            tensors = self._shard(shard)
+            parts.append({key: v[row - self.offsets[shard]] for key, v in tensors.items()})
+        batch = {key: torch.stack([p[key] for p in parts]) for key in parts[0]}
+        batch["input_ids"], batch["document_ids"] = batch["input_ids"].long(), batch["document_ids"].long()
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["seed"] != self.seed or state["world_size"] != self.world_size:
+            raise ValueError(f"Target reader state was saved with seed/world_size {state['seed']}/{state['world_size']}, "
+                             f"this run has {self.seed}/{self.world_size}.")
+        self.epoch, self.position = state["epoch"], state["position"]

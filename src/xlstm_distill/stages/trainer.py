@@ -1,0 +1,244 @@
+"""One small training loop for every stage: optimizer, schedule, accumulation, clipping, atomic checkpoints, exact
+resume, progress bar, JSONL + TensorBoard metrics, and FSDP2 when launched with torchrun.
+
+A stage supplies a ``step_fn(batch, scale) -> metrics`` that runs forward and ``backward`` on ``loss * scale``
+(Stage I back-propagates layer by layer, so the loop does not own the backward call), and a data object with
+``__next__``-able batches plus ``state_dict`` / ``load_state_dict`` (its resume position).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from tqdm.auto import tqdm
+
+
+class ResumableData(Protocol):
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class TrainConfig:
+    """Optimization settings shared by the stages (YAML recipes fill these)."""
+
+    steps: int = 100
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    warmup_steps: int = 10
+    schedule: str = "cosine"  # cosine (warm-up, cosine to min_lr) or constant (warm-up, then lr)
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    log_every: int = 1
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}.")
+        if self.steps < 1 or self.grad_accum < 1:
+            raise ValueError("steps and grad_accum must be >= 1.")
+        self.betas = tuple(self.betas)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then cosine decay or constant."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def is_main_process() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+class Trainer:
+    """Runs ``cfg.steps`` optimizer steps of ``step_fn`` over ``data``, checkpointing into ``out_dir/checkpoints``."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        step_fn: Callable[[dict[str, torch.Tensor], float], dict[str, float]],
+        data: ResumableData,
+        cfg: TrainConfig,
+        out_dir: Path,
+        name: str = "train",
+    ) -> None:
+        self.model, self.step_fn, self.data, self.cfg = model, step_fn, data, cfg
+        self.out_dir, self.name = Path(out_dir), name
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("Nothing to train: no parameter requires grad.")
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=cfg.betas, fused=False,
+        )
+        self.step = 0
+        self._iter: Iterator | None = None
+
+    # -- checkpoints -----------------------------------------------------------------------------------------
+    def latest_checkpoint(self) -> Path | None:
+        pointer = self.ckpt_dir / "latest"
+        if not pointer.exists():
+            return None
+        path = self.ckpt_dir / pointer.read_text().strip()
+        return path if path.is_dir() else None
+
+    def save_checkpoint(self) -> Path:
+        """Write model + optimizer (torch.distributed.checkpoint, resharding-safe), data position and RNG states.
+
+        Written to a temporary folder, then renamed and published via the ``latest`` pointer: a kill at any
+        moment leaves the previous checkpoint intact.
+        """
+        final = self.ckpt_dir / f"step_{self.step:08d}"
+        tmp = self.ckpt_dir / f".tmp_step_{self.step:08d}"
+        if is_main_process():
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        _barrier()
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        torch.save({"data": self.data.state_dict(), "rng": _rng_state()}, tmp / f"local_{rank}.pt")
+        _barrier()
+        if is_main_process():
+            (tmp / "trainer.json").write_text(json.dumps({"step": self.step, "config": asdict(self.cfg)}))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            pointer_tmp = self.ckpt_dir / ".latest.tmp"
+            pointer_tmp.write_text(final.name)
+            os.replace(pointer_tmp, self.ckpt_dir / "latest")
+            for old in sorted(self.ckpt_dir.glob("step_*"))[: -self.cfg.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        _barrier()
+        return final
+
+    def load_checkpoint(self, path: Path) -> None:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=str(path))
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        local = torch.load(path / f"local_{rank}.pt", weights_only=False)
+        self.data.load_state_dict(local["data"])
+        _set_rng_state(local["rng"])
+        self.step = json.loads((path / "trainer.json").read_text())["step"]
+
+    # -- loop ------------------------------------------------------------------------------------------------
+    def _next_batch(self) -> dict[str, torch.Tensor]:
+        if self._iter is None:
+            self._iter = iter(self.data)
+        try:
+            return next(self._iter)
+        except StopIteration:
+            raise RuntimeError("The training data ran out before the last step: add data or lower the steps.") from None
+
+    def fit(self) -> list[dict[str, float]]:
+        """Train to ``cfg.steps`` (resuming from the latest checkpoint if there is one); returns the logged rows."""
+        cfg = self.cfg
+        if (ckpt := self.latest_checkpoint()) is not None:
+            self.load_checkpoint(ckpt)
+        else:
+            torch.manual_seed(cfg.seed)
+        main = is_main_process()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.out_dir / "metrics.jsonl"
+        writer = _tensorboard(self.out_dir / "tensorboard") if main else None
+        rows = []
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=self.name, disable=not main, dynamic_ncols=True)
+        self.model.train()
+        while self.step < cfg.steps:
+            start = time.perf_counter()
+            lr = lr_at(self.step, cfg)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            sums: dict[str, float] = {}
+            tokens = 0
+            for _ in range(cfg.grad_accum):
+                batch = self._next_batch()
+                tokens += batch["input_ids"].numel()
+                for key, value in self.step_fn(batch, 1.0 / cfg.grad_accum).items():
+                    sums[key] = sums.get(key, 0.0) + value / cfg.grad_accum
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                [p for p in self.model.parameters() if p.requires_grad], cfg.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            if dist.is_initialized():
+                tokens *= dist.get_world_size()
+                sums = _all_reduce_mean(sums)
+            row = {"step": self.step, "lr": lr, "grad_norm": float(grad_norm), **sums,
+                   "tokens_per_s": tokens / (time.perf_counter() - start)}
+            rows.append(row)
+            if main and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
+                with log_path.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                if writer is not None:
+                    for key, value in row.items():
+                        if key != "step":
+                            writer.add_scalar(f"{self.name}/{key}", value, self.step)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in ("loss", "tokens_per_s") or k.endswith("_loss")})
+            bar.update(1)
+            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                self.save_checkpoint()
+        bar.close()
+        if writer is not None:
+            writer.close()
+        self.model.eval()
+        return rows
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64,
+                     device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return {k: float(v) / dist.get_world_size() for k, v in zip(keys, t)}
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tensorboard(path: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional: metrics.jsonl always has everything
+        return None
+    return SummaryWriter(str(path))

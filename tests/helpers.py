@@ -1,0 +1,82 @@
+"""Test helpers: tiny random teachers of every supported family and synthetic packed data."""
+
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoConfig
+
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+            tie_word_embeddings=False)
+FAMILY_EXTRAS = {
+    "llama": {},
+    "mistral": {"sliding_window": 4096},
+    "qwen2": {},
+    "qwen3": {"head_dim": 16},
+    "olmo2": {},
+    "olmo3": {"sliding_window": 4096, "layer_types": ["sliding_attention", "full_attention"]},
+}
+
+
+def tiny_teacher(model_type: str = "llama", seed: int = 0, logit_scale: float = 20.0, **overrides) -> torch.nn.Module:
+    """A small random teacher of the given family, in eval mode; ``logit_scale`` sharpens its (non-tied) logits."""
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(model_type, **{**TINY, **FAMILY_EXTRAS[model_type], **overrides})
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # large logit margins: greedy decoding is not decided by rounding noise
+        model.lm_head.weight.mul_(logit_scale)
+    return model
+
+
+def perturb_new_parameters(student: torch.nn.Module, scale: float = 0.5, seed: int = 0) -> None:
+    """Give the new mixer parameters random values, so that tests exercise non-trivial gates and maps."""
+    g = torch.Generator().manual_seed(seed)
+    names = set(student.new_parameter_names())
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            if name in names:
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+
+class SyntheticPacks:
+    """Deterministic packed batches (3 documents per row) with a resumable position."""
+
+    def __init__(self, batch_size: int = 4, seq_len: int = 48, vocab: int = 128, seed: int = 0, limit: int | None = None,
+                 tokens: torch.Tensor | None = None):
+        self.batch_size, self.seq_len, self.vocab, self.seed, self.limit = batch_size, seq_len, vocab, seed, limit
+        self.tokens = tokens  # (N, seq_len): fixed token rows (e.g. teacher samples) used in turn instead of random ones
+        self.position = 0
+
+    def make(self, index: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed * 100003 + index)
+        B, T = self.batch_size, self.seq_len
+        ids = torch.randint(3, self.vocab, (B, T), generator=g)
+        ids[:, 1::2] = (ids[:, 0::2] * 7 + 3) % self.vocab  # some learnable structure
+        if self.tokens is not None:
+            start = index * B % len(self.tokens)
+            ids = self.tokens[start:start + B]
+        doc = torch.zeros(B, T, dtype=torch.long)
+        doc[:, T // 3:] = 1
+        doc[:, 2 * T // 3:] = 2
+        mask = torch.ones(B, T, dtype=torch.bool)
+        mask[:, [T // 3 - 1, 2 * T // 3 - 1, T - 1]] = False
+        return {"input_ids": ids, "document_ids": doc, "loss_mask": mask}
+
+    def __iter__(self):
+        while self.limit is None or self.position < self.limit:
+            self.position += 1
+            yield self.make(self.position - 1)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.position = state["position"]
+
+
+def teacher_samples(teacher: torch.nn.Module, n: int, seq_len: int = 48, seed: int = 0) -> torch.Tensor:
+    """(n, seq_len) token rows sampled from the teacher: data whose distribution the teacher is."""
+    torch.manual_seed(seed)
+    prompts = torch.randint(3, teacher.config.vocab_size, (n, 1))
+    return teacher.generate(prompts, max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1, do_sample=True, pad_token_id=0)
