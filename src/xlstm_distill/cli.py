@@ -10,10 +10,16 @@ from rich.console import Console
 
 from xlstm_distill.modeling import HybridConfig, convert as convert_model
 from xlstm_distill.modeling.configuration import BACKENDS, MIXERS
+from xlstm_distill.data.commands import app as data_app
+from xlstm_distill.evaluation.commands import evaluate, merge
+from xlstm_distill.stages.recipe import Pipeline, Recipe
 from xlstm_distill.teacher import DEFAULT_TEACHER, load_teacher
 
 app = typer.Typer(help="Distill Transformer LLMs into hybrid xLSTM (mLSTM + sliding-window attention) students.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
+app.add_typer(data_app, name="data", help="Training data: build the offline domain corpora.")
+app.command(help="Teacher vs student(s) on benchmarks (lm-evaluation-harness): recovery, Win-and-Tie, alpha*.")(evaluate)
+app.command(help="Stage III: linear weight merge of expert students (Eq. 14).")(merge)
 console = Console(stderr=True)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -75,3 +81,41 @@ def generate(
     sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
     lm.generate(**inputs, max_new_tokens=max_new_tokens, streamer=TextStreamer(tokenizer, skip_prompt=True),
                 pad_token_id=tokenizer.pad_token_id, **sampling)
+
+
+RECIPE = typer.Argument(..., exists=True, dir_okay=False, help="Experiment recipe (YAML), e.g. recipes/demo-cpu.yaml.")
+OVERRIDES = typer.Option(None, "--set", help="Override a recipe value, e.g. --set distill.steps=200 (repeatable).")
+
+
+@app.command()
+def run(recipe: Path = RECIPE, overrides: list[str] | None = OVERRIDES) -> None:
+    """All stages of a recipe: convert -> Stage I align -> teacher targets -> Stage II distill -> report."""
+    Pipeline(Recipe.load(recipe, overrides)).run()
+
+
+@app.command()
+def align(recipe: Path = RECIPE, overrides: list[str] | None = OVERRIDES) -> None:
+    """Stage I: layer-wise alignment of the student mixers to the teacher attention."""
+    Pipeline(Recipe.load(recipe, overrides)).align()
+
+
+@app.command()
+def targets(recipe: Path = RECIPE, overrides: list[str] | None = OVERRIDES) -> None:
+    """Precompute the teacher's top-k next-token targets for Stage II (sharded, checksummed)."""
+    Pipeline(Recipe.load(recipe, overrides)).targets()
+
+
+@app.command()
+def distill(recipe: Path = RECIPE, overrides: list[str] | None = OVERRIDES) -> None:
+    """Stage II: end-to-end sparse knowledge distillation (runs under torchrun with FSDP2)."""
+    Pipeline(Recipe.load(recipe, overrides)).distill()
+
+
+@app.command()
+def report(recipe: Path = RECIPE, overrides: list[str] | None = OVERRIDES) -> None:
+    """Held-out perplexity and KL to the teacher of every student the recipe produced."""
+    Pipeline(Recipe.load(recipe, overrides)).report()
+
+
+if __name__ == "__main__":  # python -m xlstm_distill.cli (torchrun -m needs a module)
+    app()

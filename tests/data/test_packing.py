@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import sys
@@ -237,8 +236,8 @@ def test_clear_errors(tmp_path: Path) -> None:
         Source(path, weight=0)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("datasets") is not None, reason="datasets is installed")
-def test_hub_dataset_without_datasets_package() -> None:
+def test_hub_dataset_without_datasets_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed: `import datasets` raises ImportError
     with pytest.raises(ImportError, match="pip install datasets"):
         take(PackedDataset(Source("someone/some-dataset"), TOK, 4), 1)
 

@@ -84,6 +84,8 @@ def test_resume_after_kill_reproduces_losses(tmp_path):
     student, teacher = student_and_teacher()  # a fresh process: new model, resumes from step 4
     resumed = _stage2(student, teacher, tmp_path / "b", steps=10)
     assert [r["step"] for r in resumed] == list(range(5, 11))
+    logged = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, 11))  # the killed run's rows after its checkpoint were replaced
     for ref, res in zip(reference[4:], resumed):
         assert res["loss"] == pytest.approx(ref["loss"], rel=1e-5, abs=1e-6)
 

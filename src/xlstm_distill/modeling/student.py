@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, Generation
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from xlstm_distill.modeling.attention import FeatureMap, GateProjection, HybridAttention
-from xlstm_distill.modeling.cache import HybridCache, TokenLayout, full_layout
+from xlstm_distill.modeling.cache import HybridCache, full_layout
 from xlstm_distill.modeling.configuration import MIXER_FIELDS, HybridConfig
 from xlstm_distill.modeling.families import qk_norm_of
 

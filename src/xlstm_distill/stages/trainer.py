@@ -54,7 +54,9 @@ class TrainConfig:
             raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}.")
         if self.steps < 1 or self.grad_accum < 1:
             raise ValueError("steps and grad_accum must be >= 1.")
-        self.betas = tuple(self.betas)
+        self.betas = tuple(float(b) for b in self.betas)
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip"):  # YAML reads "1e-5" as a string
+            setattr(self, name, float(getattr(self, name)))
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -165,6 +167,11 @@ class Trainer:
         main = is_main_process()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.out_dir / "metrics.jsonl"
+        if main and log_path.exists():  # a resumed run repeats the steps after its checkpoint: drop their old rows
+            kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= self.step]
+            tmp = log_path.with_suffix(".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, log_path)
         writer = _tensorboard(self.out_dir / "tensorboard") if main else None
         rows = []
         bar = tqdm(total=cfg.steps, initial=self.step, desc=self.name, disable=not main, dynamic_ncols=True)
@@ -191,6 +198,8 @@ class Trainer:
                 sums = _all_reduce_mean(sums)
             row = {"step": self.step, "lr": lr, "grad_norm": float(grad_norm), **sums,
                    "tokens_per_s": tokens / (time.perf_counter() - start)}
+            if torch.cuda.is_available():
+                row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
             rows.append(row)
             if main and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
                 with log_path.open("a") as f:

@@ -1,0 +1,95 @@
+"""GPU check and step timing (one device call): native kernels on CUDA vs the CPU fp32 reference, then Stage I and
+Stage II step time / memory with SmolLM2-135M shapes (random weights: speed does not depend on the values).
+
+    python benchmarks/gpu_check.py --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+import xlstm_distill as xd
+from xlstm_distill.kernels import mlstm_chunkwise, mlstm_recurrent, swa_sinks_attention
+from xlstm_distill.stages.align import make_align_step, set_stage1_trainable
+from xlstm_distill.stages.distill import OnlineTargets, make_distill_step, set_stage2_trainable
+
+SMOLLM2 = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                      rope_parameters={"rope_type": "default", "rope_theta": 100000.0}, tie_word_embeddings=True)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def kernel_checks() -> dict:
+    g = torch.Generator().manual_seed(0)
+    B, H, S, D = 2, 4, 300, 32
+    q, k, v = (torch.randn(B, H, S, D, generator=g) for _ in range(3))
+    q, k = q.softmax(-1), k.softmax(-1)
+    i, lf = torch.randn(B, H, S, generator=g), torch.nn.functional.logsigmoid(torch.randn(B, H, S, generator=g) + 3)
+    ref, _ = mlstm_recurrent(q, k, v, i, lf)
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        h, _ = mlstm_chunkwise(*(x.cuda().to(dtype) for x in (q, k, v)), i.cuda(), lf.cuda(), chunk_size=64)
+        out[f"mlstm_chunkwise_cuda_{dtype}"] = rel(h.float().cpu(), ref)
+    doc = torch.zeros(B, S, dtype=torch.long)
+    ref_swa = swa_sinks_attention(q, k[:, :2], v[:, :2], doc, 64, 4, 0.2)
+    for dtype in (torch.float32, torch.bfloat16):
+        o = swa_sinks_attention(*(x.cuda().to(dtype) for x in (q, k[:, :2], v[:, :2])), doc.cuda(), 64, 4, 0.2)
+        out[f"swa_cuda_{dtype}"] = rel(o.float().cpu(), ref_swa)
+    return out
+
+
+def step_timing(batch_size: int, seq_len: int) -> dict:
+    torch.manual_seed(0)
+    teacher = AutoModelForCausalLM.from_config(SMOLLM2).cuda().eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    student = xd.convert(teacher, xd.HybridConfig())
+    batch = {"input_ids": torch.randint(0, 49152, (batch_size, seq_len)),
+             "document_ids": torch.zeros(batch_size, seq_len, dtype=torch.long),
+             "loss_mask": torch.ones(batch_size, seq_len, dtype=torch.bool)}
+    res = {}
+    set_stage1_trainable(student)
+    for name, step in (("stage1", make_align_step(student, teacher, torch.bfloat16)),):
+        step(batch, 1.0)
+        torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); t = time.perf_counter()
+        for _ in range(3):
+            step(batch, 1.0)
+        torch.cuda.synchronize()
+        res[name] = {"s_per_step": (time.perf_counter() - t) / 3, "peak_gb": torch.cuda.max_memory_allocated() / 2**30}
+    model = set_stage2_trainable(student, "full")
+    step = make_distill_step(model, 0.9, 0.1, "renormalize", torch.bfloat16)
+    tb = next(iter(OnlineTargets(teacher, [batch], k=256)))
+    step(tb, 1.0)
+    torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); t = time.perf_counter()
+    for _ in range(3):
+        step(tb, 1.0)
+    torch.cuda.synchronize()
+    res["stage2"] = {"s_per_step": (time.perf_counter() - t) / 3, "peak_gb": torch.cuda.max_memory_allocated() / 2**30}
+    for r in res.values():
+        r["tokens_per_s"] = batch_size * seq_len / r["s_per_step"]
+    return res
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "kernels": kernel_checks(),
+              "steps_b16_t1024": step_timing(16, 1024)}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "gpu_check.json").write_text(json.dumps(result, indent=2))
+    json.dump(result, sys.stdout, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""Evaluation of teacher, students and baselines with lm-evaluation-harness, and the recovery report.
+
+``lm_eval`` is imported only when an evaluation runs; importing this package is cheap.
+"""
+
+from xlstm_distill.evaluation.harness import (
+    DEFAULT_TASKS,
+    PAPER_SHOTS,
+    PRIMARY_METRICS,
+    evaluate_models,
+    load_model,
+    task_manager,
+    versions,
+)
+from xlstm_distill.evaluation.offline import OFFLINE_TASKS, TASKS_DIR, OfflineTask
+from xlstm_distill.evaluation.report import compare, write_report
+
+__all__ = [
+    "DEFAULT_TASKS",
+    "OFFLINE_TASKS",
+    "PAPER_SHOTS",
+    "PRIMARY_METRICS",
+    "TASKS_DIR",
+    "OfflineTask",
+    "compare",
+    "evaluate_models",
+    "load_model",
+    "task_manager",
+    "versions",
+    "write_report",
+]

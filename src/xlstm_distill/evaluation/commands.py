@@ -1,0 +1,216 @@
+"""Typer commands ``evaluate`` and ``merge`` (registered on the main ``xlstm-distill`` app in ``cli.py``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from xlstm_distill.evaluation.harness import DEFAULT_TASKS
+
+__all__ = ["evaluate", "merge", "parse_assignments"]
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.secho(f"Error: {message}", err=True, fg=typer.colors.RED)
+    return typer.Exit(code=1)
+
+
+def _split_commas(values: list[str] | None) -> list[str]:
+    return [v.strip() for value in values or [] for v in value.split(",") if v.strip()]
+
+
+def parse_assignments(values: list[str] | None, option: str) -> dict[str, str]:
+    """``["a=1", "b=2"]`` (or ``["a=1,b=2"]``) -> ``{"a": "1", "b": "2"}`` with a clear error otherwise."""
+    out: dict[str, str] = {}
+    for item in _split_commas(values):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise typer.BadParameter(f"expected NAME=VALUE, got {item!r}", param_hint=option)
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _torch_dtype(name: str | None, device: str):
+    import torch
+
+    if name is None or name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    try:
+        dtype = getattr(torch, name)
+    except AttributeError:
+        dtype = None
+    if not isinstance(dtype, torch.dtype):
+        raise typer.BadParameter(f"unknown dtype {name!r} (use float32, bfloat16 or float16)", param_hint="--dtype")
+    return dtype
+
+
+def evaluate(
+    student: Annotated[
+        list[str],
+        typer.Option("--student", "-s", help="Student model folder (save_pretrained); NAME=PATH to name it. Repeatable."),
+    ],
+    teacher: Annotated[
+        str, typer.Option("--teacher", help="Teacher: embedded name (smollm2-135m), .gguf file, folder or hub id.")
+    ] = "smollm2-135m",
+    tasks: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--tasks", "-t",
+            help="Tasks (comma-separated or repeated): offline xd_* tasks or any lm-eval task/group "
+            f"(needs the hub). Default: {','.join(DEFAULT_TASKS)}.",
+        ),
+    ] = None,
+    limit: Annotated[
+        Optional[float], typer.Option(help="Documents per task (or a fraction < 1); for smoke tests only.")
+    ] = None,
+    shots: Annotated[
+        Optional[list[str]],
+        typer.Option("--shots", help="Few-shot override TASK=N (repeatable), e.g. --shots arc_challenge=5."),
+    ] = None,
+    baseline: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--baseline", "-b",
+            help="Baseline NAME=PATH (model folder, hub id or .gguf, evaluated like the student) or "
+            "NAME=scores.json (published scores {task: score}). Repeatable.",
+        ),
+    ] = None,
+    metric: Annotated[
+        Optional[list[str]], typer.Option("--metric", help="Primary metric TASK=METRIC, e.g. xd_hellaswag=acc.")
+    ] = None,
+    batch_size: Annotated[str, typer.Option(help="lm-eval batch size (an integer or 'auto').")] = "8",
+    max_length: Annotated[Optional[int], typer.Option(help="Context length for lm-eval.")] = None,
+    max_gen_toks: Annotated[Optional[int], typer.Option(help="Generation budget of generative tasks.")] = None,
+    chat_template: Annotated[
+        bool, typer.Option("--chat-template/--no-chat-template", help="Apply the tokenizer's chat template.")
+    ] = False,
+    output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="Where the report goes.")] = Path("runs/eval"),
+    device: Annotated[Optional[str], typer.Option(help="cuda, cuda:1, cpu (default: cuda if available).")] = None,
+    dtype: Annotated[
+        Optional[str], typer.Option(help="Weights dtype for every model (default bfloat16 on GPU, float32 on CPU).")
+    ] = None,
+) -> None:
+    """Evaluate the teacher, the student(s) and baselines with identical lm-eval settings and write a report
+    (results.json, report.md, win_and_tie.png): recovery rates, C_0, C_0.01, C_0.05 and alpha*."""
+    import torch
+
+    from xlstm_distill.evaluation.harness import evaluate_models
+    from xlstm_distill.evaluation.report import write_report
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch_dtype = _torch_dtype(dtype, device)
+    task_list = _split_commas(tasks) or list(DEFAULT_TASKS)
+    try:
+        shot_overrides = {k: int(v) for k, v in parse_assignments(shots, "--shots").items()}
+    except ValueError as err:
+        raise typer.BadParameter(f"shot counts must be integers ({err})", param_hint="--shots") from None
+    metrics = parse_assignments(metric, "--metric")
+    bs: int | str = int(batch_size) if batch_size.isdigit() else batch_size
+    lim: int | float | None = int(limit) if limit is not None and limit >= 1 and limit == int(limit) else limit
+
+    models: dict = {}
+    teacher_key = teacher
+
+    def teacher_loader():
+        from xlstm_distill import load_teacher
+
+        return load_teacher(teacher, dtype=torch_dtype, device=device)
+
+    models[teacher_key] = teacher_loader
+    for item in student:
+        name, sep, path = item.partition("=")
+        if not sep:
+            path, name = item, Path(item).name or item
+        models[_unique(name, models)] = _folder_loader(path, torch_dtype, device)
+
+    external: dict[str, dict[str, float]] = {}
+    baseline_names: list[str] = []
+    for name, path in parse_assignments(baseline, "--baseline").items():
+        if path.endswith(".json") and Path(path).is_file():
+            scores = json.loads(Path(path).read_text())
+            if not isinstance(scores, dict) or not all(isinstance(v, (int, float)) for v in scores.values()):
+                raise _fail(f"{path} must hold a JSON object {{task: score}}.")
+            external[name] = {k: float(v) for k, v in scores.items()}
+        else:
+            key = _unique(name, models)
+            models[key] = _folder_loader(path, torch_dtype, device)
+            baseline_names.append(key)
+
+    try:
+        results = evaluate_models(
+            models, task_list, num_fewshot=shot_overrides or None, limit=lim, batch_size=bs, max_length=max_length,
+            apply_chat_template=chat_template, output_dir=output_dir, metrics=metrics or None,
+            max_gen_toks=max_gen_toks, device=device,
+        )
+    except (ValueError, FileNotFoundError, OSError) as err:
+        raise _fail(str(err)) from None
+    if external:
+        results = {**results, "models": dict(results["models"])}
+        for name, scores in external.items():
+            key = _unique(name, results["models"])
+            results["models"][key] = {"source": "given scores", "scores": scores, "stderr": {k: None for k in scores}}
+            baseline_names.append(key)
+    paths = write_report(results, teacher_key, output_dir, baselines=baseline_names or None)
+    _print_summary(paths["json"])
+    typer.echo(f"Report: {paths['markdown']}  plot: {paths['plot']}  data: {paths['json']}")
+
+
+def _unique(name: str, taken) -> str:
+    key, i = name, 2
+    while key in taken:
+        key, i = f"{name}-{i}", i + 1
+    return key
+
+
+def _folder_loader(path: str, dtype, device: str):
+    def load():
+        from xlstm_distill.evaluation.harness import load_model
+
+        return load_model(path, device=device, dtype=dtype)
+
+    return load
+
+
+def _print_summary(results_json: Path) -> None:
+    data = json.loads(results_json.read_text())
+    comparison = data["comparison"]
+    for name, row in comparison["models"].items():
+        cs = ", ".join(f"C_{a}={v:.3f}" if v is not None else f"C_{a}=n/a" for a, v in row["win_and_tie"].items())
+        a_star = row["critical_tolerance"]
+        typer.echo(f"{name} ({row['role']}): {cs}, alpha*={a_star if a_star is None else round(a_star, 4)}")
+
+
+def merge(
+    experts: Annotated[list[Path], typer.Argument(help="Expert model folders (save_pretrained, safetensors).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the merged model.")],
+    weights: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--weights", "-w",
+            help="One non-negative weight per expert (comma-separated or repeated); normalized to sum 1. "
+            "Default: uniform.",
+        ),
+    ] = None,
+    max_shard_size: Annotated[str, typer.Option(help="Largest output shard, e.g. 5GB.")] = "5GB",
+    overwrite: Annotated[bool, typer.Option(help="Replace the files of a non-empty output folder.")] = False,
+) -> None:
+    """Stage III: merge experts linearly, theta = sum_i lambda_i theta_i (tensor by tensor, low memory)."""
+    from xlstm_distill.merging import MergeError
+    from xlstm_distill.merging import merge as merge_experts
+
+    parsed: list[float] | None = None
+    if weights:
+        try:
+            parsed = [float(w) for w in _split_commas(weights)]
+        except ValueError:
+            raise typer.BadParameter(f"weights must be numbers, got {weights}", param_hint="--weights") from None
+    try:
+        folder = merge_experts(experts, parsed, out, max_shard_size=max_shard_size, overwrite=overwrite)
+    except MergeError as err:
+        raise _fail(str(err)) from None
+    info = json.loads((folder / "merge_info.json").read_text())
+    lambdas = ", ".join(f"{w:.4g}" for w in info["normalized_weights"])
+    typer.echo(f"Merged {len(experts)} experts with weights [{lambdas}] into {folder}")

@@ -1,0 +1,132 @@
+"""End to end: tiny random models through lm-eval on offline tasks, the report files, and the typer commands."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+
+from xlstm_distill.evaluation import evaluate_models, write_report  # noqa: E402
+from xlstm_distill.teacher import resolve_teacher  # noqa: E402
+
+TASKS = ["xd_arc_easy", "xd_piqa"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    folder, gguf = resolve_teacher("smollm2-135m")
+    return AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+
+
+def tiny_model(seed: int):
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=49152, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=128, max_position_embeddings=1024)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.fixture(scope="module")
+def evaluated(tokenizer, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval")
+    teacher, other = tiny_model(0), tiny_model(1)
+    results = evaluate_models(
+        {"teacher": (teacher, tokenizer), "teacher-again": (teacher, tokenizer), "other": (other, tokenizer)},
+        TASKS, limit=5, batch_size=4, max_length=512, output_dir=out,
+    )
+    return results, out
+
+
+def test_scores_and_settings(evaluated):
+    results, out = evaluated
+    assert results["settings"]["tasks"] == TASKS
+    assert results["settings"]["num_fewshot"] == {"xd_arc_easy": 0, "xd_piqa": 0}
+    assert results["settings"]["metrics"] == {"xd_arc_easy": "acc,none", "xd_piqa": "acc,none"}
+    models = results["models"]
+    assert list(models) == ["teacher", "teacher-again", "other"]
+    for entry in models.values():
+        assert set(entry["scores"]) == set(TASKS)
+        assert all(0.0 <= s <= 1.0 for s in entry["scores"].values())
+        assert entry["n_samples"] == {"xd_arc_easy": 5, "xd_piqa": 5}
+    # the same model twice gives the same scores (deterministic, identical settings)
+    assert models["teacher"]["scores"] == models["teacher-again"]["scores"]
+    assert models["teacher"]["scores"]["xd_piqa"] > 0  # seed chosen so that no task is left out below
+    raw = json.loads((out / "lm_eval" / "teacher.json").read_text())
+    assert raw["n-shot"]["xd_arc_easy"] == 0 and "xd_piqa" in raw["results"]
+
+
+def test_report_files(evaluated, tmp_path):
+    results, _ = evaluated
+    paths = write_report(results, "teacher", tmp_path, baselines=["other"])
+    assert all(p.is_file() and p.stat().st_size > 0 for p in paths.values())
+    assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads(paths["json"].read_text())
+    assert set(data["models"]["teacher"]["scores"]) == set(TASKS)
+    assert data["versions"]["lm_eval"] and data["versions"]["torch"] and data["versions"]["transformers"]
+    comp = data["comparison"]["models"]
+    same = comp["teacher-again"]
+    included = [t for t in TASKS if results["models"]["teacher"]["scores"][t] > 0]
+    assert same["benchmarks"] == included and len(included) >= 1
+    assert same["win_and_tie"]["0"] == 1.0 and same["critical_tolerance"] == 0.0
+    assert all(r == 1.0 for r in same["recovery"].values())
+    assert comp["other"]["role"] == "baseline" and same["role"] == "student"
+    md = paths["markdown"].read_text()
+    assert "| teacher-again | student |" in md and "C_0.01" in md and "alpha*" in md and "limit = 5" in md
+    # published baseline scores can be compared without running the model
+    paths = write_report(paths["json"], "teacher", tmp_path / "again", baselines={"paper": {"xd_piqa": 0.1}})
+    comp = json.loads(paths["json"].read_text())["comparison"]["models"]["paper"]
+    assert comp["excluded"] == {"xd_arc_easy": "no score"} and comp["benchmarks"] == ["xd_piqa"]
+
+
+def test_generation_task(tokenizer):
+    results = evaluate_models({"m": (tiny_model(0), tokenizer)}, ["xd_gsm8k"], num_fewshot={"gsm8k": 1},
+                              limit=2, batch_size=2, max_length=512, max_gen_toks=8)
+    entry = results["models"]["m"]
+    assert results["settings"]["num_fewshot"] == {"xd_gsm8k": 1}
+    assert results["settings"]["metrics"]["xd_gsm8k"] == "exact_match,flexible-extract"
+    assert entry["scores"]["xd_gsm8k"] == 0.0 and "exact_match,strict-match" in entry["metrics"]["xd_gsm8k"]
+
+
+def test_cli_commands(tokenizer, tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from xlstm_distill.evaluation.commands import evaluate, merge
+
+    app = typer.Typer()
+    app.command()(evaluate)
+    app.command()(merge)
+    runner = CliRunner()
+
+    model = tiny_model(0)
+    for name in ("a", "b"):
+        model.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    res = runner.invoke(app, ["merge", str(tmp_path / "a"), str(tmp_path / "b"), "--weights", "1,3",
+                              "--out", str(tmp_path / "merged13")])
+    assert res.exit_code == 0, res.output
+    assert "weights [0.25, 0.75]" in res.output
+    # a and b are the same model: 0.5 * x + 0.5 * x == x exactly, so the merged model scores like a
+    res = runner.invoke(app, ["merge", str(tmp_path / "a"), str(tmp_path / "b"), "-w", "2", "-w", "2",
+                              "--out", str(tmp_path / "merged")])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["merge", str(tmp_path / "a"), str(tmp_path / "b"), "-w", "1", "-w", "-1",
+                              "--out", str(tmp_path / "bad")])
+    assert res.exit_code == 1 and "non-negative" in res.output
+
+    (tmp_path / "paper.json").write_text(json.dumps({"xd_piqa": 0.2}))
+    res = runner.invoke(app, [
+        "evaluate", "--teacher", str(tmp_path / "a"), "--student", f"merged={tmp_path / 'merged'}",
+        "--tasks", "xd_piqa", "--limit", "3", "--shots", "piqa=1", "--baseline", f"paper={tmp_path / 'paper.json'}",
+        "--batch-size", "4", "--max-length", "256", "--output-dir", str(tmp_path / "report"), "--device", "cpu",
+    ])
+    assert res.exit_code == 0, res.output
+    data = json.loads((tmp_path / "report" / "results.json").read_text())
+    assert list(data["models"]) == [str(tmp_path / "a"), "merged", "paper"]
+    assert data["settings"]["num_fewshot"] == {"xd_piqa": 1}
+    assert data["comparison"]["models"]["paper"]["role"] == "baseline"
+    # identical weights merged are the same model: same scores
+    assert data["models"]["merged"]["scores"] == data["models"][str(tmp_path / "a")]["scores"]
+    res = runner.invoke(app, ["evaluate", "--teacher", str(tmp_path / "a"), "--student", str(tmp_path / "a"),
+                              "--shots", "piqa=x", "--tasks", "xd_piqa"])
+    assert res.exit_code != 0 and "shot counts must be integers" in res.output
