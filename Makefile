@@ -6,8 +6,7 @@ setup:
 	bash scripts/setup.sh
 
 demo: setup
-	$(VENV)/xlstm-distill convert --teacher smollm2-135m --out runs/demo/student --window 512
-	$(VENV)/xlstm-distill generate --model runs/demo/student --prompt "Write a haiku about the sea." --max-new-tokens 48
+	$(VENV)/xlstm-distill run recipes/demo-cpu.yaml
 
 test: setup
 	$(VENV)/python -m pytest -q

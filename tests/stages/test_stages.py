@@ -147,3 +147,30 @@ def test_targets_resume_after_partial_write(tmp_path):
     resumed = _write(teacher, tmp_path / "part")
     assert [s["sha256"] for s in resumed["shards"]] == [s["sha256"] for s in full["shards"]] == [s["sha256"] for s in partial["shards"]]
     shutil.rmtree(tmp_path / "full")
+
+
+@pytest.mark.parametrize("mode", ["mixer", "lora"])
+def test_stage2_ablation_modes_train_only_their_parameters(mode):
+    student, teacher = student_and_teacher()
+    frozen = student.model.layers[0].mlp.down_proj.weight.detach().clone()
+    model = set_stage2_trainable(student, mode, lora_rank=4)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    new = student.new_parameter_names()
+    assert all(any(n.endswith(x) for x in new) or "lora_" in n for n in names)
+    assert any("lora_" in n for n in names) == (mode == "lora")
+    batch = next(iter(OnlineTargets(teacher, SyntheticPacks(), k=16)))
+    step = make_distill_step(model, 0.9, 0.1, "renormalize")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(5):
+        losses.append(step(batch, 1.0)["loss"])
+        optimizer.step()
+        optimizer.zero_grad()
+    assert losses[-1] < losses[0]
+    assert torch.equal(student.model.layers[0].mlp.down_proj.weight, frozen)
+    if mode == "lora":  # the saved model folds the adapters in: same logits as the adapted model
+        with torch.no_grad():
+            adapted = model(batch["input_ids"]).logits
+            merged = model.merge_and_unload()
+            assert isinstance(merged, xd.HybridForCausalLM)
+            torch.testing.assert_close(merged(batch["input_ids"]).logits, adapted, atol=1e-4, rtol=1e-4)

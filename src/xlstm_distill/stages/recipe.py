@@ -47,7 +47,7 @@ class Recipe:
     align: dict[str, Any] | None = None  # TrainConfig fields + batch_size, train_projections
     targets: dict[str, Any] = field(default_factory=dict)  # k, num_sequences, mode (offline|online), batch_size
     distill: dict[str, Any] | None = None  # TrainConfig fields + batch_size, gamma, beta, topk_mode, train, lora_rank
-    evaluate: dict[str, Any] = field(default_factory=dict)  # held_out_sequences, batch_size
+    evaluate: dict[str, Any] = field(default_factory=dict)  # held_out_sequences, batch_size; tasks, limit, shots
     seed: int = 0
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; or fp32 / bf16
 
@@ -255,6 +255,23 @@ class Pipeline:
         _plot_report(rows, out / "held_out.png")
         return rows
 
+    def benchmarks(self) -> Path | None:
+        """Teacher vs the final student on real benchmarks (lm-evaluation-harness), if the recipe lists ``tasks``."""
+        cfg = self.recipe.evaluate
+        if not cfg.get("tasks") or not is_main_process():
+            return None
+        from xlstm_distill.evaluation import evaluate_models, write_report
+
+        final = next(p for p in (self.recipe.out / "stage2" / "model", self.recipe.out / "stage1" / "model",
+                                 self.recipe.out / "student-init") if (p / "config.json").exists())
+        out = self.recipe.out / "report" / "benchmarks"
+        models = {"teacher": self.teacher, "student": str(final)}
+        results = evaluate_models(models, tasks=cfg["tasks"], num_fewshot=cfg.get("shots"), limit=cfg.get("limit"),
+                                  batch_size=cfg.get("batch_size", 4), output_dir=out)
+        files = write_report(results, "teacher", out)
+        Console().print(files["markdown"].read_text())
+        return out
+
     def run(self) -> None:
         if self.dist.world_size > 1:
             raise ValueError("`run` chains all stages on one device; under torchrun launch `distill` alone.")
@@ -262,6 +279,7 @@ class Pipeline:
         if self.recipe.distill is not None:
             self.distill()
         self.report()
+        self.benchmarks()
 
 
 def _split(source: Source, held_out: bool) -> Source:
