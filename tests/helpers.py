@@ -80,3 +80,40 @@ def teacher_samples(teacher: torch.nn.Module, n: int, seq_len: int = 48, seed: i
     torch.manual_seed(seed)
     prompts = torch.randint(3, teacher.config.vocab_size, (n, 1))
     return teacher.generate(prompts, max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1, do_sample=True, pad_token_id=0)
+
+
+def tiny_recipe(root, name: str, **sections):
+    """Write (once) a tiny teacher folder with the SmolLM2 tokenizer and two named jsonl sources under ``root``,
+    then a recipe ``root/name.yaml`` using them; ``sections`` override recipe entries. Returns the recipe path."""
+    import json
+    from pathlib import Path
+
+    import yaml
+    from transformers import AutoTokenizer
+
+    from xlstm_distill.teacher import resolve_teacher
+
+    root = Path(root)
+    if not (root / "teacher" / "config.json").exists():
+        folder, gguf = resolve_teacher("smollm2-135m")
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+        teacher = tiny_teacher("llama", vocab_size=len(tokenizer), logit_scale=3.0)
+        teacher.save_pretrained(root / "teacher")
+        tokenizer.save_pretrained(root / "teacher")
+        g = torch.Generator().manual_seed(0)
+        for domain, low in (("a", 300), ("b", 3000)):  # two "domains" with disjoint vocabularies
+            words = tokenizer.convert_ids_to_tokens(torch.randint(low, low + 2000, (4000,), generator=g).tolist())
+            with (root / f"{domain}.jsonl").open("w") as f:
+                for i in range(200):
+                    f.write(json.dumps({"text": " ".join(w.strip("Ġ") for w in words[i * 20:(i + 1) * 20])}) + "\n")
+    spec = dict(name=name, out_dir=str(root / name), teacher=str(root / "teacher"),
+                student=dict(window_size=8, num_sink_tokens=2, chunk_size=16),
+                data=dict(sources=[{"path": str(root / "a.jsonl"), "name": "a"}, {"path": str(root / "b.jsonl"), "name": "b"}],
+                          seq_len=64),
+                align=dict(steps=2, batch_size=2, lr=1e-2, warmup_steps=1),
+                targets=dict(k=8, num_sequences=16, batch_size=4),
+                distill=dict(steps=4, batch_size=4, lr=1e-3, warmup_steps=1, checkpoint_every=2),
+                evaluate=dict(held_out_sequences=2, batch_size=2))
+    spec.update(sections)
+    (root / f"{name}.yaml").write_text(yaml.safe_dump(spec))
+    return root / f"{name}.yaml"

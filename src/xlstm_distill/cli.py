@@ -112,6 +112,12 @@ def distill(recipe: Path = RECIPE, overrides: list[str] | None = OVERRIDES) -> N
 
 
 @app.command()
+def experts(recipe: Path = RECIPE, overrides: list[str] | None = OVERRIDES) -> None:
+    """Stage III: distill one expert per domain from the Stage I model, then merge them."""
+    Pipeline(Recipe.load(recipe, overrides)).experts()
+
+
+@app.command()
 def report(recipe: Path = RECIPE, overrides: list[str] | None = OVERRIDES) -> None:
     """Held-out perplexity and KL to the teacher of every student the recipe produced."""
     Pipeline(Recipe.load(recipe, overrides)).report()

@@ -58,7 +58,7 @@ def kd_loss(
     ce = masked_mean(F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none"), mask)
     kl = masked_mean(sparse_kl(logits, batch["topk_ids"][:, :-1], batch["topk_logprobs"][:, :-1], topk_mode), mask)
     loss = gamma * ce + beta * kl
-    return loss, {"loss": float(loss), "ce": float(ce), "kl": float(kl)}
+    return loss, {"loss": loss.item(), "ce": ce.item(), "kl": kl.item()}
 
 
 def set_stage2_trainable(student: torch.nn.Module, mode: str = "full", lora_rank: int = 8) -> torch.nn.Module:

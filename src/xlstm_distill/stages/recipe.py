@@ -9,10 +9,11 @@ interruption continues where it stopped (training stages resume from their last 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,7 @@ class Recipe:
     targets: dict[str, Any] = field(default_factory=dict)  # k, num_sequences, mode (offline|online), batch_size
     distill: dict[str, Any] | None = None  # TrainConfig fields + batch_size, gamma, beta, topk_mode, train, lora_rank
     evaluate: dict[str, Any] = field(default_factory=dict)  # held_out_sequences, batch_size; tasks, limit, shots
+    experts: dict[str, Any] | None = None  # Stage III: {domains: {name: data weights}, merge_weights: {name: w}}
     seed: int = 0
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; or fp32 / bf16
 
@@ -110,6 +112,11 @@ class Pipeline:
             base = offline_sources(folder, data.get("weights"), loss_on=data.get("loss_on", "all"))
         else:
             base = [Source(**spec) for spec in data["sources"]]
+            if data.get("weights"):  # keep (and reweight) the named sources only
+                missing = set(data["weights"]) - {src.name for src in base}
+                if missing:
+                    raise ValueError(f"data.weights names unknown sources {sorted(missing)}; give sources a `name`.")
+                base = [replace(src, weight=data["weights"][src.name]) for src in base if src.name in data["weights"]]
         return [_split(src, held_out) for src in base]
 
     def packed(self, held_out: bool = False, rank: int | None = None, world_size: int | None = None) -> PackedDataset:
@@ -200,8 +207,10 @@ class Pipeline:
             self.dist.barrier()
         return path
 
-    def distill(self) -> Path:
-        stage1 = self.align() if self.dist.world_size == 1 else self.recipe.out / "stage1" / "model"
+    def distill(self, stage1: Path | None = None) -> Path:
+        """Stage II from ``stage1`` (default: this recipe's Stage I model, made first if missing)."""
+        if stage1 is None:
+            stage1 = self.align() if self.dist.world_size == 1 else self.recipe.out / "stage1" / "model"
         target_dir = self.targets()
         cfg = dict(self.recipe.distill or {})
         path = self.recipe.out / "stage2" / "model"
@@ -235,7 +244,8 @@ class Pipeline:
         rows: dict[str, dict[str, float]] = {}
         for label, path in (("converted (untrained)", self.recipe.out / "student-init"),
                             ("after Stage I", self.recipe.out / "stage1" / "model"),
-                            ("after Stage II", self.recipe.out / "stage2" / "model")):
+                            ("after Stage II", self.recipe.out / "stage2" / "model"),
+                            ("merged experts (Stage III)", self.recipe.out / "merged")):
             if (path / "config.json").exists():
                 with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
                     rows[label] = compare_to_teacher(self.load_student(path).eval(), teacher, batches)
@@ -255,6 +265,31 @@ class Pipeline:
         _plot_report(rows, out / "held_out.png")
         return rows
 
+    def experts(self) -> Path | None:
+        """Stage III: one Stage II expert per domain from the same Stage I model, then their linear merge (Eq. 14)."""
+        cfg = self.recipe.experts
+        if not cfg:
+            return None
+        from xlstm_distill.merging import merge
+
+        stage1 = self.align()
+        paths = []
+        for name, weights in cfg["domains"].items():
+            recipe = copy.deepcopy(self.recipe)
+            recipe.out_dir = str(self.recipe.out / "experts" / name)
+            recipe.data["weights"] = weights
+            expert = Pipeline(recipe)
+            expert._teacher = self._teacher
+            paths.append(expert.distill(stage1=stage1))
+            self._teacher = expert._teacher
+        merge_weights = cfg.get("merge_weights")
+        weights = [merge_weights[name] for name in cfg["domains"]] if merge_weights else None
+        out = self.recipe.out / "merged"
+        if not (out / "config.json").exists() and is_main_process():
+            merge(paths, weights, out)
+        self.dist.barrier()
+        return out
+
     def benchmarks(self) -> Path | None:
         """Teacher vs the final student on real benchmarks (lm-evaluation-harness), if the recipe lists ``tasks``."""
         cfg = self.recipe.evaluate
@@ -266,6 +301,8 @@ class Pipeline:
                                  self.recipe.out / "student-init") if (p / "config.json").exists())
         out = self.recipe.out / "report" / "benchmarks"
         models = {"teacher": self.teacher, "student": str(final)}
+        if (self.recipe.out / "merged" / "config.json").exists():  # Stage III: merged experts vs the generalist
+            models["merged"] = str(self.recipe.out / "merged")
         results = evaluate_models(models, tasks=cfg["tasks"], num_fewshot=cfg.get("shots"), limit=cfg.get("limit"),
                                   batch_size=cfg.get("batch_size", 4), output_dir=out)
         files = write_report(results, "teacher", out)
@@ -278,6 +315,7 @@ class Pipeline:
         self.align()
         if self.recipe.distill is not None:
             self.distill()
+        self.experts()
         self.report()
         self.benchmarks()
 
