@@ -174,3 +174,34 @@ def test_stage2_ablation_modes_train_only_their_parameters(mode):
             merged = model.merge_and_unload()
             assert isinstance(merged, xd.HybridForCausalLM)
             torch.testing.assert_close(merged(batch["input_ids"]).logits, adapted, atol=1e-4, rtol=1e-4)
+
+
+class _Pairs:
+    """Two consecutive SyntheticPacks batches of 2 concatenated into one batch of 4."""
+
+    def __init__(self) -> None:
+        self.inner = SyntheticPacks(batch_size=2)
+
+    def __iter__(self):
+        it = iter(self.inner)
+        while True:
+            a, b = next(it), next(it)
+            yield {k: torch.cat([a[k], b[k]]) for k in a}
+
+    def state_dict(self):
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state):
+        self.inner.load_state_dict(state)
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
+    runs = []
+    for accum, data in ((2, SyntheticPacks(batch_size=2)), (1, _Pairs())):
+        student, teacher = student_and_teacher()
+        model = set_stage2_trainable(student, "full")
+        cfg = TrainConfig(steps=3, lr=1e-3, warmup_steps=1, grad_accum=accum, checkpoint_every=100)
+        rows = Trainer(model, make_distill_step(model, 0.9, 0.1, "renormalize"), OnlineTargets(teacher, data, k=16),
+                       cfg, tmp_path / str(accum), "distill").fit()
+        runs.append([r["loss"] for r in rows])
+    assert runs[0] == pytest.approx(runs[1], rel=1e-4)
