@@ -195,16 +195,18 @@ class Pipeline:
             return None
         path = self.recipe.out / "targets"
         meta = self.target_meta()
-        if not (path / "manifest.json").exists() or not json.loads((path / "manifest.json").read_text())["complete"]:
-            if is_main_process():
-                n = cfg.get("num_sequences", 64)
-                need = n * meta["seq_len"] * bytes_per_token(meta["k"])
-                console.print(f"teacher top-{meta['k']} targets for {n} x {meta['seq_len']} tokens: {need / 1e6:.1f} MB on disk")
-                batches = self.packed(rank=0, world_size=1).iter_batches(cfg.get("batch_size", 4))
-                write_targets(self.teacher[0], batches, path, k=meta["k"], num_sequences=n,
-                              teacher_name=self.recipe.teacher, tok_hash=meta["tokenizer_hash"], seq_len=meta["seq_len"],
-                              extra={"data": meta["data"]})
-            self.dist.barrier()
+        manifest = path / "manifest.json"
+        if manifest.exists() and json.loads(manifest.read_text())["complete"]:
+            return path
+        if self.dist.world_size > 1:
+            raise FileNotFoundError(f"Targets in {path} are missing or incomplete: run `xlstm-distill targets` "
+                                    "(one process) before launching `distill` under torchrun.")
+        n = cfg.get("num_sequences", 64)
+        need = n * meta["seq_len"] * bytes_per_token(meta["k"])
+        console.print(f"teacher top-{meta['k']} targets for {n} x {meta['seq_len']} tokens: {need / 1e6:.1f} MB on disk")
+        batches = self.packed(rank=0, world_size=1).iter_batches(cfg.get("batch_size", 4))
+        write_targets(self.teacher[0], batches, path, k=meta["k"], num_sequences=n, teacher_name=self.recipe.teacher,
+                      tok_hash=meta["tokenizer_hash"], seq_len=meta["seq_len"], extra={"data": meta["data"]})
         return path
 
     def distill(self, stage1: Path | None = None) -> Path:
