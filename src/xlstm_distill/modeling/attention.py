@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import torch
 from torch import nn
 
 from xlstm_distill.kernels import mlstm_chunkwise, mlstm_recurrent_step, swa_sinks_attention, swa_sinks_attention_cached
+from xlstm_distill.kernels import tfla
 from xlstm_distill.kernels.mlstm import MLSTMState
 from xlstm_distill.modeling.cache import HybridCache, TokenLayout
 from xlstm_distill.modeling.configuration import HybridConfig
 from xlstm_distill.modeling.families import qk_norm_of
+
+logger = logging.getLogger(__name__)
 
 # Initial gate biases (see docs/decisions.md): forget gates remember long (sigmoid(3..6) = 0.95..0.998),
 # input gates start neutral, and the output gate starts near the SWA branch (sigmoid(-3) = 0.047), which alone
@@ -68,6 +72,9 @@ class HybridAttention(nn.Module):
         self.layer_idx = layer_idx
         self.mixer = config.mixer
         self.window, self.num_sinks, self.chunk_size = config.window_size, config.num_sink_tokens, config.chunk_size
+        self.backend = config.backend
+        if self.backend == "tfla" and not tfla.available():
+            raise ImportError("backend='tfla' needs mlstm_kernels: pip install 'xlstm-distill[gpu]' (or use backend='native').")
         self.num_heads = teacher.num_attention_heads
         self.num_kv_heads = getattr(teacher, "num_key_value_heads", None) or self.num_heads
         self.head_dim = teacher_attn.head_dim
@@ -155,8 +162,8 @@ class HybridAttention(nn.Module):
         group = self.num_heads // self.num_kv_heads
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         fq, fk = self.q_feature_map(q), self.k_feature_map(k)  # (B, NH, T, DF)
+        H = self.num_heads
         if self.gated_memory:
-            H = self.num_heads
             i, lf = gates[:, :H].float(), nn.functional.logsigmoid(gates[:, H:2 * H].float())  # (B, NH, T)
             normalizer = "max"
         else:
@@ -166,12 +173,28 @@ class HybridAttention(nn.Module):
         if state is not None and q.shape[2] == 1:
             h, state = mlstm_recurrent_step(fq[:, :, 0], fk[:, :, 0], v[:, :, 0], i[..., 0], lf[..., 0], state, normalizer)
             h = h.unsqueeze(2).to(v.dtype)
+        elif self._use_tfla(q, layout):
+            h, state = tfla.mlstm_tfla(fq, fk, v, i, gates[:, H:2 * H], state, self.chunk_size)
+            h = h.to(v.dtype)
         else:
             reset = None if layout.continues_cache else layout.reset
             h, state = mlstm_chunkwise(fq, fk, v, i, lf, state, reset, normalizer, self.chunk_size)
         if cache is not None:
             cache["state"] = MLSTMState(*state)
         return h
+
+    def _use_tfla(self, q: torch.Tensor, layout: TokenLayout) -> bool:
+        """TFLA for gated memory without document resets inside the sequence (those take the native kernel)."""
+        if not self.gated_memory or self.backend == "native":
+            return False
+        if self.backend == "auto":
+            if not q.is_cuda:
+                return False
+            if not tfla.available():
+                logger.info("backend='auto': mlstm_kernels is not installed, using the native mLSTM kernel.")
+                self.backend = "native"
+                return False
+        return layout.continues_cache or not bool(layout.reset[:, 1:].any())
 
 
 def _write_kv(cache: dict, k: torch.Tensor, v: torch.Tensor, write) -> None:

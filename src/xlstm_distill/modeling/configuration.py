@@ -7,7 +7,7 @@ from typing import Any
 from transformers import AutoConfig, PreTrainedConfig
 
 MIXERS = ("mlstm_swa", "mlstm", "swa", "linear_swa", "linear")
-BACKENDS = ("auto", "native")  # CUDA backends (mlstm_kernels, FlexAttention): issue 5
+BACKENDS = ("auto", "native", "tfla")
 # The student's own settings (everything except the teacher architecture).
 MIXER_FIELDS = ("mixer", "window_size", "num_sink_tokens", "feature_dim", "chunk_size", "backend")
 # Attributes mirrored from the teacher config so that generation utilities find them on the student config.
@@ -28,8 +28,9 @@ class HybridConfig(PreTrainedConfig):
         num_sink_tokens: first tokens of every document that stay visible to all later queries.
         feature_dim: output size of the per-head feature map phi (default: the teacher's head dimension).
         chunk_size: chunk length of the chunkwise mLSTM kernel.
-        backend: ``auto`` (fastest available; today always the native kernels) or ``native`` (pure PyTorch,
-            CPU or GPU).
+        backend: ``native`` (pure PyTorch, CPU or GPU), ``tfla`` (mLSTM through `mlstm_kernels`: Triton TFLA on
+            CUDA, its PyTorch reference on CPU; needs ``pip install 'xlstm-distill[gpu]'``) or ``auto`` (``tfla`` for
+            CUDA tensors when `mlstm_kernels` is installed, else ``native``).
         teacher_config: the teacher's ``config.to_dict()``; filled in by :func:`xlstm_distill.convert`.
         teacher_name: where the teacher came from (hub id, folder, GGUF or embedded name).
     """

@@ -1,0 +1,52 @@
+"""The mlstm_kernels (TFLA) adapter computes the same function as the native chunkwise kernel.
+
+On CPU it runs mlstm_kernels' PyTorch chunkwise kernel (the reference of its Triton TFLA kernel), which checks the
+adapter itself: q scaling, gate conventions, padding to a chunk multiple, state layout and initial states."""
+
+import pytest
+import torch
+
+import xlstm_distill as xd
+from helpers import perturb_new_parameters, tiny_teacher
+from xlstm_distill.kernels import mlstm_chunkwise
+from xlstm_distill.kernels import tfla
+from xlstm_distill.kernels.tfla import mlstm_tfla
+
+
+def _inputs(S, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(2, 3, S, 16, generator=g).softmax(-1) for _ in range(2))
+    v = torch.randn(2, 3, S, 8, generator=g)
+    i, f = torch.randn(2, 3, S, generator=g) * 3, torch.randn(2, 3, S, generator=g) * 3 + 2
+    return q, k, v, i, f
+
+
+@pytest.mark.parametrize("S", [64, 100, 37])
+def test_tfla_matches_native_with_and_without_state(S):
+    q, k, v, i, f = _inputs(S)
+    lf = torch.nn.functional.logsigmoid(f)
+    ref, _ = mlstm_chunkwise(q, k, v, i, lf, chunk_size=16)
+    out, _ = mlstm_tfla(q, k, v, i, f, chunk_size=64)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    cut = S // 3  # continue from a state made by the native kernel
+    first, state = mlstm_chunkwise(*(x[:, :, :cut] for x in (q, k, v, i, lf)), chunk_size=16)
+    second, _ = mlstm_tfla(*(x[:, :, cut:] for x in (q, k, v, i, f)), state, chunk_size=64)
+    torch.testing.assert_close(torch.cat([first, second], 2), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_student_with_tfla_backend_equals_native(monkeypatch):
+    calls = []
+    monkeypatch.setattr(tfla, "mlstm_tfla", lambda *a, **k: calls.append(1) or mlstm_tfla(*a, **k))
+    teacher = tiny_teacher("llama")
+    students = {}
+    for backend in ("native", "tfla"):
+        students[backend] = xd.convert(teacher, xd.HybridConfig(window_size=8, num_sink_tokens=2, backend=backend))
+        perturb_new_parameters(students[backend])
+    ids = torch.randint(3, 128, (2, 40), generator=torch.Generator().manual_seed(0))
+    docs = torch.tensor([[0] * 25 + [1] * 15] * 2)
+    with torch.no_grad():
+        for kwargs, layers_on_tfla in (({}, 2), ({"document_ids": docs}, 0)):  # packed documents: native kernel
+            calls.clear()
+            torch.testing.assert_close(students["tfla"](ids, **kwargs).logits, students["native"](ids, **kwargs).logits,
+                                       atol=1e-4, rtol=1e-4)
+            assert len(calls) == layers_on_tfla
