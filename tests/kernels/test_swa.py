@@ -51,3 +51,14 @@ def test_cached_matches_dense():
         torch.cat([v[:, :, perm], v[:, :, :5]], 2), torch.cat([pos, empty], 1), window, sinks, 0.5,
     )
     torch.testing.assert_close(out2, out)
+
+
+@pytest.mark.parametrize("window,sinks", [(8, 4), (5, 0), (100, 2)])
+def test_flex_attention_matches_dense(window, sinks):
+    from xlstm_distill.kernels.flex import swa_block_mask, swa_sinks_flex
+
+    q, k, v = _qkv(T=70)
+    doc_start = torch.zeros(2, 70, dtype=torch.long)
+    doc_start[1, 30:] = 30
+    out = swa_sinks_flex(q, k, v, swa_block_mask(doc_start, window, sinks), 0.3)
+    torch.testing.assert_close(out, dense_reference(q, k, v, doc_start, window, sinks, 0.3), atol=1e-5, rtol=1e-5)

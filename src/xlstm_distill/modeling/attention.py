@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from xlstm_distill.kernels import mlstm_chunkwise, mlstm_recurrent_step, swa_sinks_attention, swa_sinks_attention_cached
-from xlstm_distill.kernels import tfla
+from xlstm_distill.kernels import flex, tfla
 from xlstm_distill.kernels.mlstm import MLSTMState
 from xlstm_distill.modeling.cache import HybridCache, TokenLayout
 from xlstm_distill.modeling.configuration import HybridConfig
@@ -146,7 +146,13 @@ class HybridAttention(nn.Module):
 
     def _swa(self, q, k, v, layout: TokenLayout, cache: dict | None) -> torch.Tensor:
         """Sliding-window + sinks branch; fills / reads the sink and ring-buffer K/V of ``cache``."""
-        if cache is None or not layout.continues_cache:
+        # FlexAttention has no backward on CPU: there it serves inference only
+        flex_ok = self._fast_kernels(q) and (q.is_cuda or not torch.is_grad_enabled())
+        if (cache is None or not layout.continues_cache) and flex_ok:
+            if "block_mask" not in layout.derived:
+                layout.derived["block_mask"] = flex.swa_block_mask(layout.doc_start, self.window, self.num_sinks)
+            out = flex.swa_sinks_flex(q, k, v, layout.derived["block_mask"], self.scaling)
+        elif cache is None or not layout.continues_cache:
             out = swa_sinks_attention(q, k, v, layout.doc_start, self.window, self.num_sinks, self.scaling)
         else:
             keys = torch.cat([cache["sink_k"], cache["ring_k"], k], dim=2)
@@ -183,17 +189,17 @@ class HybridAttention(nn.Module):
             cache["state"] = MLSTMState(*state)
         return h
 
+    def _fast_kernels(self, q: torch.Tensor) -> bool:
+        """Whether this forward uses TFLA (mLSTM) and FlexAttention (SWA) instead of the native kernels."""
+        if self.backend == "auto" and q.is_cuda and not tfla.available():
+            logger.info("backend='auto': mlstm_kernels is not installed, using the native kernels.")
+            self.backend = "native"
+        return self.backend == "tfla" or (self.backend == "auto" and q.is_cuda)
+
     def _use_tfla(self, q: torch.Tensor, layout: TokenLayout) -> bool:
         """TFLA for gated memory without document resets inside the sequence (those take the native kernel)."""
-        if not self.gated_memory or self.backend == "native":
+        if not self.gated_memory or not self._fast_kernels(q):
             return False
-        if self.backend == "auto":
-            if not q.is_cuda:
-                return False
-            if not tfla.available():
-                logger.info("backend='auto': mlstm_kernels is not installed, using the native mLSTM kernel.")
-                self.backend = "native"
-                return False
         return layout.continues_cache or not bool(layout.reset[:, 1:].any())
 
 

@@ -11,7 +11,8 @@ ring buffer of the last W tokens' K/V: its size does not depend on how many toke
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -45,6 +46,7 @@ class TokenLayout:
     continues_cache: bool  # True: the tokens continue the document held by the cache
     write: CacheWrite | None = None  # set when a cache is to be filled
     cached_key_pos: torch.Tensor | None = None  # (B, S + W) positions of the cached sink + ring K/V, -1 = empty
+    derived: dict[str, Any] = field(default_factory=dict)  # per-forward objects shared by all layers (block mask)
 
 
 def _slot_plan(length: torch.Tensor, pos0: torch.Tensor, offset: torch.Tensor, window: int, sinks: int,

@@ -29,8 +29,9 @@ class HybridConfig(PreTrainedConfig):
         feature_dim: output size of the per-head feature map phi (default: the teacher's head dimension).
         chunk_size: chunk length of the chunkwise mLSTM kernel.
         backend: ``native`` (pure PyTorch, CPU or GPU), ``tfla`` (mLSTM through `mlstm_kernels`: Triton TFLA on
-            CUDA, its PyTorch reference on CPU; needs ``pip install 'xlstm-distill[gpu]'``) or ``auto`` (``tfla`` for
-            CUDA tensors when `mlstm_kernels` is installed, else ``native``).
+            CUDA, its PyTorch reference on CPU; SWA through FlexAttention, compiled on CUDA; needs
+            ``pip install 'xlstm-distill[gpu]'``) or ``auto`` (``tfla`` for CUDA tensors when `mlstm_kernels` is
+            installed, else ``native``).
         teacher_config: the teacher's ``config.to_dict()``; filled in by :func:`xlstm_distill.convert`.
         teacher_name: where the teacher came from (hub id, folder, GGUF or embedded name).
     """
