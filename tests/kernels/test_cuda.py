@@ -1,0 +1,57 @@
+"""CUDA paths (backend='tfla': Triton TFLA mLSTM, compiled FlexAttention) against the native kernels, forward and
+backward, fp32 and bf16. Skipped without a CUDA GPU; run on the lent GPU (issue 5)."""
+
+import pytest
+import torch
+
+from xlstm_distill.kernels import mlstm_chunkwise, swa_sinks_attention
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+TOL = {torch.float32: 1e-3, torch.bfloat16: 2e-2}  # relative error (norm); tf32 / bf16 matrix units
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-12))
+
+
+def _grads(fn, inputs):
+    inputs = [x.detach().clone().requires_grad_(x.is_floating_point()) for x in inputs]
+    out = fn(*inputs)
+    out.float().square().sum().backward()
+    return out.detach(), [x.grad for x in inputs if x.grad is not None]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tfla_forward_backward_matches_native(dtype):
+    from xlstm_distill.kernels.tfla import mlstm_tfla
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    B, NH, S, D = 2, 4, 512, 64
+    q, k = (torch.randn(B, NH, S, D, device="cuda", generator=g).softmax(-1).to(dtype) for _ in range(2))
+    v = torch.randn(B, NH, S, D, device="cuda", generator=g).to(dtype)
+    i, f = torch.randn(B, NH, S, device="cuda", generator=g), torch.randn(B, NH, S, device="cuda", generator=g) + 3
+    fast, fast_g = _grads(lambda q, k, v, i, f: mlstm_tfla(q, k, v, i, f)[0], [q, k, v, i, f])
+    ref, ref_g = _grads(lambda q, k, v, i, f: mlstm_chunkwise(q.float(), k.float(), v.float(), i,
+                                                              torch.nn.functional.logsigmoid(f))[0], [q, k, v, i, f])
+    assert _rel(fast, ref) < TOL[dtype]
+    for a, b in zip(fast_g, ref_g):
+        assert _rel(a, b) < 5 * TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flex_forward_backward_matches_native(dtype):
+    from xlstm_distill.kernels.flex import swa_block_mask, swa_sinks_flex
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    B, NH, NKV, T, D = 2, 8, 2, 2048, 64
+    q = torch.randn(B, NH, T, D, device="cuda", generator=g).to(dtype)
+    k, v = (torch.randn(B, NKV, T, D, device="cuda", generator=g).to(dtype) for _ in range(2))
+    doc_start = torch.zeros(B, T, dtype=torch.long, device="cuda")
+    doc_start[1, 700:] = 700
+    mask = swa_block_mask(doc_start, 512, 4)
+    fast, fast_g = _grads(lambda q, k, v: swa_sinks_flex(q, k, v, mask, D**-0.5), [q, k, v])
+    ref, ref_g = _grads(lambda q, k, v: swa_sinks_attention(q.float(), k.float(), v.float(), doc_start, 512, 4, D**-0.5),
+                        [q, k, v])
+    assert _rel(fast, ref) < TOL[dtype]
+    for a, b in zip(fast_g, ref_g):
+        assert _rel(a, b) < 5 * TOL[dtype]
