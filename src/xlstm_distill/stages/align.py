@@ -48,22 +48,27 @@ def set_stage1_trainable(student: HybridForCausalLM, train_projections: bool = F
     return [n for n, p in student.named_parameters() if p.requires_grad]
 
 
-def make_align_step(student: HybridForCausalLM, teacher: torch.nn.Module, autocast_dtype: torch.dtype | None = None):
-    """``step_fn`` for the trainer: one teacher forward, then per layer: mixer forward, MSE, backward."""
+def layer_losses(student: HybridForCausalLM, teacher: torch.nn.Module, batch: dict[str, torch.Tensor],
+                 autocast_dtype: torch.dtype | None = None) -> Iterator[torch.Tensor]:
+    """One teacher forward, then for every layer in turn the MSE of the student mixer on the teacher's input."""
     device = next(student.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    with torch.no_grad(), capture_attention(teacher) as records, _autocast(device, autocast_dtype):
+        teacher_forward(teacher, batch)
+    B, T = batch["input_ids"].shape
+    layout = full_layout(B, T, device, document_ids=batch.get("document_ids"))
+    for layer, rec in zip(student.model.layers, records):
+        with _autocast(device, autocast_dtype):
+            out, _ = layer.self_attn(hidden_states=rec["input"], position_embeddings=rec["rope"], layout=layout)
+        yield F.mse_loss(out.float(), rec["output"].float())
+
+
+def make_align_step(student: HybridForCausalLM, teacher: torch.nn.Module, autocast_dtype: torch.dtype | None = None):
+    """``step_fn`` for the trainer: per layer, MSE then backward right away (the memory of one layer)."""
 
     def step(batch: dict[str, torch.Tensor], scale: float) -> dict[str, float]:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with torch.no_grad(), capture_attention(teacher) as records, _autocast(device, autocast_dtype):
-            teacher_forward(teacher, batch)
-        B, T = batch["input_ids"].shape
-        layout = full_layout(B, T, device, document_ids=batch.get("document_ids"))
         metrics = {}
-        for idx, layer in enumerate(student.model.layers):
-            rec = records[idx]
-            with _autocast(device, autocast_dtype):
-                out, _ = layer.self_attn(hidden_states=rec["input"], position_embeddings=rec["rope"], layout=layout)
-            mse = F.mse_loss(out.float(), rec["output"].float())
+        for idx, mse in enumerate(layer_losses(student, teacher, batch, autocast_dtype)):
             (mse * scale).backward()
             metrics[f"layer_{idx:02d}_mse"] = mse.item()
         metrics["loss"] = sum(metrics.values())
@@ -75,17 +80,10 @@ def make_align_step(student: HybridForCausalLM, teacher: torch.nn.Module, autoca
 @torch.no_grad()
 def layer_mse(student: HybridForCausalLM, teacher: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> list[float]:
     """Held-out per-layer MSE between the student mixers and the teacher attention (teacher-forced)."""
-    device = next(student.parameters()).device
     totals = [0.0] * len(student.model.layers)
     for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with capture_attention(teacher) as records:
-            teacher_forward(teacher, batch)
-        B, T = batch["input_ids"].shape
-        layout = full_layout(B, T, device, document_ids=batch.get("document_ids"))
-        for idx, layer in enumerate(student.model.layers):
-            out, _ = layer.self_attn(hidden_states=records[idx]["input"], position_embeddings=records[idx]["rope"], layout=layout)
-            totals[idx] += float(F.mse_loss(out.float(), records[idx]["output"].float())) / len(batches)
+        for idx, mse in enumerate(layer_losses(student, teacher, batch)):
+            totals[idx] += mse.item() / len(batches)
     return totals
 
 
