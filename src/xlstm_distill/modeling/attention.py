@@ -146,19 +146,17 @@ class HybridAttention(nn.Module):
 
     def _swa(self, q, k, v, layout: TokenLayout, cache: dict | None) -> torch.Tensor:
         """Sliding-window + sinks branch; fills / reads the sink and ring-buffer K/V of ``cache``."""
-        # FlexAttention has no backward on CPU: there it serves inference only
-        flex_ok = self._fast_kernels(q) and (q.is_cuda or not torch.is_grad_enabled())
-        if (cache is None or not layout.continues_cache) and flex_ok:
-            if "block_mask" not in layout.derived:
-                layout.derived["block_mask"] = flex.swa_block_mask(layout.doc_start, self.window, self.num_sinks)
-            out = flex.swa_sinks_flex(q, k, v, layout.derived["block_mask"], self.scaling)
-        elif cache is None or not layout.continues_cache:
-            out = swa_sinks_attention(q, k, v, layout.doc_start, self.window, self.num_sinks, self.scaling)
-        else:
+        if cache is not None and layout.continues_cache:
             keys = torch.cat([cache["sink_k"], cache["ring_k"], k], dim=2)
             values = torch.cat([cache["sink_v"], cache["ring_v"], v], dim=2)
             key_pos = torch.cat([layout.cached_key_pos, layout.position], dim=1)  # (B, S + W + T)
             out = swa_sinks_attention_cached(q, layout.position, keys, values, key_pos, self.window, self.num_sinks, self.scaling)
+        elif self._fast_kernels(q) and (q.is_cuda or not torch.is_grad_enabled()):  # no FlexAttention backward on CPU
+            if "block_mask" not in layout.derived:
+                layout.derived["block_mask"] = flex.swa_block_mask(layout.doc_start, self.window, self.num_sinks)
+            out = flex.swa_sinks_flex(q, k, v, layout.derived["block_mask"], self.scaling)
+        else:
+            out = swa_sinks_attention(q, k, v, layout.doc_start, self.window, self.num_sinks, self.scaling)
         if cache is not None:
             _write_kv(cache, k, v, layout.write)
         return out

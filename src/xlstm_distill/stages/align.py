@@ -16,7 +16,7 @@ from torch.nn import functional as F
 
 from xlstm_distill.modeling import HybridForCausalLM
 from xlstm_distill.modeling.cache import full_layout
-from xlstm_distill.stages.common import teacher_forward
+from xlstm_distill.stages.common import autocast, teacher_forward
 
 
 @contextmanager
@@ -53,12 +53,12 @@ def layer_losses(student: HybridForCausalLM, teacher: torch.nn.Module, batch: di
     """One teacher forward, then for every layer in turn the MSE of the student mixer on the teacher's input."""
     device = next(student.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
-    with torch.no_grad(), capture_attention(teacher) as records, _autocast(device, autocast_dtype):
+    with torch.no_grad(), capture_attention(teacher) as records, autocast(device, autocast_dtype):
         teacher_forward(teacher, batch)
     B, T = batch["input_ids"].shape
     layout = full_layout(B, T, device, document_ids=batch.get("document_ids"))
     for layer, rec in zip(student.model.layers, records):
-        with _autocast(device, autocast_dtype):
+        with autocast(device, autocast_dtype):
             out, _ = layer.self_attn(hidden_states=rec["input"], position_embeddings=rec["rope"], layout=layout)
         yield F.mse_loss(out.float(), rec["output"].float())
 
@@ -86,6 +86,3 @@ def layer_mse(student: HybridForCausalLM, teacher: torch.nn.Module, batches: lis
             totals[idx] += mse.item() / len(batches)
     return totals
 
-
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)

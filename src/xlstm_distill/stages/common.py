@@ -10,6 +10,11 @@ from torch.nn import functional as F
 from xlstm_distill.modeling.cache import full_layout
 
 
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Mixed-precision context for ``device`` (a no-op when ``dtype`` is None)."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
 def packed_positions(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """(B, T) positions restarting at every document of a packed batch."""
     if "position_ids" in batch:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from xlstm_distill.stages.common import masked_mean, next_token_targets, student_forward, teacher_forward
+from xlstm_distill.stages.common import autocast, masked_mean, next_token_targets, student_forward, teacher_forward
 from xlstm_distill.stages.targets import topk_logprobs
 
 TOPK_MODES = ("renormalize", "residual")
@@ -91,7 +91,7 @@ def make_distill_step(model: torch.nn.Module, gamma: float, beta: float, topk_mo
 
     def step(batch: dict[str, torch.Tensor], scale: float) -> dict[str, float]:
         batch = {k: v.to(device) for k, v in batch.items()}
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        with autocast(device, autocast_dtype):
             logits = student_forward(model, batch)
         loss, metrics = kd_loss(logits, batch, gamma, beta, topk_mode)
         (loss * scale).backward()

@@ -25,7 +25,7 @@ from rich.table import Table
 from xlstm_distill.data import PackedDataset, Source, build_offline_corpora, offline_sources
 from xlstm_distill.modeling import HybridConfig, HybridForCausalLM, convert
 from xlstm_distill.stages.align import layer_mse, make_align_step, set_stage1_trainable
-from xlstm_distill.stages.common import PackedBatches, compare_to_teacher
+from xlstm_distill.stages.common import PackedBatches, autocast, compare_to_teacher
 from xlstm_distill.stages.distill import OnlineTargets, make_distill_step, set_stage2_trainable
 from xlstm_distill.stages.distributed import Distributed
 from xlstm_distill.stages.targets import TargetShards, bytes_per_token, tokenizer_hash, write_targets
@@ -249,7 +249,7 @@ class Pipeline:
                             ("after Stage II", self.recipe.out / "stage2" / "model"),
                             ("merged experts (Stage III)", self.recipe.out / "merged")):
             if (path / "config.json").exists():
-                with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+                with autocast(self.device, self.autocast):
                     rows[label] = compare_to_teacher(self.load_student(path).eval(), teacher, batches)
         if not rows:
             raise FileNotFoundError(f"No student under {self.recipe.out}: run the recipe's stages first.")
