@@ -8,6 +8,7 @@ import torch
 import typer
 from rich.console import Console
 
+from xlstm_distill.benchmarks.commands import bench
 from xlstm_distill.modeling import HybridConfig, convert as convert_model
 from xlstm_distill.modeling.configuration import BACKENDS, MIXERS
 from xlstm_distill.data.commands import app as data_app
@@ -20,6 +21,7 @@ app = typer.Typer(help="Distill Transformer LLMs into hybrid xLSTM (mLSTM + slid
 app.add_typer(data_app, name="data", help="Training data: build the offline domain corpora.")
 app.command(help="Teacher vs student(s) on benchmarks (lm-evaluation-harness): recovery, Win-and-Tie, alpha*.")(evaluate)
 app.command(help="Stage III: linear weight merge of expert students (Eq. 14).")(merge)
+app.command(help="Inference benchmark: teacher vs student prefill / TTFT, decode tokens/s, memory (JSON, md, PNG).")(bench)
 console = Console(stderr=True)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

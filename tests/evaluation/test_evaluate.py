@@ -130,3 +130,25 @@ def test_cli_commands(tokenizer, tmp_path):
     res = runner.invoke(app, ["evaluate", "--teacher", str(tmp_path / "a"), "--student", str(tmp_path / "a"),
                               "--shots", "piqa=x", "--tasks", "xd_piqa"])
     assert res.exit_code != 0 and "shot counts must be integers" in res.output
+
+
+def test_per_task_limits(tokenizer):
+    results = evaluate_models({"m": (tiny_model(0), tokenizer)}, TASKS, limit={"xd_arc_easy": 3, "xd_piqa": 6},
+                              batch_size=4, max_length=512)
+    assert results["models"]["m"]["n_samples"] == {"xd_arc_easy": 3, "xd_piqa": 6}
+    with pytest.raises(ValueError, match="not evaluated"):
+        evaluate_models({"m": (tiny_model(0), tokenizer)}, TASKS, limit={"xd_hellaswag": 3})
+
+
+def test_results_of_separate_runs_combine(evaluated, tmp_path):
+    from xlstm_distill.evaluation import combine_results
+
+    results, _ = evaluated
+    parts = [{**results, "models": {name: entry}} for name, entry in results["models"].items()]
+    (tmp_path / "other.json").write_text(json.dumps(parts[2]))
+    combined = combine_results([parts[0], parts[1], tmp_path / "other.json"])
+    assert combined["models"] == results["models"] and combined["settings"] == results["settings"]
+    with pytest.raises(ValueError, match="evaluated twice"):
+        combine_results([parts[0], parts[0]])
+    with pytest.raises(ValueError, match="setting 'limit'"):
+        combine_results([parts[0], {**parts[1], "settings": {**results["settings"], "limit": 7}}])

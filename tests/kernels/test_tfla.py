@@ -45,8 +45,23 @@ def test_student_with_tfla_backend_equals_native(monkeypatch):
     ids = torch.randint(3, 128, (2, 40), generator=torch.Generator().manual_seed(0))
     docs = torch.tensor([[0] * 25 + [1] * 15] * 2)
     with torch.no_grad():
-        for kwargs, layers_on_tfla in (({}, 2), ({"document_ids": docs}, 0)):  # packed documents: native kernel
+        for kwargs, layers_on_tfla in (({}, 2), ({"document_ids": docs}, 2)):  # packed documents: forget-gate resets
             calls.clear()
             torch.testing.assert_close(students["tfla"](ids, **kwargs).logits, students["native"](ids, **kwargs).logits,
                                        atol=1e-4, rtol=1e-4)
             assert len(calls) == layers_on_tfla
+
+
+def test_tfla_document_resets_match_native():
+    """Packed documents: a reset (forget gate -100) gives the native kernel's exact per-document result."""
+    q, k, v, i, f = _inputs(100)
+    i = i * 3  # large input gates: old state terms must still vanish after a reset
+    reset = torch.zeros(2, 100, dtype=torch.bool)
+    reset[:, 0] = True
+    reset[0, [30, 64, 65]] = True
+    reset[1, 99] = True
+    ref, ref_state = mlstm_chunkwise(q, k, v, i, torch.nn.functional.logsigmoid(f), reset=reset, chunk_size=16)
+    out, state = mlstm_tfla(q, k, v, i, f, chunk_size=64, reset=reset)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(state, ref_state):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

@@ -48,3 +48,19 @@ def test_recipe_errors(tmp_path):
     assert recipe.distill["steps"] == 7
     with pytest.raises(ValueError, match="unknown sources \\['zzz'\\]"):
         Pipeline(recipe).sources(held_out=False)
+
+
+def test_swa_student_skips_stage1_and_students_share_targets(tmp_path):
+    """mixer=swa has no new parameters: Stage I passes the converted model on. Two recipes with the same data and
+    targets.dir share one set of teacher targets."""
+    shared = str(tmp_path / "shared-targets")
+    for mixer in ("swa", "mlstm_swa"):
+        path = tiny_recipe(tmp_path, mixer, student=dict(mixer=mixer, window_size=8, num_sink_tokens=2, chunk_size=16),
+                           targets=dict(k=8, num_sequences=16, batch_size=4, dir=shared))
+        Pipeline(Recipe.load(path)).distill()
+        assert (tmp_path / mixer / "stage2" / "model" / "config.json").exists()
+        assert not (tmp_path / mixer / "targets").exists()
+    init = load_file(str(tmp_path / "swa" / "student-init" / "model.safetensors"))
+    stage1 = load_file(str(tmp_path / "swa" / "stage1" / "model" / "model.safetensors"))
+    assert init.keys() == stage1.keys() and all(torch.equal(init[k], stage1[k]) for k in init)
+    assert json.loads((tmp_path / "shared-targets" / "manifest.json").read_text())["complete"]

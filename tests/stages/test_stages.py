@@ -205,3 +205,25 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
                        cfg, tmp_path / str(accum), "distill").fit()
         runs.append([r["loss"] for r in rows])
     assert runs[0] == pytest.approx(runs[1], rel=1e-4)
+
+
+def test_target_reader_resumes_on_another_world_size(tmp_path):
+    """A position saved by 2 ranks continues on 1 (and back): every global step sees the same sequences."""
+    _write(tiny_teacher("llama"), tmp_path / "t")  # 6 sequences
+
+    def global_steps(readers, n):
+        its = [iter(r) for r in readers]
+        return [sorted(map(tuple, torch.cat([next(it)["input_ids"][:, :4] for it in its]).tolist())) for _ in range(n)]
+
+    single = global_steps([TargetShards(tmp_path / "t", batch_size=2, seed=3)], 7)  # crosses an epoch
+    two = [TargetShards(tmp_path / "t", batch_size=1, seed=3, rank=r, world_size=2) for r in range(2)]
+    assert global_steps(two, 2) == single[:2]
+    one = TargetShards(tmp_path / "t", batch_size=2, seed=3)
+    one.load_state_dict(two[0].state_dict())
+    assert global_steps([one], 3) == single[2:5]
+    back = [TargetShards(tmp_path / "t", batch_size=1, seed=3, rank=r, world_size=2) for r in range(2)]
+    for reader in back:
+        reader.load_state_dict(one.state_dict())
+    assert global_steps(back, 2) == single[5:7]
+    with pytest.raises(ValueError, match="global batch"):
+        TargetShards(tmp_path / "t", batch_size=2, seed=3, rank=0, world_size=2).load_state_dict(one.state_dict())

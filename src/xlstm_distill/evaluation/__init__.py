@@ -13,7 +13,7 @@ from xlstm_distill.evaluation.harness import (
     versions,
 )
 from xlstm_distill.evaluation.offline import OFFLINE_TASKS, TASKS_DIR, OfflineTask
-from xlstm_distill.evaluation.report import compare, write_report
+from xlstm_distill.evaluation.report import combine_results, compare, write_report
 
 __all__ = [
     "DEFAULT_TASKS",
@@ -22,6 +22,7 @@ __all__ = [
     "PRIMARY_METRICS",
     "TASKS_DIR",
     "OfflineTask",
+    "combine_results",
     "compare",
     "evaluate_models",
     "load_model",

@@ -67,11 +67,16 @@ def _aliases(name: str) -> list[str]:
     return [a for a in dict.fromkeys(out) if a != name]
 
 
-def load_model(ref: str | os.PathLike, device: str | None = None, dtype: Any = None) -> tuple[Any, Any]:
+def load_model(ref: str | os.PathLike, device: str | None = None, dtype: Any = None,
+               student_backend: str = "native") -> tuple[Any, Any]:
     """Load ``(model, tokenizer)``: embedded teacher names and ``.gguf`` files go through
-    :func:`xlstm_distill.load_teacher`; folders and hub ids through ``AutoModelForCausalLM.from_pretrained``."""
+    :func:`xlstm_distill.load_teacher`; folders and hub ids through ``AutoModelForCausalLM.from_pretrained``.
+
+    Hybrid students run with ``student_backend``: lm-eval batches have a new length almost every batch, and the
+    compiled FlexAttention of the ``tfla`` backend would recompile for each; the native kernels compute the same
+    function (tests/kernels/test_cuda.py) without compiling."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from xlstm_distill.teacher import EMBEDDED_TEACHERS, load_teacher
 
@@ -80,6 +85,8 @@ def load_model(ref: str | os.PathLike, device: str | None = None, dtype: Any = N
     if ref in EMBEDDED_TEACHERS or ref.endswith(".gguf"):
         return load_teacher(ref, dtype=dtype or torch.float32, device=device)
     kwargs = {"dtype": dtype} if dtype is not None else {"dtype": "auto"}
+    if AutoConfig.from_pretrained(ref).model_type == "xlstm_hybrid":
+        kwargs["backend"] = student_backend
     model = AutoModelForCausalLM.from_pretrained(ref, **kwargs).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(ref)
     if tokenizer.pad_token is None:
@@ -226,7 +233,7 @@ def evaluate_models(
     models: Mapping[str, ModelSpec],
     tasks: Sequence[str] = DEFAULT_TASKS,
     num_fewshot: Mapping[str, int] | int | None = None,
-    limit: int | float | None = None,
+    limit: int | float | Mapping[str, int | float | None] | None = None,
     batch_size: int | str = 8,
     max_length: int | None = None,
     apply_chat_template: bool = False,
@@ -249,7 +256,8 @@ def evaluate_models(
             (those need the Hugging Face hub). Default: the paper's language-understanding set.
         num_fewshot: one count for all tasks, or overrides per task (``{"arc_challenge": 5}``; offline and
             standard names are interchangeable, a group name covers its subtasks). Defaults: the paper's shots.
-        limit: documents per task (int) or fraction (float < 1); for smoke tests only.
+        limit: documents per task (int) or fraction (float < 1), or ``{task: limit}`` (tasks left out: all
+            documents; for a group such as ``xd_mmlu`` the limit applies to each of its subtasks).
         batch_size: lm-eval batch size (int, or "auto").
         max_length: context length given to lm-eval (left-truncation above it); default from the model config.
         apply_chat_template: format prompts with the tokenizer's chat template (few-shot as multi-turn).
@@ -273,6 +281,7 @@ def evaluate_models(
         raise ValueError("No tasks to evaluate.")
     tasks = list(dict.fromkeys(tasks))
     prepared = _PreparedTasks(tasks, num_fewshot)
+    limits = _task_limits(prepared.report_tasks, limit)
     metric_overrides = dict(metrics or {})
     unknown_metrics = set(metric_overrides) - set(prepared.report_tasks)
     if unknown_metrics:
@@ -310,22 +319,25 @@ def evaluate_models(
             source = str(getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__)
         log.info("Evaluating %s (%s) on %s", name, source, ", ".join(prepared.report_tasks))
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
-        with _offline_env(prepared.offline):
-            raw = lm_eval.simple_evaluate(
-                model=lm,
-                tasks=prepared.items,
-                task_manager=prepared.manager,
-                limit=limit,
-                apply_chat_template=apply_chat_template,
-                fewshot_as_multiturn=bool(apply_chat_template),
-                gen_kwargs=gen_kwargs,
-                bootstrap_iters=bootstrap_iters,
-                log_samples=log_samples,
-                random_seed=0,
-                numpy_random_seed=1234,
-                torch_random_seed=1234,
-                fewshot_random_seed=fewshot_seed,
-            )
+        raw: dict[str, Any] = {}
+        for task_limit, items in limits.items():  # one lm-eval run per distinct limit
+            with _offline_env(prepared.offline):
+                part = lm_eval.simple_evaluate(
+                    model=lm,
+                    tasks=[prepared.items[i] for i in items],
+                    task_manager=prepared.manager,
+                    limit=task_limit,
+                    apply_chat_template=apply_chat_template,
+                    fewshot_as_multiturn=bool(apply_chat_template),
+                    gen_kwargs=gen_kwargs,
+                    bootstrap_iters=bootstrap_iters,
+                    log_samples=log_samples,
+                    random_seed=0,
+                    numpy_random_seed=1234,
+                    torch_random_seed=1234,
+                    fewshot_random_seed=fewshot_seed,
+                )
+            raw = _merge_raw(raw, part)
         seconds = time.perf_counter() - t0
         entry = _summarize_raw(raw, prepared.report_tasks, metric_overrides, settings["metrics"])
         entry.update({"source": source, "eval_seconds": round(seconds, 2)})
@@ -341,6 +353,29 @@ def evaluate_models(
             gc.collect()
             _empty_cuda_cache()
     return results
+
+
+def _task_limits(report_tasks: list[str], limit) -> dict[int | float | None, list[int]]:
+    """Indices of ``report_tasks`` grouped by their document limit."""
+    if not isinstance(limit, Mapping):
+        return {limit: list(range(len(report_tasks)))}
+    unknown = set(limit) - set(report_tasks)
+    if unknown:
+        raise ValueError(f"Limits for tasks that are not evaluated: {sorted(unknown)} (tasks: {report_tasks}).")
+    groups: dict[int | float | None, list[int]] = {}
+    for i, task in enumerate(report_tasks):
+        groups.setdefault(limit.get(task), []).append(i)
+    return groups
+
+
+def _merge_raw(into: dict[str, Any], part: Mapping[str, Any]) -> dict[str, Any]:
+    """Combine two lm-eval results (per-task dictionaries are merged, other fields kept from the first)."""
+    for key, value in part.items():
+        if isinstance(value, Mapping) and isinstance(into.get(key), Mapping):
+            into[key] = {**into[key], **value}
+        else:
+            into.setdefault(key, value)
+    return into
 
 
 def _summarize_raw(raw: Mapping[str, Any], report_tasks: list[str], overrides: Mapping[str, str],

@@ -16,7 +16,7 @@ REPORT_JSON = "results.json"
 REPORT_MD = "report.md"
 REPORT_PNG = "win_and_tie.png"
 
-__all__ = ["REPORT_JSON", "REPORT_MD", "REPORT_PNG", "compare", "write_report"]
+__all__ = ["REPORT_JSON", "REPORT_MD", "REPORT_PNG", "combine_results", "compare", "write_report"]
 
 
 def _add_baselines(results: Mapping[str, Any], baselines) -> tuple[dict[str, Any], list[str]]:
@@ -80,6 +80,29 @@ def compare(
                         "win_and_tie": {f"{a:g}": None for a in alphas}, "threshold": threshold})
         out["models"][name] = row
     return out
+
+
+def combine_results(parts: Sequence[Mapping[str, Any] | str | os.PathLike]) -> dict[str, Any]:
+    """One result from several :func:`evaluate_models` runs (other processes or machines) of different models.
+
+    The runs must have identical settings (tasks, shots, limits, metrics, seeds): otherwise their scores are not
+    comparable and a ``ValueError`` names the first differing setting.
+    """
+    loaded = [dict(json.loads(Path(p).read_text())) if not isinstance(p, Mapping) else dict(p) for p in parts]
+    if not loaded:
+        raise ValueError("No results to combine.")
+    first = loaded[0]
+    models: dict[str, Any] = {}
+    for part in loaded:
+        for key in set(first["settings"]) | set(part["settings"]):
+            if first["settings"].get(key) != part["settings"].get(key):
+                raise ValueError(f"Results differ in setting '{key}': {first['settings'].get(key)!r} vs "
+                                 f"{part['settings'].get(key)!r}; evaluate them with the same settings.")
+        clash = set(models) & set(part["models"])
+        if clash:
+            raise ValueError(f"Model names evaluated twice: {sorted(clash)}.")
+        models.update(part["models"])
+    return {"settings": first["settings"], "models": models, "versions": first.get("versions", {})}
 
 
 def write_report(

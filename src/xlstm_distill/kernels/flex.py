@@ -23,7 +23,8 @@ def swa_block_mask(doc_start: torch.Tensor, window: int, num_sinks: int) -> Bloc
         same_doc = doc_start[b, kv_idx] == start
         return (kv_idx <= q_idx) & same_doc & ((q_idx - kv_idx < window) | (kv_idx - start < num_sinks))
 
-    return create_block_mask(mask_mod, B, None, T, T, device=doc_start.device)
+    # compiled on CUDA: eager evaluation materializes all T x T mask values (hopeless at 64K+)
+    return create_block_mask(mask_mod, B, None, T, T, device=doc_start.device, _compile=doc_start.is_cuda)
 
 
 @functools.cache

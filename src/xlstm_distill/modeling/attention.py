@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 
@@ -132,17 +133,27 @@ class HybridAttention(nn.Module):
         cos, sin = position_embeddings
         q, k = self.apply_rope(q, k, cos, sin)
         cache = past_key_values.layers[self.layer_idx] if past_key_values is not None else None
+        y = self.mix(q, k, v, gates, layout, cache)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D)), None
 
+    def mix(
+        self,
+        q: torch.Tensor,  # (B, NH, T, DH) after RoPE
+        k: torch.Tensor,  # (B, NKV, T, DH) after RoPE
+        v: torch.Tensor,  # (B, NKV, T, DH)
+        gates: torch.Tensor | None,  # (B, G*NH, T) gate pre-activations
+        layout: TokenLayout,
+        cache: dict | None = None,
+    ) -> torch.Tensor:
+        """The sequence mixer alone (what replaces softmax attention). Returns (B, NH, T, DH)."""
         swa = self._swa(q, k, v, layout, cache) if self.uses_swa else None
         memory = self._memory(q, k, v, gates, layout, cache) if self.uses_memory else None
         if swa is None:
-            y = memory
-        elif memory is None:
-            y = swa
-        else:
-            o = torch.sigmoid(gates[:, -H:].float()).unsqueeze(-1).to(q.dtype)  # (B, NH, T, 1)
-            y = o * memory + (1 - o) * swa
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D)), None
+            return memory
+        if memory is None:
+            return swa
+        o = torch.sigmoid(gates[:, -self.num_heads:].float()).unsqueeze(-1).to(q.dtype)  # (B, NH, T, 1)
+        return o * memory + (1 - o) * swa
 
     def _swa(self, q, k, v, layout: TokenLayout, cache: dict | None) -> torch.Tensor:
         """Sliding-window + sinks branch; fills / reads the sink and ring-buffer K/V of ``cache``."""
@@ -151,7 +162,7 @@ class HybridAttention(nn.Module):
             values = torch.cat([cache["sink_v"], cache["ring_v"], v], dim=2)
             key_pos = torch.cat([layout.cached_key_pos, layout.position], dim=1)  # (B, S + W + T)
             out = swa_sinks_attention_cached(q, layout.position, keys, values, key_pos, self.window, self.num_sinks, self.scaling)
-        elif self._fast_kernels(q) and (q.is_cuda or not torch.is_grad_enabled()):  # no FlexAttention backward on CPU
+        elif self._use_flex(q) and (q.is_cuda or not torch.is_grad_enabled()):  # no FlexAttention backward on CPU
             if "block_mask" not in layout.derived:
                 layout.derived["block_mask"] = flex.swa_block_mask(layout.doc_start, self.window, self.num_sinks)
             out = flex.swa_sinks_flex(q, k, v, layout.derived["block_mask"], self.scaling)
@@ -177,8 +188,9 @@ class HybridAttention(nn.Module):
         if state is not None and q.shape[2] == 1:
             h, state = mlstm_recurrent_step(fq[:, :, 0], fk[:, :, 0], v[:, :, 0], i[..., 0], lf[..., 0], state, normalizer)
             h = h.unsqueeze(2).to(v.dtype)
-        elif self._use_tfla(q, layout):
-            h, state = tfla.mlstm_tfla(fq, fk, v, i, gates[:, H:2 * H], state, self.chunk_size)
+        elif self._use_tfla(q):
+            reset = None if layout.continues_cache else layout.reset
+            h, state = tfla.mlstm_tfla(fq, fk, v, i, gates[:, H:2 * H], state, self.chunk_size, reset)
             h = h.to(v.dtype)
         else:
             reset = None if layout.continues_cache else layout.reset
@@ -187,18 +199,29 @@ class HybridAttention(nn.Module):
             cache["state"] = MLSTMState(*state)
         return h
 
-    def _fast_kernels(self, q: torch.Tensor) -> bool:
-        """Whether this forward uses TFLA (mLSTM) and FlexAttention (SWA) instead of the native kernels."""
-        if self.backend == "auto" and q.is_cuda and not tfla.available():
-            logger.info("backend='auto': mlstm_kernels is not installed, using the native kernels.")
-            self.backend = "native"
+    def _use_flex(self, q: torch.Tensor) -> bool:
+        """FlexAttention for the SWA branch: backend ``tfla``, or ``auto`` on CUDA (forward and backward checked
+        against the native kernel on an H100)."""
         return self.backend == "tfla" or (self.backend == "auto" and q.is_cuda)
 
-    def _use_tfla(self, q: torch.Tensor, layout: TokenLayout) -> bool:
-        """TFLA for gated memory without document resets inside the sequence (those take the native kernel)."""
-        if not self.gated_memory or not self._fast_kernels(q):
+    def _use_tfla(self, q: torch.Tensor) -> bool:
+        """TFLA for the mLSTM branch: backend ``tfla``; ``auto`` on CUDA only without gradients (prefill, generation):
+        its bf16 backward disagreed with the float32 reference on an H100 (docs/decisions.md)."""
+        if not self.gated_memory or self.backend == "native":
             return False
-        return layout.continues_cache or not bool(layout.reset[:, 1:].any())
+        if self.backend == "tfla":
+            return True
+        if not q.is_cuda or torch.is_grad_enabled():
+            return False
+        if not tfla.available():
+            _log_once("backend='auto': mlstm_kernels is not installed, the mLSTM runs on the native kernel.")
+            return False
+        return True
+
+
+@functools.cache
+def _log_once(message: str) -> None:
+    logger.info(message)
 
 
 def _write_kv(cache: dict, k: torch.Tensor, v: torch.Tensor, write) -> None:

@@ -164,6 +164,23 @@ class HybridCache:
                 layer[key] = pick(value)
         self.doc_length, self.sink_pos, self.ring_pos = (pick(x) for x in (self.doc_length, self.sink_pos, self.ring_pos))
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor of the cache in a fixed order (layers' K/V and states, then the bookkeeping)."""
+        out = []
+        for layer in self.layers:
+            for key in sorted(layer):
+                value = layer[key]
+                out.extend(value if isinstance(value, MLSTMState) else (value,))
+        return out + [self.doc_length, self.sink_pos, self.ring_pos]
+
+    def set_tensors(self, tensors: list[torch.Tensor]) -> None:
+        """Inverse of :meth:`tensors`: point the cache at ``tensors`` (same order and shapes)."""
+        it = iter(tensors)
+        for layer in self.layers:
+            for key in sorted(layer):
+                layer[key] = MLSTMState(*(next(it) for _ in range(3))) if isinstance(layer[key], MLSTMState) else next(it)
+        self.doc_length, self.sink_pos, self.ring_pos = next(it), next(it), next(it)
+
     def nbytes(self) -> int:
         """Bytes held by the cache tensors (constant once the first forward has filled it)."""
         total = 0

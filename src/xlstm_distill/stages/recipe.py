@@ -46,7 +46,7 @@ class Recipe:
     student: dict[str, Any] = field(default_factory=dict)  # HybridConfig mixer fields
     data: dict[str, Any] = field(default_factory=dict)
     align: dict[str, Any] | None = None  # TrainConfig fields + batch_size, train_projections
-    targets: dict[str, Any] = field(default_factory=dict)  # k, num_sequences, mode (offline|online), batch_size
+    targets: dict[str, Any] = field(default_factory=dict)  # k, num_sequences, mode (offline|online), batch_size, dir
     distill: dict[str, Any] | None = None  # TrainConfig fields + batch_size, gamma, beta, topk_mode, train, lora_rank
     evaluate: dict[str, Any] = field(default_factory=dict)  # held_out_sequences, batch_size; tasks, limit, shots
     experts: dict[str, Any] | None = None  # Stage III: {domains: {name: data weights}, merge_weights: {name: w}}
@@ -178,8 +178,12 @@ class Pipeline:
         student = self.load_student(init)
         set_stage1_trainable(student, train_projections)
         teacher = self.teacher[0]
-        Trainer(student, make_align_step(student, teacher, self.autocast), PackedBatches(self.packed(), batch_size),
-                TrainConfig(seed=self.recipe.seed, **cfg), path.parent, "stage1").fit()
+        if any(p.requires_grad for p in student.parameters()):
+            Trainer(student, make_align_step(student, teacher, self.autocast), PackedBatches(self.packed(), batch_size),
+                    TrainConfig(seed=self.recipe.seed, **cfg), path.parent, "stage1").fit()
+        else:  # e.g. mixer=swa: no new parameters, the converted student is the Stage I model
+            console.print(f"[yellow]Stage I skipped[/]: the {self.recipe.student.get('mixer')} student has no new "
+                          "parameters to align")
         self._save(student, path)
         mse = layer_mse(student, teacher, self.held_out_batches()[:1])
         (path.parent / "held_out_layer_mse.json").write_text(json.dumps(mse))
@@ -193,7 +197,7 @@ class Pipeline:
         cfg = self.recipe.targets
         if cfg.get("mode", "offline") == "online":
             return None
-        path = self.recipe.out / "targets"
+        path = Path(cfg["dir"]) if cfg.get("dir") else self.recipe.out / "targets"  # dir: shared by several recipes
         meta = self.target_meta()
         manifest = path / "manifest.json"
         if manifest.exists() and json.loads(manifest.read_text())["complete"]:

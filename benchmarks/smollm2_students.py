@@ -1,0 +1,270 @@
+"""Issue 6 on one GPU: distill SmolLM2-135M-Instruct into three students side by side, then evaluate them.
+
+Every stage is an ``xlstm-distill`` command on recipes/smollm2-135m-students.yaml (one run per mixer; the teacher
+targets are shared); this script only schedules them on one GPU within a wall-clock deadline. Run it again to
+continue: checkpoints, targets and finished evaluations under runs/smollm2-135m/ are kept and reused.
+
+    python benchmarks/smollm2_students.py run --teacher T.gguf --deadline 540 --distill-steps 100000
+    python benchmarks/smollm2_students.py run --teacher T.gguf --deadline 560 --distill-steps auto
+
+``--distill-steps auto`` gives the three students the same Stage II step count, the largest that lets them finish
+and be evaluated before the deadline (measured step rate and teacher evaluation time of the earlier run).
+``report`` writes runs/smollm2-135m/report/ (lm-eval report of teacher + students, learning curve, budget).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import typer
+
+ROOT = Path("runs/smollm2-135m")
+RECIPE = "recipes/smollm2-135m-students.yaml"
+MIXERS = ("mlstm_swa", "linear_swa", "swa")
+TASKS = ["xd_piqa", "xd_arc_easy", "xd_arc_challenge", "xd_hellaswag", "xd_winogrande", "xd_mmlu", "xd_lambada"]
+# documents per task (MMLU: per subject, 57 subjects); the paper's shot counts
+LIMITS = {"xd_piqa": 500, "xd_arc_easy": 500, "xd_arc_challenge": 300, "xd_hellaswag": 300, "xd_winogrande": 500,
+          "xd_mmlu": 10, "xd_lambada": 500}
+TOKENS_PER_STEP = 16 * 1024  # both stages: 16 sequences of 1,024 tokens per optimizer step
+MAX_EVALS = 2  # evaluations at a time (each holds batch x length x vocabulary float32 logits on the GPU)
+app = typer.Typer(add_completion=False)
+
+
+@dataclass
+class Job:
+    name: str
+    cmd: list[str]
+    done: Path  # exists when the job has finished
+    needs: list[Path] = field(default_factory=list)  # files that must exist before it starts
+    proc: subprocess.Popen | None = None
+
+    def ready(self) -> bool:
+        return all(p.exists() for p in self.needs)
+
+
+OVERRIDES: list[str] = []  # --set values for every stage (smoke tests: tiny steps and sequences)
+EVAL_LIMIT: list[str] = []  # --limit for every evaluation (smoke tests)
+
+
+def _cli(stage: str, mixer: str, teacher: str, *extra: str) -> list[str]:
+    sets = [x for o in OVERRIDES for x in ("--set", o)]
+    return [sys.executable, "-m", "xlstm_distill.cli", stage, RECIPE, "--set", f"teacher={teacher}",
+            "--set", f"student.mixer={mixer}", "--set", f"out_dir={ROOT / mixer}", *sets, *extra]
+
+
+def _eval_job(name: str, model: str, needs: list[Path]) -> Job:
+    out = ROOT / "eval" / f"{name}.json"
+    limit = ["--limit", EVAL_LIMIT[0]] if EVAL_LIMIT else []
+    return Job(f"eval-{name}", [sys.executable, __file__, "eval", name, model, str(out), *limit], out, needs)
+
+
+def _targets_done() -> Path:
+    return ROOT / "targets" / "complete"
+
+
+def jobs(teacher: str, distill_steps: int) -> list[Job]:
+    stage1 = {m: ROOT / m / "stage1" / "model" / "config.json" for m in MIXERS}
+    stage2 = {m: ROOT / m / "stage2" / "model" / "config.json" for m in MIXERS}
+    out = [
+        Job("targets", _cli("targets", "mlstm_swa", teacher) + ["&&", "touch", str(_targets_done())], _targets_done()),
+        _eval_job("teacher", teacher, []),
+    ]
+    for m in MIXERS:
+        out.append(Job(f"align-{m}", _cli("align", m, teacher), stage1[m]))
+        out.append(Job(f"distill-{m}", _cli("distill", m, teacher, "--set", f"distill.steps={distill_steps}"), stage2[m],
+                       [stage1[m], _targets_done()]))
+        out.append(_eval_job(m, str(stage2[m].parent), [stage2[m]]))
+        out.append(Job(f"report-{m}", _cli("report", m, teacher), ROOT / m / "report" / "held_out.json", [stage2[m]]))
+    init, mid = ROOT / "mlstm_swa" / "student-init", ROOT / "mlstm_swa" / "stage1" / "model"
+    out.append(_eval_job("mlstm_swa-converted", str(init), [init / "tokenizer_config.json"]))  # saved last
+    out.append(_eval_job("mlstm_swa-stage1", str(mid), [mid / "config.json"]))
+    return out
+
+
+def _start(job: Job) -> None:
+    log = open(ROOT / "logs" / f"{job.name}.log", "a")
+    if "&&" in job.cmd:  # a command followed by a marker file
+        cmd = " ".join(f"'{c}'" if c != "&&" else c for c in job.cmd)
+        job.proc = subprocess.Popen(cmd, shell=True, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    else:
+        job.proc = subprocess.Popen(job.cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    print(f"[{time.strftime('%H:%M:%S')}] start {job.name}", flush=True)
+
+
+def _stop(job: Job) -> None:
+    if job.proc is not None and job.proc.poll() is None:
+        os.killpg(job.proc.pid, signal.SIGTERM)
+        try:
+            job.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(job.proc.pid, signal.SIGKILL)
+
+
+def auto_steps(deadline: float) -> int:
+    """Largest common Stage II step count that finishes (and is evaluated) before ``deadline`` (time.time())."""
+    reached, rates = [], []
+    for m in MIXERS:
+        rows = _metrics(ROOT / m / "stage2" / "metrics.jsonl")
+        reached.append(rows[-1]["step"] if rows else 0)
+        rates += [TOKENS_PER_STEP / r["tokens_per_s"] for r in rows[-20:]]
+    if not rates:
+        print("auto: no Stage II metrics yet, 100 steps")
+        return 100
+    seconds_per_step = sorted(rates)[len(rates) // 2]
+    teacher_eval = ROOT / "eval" / "teacher.json"
+    eval_seconds = 1.5 * (json.loads(teacher_eval.read_text())["models"]["teacher"]["eval_seconds"]
+                          if teacher_eval.exists() else 160)
+    budget = deadline - time.time() - eval_seconds - 60  # 60 s: saving, loading, the last checkpoint
+    steps = min(reached) + int(budget / seconds_per_step)
+    steps = max(steps - steps % 20, max(reached))
+    print(f"auto: {seconds_per_step:.2f} s/step, evaluation ~{eval_seconds:.0f} s, reached {reached} -> {steps} steps")
+    return steps
+
+
+def _metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+@app.command()
+def run(teacher: str = typer.Option(...), deadline: float = typer.Option(540.0, help="Seconds from now."),
+        distill_steps: str = typer.Option("auto"), overrides: list[str] = typer.Option([], "--set"),
+        eval_limit: str | None = typer.Option(None)) -> None:
+    """Run / continue all stages and evaluations until done or the deadline; then write the report if complete."""
+    OVERRIDES.extend(overrides)
+    EVAL_LIMIT.extend([eval_limit] if eval_limit else [])
+    start = time.time()
+    end = start + deadline
+    (ROOT / "logs").mkdir(parents=True, exist_ok=True)
+    (ROOT / "eval").mkdir(exist_ok=True)
+    steps = auto_steps(end) if distill_steps == "auto" else int(distill_steps)
+    pending = [j for j in jobs(teacher, steps) if not j.done.exists()]
+    running: list[Job] = []
+    while (pending or running) and time.time() < end:
+        evals = sum(j.name.startswith("eval-") for j in running)
+        for job in [j for j in pending if j.ready()]:
+            if job.name.startswith("eval-"):
+                if evals >= MAX_EVALS:
+                    continue
+                evals += 1
+            _start(job)
+            pending.remove(job)
+            running.append(job)
+        for job in list(running):
+            if job.proc.poll() is not None:
+                running.remove(job)
+                ok = job.done.exists()
+                print(f"[{time.strftime('%H:%M:%S')}] {'done' if ok else 'FAILED'} {job.name} "
+                      f"(exit {job.proc.returncode})", flush=True)
+                if not ok:  # jobs waiting for its output cannot run
+                    pending = [j for j in pending if job.done not in j.needs]
+        time.sleep(2)
+    for job in running:
+        print(f"deadline: stopping {job.name}", flush=True)
+        _stop(job)
+    with open(ROOT / "timing.jsonl", "a") as fh:
+        fh.write(json.dumps({"start": start, "seconds": time.time() - start, "distill_steps": steps}) + "\n")
+    if all((ROOT / "eval" / f"{m}.json").exists() for m in ("teacher", *MIXERS)):
+        report()
+
+
+@app.command()
+def eval(name: str, model: str, out: Path, limit: int | None = None) -> None:  # noqa: A001 (command name)
+    """Evaluate one model on the issue's tasks and limits; write evaluate_models' result to ``out``."""
+    import torch
+
+    from xlstm_distill.evaluation import evaluate_models
+    from xlstm_distill.evaluation.harness import load_model
+
+    results = evaluate_models({name: lambda: load_model(model, dtype=torch.float32)}, TASKS,
+                              limit=LIMITS if limit is None else limit, batch_size=8)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1))
+    os.replace(tmp, out)
+
+
+@app.command()
+def report() -> None:
+    """Combine the evaluations into reports (teacher vs students), plus the learning curve and the budget."""
+    from xlstm_distill.evaluation import combine_results, write_report
+
+    names = ["teacher", *MIXERS, "mlstm_swa-converted", "mlstm_swa-stage1"]
+    results = combine_results([ROOT / "eval" / f"{n}.json" for n in names if (ROOT / "eval" / f"{n}.json").exists()])
+    out = ROOT / "report"
+    students = [n for n in MIXERS if n in results["models"]]  # all three once every evaluation has run
+    baselines = [n for n in ("linear_swa", "swa") if n in students]
+    understanding = _subset(results, ["teacher", *students], TASKS[:-1])  # the six tasks of the target
+    paths = write_report(understanding, "teacher", out, baselines=baselines)
+    write_report(_subset(results, ["teacher", *students], TASKS), "teacher", out / "with-lambada", baselines=baselines)
+    curve = write_report(_subset(results, list(results["models"]), TASKS[:-1]), "teacher", out / "learning-curve",
+                         baselines=baselines)
+    budget = _budget()
+    (out / "budget.json").write_text(json.dumps(budget, indent=2))
+    _plot_curve(json.loads(curve["json"].read_text()), budget, out / "learning_curve.png")
+    print(paths["markdown"].read_text())
+
+
+def _subset(results: dict, models: list[str], tasks: list[str]) -> dict:
+    """The results of some models on some tasks (every per-task dictionary filtered)."""
+    def keep(value):
+        return {k: v for k, v in value.items() if k in tasks} if isinstance(value, dict) else value
+
+    settings = {k: keep(v) for k, v in results["settings"].items()}
+    settings["tasks"] = [t for t in results["settings"]["tasks"] if t in tasks]
+    entries = {n: {k: keep(v) for k, v in results["models"][n].items()} for n in models if n in results["models"]}
+    return {**results, "settings": settings, "models": entries}
+
+
+def _budget() -> dict:
+    """Tokens and throughput of every stage (from the training logs) and the wall time of the runs."""
+    out: dict = {"runs": _metrics(ROOT / "timing.jsonl")}  # one line per invocation: start, seconds, steps
+    for m in MIXERS:
+        for stage in ("stage1", "stage2"):
+            rows = _metrics(ROOT / m / stage / "metrics.jsonl")
+            if rows:
+                rates = sorted(r["tokens_per_s"] for r in rows)
+                out[f"{m}/{stage}"] = {"steps": rows[-1]["step"], "tokens": rows[-1]["step"] * TOKENS_PER_STEP,
+                                       "median_tokens_per_s": rates[len(rates) // 2],
+                                       "final_loss": rows[-1]["loss"]}
+    manifest = ROOT / "targets" / "manifest.json"
+    if manifest.exists():
+        m = json.loads(manifest.read_text())
+        out["targets"] = {k: m.get(k) for k in ("k", "seq_len", "num_sequences", "complete")}
+    return out
+
+
+def _plot_curve(report: dict, budget: dict, path: Path) -> None:
+    """alpha* and average recovery of the mlstm_swa student against training tokens (converted, Stage I, II)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s1 = budget.get("mlstm_swa/stage1", {}).get("tokens", 0)
+    s2 = s1 + budget.get("mlstm_swa/stage2", {}).get("tokens", 0)
+    points = [("mlstm_swa-converted", 0), ("mlstm_swa-stage1", s1), ("mlstm_swa", s2)]
+    comp = report["comparison"]["models"]
+    pts = [(t / 1e6, comp[n]["critical_tolerance"] if comp[n]["critical_tolerance"] is not None else float("nan"), sum(comp[n]["recovery"].values()) / len(comp[n]["recovery"]))
+           for n, t in points if n in comp]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    axes[0].plot([p[0] for p in pts], [p[1] for p in pts], "-o")
+    axes[0].set_ylabel("alpha* (lower is better)")
+    axes[1].plot([p[0] for p in pts], [p[2] for p in pts], "-o")
+    axes[1].set_ylabel("average recovery (student / teacher)")
+    for ax in axes:
+        ax.set_xlabel("training tokens (M): converted, after Stage I, after Stage II")
+        ax.grid(alpha=0.3)
+    fig.suptitle("mlstm_swa student of SmolLM2-135M-Instruct")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,94 @@
+"""`xlstm-distill bench`: inference benchmark (teacher vs student) and the single-mixer benchmark."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+import typer
+from rich.console import Console
+
+from xlstm_distill.benchmarks import inference, mixer
+from xlstm_distill.benchmarks.report import write_results
+from xlstm_distill.modeling import HybridConfig
+
+console = Console(stderr=True)
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def _sizes(text: str) -> list[int]:
+    """'1k,4k,32768' -> [1024, 4096, 32768]."""
+    try:
+        return [int(float(s[:-1]) * 1024) if s.lower().endswith("k") else int(s) for s in text.split(",") if s]
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated sizes such as 1k,4k,32k, got {text!r}") from None
+
+
+def bench(
+    out: Path = typer.Option(Path("benchmarks/results/inference"), help="Folder for JSON, markdown and PNG results."),
+    shape: str = typer.Option("llama3.1-8b", help=f"Model shape with random weights: {', '.join(inference.SHAPES)}."),
+    model: str | None = typer.Option(None, help="Benchmark a real teacher instead (embedded name, .gguf, folder, hub id)."),
+    contexts: str = typer.Option("1k,2k,4k,8k,16k,32k,64k,128k", help="Prefill prompt lengths ('' with no decode "
+                                 "contexts: mixer benchmark only)."),
+    batches: str = typer.Option("1,4,8", help="Prefill batch sizes."),
+    decode_contexts: str = typer.Option("1k,4k,16k,32k", help="Cache lengths of the decode points."),
+    decode_batches: str = typer.Option("1,8", help="Decode batch sizes."),
+    decode_steps: int = typer.Option(32, help="Timed decode steps per point."),
+    flat_steps: int = typer.Option(0, help="Student tokens to decode while recording memory (0 = skip)."),
+    repeats: int = typer.Option(2, help="Timed prefill repeats (after one warm-up)."),
+    max_prefill_tokens: int = typer.Option(1 << 18, help="Leave out prefill points with batch x context above this."),
+    mixer_contexts: str = typer.Option("", help="Also time one mixer alone (fwd, fwd+bwd) at these lengths, e.g. 8k,32k."),
+    window: int = typer.Option(512),
+    sinks: int = typer.Option(4),
+    backend: str = typer.Option("auto", help="Student backend: auto, native or tfla."),
+    dtype: str = typer.Option("bfloat16"),
+    device: str = typer.Option("cuda" if torch.cuda.is_available() else "cpu"),
+) -> None:
+    """Teacher vs student: prefill tokens/s and time to first token, decode tokens/s and latency, peak memory."""
+    if dtype not in DTYPES:
+        raise typer.BadParameter(f"dtype must be one of {', '.join(DTYPES)}")
+    torch_dtype, dev = DTYPES[dtype], torch.device(device)
+    student = HybridConfig(window_size=window, num_sink_tokens=sinks, backend=backend)
+    command = "xlstm-distill bench " + shlex.join(sys.argv[2:])
+    torch._dynamo.config.cache_size_limit = 64  # one FlexAttention compilation per sequence length
+    if mixer_contexts:
+        config = inference.shape_config(shape)
+        layer = mixer.hybrid_layer(config.num_attention_heads, config.num_key_value_heads,
+                                   config.hidden_size // config.num_attention_heads, student, dev, torch_dtype)
+        rows = [mixer.mixer_point(layer, 1, n) for n in _sizes(mixer_contexts)]
+        write_results(out, "mixer", rows, command, list(rows[0]), mixer.plot_mixer)
+        mixer.profile_mixer(layer, 1, _sizes(mixer_contexts)[0], out / "mixer_profile.txt")
+        console.print(f"[green]mixer results[/] in {out}/mixer.md")
+    settings = inference.BenchSettings(
+        contexts=_sizes(contexts), batches=_sizes(batches), decode_contexts=_sizes(decode_contexts),
+        decode_batches=_sizes(decode_batches), decode_steps=decode_steps, flat_steps=flat_steps, repeats=repeats,
+        max_prefill_tokens=max_prefill_tokens, student=student)
+    if not settings.contexts and not settings.decode_contexts:
+        return
+    if model is None:
+        models = inference.random_models(inference.shape_config(shape), student, dev, torch_dtype)
+    else:
+        models = _checkpoint_models(model, student, dev, torch_dtype)
+    columns = ["model", "measure", "batch", "context", "status", "ttft_ms", "prefill_tok_s", "ms_per_token",
+               "decode_tok_s", "peak_gb", "cache_gb", "cuda_graph", "graph_error", "generated", "allocated_gb"]
+
+    def save(rows: list[dict]) -> None:  # after every point: an interrupted run keeps what it measured
+        write_results(out, "inference", rows, command, columns, inference.plot_inference)
+        ratios = inference.speedups(rows)
+        if ratios:
+            write_results(out, "speedup", ratios, command, list(ratios[0]))
+
+    save(inference.run_bench(models, settings, on_row=save))
+    console.print(f"[green]results[/] in {out}/inference.md and {out}/speedup.md")
+
+
+def _checkpoint_models(name: str, student: HybridConfig, device: torch.device, dtype: torch.dtype):
+    from xlstm_distill.modeling import convert
+    from xlstm_distill.teacher import load_teacher
+
+    def teacher():
+        return load_teacher(name, dtype=dtype)[0].to(device).eval()
+
+    return {"teacher": teacher, "student": lambda: convert(teacher(), student).eval()}

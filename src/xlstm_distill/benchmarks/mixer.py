@@ -1,0 +1,112 @@
+"""One sequence mixer alone, forward and forward+backward: the student's hybrid mixer (feature maps, gates, mLSTM,
+SWA + sinks, output-gate mix; `HybridAttention.mix`) against full causal softmax attention (SDPA, flash kernel).
+
+Inputs are the post-projection q, k, v (and the gate pre-activations), so the projections, identical in both
+models, are left out. ``profile_mixer`` writes where the hybrid mixer's time goes (torch.profiler, CUDA kernels).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaAttention
+
+from xlstm_distill.benchmarks.report import time_call
+from xlstm_distill.modeling import HybridConfig
+from xlstm_distill.modeling.attention import HybridAttention
+from xlstm_distill.modeling.cache import full_layout
+
+
+def hybrid_layer(num_heads: int, num_kv_heads: int, head_dim: int, student: HybridConfig, device: torch.device,
+                 dtype: torch.dtype) -> HybridAttention:
+    """A single HybridAttention of the given head layout (random projections)."""
+    teacher = LlamaConfig(hidden_size=num_heads * head_dim, num_attention_heads=num_heads,
+                          num_key_value_heads=num_kv_heads, head_dim=head_dim, num_hidden_layers=1)
+    fields = {name: getattr(student, name) for name in ("mixer", "window_size", "num_sink_tokens", "feature_dim",
+                                                      "chunk_size", "backend")}
+    config = HybridConfig(**fields, teacher_config=teacher.to_dict())
+    return HybridAttention(LlamaAttention(teacher, 0), config, 0).to(device=device, dtype=dtype)
+
+
+def _inputs(layer: HybridAttention, batch: int, seq_len: int, device: torch.device, dtype: torch.dtype):
+    H, KV, D = layer.num_heads, layer.num_kv_heads, layer.head_dim
+    q = torch.randn(batch, H, seq_len, D, device=device, dtype=dtype)  # (B, NH, S, DH)
+    k, v = (torch.randn(batch, KV, seq_len, D, device=device, dtype=dtype) for _ in range(2))  # (B, NKV, S, DH)
+    gates = torch.randn(batch, layer.num_gates * H, seq_len, device=device, dtype=dtype)  # (B, G*NH, S)
+    return [q, k, v, gates]
+
+
+def mixer_point(layer: HybridAttention, batch: int, seq_len: int, repeats: int = 5) -> dict:
+    """Forward and forward+backward milliseconds of the hybrid mixer and of causal SDPA."""
+    param = next(layer.parameters())
+    inputs = _inputs(layer, batch, seq_len, param.device, param.dtype)
+    layout = full_layout(batch, seq_len, param.device)
+
+    def hybrid(q, k, v, gates):
+        layout.derived.clear()  # the block mask is rebuilt per forward, as in the model
+        return layer.mix(q, k, v, gates, layout)
+
+    def sdpa(q, k, v, gates):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+
+    row = {"seq_len": seq_len, "batch": batch}
+    for name, fn in (("hybrid", hybrid), ("sdpa", sdpa)):
+        leaves = [x.detach().requires_grad_() for x in inputs]
+
+        def fwd():
+            with torch.no_grad():
+                fn(*leaves)
+
+        def fwd_bwd():
+            fn(*leaves).sum().backward()
+            for x in leaves:
+                x.grad = None
+
+        row[f"{name}_fwd_ms"] = 1e3 * time_call(fwd, repeats=repeats, warmup=2)
+        row[f"{name}_fwd_bwd_ms"] = 1e3 * time_call(fwd_bwd, repeats=repeats, warmup=2)
+    row["fwd_bwd_speedup"] = row["sdpa_fwd_bwd_ms"] / row["hybrid_fwd_bwd_ms"]
+    return row
+
+
+def profile_mixer(layer: HybridAttention, batch: int, seq_len: int, path: Path, rows: int = 25) -> None:
+    """Top kernels of one hybrid forward+backward (self time), written as a text table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    param = next(layer.parameters())
+    leaves = [x.requires_grad_() for x in _inputs(layer, batch, seq_len, param.device, param.dtype)]
+    layout = full_layout(batch, seq_len, param.device)
+    for _ in range(2):  # compile and autotune outside the profile
+        layout.derived.clear()
+        layer.mix(*leaves, layout).sum().backward()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if param.is_cuda else [])
+    with profile(activities=activities) as prof:
+        layout.derived.clear()
+        layer.mix(*leaves, layout).sum().backward()
+        if param.is_cuda:
+            torch.cuda.synchronize()
+    sort = "self_cuda_time_total" if param.is_cuda else "self_cpu_time_total"
+    path.write_text(prof.key_averages().table(sort_by=sort, row_limit=rows))
+
+
+def plot_mixer(rows: list[dict], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, style in (("hybrid_fwd_bwd_ms", "-o"), ("sdpa_fwd_bwd_ms", "--s"), ("hybrid_fwd_ms", "-^"), ("sdpa_fwd_ms", "--v")):
+        ax.plot([r["seq_len"] for r in rows], [r[key] for r in rows], style, label=key.replace("_ms", ""))
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length")
+    ax.set_ylabel("ms")
+    ax.set_title("one mixer: hybrid (mLSTM + SWA) vs causal SDPA")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,89 @@
+"""`xlstm-distill bench` on CPU with tiny models: every point measured or recorded, result files written."""
+
+import json
+
+import torch
+from typer.testing import CliRunner
+
+import xlstm_distill as xd
+from xlstm_distill.benchmarks import inference, mixer
+from xlstm_distill.cli import app
+from helpers import tiny_teacher
+
+SETTINGS = dict(contexts=[16, 64], batches=[1, 2], decode_contexts=[40], decode_batches=[2], decode_steps=3,
+                student_prefill=32, flat_steps=8, repeats=1, student=xd.HybridConfig(window_size=8, num_sink_tokens=2))
+
+
+def test_bench_measures_both_models_and_keeps_student_memory_flat():
+    config = tiny_teacher().config
+    models = inference.random_models(config, SETTINGS["student"], torch.device("cpu"), torch.float32)
+    seen = []
+    rows = inference.run_bench(models, inference.BenchSettings(**SETTINGS), on_row=lambda r: seen.append(len(r)))
+    timed = [r for r in rows if r["measure"] in ("prefill", "decode")]
+    assert len(timed) == 2 * (4 + 1) and all(r["status"] == "ok" for r in timed)
+    assert seen == list(range(1, 6)) + list(range(6, 11))  # results rewritten after every point
+    assert all(r["ttft_ms"] > 0 and r["prefill_tok_s"] > 0 for r in timed if r["measure"] == "prefill")
+    memory = [r["allocated_gb"] for r in rows if r["measure"] == "memory"]
+    assert len(memory) == 8 and max(memory) == min(memory)
+    ratios = inference.speedups(rows)
+    assert {(r["measure"], r["batch"], r["context"]) for r in ratios} == {
+        ("prefill", 1, 16), ("prefill", 1, 64), ("prefill", 2, 16), ("prefill", 2, 64), ("decode", 2, 40)}
+    decode = {r["model"]: r for r in timed if r["measure"] == "decode"}
+    assert decode["teacher"]["cache_gb"] > 0 and decode["student"]["cache_gb"] > 0
+
+
+def test_out_of_memory_is_recorded_and_larger_contexts_skipped(monkeypatch):
+    def fake_prefill(model, batch, context, repeats):
+        if context >= 64:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return {"ttft_ms": 1.0, "prefill_tok_s": 1.0, "peak_gb": None}
+
+    monkeypatch.setattr(inference, "prefill_point", fake_prefill)
+    settings = inference.BenchSettings(**{**SETTINGS, "contexts": [16, 64, 128], "batches": [1], "decode_contexts": [],
+                                          "flat_steps": 0})
+    rows = inference.run_bench({"teacher": lambda: tiny_teacher()}, settings)
+    assert [r["status"] for r in rows] == ["ok", "oom", "skipped (smaller context ran out of memory)"]
+
+
+def test_max_prefill_tokens_leaves_out_large_points():
+    assert inference._points([16, 64], [1, 4], max_tokens=64) == [(1, 16), (1, 64), (4, 16)]
+
+
+def test_unknown_shape_is_refused():
+    import pytest
+
+    with pytest.raises(ValueError, match="Unknown shape"):
+        inference.shape_config("gpt-5")
+
+
+def test_bench_command_on_a_checkpoint_writes_results(tmp_path):
+    teacher_dir = tmp_path / "teacher"
+    tiny_teacher().save_pretrained(teacher_dir)
+    from transformers import PreTrainedTokenizerFast  # load_teacher wants a tokenizer next to the weights
+    from tokenizers import Tokenizer, models
+
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0}, unk_token="a"))).save_pretrained(teacher_dir)
+    out = tmp_path / "bench"
+    result = CliRunner().invoke(app, [
+        "bench", "--model", str(teacher_dir), "--out", str(out), "--contexts", "16,32", "--batches", "1",
+        "--decode-contexts", "24", "--decode-batches", "1", "--decode-steps", "2", "--repeats", "1", "--window", "8",
+        "--sinks", "2", "--dtype", "float32", "--mixer-contexts", "32,64"])
+    assert result.exit_code == 0, result.output
+    for name in ("inference", "speedup", "mixer"):
+        assert (out / f"{name}.json").exists() and (out / f"{name}.md").exists()
+    assert (out / "inference.png").exists() and (out / "mixer.png").exists() and (out / "mixer_profile.txt").exists()
+    rows = json.loads((out / "inference.json").read_text())["rows"]
+    assert {r["model"] for r in rows} == {"teacher", "student"}
+    assert json.loads((out / "mixer.json").read_text())["rows"][1]["seq_len"] == 64
+
+
+def test_hybrid_swa_mixer_with_full_window_equals_causal_attention():
+    """The benchmarked mixer is the model's: SWA with a window covering the sequence is causal attention."""
+    layer = mixer.hybrid_layer(4, 2, 16, xd.HybridConfig(mixer="swa", window_size=64, num_sink_tokens=0),
+                               torch.device("cpu"), torch.float32)
+    q, k, v, gates = mixer._inputs(layer, 2, 48, torch.device("cpu"), torch.float32)
+    from xlstm_distill.modeling.cache import full_layout
+
+    out = layer.mix(q, k, v, gates, full_layout(2, 48, torch.device("cpu")))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, scale=layer.scaling)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
