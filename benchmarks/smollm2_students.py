@@ -118,14 +118,19 @@ def auto_steps(deadline: float) -> int:
         print("auto: no Stage II metrics yet, 100 steps")
         return 100
     seconds_per_step = sorted(rates)[len(rates) // 2]
-    teacher_eval = ROOT / "eval" / "teacher.json"
-    eval_seconds = 1.5 * (json.loads(teacher_eval.read_text())["models"]["teacher"]["eval_seconds"]
-                          if teacher_eval.exists() else 160)
+    eval_seconds = eval_estimate()
     budget = deadline - time.time() - eval_seconds - 60  # 60 s: saving, loading, the last checkpoint
     steps = min(reached) + int(budget / seconds_per_step)
     steps = max(steps - steps % 20, max(reached))
     print(f"auto: {seconds_per_step:.2f} s/step, evaluation ~{eval_seconds:.0f} s, reached {reached} -> {steps} steps")
     return steps
+
+
+def eval_estimate() -> float:
+    """Seconds one evaluation takes: the slowest finished one (default 300)."""
+    seconds = [m["eval_seconds"] for f in (ROOT / "eval").glob("*.json")
+               for m in json.loads(f.read_text())["models"].values()]
+    return max(seconds, default=300.0)
 
 
 def _metrics(path: Path) -> list[dict]:
@@ -149,8 +154,8 @@ def run(teacher: str = typer.Option(...), deadline: float = typer.Option(540.0, 
     while (pending or running) and time.time() < end:
         evals = sum(j.name.startswith("eval-") for j in running)
         for job in [j for j in pending if j.ready()]:
-            if job.name.startswith("eval-"):
-                if evals >= MAX_EVALS:
+            if job.name.startswith("eval-"):  # at most MAX_EVALS, and none that the deadline would cut off
+                if evals >= MAX_EVALS or end - time.time() < eval_estimate():
                     continue
                 evals += 1
             _start(job)

@@ -1,0 +1,60 @@
+"""benchmarks/smollm2_students.py: the scheduling arithmetic of the three-student run (no training here)."""
+
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "smollm2_students.py"
+
+
+@pytest.fixture()
+def driver(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("smollm2_students", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "ROOT", tmp_path)
+    (tmp_path / "eval").mkdir()
+    return module
+
+
+def _stage2(root, mixer, steps, seconds_per_step):
+    path = root / mixer / "stage2" / "metrics.jsonl"
+    path.parent.mkdir(parents=True)
+    rate = 16 * 1024 / seconds_per_step
+    path.write_text("".join(json.dumps({"step": s, "tokens_per_s": rate, "loss": 1.0}) + "\n" for s in range(1, steps + 1)))
+
+
+def test_auto_steps_gives_the_three_students_one_count_that_fits(driver, tmp_path):
+    _stage2(tmp_path, "mlstm_swa", 10, 2.0)
+    _stage2(tmp_path, "linear_swa", 30, 2.0)  # swa has not started Stage II
+    (tmp_path / "eval" / "teacher.json").write_text(json.dumps({"models": {"teacher": {"eval_seconds": 100}}}))
+    assert driver.eval_estimate() == 100
+    # 100 s of training left after the evaluation (100 s) and the margin (60 s): 50 steps at 2 s, from step 0
+    steps = driver.auto_steps(time.time() + 260.5)
+    assert steps == 40  # rounded down to a checkpoint (every 20 steps), and not below a step already reached (30)
+    assert driver.auto_steps(time.time() + 10) == 30
+
+
+def test_jobs_wait_for_their_inputs(driver, tmp_path):
+    jobs = {j.name: j for j in driver.jobs("teacher.gguf", 60)}
+    distill = jobs["distill-swa"]
+    assert "distill.steps=60" in distill.cmd and not distill.ready()
+    (tmp_path / "swa" / "stage1" / "model").mkdir(parents=True)
+    (tmp_path / "swa" / "stage1" / "model" / "config.json").write_text("{}")
+    assert not distill.ready()  # the shared targets are not complete yet
+    (tmp_path / "targets").mkdir()
+    (tmp_path / "targets" / "complete").write_text("")
+    assert distill.ready() and not jobs["eval-swa"].ready()
+
+
+def test_subset_keeps_only_the_named_models_and_tasks(driver):
+    results = {"settings": {"tasks": ["a", "b"], "limit": {"a": 1, "b": 2}, "batch_size": 8},
+               "models": {"t": {"scores": {"a": 0.5, "b": 0.6}, "source": "x"}, "s": {"scores": {"a": 0.4, "b": 0.1}}}}
+    sub = driver._subset(results, ["t"], ["a"])
+    assert sub["settings"] == {"tasks": ["a"], "limit": {"a": 1}, "batch_size": 8}
+    assert sub["models"] == {"t": {"scores": {"a": 0.5}, "source": "x"}}
