@@ -76,6 +76,20 @@ def test_bench_command_on_a_checkpoint_writes_results(tmp_path):
     assert {r["model"] for r in rows} == {"teacher", "student"}
     assert json.loads((out / "mixer.json").read_text())["rows"][1]["seq_len"] == 64
 
+    # time only the student again, keeping the teacher's rows of the first run
+    (out / "first.json").write_text((out / "inference.json").read_text())
+    result = CliRunner().invoke(app, [
+        "bench", "--model", str(teacher_dir), "--out", str(out), "--contexts", "16", "--batches", "1",
+        "--decode-contexts", "", "--decode-batches", "1", "--repeats", "1", "--window", "8", "--sinks", "2",
+        "--dtype", "float32", "--models", "student", "--reuse", str(out / "first.json")])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / "inference.json").read_text())["rows"]
+    assert {(r["model"], r.get("reused", False)) for r in rows} == {("teacher", True), ("student", False)}
+    speedup = json.loads((out / "speedup.json").read_text())["rows"]
+    assert [(r["measure"], r["context"]) for r in speedup] == [("prefill", 16)]
+    result = CliRunner().invoke(app, ["bench", "--model", str(teacher_dir), "--out", str(out), "--models", "gpt"])
+    assert result.exit_code != 0 and "--models" in result.output
+
 
 def test_hybrid_swa_mixer_with_full_window_equals_causal_attention():
     """The benchmarked mixer is the model's: SWA with a window covering the sequence is causal attention."""
@@ -87,3 +101,17 @@ def test_hybrid_swa_mixer_with_full_window_equals_causal_attention():
     out = layer.mix(q, k, v, gates, full_layout(2, 48, torch.device("cpu")))
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, scale=layer.scaling)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_mixer_point_records_a_failing_kernel(monkeypatch):
+    layer = mixer.hybrid_layer(4, 2, 16, xd.HybridConfig(window_size=8, num_sink_tokens=2), torch.device("cpu"),
+                               torch.float32)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Triton Error [CUDA]: invalid argument (simulated)\nmore")
+
+    monkeypatch.setattr(layer, "mix", broken)
+    row = mixer.mixer_point(layer, 1, 32, repeats=1)
+    assert row["error"].startswith("hybrid_fwd_ms: Triton Error") and "; hybrid_fwd_bwd_ms: Triton" in row["error"]
+    assert "hybrid_fwd_ms" not in row
+    assert row["sdpa_fwd_ms"] > 0 and row["sdpa_fwd_bwd_ms"] > 0 and "fwd_bwd_speedup" not in row

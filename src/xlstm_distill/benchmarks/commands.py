@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -40,6 +41,9 @@ def bench(
     repeats: int = typer.Option(2, help="Timed prefill repeats (after one warm-up)."),
     max_prefill_tokens: int = typer.Option(1 << 18, help="Leave out prefill points with batch x context above this."),
     mixer_contexts: str = typer.Option("", help="Also time one mixer alone (fwd, fwd+bwd) at these lengths, e.g. 8k,32k."),
+    models: str = typer.Option("teacher,student", help="Which models to time, in this order (e.g. 'student')."),
+    reuse: Path | None = typer.Option(None, help="inference.json of an earlier run on the same kind of device: its "
+                                      "rows of the models not timed now are kept (marked 'reused')."),
     window: int = typer.Option(512),
     sinks: int = typer.Option(4),
     backend: str = typer.Option("auto", help="Student backend: auto, native or tfla."),
@@ -58,7 +62,9 @@ def bench(
         layer = mixer.hybrid_layer(config.num_attention_heads, config.num_key_value_heads,
                                    config.hidden_size // config.num_attention_heads, student, dev, torch_dtype)
         rows = [mixer.mixer_point(layer, 1, n) for n in _sizes(mixer_contexts)]
-        write_results(out, "mixer", rows, command, list(rows[0]), mixer.plot_mixer)
+        columns = ["seq_len", "batch", "hybrid_fwd_ms", "hybrid_fwd_bwd_ms", "sdpa_fwd_ms", "sdpa_fwd_bwd_ms",
+                   "fwd_bwd_speedup", "error"]
+        write_results(out, "mixer", rows, command, columns, mixer.plot_mixer)
         mixer.profile_mixer(layer, 1, _sizes(mixer_contexts)[0], out / "mixer_profile.txt")
         console.print(f"[green]mixer results[/] in {out}/mixer.md")
     settings = inference.BenchSettings(
@@ -68,19 +74,26 @@ def bench(
     if not settings.contexts and not settings.decode_contexts:
         return
     if model is None:
-        models = inference.random_models(inference.shape_config(shape), student, dev, torch_dtype)
+        factories = inference.random_models(inference.shape_config(shape), student, dev, torch_dtype)
     else:
-        models = _checkpoint_models(model, student, dev, torch_dtype)
+        factories = _checkpoint_models(model, student, dev, torch_dtype)
+    names = [m.strip() for m in models.split(",") if m.strip()]
+    if not names or set(names) - set(factories):
+        raise typer.BadParameter(f"--models takes a comma-separated subset of {', '.join(factories)}, got {models!r}")
     columns = ["model", "measure", "batch", "context", "status", "ttft_ms", "prefill_tok_s", "ms_per_token",
-               "decode_tok_s", "peak_gb", "cache_gb", "cuda_graph", "graph_error", "generated", "allocated_gb"]
+               "decode_tok_s", "peak_gb", "cache_gb", "cuda_graph", "graph_error", "generated", "allocated_gb", "reused"]
+
+    earlier = [] if reuse is None else [{**row, "reused": True} for row in json.loads(reuse.read_text())["rows"]
+                                        if row["model"] not in names]
 
     def save(rows: list[dict]) -> None:  # after every point: an interrupted run keeps what it measured
+        rows = earlier + rows
         write_results(out, "inference", rows, command, columns, inference.plot_inference)
         ratios = inference.speedups(rows)
         if ratios:
             write_results(out, "speedup", ratios, command, list(ratios[0]))
 
-    save(inference.run_bench(models, settings, on_row=save))
+    save(inference.run_bench({name: factories[name] for name in names}, settings, on_row=save))
     console.print(f"[green]results[/] in {out}/inference.md and {out}/speedup.md")
 
 

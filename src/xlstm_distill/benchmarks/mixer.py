@@ -65,9 +65,14 @@ def mixer_point(layer: HybridAttention, batch: int, seq_len: int, repeats: int =
             for x in leaves:
                 x.grad = None
 
-        row[f"{name}_fwd_ms"] = 1e3 * time_call(fwd, repeats=repeats, warmup=2)
-        row[f"{name}_fwd_bwd_ms"] = 1e3 * time_call(fwd_bwd, repeats=repeats, warmup=2)
-    row["fwd_bwd_speedup"] = row["sdpa_fwd_bwd_ms"] / row["hybrid_fwd_bwd_ms"]
+        for key, call in ((f"{name}_fwd_ms", fwd), (f"{name}_fwd_bwd_ms", fwd_bwd)):
+            try:  # a failing kernel is recorded, the other measurements still run
+                row[key] = 1e3 * time_call(call, repeats=repeats, warmup=2)
+            except (RuntimeError, torch.OutOfMemoryError) as err:
+                errors = [row["error"]] if "error" in row else []
+                row["error"] = "; ".join(errors + [f"{key}: {str(err).splitlines()[0][:160]}"])
+    if "hybrid_fwd_bwd_ms" in row and "sdpa_fwd_bwd_ms" in row:
+        row["fwd_bwd_speedup"] = row["sdpa_fwd_bwd_ms"] / row["hybrid_fwd_bwd_ms"]
     return row
 
 
@@ -78,15 +83,21 @@ def profile_mixer(layer: HybridAttention, batch: int, seq_len: int, path: Path, 
     param = next(layer.parameters())
     leaves = [x.requires_grad_() for x in _inputs(layer, batch, seq_len, param.device, param.dtype)]
     layout = full_layout(batch, seq_len, param.device)
-    for _ in range(2):  # compile and autotune outside the profile
+    def step() -> None:
         layout.derived.clear()
         layer.mix(*leaves, layout).sum().backward()
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if param.is_cuda else [])
-    with profile(activities=activities) as prof:
-        layout.derived.clear()
-        layer.mix(*leaves, layout).sum().backward()
-        if param.is_cuda:
-            torch.cuda.synchronize()
+
+    try:
+        for _ in range(2):  # compile and autotune outside the profile
+            step()
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if param.is_cuda else [])
+        with profile(activities=activities) as prof:
+            step()
+            if param.is_cuda:
+                torch.cuda.synchronize()
+    except (RuntimeError, torch.OutOfMemoryError) as err:
+        path.write_text(f"profile failed: {err}\n")
+        return
     sort = "self_cuda_time_total" if param.is_cuda else "self_cpu_time_total"
     path.write_text(prof.key_averages().table(sort_by=sort, row_limit=rows))
 
@@ -99,7 +110,9 @@ def plot_mixer(rows: list[dict], path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, style in (("hybrid_fwd_bwd_ms", "-o"), ("sdpa_fwd_bwd_ms", "--s"), ("hybrid_fwd_ms", "-^"), ("sdpa_fwd_ms", "--v")):
-        ax.plot([r["seq_len"] for r in rows], [r[key] for r in rows], style, label=key.replace("_ms", ""))
+        pts = [(r["seq_len"], r[key]) for r in rows if key in r]
+        if pts:
+            ax.plot(*zip(*pts), style, label=key.replace("_ms", ""))
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("sequence length")
