@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One call on the lent GPU machine (device tool): set up, then one of
+# One call on the lent GPU machine (device tool): set up (teacher halves, wheels, data), then one of
+#   setup     nothing more
 #   kernels   CUDA tests of the fast paths, the mixer benchmark and the Llama-3.1-8B-shape inference benchmark
 #   students  issue 6: the three SmolLM2 students side by side (benchmarks/smollm2_students.py), resumable
 # Carried paths: .whl (mlstm_kernels, gguf, lm_eval, datasets, dill, multiprocess wheels), .carry_a / .carry_b
@@ -46,5 +47,6 @@ students)
   tar czf $OUT/students.tgz --exclude='*.safetensors' --exclude='checkpoints' --exclude='targets' --exclude='*.bin' \
     -C runs/smollm2-135m/ .
   ;;
-*) echo "usage: $0 kernels|students"; exit 2 ;;
+setup) ;;  # only the set-up above (then run commands by hand in the same call)
+*) echo "usage: $0 setup|kernels|students"; exit 2 ;;
 esac

@@ -118,12 +118,23 @@ def auto_steps(deadline: float) -> int:
         print("auto: no Stage II metrics yet, 100 steps")
         return 100
     seconds_per_step = sorted(rates)[len(rates) // 2]
-    eval_seconds = eval_estimate()
+    eval_seconds = eval_estimate() * -(-len(MIXERS) // MAX_EVALS)  # the three evaluations, MAX_EVALS at a time
     budget = deadline - time.time() - eval_seconds - 60  # 60 s: saving, loading, the last checkpoint
     steps = min(reached) + int(budget / seconds_per_step)
     steps = max(steps - steps % 20, max(reached))
     print(f"auto: {seconds_per_step:.2f} s/step, evaluation ~{eval_seconds:.0f} s, reached {reached} -> {steps} steps")
     return steps
+
+
+def _runnable(pending: list[Job], failed: Job) -> list[Job]:
+    """``pending`` without the jobs that need ``failed``'s output, directly or through other dropped jobs."""
+    lost = {failed.done}
+    while True:
+        keep = [j for j in pending if not lost & set(j.needs)]
+        if len(keep) == len(pending):
+            return keep
+        lost |= {j.done for j in pending if j not in keep}
+        pending = keep
 
 
 def eval_estimate() -> float:
@@ -167,8 +178,8 @@ def run(teacher: str = typer.Option(...), deadline: float = typer.Option(540.0, 
                 ok = job.done.exists()
                 print(f"[{time.strftime('%H:%M:%S')}] {'done' if ok else 'FAILED'} {job.name} "
                       f"(exit {job.proc.returncode})", flush=True)
-                if not ok:  # jobs waiting for its output cannot run
-                    pending = [j for j in pending if job.done not in j.needs]
+                if not ok:  # jobs waiting for its output, directly or not, cannot run
+                    pending = _runnable(pending, job)
         time.sleep(2)
     for job in running:
         print(f"deadline: stopping {job.name}", flush=True)
@@ -180,7 +191,7 @@ def run(teacher: str = typer.Option(...), deadline: float = typer.Option(540.0, 
 
 
 @app.command()
-def eval(name: str, model: str, out: Path, limit: int | None = None) -> None:  # noqa: A001 (command name)
+def eval(name: str, model: str, out: Path, limit: float | None = None) -> None:  # noqa: A001 (command name)
     """Evaluate one model on the issue's tasks and limits; write evaluate_models' result to ``out``."""
     import torch
 
@@ -188,7 +199,7 @@ def eval(name: str, model: str, out: Path, limit: int | None = None) -> None:  #
     from xlstm_distill.evaluation.harness import load_model
 
     results = evaluate_models({name: lambda: load_model(model, dtype=torch.float32)}, TASKS,
-                              limit=LIMITS if limit is None else limit, batch_size=8)
+                              limit=LIMITS if limit is None else (int(limit) if limit >= 1 else limit), batch_size=8)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(results, indent=1))
     os.replace(tmp, out)

@@ -34,8 +34,9 @@ def test_auto_steps_gives_the_three_students_one_count_that_fits(driver, tmp_pat
     _stage2(tmp_path, "linear_swa", 30, 2.0)  # swa has not started Stage II
     (tmp_path / "eval" / "teacher.json").write_text(json.dumps({"models": {"teacher": {"eval_seconds": 100}}}))
     assert driver.eval_estimate() == 100
-    # 100 s of training left after the evaluation (100 s) and the margin (60 s): 50 steps at 2 s, from step 0
-    steps = driver.auto_steps(time.time() + 260.5)
+    # 100 s of training left after the three evaluations (two at a time: 2 x 100 s) and the margin (60 s):
+    # 50 steps at 2 s, from step 0
+    steps = driver.auto_steps(time.time() + 360.5)
     assert steps == 40  # rounded down to a checkpoint (every 20 steps), and not below a step already reached (30)
     assert driver.auto_steps(time.time() + 10) == 30
 
@@ -58,3 +59,14 @@ def test_subset_keeps_only_the_named_models_and_tasks(driver):
     sub = driver._subset(results, ["t"], ["a"])
     assert sub["settings"] == {"tasks": ["a"], "limit": {"a": 1}, "batch_size": 8}
     assert sub["models"] == {"t": {"scores": {"a": 0.5}, "source": "x"}}
+
+
+def test_a_failed_job_drops_everything_downstream(driver):
+    jobs = {j.name: j for j in driver.jobs("teacher.gguf", 60)}
+    pending = [j for j in jobs.values() if j.name != "align-swa"]
+    left = {j.name for j in driver._runnable(pending, jobs["align-swa"])}
+    assert not {"distill-swa", "eval-swa", "report-swa"} & left  # eval and report needed distill's output
+    assert {"distill-mlstm_swa", "eval-mlstm_swa", "eval-teacher", "targets"} <= left
+    left = {j.name for j in driver._runnable(pending, jobs["targets"])}
+    assert not any(n.startswith(("distill-", "report-")) or n in ("eval-swa", "eval-mlstm_swa") for n in left)
+    assert {"eval-teacher", "eval-mlstm_swa-stage1", "align-mlstm_swa"} <= left

@@ -21,6 +21,21 @@ def _grads(fn, inputs):
     return out.detach(), [x.grad for x in inputs if x.grad is not None]
 
 
+@pytest.mark.parametrize("S", [1, 12, 100, 200])
+def test_tfla_pads_any_length_for_the_triton_kernel(S):
+    """Lengths the Triton kernel does not take itself (it needs 16, 32, 64 or a multiple of 128), with a state."""
+    from xlstm_distill.kernels.tfla import mlstm_tfla
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k = (torch.randn(2, 4, S + 64, 64, device="cuda", generator=g).softmax(-1) for _ in range(2))
+    v = torch.randn(2, 4, S + 64, 64, device="cuda", generator=g)
+    i, f = torch.randn(2, 4, S + 64, device="cuda", generator=g), torch.randn(2, 4, S + 64, device="cuda", generator=g) + 3
+    ref, _ = mlstm_chunkwise(q, k, v, i, torch.nn.functional.logsigmoid(f))
+    _, state = mlstm_tfla(*(x[:, :, :64] for x in (q, k, v, i, f)))
+    out, _ = mlstm_tfla(*(x[:, :, 64:] for x in (q, k, v, i, f)), state, chunk_size=4)
+    assert _rel(out, ref[:, :, 64:]) < TOL[torch.float32]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_tfla_forward_backward_matches_native(dtype):
     from xlstm_distill.kernels.tfla import mlstm_tfla

@@ -43,3 +43,13 @@ def test_cuda_graph_replay_equals_eager(mixer):
     student = student_of(mixer).cuda()
     ids = tokens(2, 12).cuda()
     assert torch.equal(greedy_generate(student, ids, 30, use_graph=True), greedy_generate(student, ids, 30, use_graph=False))
+
+
+def test_bad_arguments_are_refused():
+    student = student_of("mlstm_swa")
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        greedy_generate(student, tokens(1, 5), 0)
+    with torch.no_grad():
+        cache = student(tokens(1, 5), use_cache=True).past_key_values
+    with pytest.raises(ValueError, match="same count, shapes"):
+        cache.set_tensors(cache.tensors()[:-1])

@@ -28,7 +28,9 @@ def _distill(batch_size: int) -> dict:
     return dict(steps=4, batch_size=batch_size, lr=1e-3, warmup_steps=1, checkpoint_every=2)
 
 
-def test_two_process_fsdp_matches_single_process(root):
+@pytest.fixture(scope="module")
+def runs(root):
+    """Stage II of one recipe by 1 process (batch 4) and by 2 processes (batch 2 each), from the same Stage I."""
     Pipeline(Recipe.load(tiny_recipe(root, "single", distill=_distill(4)))).distill()  # Stage I and targets first
     tiny_recipe(root, "sharded", distill=_distill(2))  # 2 ranks x 2 = the same global batch of 4
     for part in ("student-init", "stage1", "targets"):
@@ -36,6 +38,11 @@ def test_two_process_fsdp_matches_single_process(root):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "xlstm_distill.cli",
            "distill", str(root / "sharded.yaml")]
     subprocess.run(cmd, check=True, timeout=600)
+    return root
+
+
+def test_two_process_fsdp_matches_single_process(runs):
+    root = runs
     a, b = _losses(root / "single"), _losses(root / "sharded")
     assert len(a) == len(b) == 4
     assert a == pytest.approx(b, rel=2e-3), (a, b)
@@ -56,9 +63,10 @@ def _from_checkpoint(src, name: str, step: int):
     return dst
 
 
-def test_checkpoints_resume_across_world_sizes(root):
+def test_checkpoints_resume_across_world_sizes(runs):
     """Stage II saved by 2 processes continues on 1, and saved by 1 continues on 2, with the single-process losses
     (the model and optimizer reshard through torch.distributed.checkpoint, the target reader keeps a global position)."""
+    root = runs
     full = _losses(root / "single")
     _from_checkpoint(root / "sharded", "two-to-one", 2)
     Pipeline(Recipe.load(tiny_recipe(root, "two-to-one", distill=_distill(4)))).distill()

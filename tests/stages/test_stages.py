@@ -104,9 +104,9 @@ def test_sparse_kl_modes():
         sparse_kl(s_logits, ids, logp_t, "nope")
 
 
-def _write(teacher, path, k=8):
-    return write_targets(teacher, SyntheticPacks(batch_size=2), path, k=k, num_sequences=6, teacher_name="tiny",
-                         tok_hash="abc", seq_len=48, sequences_per_shard=4)
+def _write(teacher, path, k=8, num_sequences=6):
+    return write_targets(teacher, SyntheticPacks(batch_size=2), path, k=k, num_sequences=num_sequences,
+                         teacher_name="tiny", tok_hash="abc", seq_len=48, sequences_per_shard=4)
 
 
 def test_targets_round_trip_and_refusals(tmp_path):
@@ -207,9 +207,10 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
     assert runs[0] == pytest.approx(runs[1], rel=1e-4)
 
 
-def test_target_reader_resumes_on_another_world_size(tmp_path):
+@pytest.mark.parametrize("num_sequences", [6, 7])  # 7: an epoch is not a whole number of global steps
+def test_target_reader_resumes_on_another_world_size(tmp_path, num_sequences):
     """A position saved by 2 ranks continues on 1 (and back): every global step sees the same sequences."""
-    _write(tiny_teacher("llama"), tmp_path / "t")  # 6 sequences
+    _write(tiny_teacher("llama"), tmp_path / "t", num_sequences=num_sequences)
 
     def global_steps(readers, n):
         its = [iter(r) for r in readers]
@@ -227,3 +228,5 @@ def test_target_reader_resumes_on_another_world_size(tmp_path):
     assert global_steps(back, 2) == single[5:7]
     with pytest.raises(ValueError, match="global batch"):
         TargetShards(tmp_path / "t", batch_size=2, seed=3, rank=0, world_size=2).load_state_dict(one.state_dict())
+    with pytest.raises(ValueError, match="older xlstm-distill"):
+        one.load_state_dict({"epoch": 0, "position": 1, "seed": 3, "world_size": 1})

@@ -57,10 +57,14 @@ def bench(
     student = HybridConfig(window_size=window, num_sink_tokens=sinks, backend=backend)
     command = "xlstm-distill bench " + shlex.join(sys.argv[2:])
     torch._dynamo.config.cache_size_limit = 64  # one FlexAttention compilation per sequence length
+    names = [m.strip() for m in models.split(",") if m.strip()]
+    if not names or set(names) - {"teacher", "student"}:
+        raise typer.BadParameter(f"--models takes a comma-separated subset of teacher, student; got {models!r}")
     if mixer_contexts:
-        config = inference.shape_config(shape)
-        layer = mixer.hybrid_layer(config.num_attention_heads, config.num_key_value_heads,
-                                   config.hidden_size // config.num_attention_heads, student, dev, torch_dtype)
+        config = inference.shape_config(shape) if model is None else _teacher(model, torch_dtype).config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        layer = mixer.hybrid_layer(config.num_attention_heads, config.num_key_value_heads, head_dim, student, dev,
+                                   torch_dtype)
         rows = [mixer.mixer_point(layer, 1, n) for n in _sizes(mixer_contexts)]
         columns = ["seq_len", "batch", "hybrid_fwd_ms", "hybrid_fwd_bwd_ms", "sdpa_fwd_ms", "sdpa_fwd_bwd_ms",
                    "fwd_bwd_speedup", "error"]
@@ -77,9 +81,6 @@ def bench(
         factories = inference.random_models(inference.shape_config(shape), student, dev, torch_dtype)
     else:
         factories = _checkpoint_models(model, student, dev, torch_dtype)
-    names = [m.strip() for m in models.split(",") if m.strip()]
-    if not names or set(names) - set(factories):
-        raise typer.BadParameter(f"--models takes a comma-separated subset of {', '.join(factories)}, got {models!r}")
     columns = ["model", "measure", "batch", "context", "status", "ttft_ms", "prefill_tok_s", "ms_per_token",
                "decode_tok_s", "peak_gb", "cache_gb", "cuda_graph", "graph_error", "generated", "allocated_gb", "reused"]
 
@@ -97,11 +98,16 @@ def bench(
     console.print(f"[green]results[/] in {out}/inference.md and {out}/speedup.md")
 
 
-def _checkpoint_models(name: str, student: HybridConfig, device: torch.device, dtype: torch.dtype):
-    from xlstm_distill.modeling import convert
+def _teacher(name: str, dtype: torch.dtype) -> torch.nn.Module:
     from xlstm_distill.teacher import load_teacher
 
+    return load_teacher(name, dtype=dtype)[0].eval()
+
+
+def _checkpoint_models(name: str, student: HybridConfig, device: torch.device, dtype: torch.dtype):
+    from xlstm_distill.modeling import convert
+
     def teacher():
-        return load_teacher(name, dtype=dtype)[0].to(device).eval()
+        return _teacher(name, dtype).to(device)
 
     return {"teacher": teacher, "student": lambda: convert(teacher(), student).eval()}

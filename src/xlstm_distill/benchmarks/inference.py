@@ -27,7 +27,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig, StaticCache
 from tqdm import tqdm
 
-from xlstm_distill.benchmarks.report import time_call
+from xlstm_distill.benchmarks.report import sync, time_call
 from xlstm_distill.modeling import HybridConfig
 from xlstm_distill.modeling.decode import GraphedStep, StaticDecoder
 from xlstm_distill.modeling.student import HybridForCausalLM
@@ -125,11 +125,6 @@ class TeacherDecoder:
         return sum(t.numel() * t.element_size() for layer in self.cache.layers for t in (layer.keys, layer.values))
 
 
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def _reset_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
@@ -178,11 +173,11 @@ def _decode_point(model: torch.nn.Module, name: str, batch: int, context: int, s
         decoder = StaticDecoder(model, cache, use_graph)
     token = torch.randint(model.config.vocab_size, (batch, 1), device=device)
     decoder.step(token)
-    _sync()
+    sync()
     start = time.perf_counter()
     for _ in range(settings.decode_steps):
         decoder.step(token)
-    _sync()
+    sync()
     step = (time.perf_counter() - start) / settings.decode_steps
     cache_bytes = decoder.nbytes() if name == "teacher" else decoder.cache.nbytes()
     return {"ms_per_token": 1e3 * step, "decode_tok_s": batch / step, "peak_gb": _peak_gb(),
@@ -201,7 +196,7 @@ def flat_memory(model: torch.nn.Module, batch: int, steps: int, settings: BenchS
     for i in tqdm(range(1, steps + 1), desc="student decode (memory)", unit="tok"):
         token = decoder.step(token).argmax(-1, keepdim=True)
         if i % every == 0:
-            _sync()
+            sync()
             allocated = torch.cuda.memory_allocated() if device.type == "cuda" else decoder.cache.nbytes()
             rows.append({"model": "student", "measure": "memory", "batch": batch, "generated": i,
                          "allocated_gb": allocated / 2**30})
@@ -241,7 +236,12 @@ def run_bench(models: dict[str, Callable[[], torch.nn.Module]], settings: BenchS
                 if on_row is not None:
                     on_row(rows)
         if name == "student" and settings.flat_steps:
-            rows += flat_memory(model, max(settings.decode_batches), settings.flat_steps, settings)
+            batch = max(settings.decode_batches)
+            try:
+                rows += flat_memory(model, batch, settings.flat_steps, settings)
+            except (RuntimeError, torch.OutOfMemoryError) as err:  # recorded like a failed point
+                rows.append({"model": name, "measure": "memory", "batch": batch,
+                             "status": f"failed: {str(err).splitlines()[0][:160]}"})
         del model
         _reset_memory()
     return rows

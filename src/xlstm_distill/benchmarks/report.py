@@ -19,12 +19,14 @@ def environment() -> dict[str, str]:
     return {"device": device, "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
 
 
+def sync() -> None:
+    """Wait for queued CUDA work (no-op without CUDA)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def time_call(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> float:
     """Median wall time of ``fn`` in seconds (CUDA synchronized)."""
-    def sync() -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-
     for _ in range(warmup):
         fn()
     times = []

@@ -369,7 +369,8 @@ def _task_limits(report_tasks: list[str], limit) -> dict[int | float | None, lis
 
 
 def _merge_raw(into: dict[str, Any], part: Mapping[str, Any]) -> dict[str, Any]:
-    """Combine two lm-eval results (per-task dictionaries are merged, other fields kept from the first)."""
+    """Combine two lm-eval results: dictionaries are merged (per-task entries of the later run added; where both
+    have a key, as in ``config``, the later value wins), other fields are kept from the first."""
     for key, value in part.items():
         if isinstance(value, Mapping) and isinstance(into.get(key), Mapping):
             into[key] = {**into[key], **value}

@@ -43,8 +43,8 @@ def mlstm_tfla(
 
     kernel = get_mlstm_kernel(CUDA_KERNEL if q.is_cuda else CPU_KERNEL)
     B, NH, S, DHQK = q.shape
-    if q.is_cuda:  # the Triton kernel takes S in {16, 32, 64} or a multiple of 128, chunks of 64 or more
-        chunk = max(chunk_size, 64)
+    if q.is_cuda:  # the Triton kernel takes S in {16, 32, 64} or a multiple of 128, chunks a multiple of 64
+        chunk = 64 * max(1, -(-chunk_size // 64))
         pad = (1 << max(4, (S - 1).bit_length())) - S if S <= 64 else -S % math.lcm(128, chunk)
     else:
         chunk = min(chunk_size, S)

@@ -174,7 +174,10 @@ class HybridCache:
         return out + [self.doc_length, self.sink_pos, self.ring_pos]
 
     def set_tensors(self, tensors: list[torch.Tensor]) -> None:
-        """Inverse of :meth:`tensors`: point the cache at ``tensors`` (same order and shapes)."""
+        """Inverse of :meth:`tensors`: point the cache at ``tensors`` (same order, shapes and dtypes)."""
+        current = self.tensors()
+        if len(tensors) != len(current) or any(a.shape != b.shape or a.dtype != b.dtype for a, b in zip(tensors, current)):
+            raise ValueError("set_tensors needs the tensors of this cache's layout (same count, shapes and dtypes).")
         it = iter(tensors)
         for layer in self.layers:
             for key in sorted(layer):
@@ -183,8 +186,4 @@ class HybridCache:
 
     def nbytes(self) -> int:
         """Bytes held by the cache tensors (constant once the first forward has filled it)."""
-        total = 0
-        for layer in self.layers:
-            for value in layer.values():
-                total += sum(t.numel() * t.element_size() for t in (value if isinstance(value, MLSTMState) else (value,)))
-        return total
+        return 0 if self.is_empty else sum(t.numel() * t.element_size() for t in self.tensors())

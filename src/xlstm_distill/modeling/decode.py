@@ -20,7 +20,8 @@ class GraphedStep:
     """Runs ``step()`` eagerly or as a replayed CUDA graph.
 
     ``step`` must read its inputs from, and leave its results in, fixed tensors. ``state`` lists the tensors
-    that ``step`` advances (cache, position): capture needs warm-up steps, which are undone afterwards.
+    that ``step`` advances (cache, position): capture needs warm-up steps, whose effect on ``state`` is undone
+    afterwards (other buffers they write, such as a static KV cache slot that the next step overwrites, are not).
     """
 
     def __init__(self, step: Callable[[], torch.Tensor], state: list[torch.Tensor], use_graph: bool, warmup: int = 2) -> None:
@@ -82,6 +83,8 @@ class StaticDecoder:
 def greedy_generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: int,
                     use_graph: bool | None = None) -> torch.Tensor:
     """Greedy continuation of ``input_ids`` (B, T) (one document per row, no padding). Returns (B, max_new_tokens)."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
     out = model(input_ids=input_ids, use_cache=True)
     token = out.logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
     decoder = StaticDecoder(model, out.past_key_values, use_graph=use_graph)

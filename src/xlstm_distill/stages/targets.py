@@ -179,7 +179,8 @@ class TargetShards:
         rng = np.random.default_rng([self.seed, self.epoch])
         order = np.concatenate([self.offsets[s] + rng.permutation(self.offsets[s + 1] - self.offsets[s])
                                 for s in rng.permutation(len(self.offsets) - 1)])
-        return order[self.rank::self.world_size]
+        global_batch = self.batch_size * self.world_size  # whole global steps only: every rank ends the epoch together
+        return order[:len(order) - len(order) % global_batch][self.rank::self.world_size]
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         while True:
@@ -207,6 +208,9 @@ class TargetShards:
                 "global_batch": self.batch_size * self.world_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "consumed" not in state:
+            raise ValueError("This Stage II checkpoint was written by an older xlstm-distill (per-rank target "
+                             "position): restart Stage II from Stage I, or resume it with that version.")
         if state["seed"] != self.seed:
             raise ValueError(f"Target reader state was saved with seed {state['seed']}, this run has {self.seed}.")
         global_batch = self.batch_size * self.world_size

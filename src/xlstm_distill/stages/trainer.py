@@ -145,7 +145,8 @@ class Trainer:
         rank = dist.get_rank() if dist.is_initialized() else 0
         local_file = path / f"local_{rank}.pt"
         if not local_file.exists():  # saved by fewer processes: data readers with a global position (TargetShards)
-            local_file = path / "local_0.pt"  # continue from it; per-rank readers refuse in load_state_dict
+            local_file = path / "local_0.pt"  # continue from it (per-rank readers refuse in load_state_dict); the
+            # extra ranks also take rank 0's RNG state, which only matters for dropout (the students have none)
         local = torch.load(local_file, weights_only=False)
         self.data.load_state_dict(local["data"])
         _set_rng_state(local["rng"])
