@@ -42,7 +42,8 @@ kernels)
   ;;
 students)
   [ -f $GGUF ] || { echo "teacher GGUF missing: carry .carry_a then .carry_b"; exit 1; }
-  python3 benchmarks/smollm2_students.py run --teacher $GGUF --deadline "${DEADLINE:-520}" --distill-steps "${STEPS:-auto}"
+  python3 benchmarks/smollm2_students.py run --teacher $GGUF --deadline "${DEADLINE:-520}" --distill-steps "${STEPS:-60}" \
+    --set student.backend=native --reuse-evals benchmarks/results/smollm2-135m/eval
   tail -3 runs/smollm2-135m/logs/*.log
   tar czf $OUT/students.tgz --exclude='*.safetensors' --exclude='checkpoints' --exclude='targets' --exclude='*.bin' \
     -C runs/smollm2-135m/ .

@@ -151,7 +151,10 @@ def _metrics(path: Path) -> list[dict]:
 @app.command()
 def run(teacher: str = typer.Option(...), deadline: float = typer.Option(540.0, help="Seconds from now."),
         distill_steps: str = typer.Option("auto"), overrides: list[str] = typer.Option([], "--set"),
-        eval_limit: str | None = typer.Option(None)) -> None:
+        eval_limit: str | None = typer.Option(None),
+        reuse_evals: Path | None = typer.Option(None, help="Folder of earlier evaluations with the same settings: "
+                                                "the teacher's and the converted student's (no training: the "
+                                                "same models) are taken from it instead of being re-run.")) -> None:
     """Run / continue all stages and evaluations until done or the deadline; then write the report if complete."""
     OVERRIDES.extend(overrides)
     EVAL_LIMIT.extend([eval_limit] if eval_limit else [])
@@ -159,6 +162,10 @@ def run(teacher: str = typer.Option(...), deadline: float = typer.Option(540.0, 
     end = start + deadline
     (ROOT / "logs").mkdir(parents=True, exist_ok=True)
     (ROOT / "eval").mkdir(exist_ok=True)
+    for name in ("teacher", "mlstm_swa-converted"):
+        earlier, here = (reuse_evals / f"{name}.json") if reuse_evals else None, ROOT / "eval" / f"{name}.json"
+        if earlier is not None and earlier.exists() and not here.exists():
+            here.write_text(earlier.read_text())
     steps = auto_steps(end) if distill_steps == "auto" else int(distill_steps)
     pending = [j for j in jobs(teacher, steps) if not j.done.exists()]
     running: list[Job] = []

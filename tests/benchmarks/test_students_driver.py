@@ -70,3 +70,15 @@ def test_a_failed_job_drops_everything_downstream(driver):
     left = {j.name for j in driver._runnable(pending, jobs["targets"])}
     assert not any(n.startswith(("distill-", "report-")) or n in ("eval-swa", "eval-mlstm_swa") for n in left)
     assert {"eval-teacher", "eval-mlstm_swa-stage1", "align-mlstm_swa"} <= left
+
+
+def test_untrained_models_reuse_earlier_evaluations(driver, tmp_path, monkeypatch):
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    for name in ("teacher", "mlstm_swa-converted", "swa"):
+        (earlier / f"{name}.json").write_text(json.dumps({"models": {name: {"eval_seconds": 1}}}))
+    started = []
+    monkeypatch.setattr(driver, "_start", lambda job: started.append(job.name))
+    driver.run(teacher="t.gguf", deadline=0.0, distill_steps="60", overrides=[], eval_limit=None, reuse_evals=earlier)
+    assert sorted(p.name for p in (tmp_path / "eval").glob("*.json")) == ["mlstm_swa-converted.json", "teacher.json"]
+    assert started == []  # deadline 0: nothing starts
