@@ -91,8 +91,7 @@ def random_models(config: PreTrainedConfig, student: HybridConfig, device: torch
             return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
 
     def hybrid() -> torch.nn.Module:
-        fields = {name: getattr(student, name) for name in ("mixer", "window_size", "num_sink_tokens", "feature_dim",
-                                                          "chunk_size", "backend")}
+        fields = student.mixer_fields()
         with built_on(device, dtype):
             return HybridForCausalLM(HybridConfig(**fields, teacher_config=config.to_dict())).eval()
 

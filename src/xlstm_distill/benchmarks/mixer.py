@@ -25,8 +25,7 @@ def hybrid_layer(num_heads: int, num_kv_heads: int, head_dim: int, student: Hybr
     """A single HybridAttention of the given head layout (random projections)."""
     teacher = LlamaConfig(hidden_size=num_heads * head_dim, num_attention_heads=num_heads,
                           num_key_value_heads=num_kv_heads, head_dim=head_dim, num_hidden_layers=1)
-    fields = {name: getattr(student, name) for name in ("mixer", "window_size", "num_sink_tokens", "feature_dim",
-                                                      "chunk_size", "backend")}
+    fields = student.mixer_fields()
     config = HybridConfig(**fields, teacher_config=teacher.to_dict())
     return HybridAttention(LlamaAttention(teacher, 0), config, 0).to(device=device, dtype=dtype)
 

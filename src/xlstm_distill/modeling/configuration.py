@@ -87,6 +87,10 @@ class HybridConfig(PreTrainedConfig):
         """mLSTM (exponential input gate + forget gate) rather than plain linear attention."""
         return self.mixer in ("mlstm_swa", "mlstm")
 
+    def mixer_fields(self) -> dict[str, Any]:
+        """The student's own settings (``MIXER_FIELDS``), e.g. to build another student with the same mixer."""
+        return {name: getattr(self, name) for name in MIXER_FIELDS}
+
     def get_teacher_config(self) -> PreTrainedConfig:
         """The teacher's own config object (its family's class)."""
         if self.teacher_config is None:

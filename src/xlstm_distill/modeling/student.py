@@ -16,7 +16,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from xlstm_distill.modeling.attention import FeatureMap, GateProjection, HybridAttention
 from xlstm_distill.modeling.cache import HybridCache, full_layout
-from xlstm_distill.modeling.configuration import MIXER_FIELDS, HybridConfig
+from xlstm_distill.modeling.configuration import HybridConfig
 from xlstm_distill.modeling.families import qk_norm_of
 
 
@@ -150,7 +150,7 @@ def convert(teacher: PreTrainedModel, config: HybridConfig | None = None) -> Hyb
     teacher_config = teacher.config.to_dict()
     teacher_config.pop("quantization_config", None)
     student_config = HybridConfig(
-        **{name: getattr(config, name) for name in MIXER_FIELDS},
+        **config.mixer_fields(),
         teacher_config=teacher_config,
         teacher_name=teacher.config.name_or_path or None,
     )
