@@ -45,7 +45,7 @@ def mixer_point(layer: HybridAttention, batch: int, seq_len: int, repeats: int =
     layout = full_layout(batch, seq_len, param.device)
 
     def hybrid(q, k, v, gates):
-        layout.derived.clear()  # the block mask is rebuilt per forward, as in the model
+        layout.derived.clear()  # per-forward objects are rebuilt, as in the model
         return layer.mix(q, k, v, gates, layout)
 
     def sdpa(q, k, v, gates):

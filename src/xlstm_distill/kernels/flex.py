@@ -27,6 +27,16 @@ def swa_block_mask(doc_start: torch.Tensor, window: int, num_sinks: int) -> Bloc
     return create_block_mask(mask_mod, B, None, T, T, device=doc_start.device, _compile=doc_start.is_cuda)
 
 
+@functools.lru_cache(maxsize=32)
+def causal_swa_block_mask(seq_len: int, window: int, num_sinks: int, device: torch.device) -> BlockMask:
+    """Block mask of one document per row (no padding, no packing), cached per (length, window, sinks, device):
+    prefill and evaluation build it once per shape instead of once per forward."""
+    def mask_mod(b, h, q_idx, kv_idx):  # every row is one document starting at 0: the batch index is not needed
+        return (kv_idx <= q_idx) & ((q_idx - kv_idx < window) | (kv_idx < num_sinks))
+
+    return create_block_mask(mask_mod, None, None, seq_len, seq_len, device=device, _compile=device.type == "cuda")
+
+
 @functools.cache
 def _compiled():
     return torch.compile(flex_attention, dynamic=False)

@@ -164,7 +164,11 @@ class HybridAttention(nn.Module):
             out = swa_sinks_attention_cached(q, layout.position, keys, values, key_pos, self.window, self.num_sinks, self.scaling)
         elif self._use_flex(q) and (q.is_cuda or not torch.is_grad_enabled()):  # no FlexAttention backward on CPU
             if "block_mask" not in layout.derived:
-                layout.derived["block_mask"] = flex.swa_block_mask(layout.doc_start, self.window, self.num_sinks)
+                if layout.single_document:  # same mask for every row and every forward of this length
+                    mask = flex.causal_swa_block_mask(q.shape[2], self.window, self.num_sinks, q.device)
+                else:
+                    mask = flex.swa_block_mask(layout.doc_start, self.window, self.num_sinks)
+                layout.derived["block_mask"] = mask
             out = flex.swa_sinks_flex(q, k, v, layout.derived["block_mask"], self.scaling)
         else:
             out = swa_sinks_attention(q, k, v, layout.doc_start, self.window, self.num_sinks, self.scaling)

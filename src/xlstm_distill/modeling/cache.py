@@ -44,6 +44,7 @@ class TokenLayout:
     doc_start: torch.Tensor  # (B, T) index of the first token of every token's document (full forward only)
     reset: torch.Tensor  # (B, T) bool, True at the first token of a document
     continues_cache: bool  # True: the tokens continue the document held by the cache
+    single_document: bool = False  # known without looking at the data: one document per row, no padding
     write: CacheWrite | None = None  # set when a cache is to be filled
     cached_key_pos: torch.Tensor | None = None  # (B, S + W) positions of the cached sink + ring K/V, -1 = empty
     derived: dict[str, Any] = field(default_factory=dict)  # per-forward objects shared by all layers (block mask)
@@ -93,7 +94,8 @@ def full_layout(
             boundary[:, 1:] |= ids[:, 1:] != ids[:, :-1]
     idx = torch.arange(seq_len, device=device).expand(batch_size, seq_len)
     doc_start = torch.cummax(torch.where(boundary, idx, 0), dim=1).values
-    return TokenLayout(idx - doc_start, doc_start, boundary, continues_cache=False)
+    single = attention_mask is None and document_ids is None
+    return TokenLayout(idx - doc_start, doc_start, boundary, continues_cache=False, single_document=single)
 
 
 class HybridCache:
