@@ -43,6 +43,7 @@ class Job:
     cmd: list[str]
     done: Path  # exists when the job has finished
     needs: list[Path] = field(default_factory=list)  # files that must exist before it starts
+    marker: bool = False  # ``done`` is a marker the driver writes when the command succeeds
     proc: subprocess.Popen | None = None
 
     def ready(self) -> bool:
@@ -73,7 +74,7 @@ def jobs(teacher: str, distill_steps: int) -> list[Job]:
     stage1 = {m: ROOT / m / "stage1" / "model" / "config.json" for m in MIXERS}
     stage2 = {m: ROOT / m / "stage2" / "model" / "config.json" for m in MIXERS}
     out = [
-        Job("targets", _cli("targets", "mlstm_swa", teacher) + ["&&", "touch", str(_targets_done())], _targets_done()),
+        Job("targets", _cli("targets", "mlstm_swa", teacher), _targets_done(), marker=True),
         _eval_job("teacher", teacher, []),
     ]
     for m in MIXERS:
@@ -90,11 +91,7 @@ def jobs(teacher: str, distill_steps: int) -> list[Job]:
 
 def _start(job: Job) -> None:
     log = open(ROOT / "logs" / f"{job.name}.log", "a")
-    if "&&" in job.cmd:  # a command followed by a marker file
-        cmd = " ".join(f"'{c}'" if c != "&&" else c for c in job.cmd)
-        job.proc = subprocess.Popen(cmd, shell=True, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    else:
-        job.proc = subprocess.Popen(job.cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    job.proc = subprocess.Popen(job.cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     print(f"[{time.strftime('%H:%M:%S')}] start {job.name}", flush=True)
 
 
@@ -171,9 +168,10 @@ def run(teacher: str = typer.Option(...), deadline: float = typer.Option(540.0, 
     running: list[Job] = []
     while (pending or running) and time.time() < end:
         evals = sum(j.name.startswith("eval-") for j in running)
+        eval_fits = end - time.time() >= eval_estimate()
         for job in [j for j in pending if j.ready()]:
             if job.name.startswith("eval-"):  # at most MAX_EVALS, and none that the deadline would cut off
-                if evals >= MAX_EVALS or end - time.time() < eval_estimate():
+                if evals >= MAX_EVALS or not eval_fits:
                     continue
                 evals += 1
             _start(job)
@@ -182,6 +180,8 @@ def run(teacher: str = typer.Option(...), deadline: float = typer.Option(540.0, 
         for job in list(running):
             if job.proc.poll() is not None:
                 running.remove(job)
+                if job.marker and job.proc.returncode == 0:
+                    job.done.touch()
                 ok = job.done.exists()
                 print(f"[{time.strftime('%H:%M:%S')}] {'done' if ok else 'FAILED'} {job.name} "
                       f"(exit {job.proc.returncode})", flush=True)

@@ -82,3 +82,12 @@ def test_untrained_models_reuse_earlier_evaluations(driver, tmp_path, monkeypatc
     driver.run(teacher="t.gguf", deadline=0.0, distill_steps="60", overrides=[], eval_limit=None, reuse_evals=earlier)
     assert sorted(p.name for p in (tmp_path / "eval").glob("*.json")) == ["mlstm_swa-converted.json", "teacher.json"]
     assert started == []  # deadline 0: nothing starts
+
+
+def test_marker_jobs_are_marked_done_only_on_success(driver, tmp_path, monkeypatch):
+    ok, bad = tmp_path / "ok.done", tmp_path / "bad.done"
+    monkeypatch.setattr(driver, "jobs", lambda teacher, steps: [
+        driver.Job("ok", [sys.executable, "-c", "pass"], ok, marker=True),
+        driver.Job("bad", [sys.executable, "-c", "raise SystemExit(3)"], bad, marker=True)])
+    driver.run(teacher="t.gguf", deadline=60.0, distill_steps="60", overrides=[], eval_limit=None, reuse_evals=None)
+    assert ok.exists() and not bad.exists()
