@@ -14,27 +14,33 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 
-def swa_block_mask(doc_start: torch.Tensor, window: int, num_sinks: int) -> BlockMask:
-    """Block mask for (B, T) document starts: causal, same document, inside the window or a sink."""
-    B, T = doc_start.shape
-
+def _block_mask(window: int, num_sinks: int, T: int, device: torch.device,
+                doc_start: torch.Tensor | None = None) -> BlockMask:
+    """Causal, same document, inside the window or a sink. ``doc_start`` (B, T): each token's document start;
+    None: every row is one document starting at 0 (the mask then does not depend on the batch row)."""
     def mask_mod(b, h, q_idx, kv_idx):
-        start = doc_start[b, q_idx]
-        same_doc = doc_start[b, kv_idx] == start
+        if doc_start is None:
+            start, same_doc = 0, True
+        else:
+            start = doc_start[b, q_idx]
+            same_doc = doc_start[b, kv_idx] == start
         return (kv_idx <= q_idx) & same_doc & ((q_idx - kv_idx < window) | (kv_idx - start < num_sinks))
 
+    B = None if doc_start is None else doc_start.shape[0]
     # compiled on CUDA: eager evaluation materializes all T x T mask values (hopeless at 64K+)
-    return create_block_mask(mask_mod, B, None, T, T, device=doc_start.device, _compile=doc_start.is_cuda)
+    return create_block_mask(mask_mod, B, None, T, T, device=device, _compile=device.type == "cuda")
+
+
+def swa_block_mask(doc_start: torch.Tensor, window: int, num_sinks: int) -> BlockMask:
+    """Block mask for (B, T) document starts (padding, packed documents): built once per forward."""
+    return _block_mask(window, num_sinks, doc_start.shape[1], doc_start.device, doc_start)
 
 
 @functools.lru_cache(maxsize=32)
 def causal_swa_block_mask(seq_len: int, window: int, num_sinks: int, device: torch.device) -> BlockMask:
     """Block mask of one document per row (no padding, no packing), cached per (length, window, sinks, device):
     prefill and evaluation build it once per shape instead of once per forward."""
-    def mask_mod(b, h, q_idx, kv_idx):  # every row is one document starting at 0: the batch index is not needed
-        return (kv_idx <= q_idx) & ((q_idx - kv_idx < window) | (kv_idx < num_sinks))
-
-    return create_block_mask(mask_mod, None, None, seq_len, seq_len, device=device, _compile=device.type == "cuda")
+    return _block_mask(window, num_sinks, seq_len, device)
 
 
 @functools.cache
