@@ -213,8 +213,9 @@ def run_bench(models: dict[str, Callable[[], torch.nn.Module]], settings: BenchS
     rows: list[dict] = []
     for name, factory in models.items():
         model = factory()
-        for measure, points in (("prefill", _points(settings.contexts, settings.batches, settings.max_prefill_tokens)),
-                                ("decode", _points(settings.decode_contexts, settings.decode_batches))):
+        # decode first: its points are the cheaper ones, so a run cut by a time limit still has both measures
+        for measure, points in (("decode", _points(settings.decode_contexts, settings.decode_batches)),
+                                ("prefill", _points(settings.contexts, settings.batches, settings.max_prefill_tokens))):
             failed_batches: set[int] = set()
             for batch, context in tqdm(points, desc=f"{name} {measure}", unit="point"):
                 row = {"model": name, "measure": measure, "batch": batch, "context": context}
@@ -234,13 +235,15 @@ def run_bench(models: dict[str, Callable[[], torch.nn.Module]], settings: BenchS
                 _reset_memory()
                 if on_row is not None:
                     on_row(rows)
-        if name == "student" and settings.flat_steps:
-            batch = max(settings.decode_batches)
-            try:
-                rows += flat_memory(model, batch, settings.flat_steps, settings)
-            except (RuntimeError, torch.OutOfMemoryError) as err:  # recorded like a failed point
-                rows.append({"model": name, "measure": "memory", "batch": batch,
-                             "status": f"failed: {str(err).splitlines()[0][:160]}"})
+            if measure == "decode" and name == "student" and settings.flat_steps:
+                batch = max(settings.decode_batches)
+                try:
+                    rows += flat_memory(model, batch, settings.flat_steps, settings)
+                except (RuntimeError, torch.OutOfMemoryError) as err:  # recorded like a failed point
+                    rows.append({"model": name, "measure": "memory", "batch": batch,
+                                 "status": f"failed: {str(err).splitlines()[0][:160]}"})
+                if on_row is not None:
+                    on_row(rows)
         del model
         _reset_memory()
     return rows
