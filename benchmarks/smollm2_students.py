@@ -33,7 +33,7 @@ TASKS = ["xd_piqa", "xd_arc_easy", "xd_arc_challenge", "xd_hellaswag", "xd_winog
 LIMITS = {"xd_piqa": 500, "xd_arc_easy": 500, "xd_arc_challenge": 300, "xd_hellaswag": 300, "xd_winogrande": 500,
           "xd_mmlu": 10, "xd_lambada": 500}
 TOKENS_PER_STEP = 16 * 1024  # both stages: 16 sequences of 1,024 tokens per optimizer step
-MAX_EVALS = 2  # evaluations at a time (each holds batch x length x vocabulary float32 logits on the GPU)
+MAX_EVALS = [2]  # evaluations at a time, --max-evals (each holds batch x length x vocabulary float32 logits)
 app = typer.Typer(add_completion=False)
 
 
@@ -115,7 +115,7 @@ def auto_steps(deadline: float) -> int:
         print("auto: no Stage II metrics yet, 100 steps")
         return 100
     seconds_per_step = sorted(rates)[len(rates) // 2]
-    eval_seconds = eval_estimate() * -(-len(MIXERS) // MAX_EVALS)  # the three evaluations, MAX_EVALS at a time
+    eval_seconds = eval_estimate() * -(-len(MIXERS) // MAX_EVALS[0])  # the three evaluations, MAX_EVALS at a time
     budget = deadline - time.time() - eval_seconds - 60  # 60 s: saving, loading, the last checkpoint
     steps = min(reached) + int(budget / seconds_per_step)
     steps = max(steps - steps % 20, max(reached))
@@ -148,12 +148,13 @@ def _metrics(path: Path) -> list[dict]:
 @app.command()
 def run(teacher: str = typer.Option(...), deadline: float = typer.Option(540.0, help="Seconds from now."),
         distill_steps: str = typer.Option("auto"), overrides: list[str] = typer.Option([], "--set"),
-        eval_limit: str | None = typer.Option(None),
+        eval_limit: str | None = typer.Option(None), max_evals: int = typer.Option(2, help="Evaluations at a time."),
         reuse_evals: Path | None = typer.Option(None, help="Folder of earlier evaluations with the same settings: "
                                                 "the teacher's and the converted student's (no training: the "
                                                 "same models) are taken from it instead of being re-run.")) -> None:
     """Run / continue all stages and evaluations until done or the deadline; then write the report if complete."""
     OVERRIDES.extend(overrides)
+    MAX_EVALS[0] = max_evals
     EVAL_LIMIT.extend([eval_limit] if eval_limit else [])
     start = time.time()
     end = start + deadline
@@ -171,7 +172,7 @@ def run(teacher: str = typer.Option(...), deadline: float = typer.Option(540.0, 
         eval_fits = end - time.time() >= eval_estimate()
         for job in [j for j in pending if j.ready()]:
             if job.name.startswith("eval-"):  # at most MAX_EVALS, and none that the deadline would cut off
-                if evals >= MAX_EVALS or not eval_fits:
+                if evals >= MAX_EVALS[0] or not eval_fits:
                     continue
                 evals += 1
             _start(job)

@@ -34,17 +34,23 @@ def test_bench_measures_both_models_and_keeps_student_memory_flat():
     assert decode["teacher"]["cache_gb"] > 0 and decode["student"]["cache_gb"] > 0
 
 
-def test_out_of_memory_is_recorded_and_larger_contexts_skipped(monkeypatch):
+def test_failed_points_are_recorded_and_larger_contexts_skipped(monkeypatch):
+    """Out of memory at batch 1 from 64 tokens, a refused kernel launch at batch 2 from 128: both recorded."""
     def fake_prefill(model, batch, context, repeats):
-        if context >= 64:
+        if batch == 1 and context >= 64:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        if batch == 2 and context >= 128:
+            raise RuntimeError("Triton Error [CUDA]: invalid argument\n(simulated)")
         return {"ttft_ms": 1.0, "prefill_tok_s": 1.0, "peak_gb": None}
 
     monkeypatch.setattr(inference, "prefill_point", fake_prefill)
-    settings = inference.BenchSettings(**{**SETTINGS, "contexts": [16, 64, 128], "batches": [1], "decode_contexts": [],
-                                          "flat_steps": 0})
+    settings = inference.BenchSettings(**{**SETTINGS, "contexts": [16, 64, 128, 256], "batches": [1, 2],
+                                          "decode_contexts": [], "flat_steps": 0})
     rows = inference.run_bench({"teacher": lambda: tiny_teacher()}, settings)
-    assert [r["status"] for r in rows] == ["ok", "oom", "skipped (smaller context ran out of memory)"]
+    skipped = "skipped (a smaller context failed)"
+    assert [(r["batch"], r["status"]) for r in rows] == [
+        (1, "ok"), (1, "oom"), (1, skipped), (1, skipped),
+        (2, "ok"), (2, "ok"), (2, "failed: Triton Error [CUDA]: invalid argument"), (2, skipped)]
 
 
 def test_max_prefill_tokens_leaves_out_large_points():
@@ -78,7 +84,7 @@ def test_bench_command_on_a_checkpoint_writes_results(tmp_path):
     assert {r["model"] for r in rows} == {"teacher", "student"}
     assert json.loads((out / "mixer.json").read_text())["rows"][1]["seq_len"] == 64
 
-    # time only the student again, keeping the teacher's rows of the first run
+    # time only the student's 16-token prefill again, keeping every other row of the first run
     (out / "first.json").write_text((out / "inference.json").read_text())
     result = CliRunner().invoke(app, [
         "bench", "--model", str(teacher_dir), "--out", str(out), "--contexts", "16", "--batches", "1",
@@ -86,9 +92,12 @@ def test_bench_command_on_a_checkpoint_writes_results(tmp_path):
         "--dtype", "float32", "--models", "student", "--reuse", str(out / "first.json")])
     assert result.exit_code == 0, result.output
     rows = json.loads((out / "inference.json").read_text())["rows"]
-    assert {(r["model"], r.get("reused", False)) for r in rows} == {("teacher", True), ("student", False)}
+    fresh = [(r["model"], r["measure"], r["context"]) for r in rows if not r.get("reused")]
+    assert fresh == [("student", "prefill", 16)]
+    assert {(r["model"], r["measure"], r.get("context")) for r in rows if r.get("reused")} >= {
+        ("teacher", "prefill", 16), ("student", "prefill", 32), ("student", "decode", 24)}
     speedup = json.loads((out / "speedup.json").read_text())["rows"]
-    assert [(r["measure"], r["context"]) for r in speedup] == [("prefill", 16)]
+    assert sorted((r["measure"], r["context"]) for r in speedup) == [("decode", 24), ("prefill", 16), ("prefill", 32)]
     result = CliRunner().invoke(app, ["bench", "--model", str(teacher_dir), "--out", str(out), "--models", "gpt"])
     assert result.exit_code != 0 and "--models" in result.output
 

@@ -107,3 +107,40 @@ def test_flex_single_document_mask_is_cached_and_exact():
     ref = swa_sinks_attention(q, k, v, torch.zeros(3, 40, dtype=torch.long), 8, 2, 0.25)
     out = flex.swa_sinks_flex(q, k, v, flex.causal_swa_block_mask(40, 8, 2, torch.device("cpu")), 0.25)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_long_inputs_run_in_groups_of_heads(monkeypatch):
+    """The CUDA launch grid limits B * NH * chunks per call: fewer rows per call give the same outputs, states and
+    gradients (here 6 rows in groups of 2, from a state)."""
+    q, k, v, i, f = (x.requires_grad_() for x in _inputs(64))
+    _, state = mlstm_tfla(*(x[:, :, :16].detach() for x in (q, k, v, i, f)), chunk_size=16)
+
+    def run():
+        out, last = mlstm_tfla(q, k, v, i, f, state, chunk_size=16)
+        grads = torch.autograd.grad(out.square().sum(), (q, k, v, i, f))
+        return out, last, grads
+
+    whole = run()
+    monkeypatch.setattr(tfla, "MAX_GRID_Z", 8)  # 64 / 16 = 4 chunks -> 2 rows per call
+    grouped = run()
+    torch.testing.assert_close(grouped[0], whole[0])
+    for a, b in zip((*grouped[1], *grouped[2]), (*whole[1], *whole[2])):
+        torch.testing.assert_close(a, b)
+
+
+def test_tfla_backward_treats_the_normalizer_as_a_constant():
+    """mlstm_kernels' custom backward (the one its Triton TFLA kernel implements; `chunkwise--native_custbw` is its
+    PyTorch version) does not differentiate the normalizer max(|q n|, exp(-m)): dv equals exact autograd (the
+    normalizer does not depend on v), dq, dk and the gates' gradients do not. This is why backend='auto' does not
+    train through TFLA (docs/decisions.md)."""
+    from mlstm_kernels.torch import get_mlstm_kernel
+
+    custbw = get_mlstm_kernel("chunkwise--native_custbw")
+    inputs = [x.requires_grad_() for x in _inputs(128)]
+    q, k, v, i, f = inputs
+    exact = torch.autograd.grad(mlstm_tfla(q, k, v, i, f)[0].square().sum(), inputs)
+    out = custbw(q * q.shape[-1] ** 0.5, k, v, i, f, chunk_size=64)
+    torch.testing.assert_close(out, mlstm_tfla(q, k, v, i, f)[0])  # the same forward
+    custom = torch.autograd.grad(out.square().sum(), inputs)
+    rel = [float((a - b).norm() / b.norm()) for a, b in zip(custom, exact)]
+    assert rel[2] < 1e-5 and min(rel[:2] + rel[3:]) > 0.1, rel

@@ -43,7 +43,7 @@ def bench(
     mixer_contexts: str = typer.Option("", help="Also time one mixer alone (fwd, fwd+bwd) at these lengths, e.g. 8k,32k."),
     models: str = typer.Option("teacher,student", help="Which models to time, in this order (e.g. 'student')."),
     reuse: Path | None = typer.Option(None, help="inference.json of an earlier run on the same kind of device: its "
-                                      "rows of the models not timed now are kept (marked 'reused')."),
+                                      "rows of the points not timed now are kept (marked 'reused')."),
     window: int = typer.Option(512),
     sinks: int = typer.Option(4),
     backend: str = typer.Option("auto", help="Student backend: auto, native or tfla."),
@@ -66,8 +66,8 @@ def bench(
         layer = mixer.hybrid_layer(config.num_attention_heads, config.num_key_value_heads, head_dim, student, dev,
                                    torch_dtype)
         rows = [mixer.mixer_point(layer, 1, n) for n in _sizes(mixer_contexts)]
-        columns = ["seq_len", "batch", "hybrid_fwd_ms", "hybrid_fwd_bwd_ms", "sdpa_fwd_ms", "sdpa_fwd_bwd_ms",
-                   "fwd_bwd_speedup", "error"]
+        columns = ["seq_len", "batch", "hybrid_fwd_ms", "hybrid_fwd_bwd_ms", "hybrid_tfla_fwd_bwd_ms", "sdpa_fwd_ms",
+                   "sdpa_fwd_bwd_ms", "fwd_bwd_speedup", "fwd_bwd_tfla_speedup", "error"]
         write_results(out, "mixer", rows, command, columns, mixer.plot_mixer)
         mixer.profile_mixer(layer, 1, _sizes(mixer_contexts)[0], out / "mixer_profile.txt")
         console.print(f"[green]mixer results[/] in {out}/mixer.md")
@@ -84,8 +84,12 @@ def bench(
     columns = ["model", "measure", "batch", "context", "status", "ttft_ms", "prefill_tok_s", "ms_per_token",
                "decode_tok_s", "peak_gb", "cache_gb", "cuda_graph", "graph_error", "generated", "allocated_gb", "reused"]
 
+    timed_now = {(name, measure, b, c) for name in names for measure, points in inference.planned_points(settings)
+                 for b, c in points}
+    timed_now |= {(name, "memory") for name in names if name == "student" and settings.flat_steps}
     earlier = [] if reuse is None else [{**row, "reused": True} for row in json.loads(reuse.read_text())["rows"]
-                                        if row["model"] not in names]
+                                        if (row["model"], row["measure"], row.get("batch"), row.get("context"))
+                                        not in timed_now and (row["model"], row["measure"]) not in timed_now]
 
     def save(rows: list[dict]) -> None:  # after every point: an interrupted run keeps what it measured
         rows = earlier + rows

@@ -206,6 +206,13 @@ def _points(sizes: list[int], batches: list[int], max_tokens: int | None = None)
     return [(b, c) for b in batches for c in sorted(sizes) if max_tokens is None or b * c <= max_tokens]
 
 
+def planned_points(settings: BenchSettings) -> list[tuple[str, list[tuple[int, int]]]]:
+    """(measure, [(batch, context), ...]) in the order they are timed: decode first (its points are the cheaper
+    ones, so a run cut by a time limit still has both measures)."""
+    return [("decode", _points(settings.decode_contexts, settings.decode_batches)),
+            ("prefill", _points(settings.contexts, settings.batches, settings.max_prefill_tokens))]
+
+
 def run_bench(models: dict[str, Callable[[], torch.nn.Module]], settings: BenchSettings,
               on_row: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """Every point for every model (one model in memory at a time). OOM points are recorded, not raised.
@@ -213,14 +220,12 @@ def run_bench(models: dict[str, Callable[[], torch.nn.Module]], settings: BenchS
     rows: list[dict] = []
     for name, factory in models.items():
         model = factory()
-        # decode first: its points are the cheaper ones, so a run cut by a time limit still has both measures
-        for measure, points in (("decode", _points(settings.decode_contexts, settings.decode_batches)),
-                                ("prefill", _points(settings.contexts, settings.batches, settings.max_prefill_tokens))):
+        for measure, points in planned_points(settings):
             failed_batches: set[int] = set()
             for batch, context in tqdm(points, desc=f"{name} {measure}", unit="point"):
                 row = {"model": name, "measure": measure, "batch": batch, "context": context}
                 if batch in failed_batches:
-                    rows.append({**row, "status": "skipped (smaller context ran out of memory)"})
+                    rows.append({**row, "status": "skipped (a smaller context failed)"})
                     continue
                 try:
                     if measure == "prefill":
@@ -230,6 +235,9 @@ def run_bench(models: dict[str, Callable[[], torch.nn.Module]], settings: BenchS
                     row["status"] = "ok"
                 except torch.OutOfMemoryError:
                     row["status"] = "oom"
+                    failed_batches.add(batch)
+                except RuntimeError as err:  # e.g. a kernel launch refused: recorded, larger contexts skipped
+                    row["status"] = f"failed: {str(err).splitlines()[0][:160]}"
                     failed_batches.add(batch)
                 rows.append(row)
                 _reset_memory()

@@ -15,6 +15,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaAttention
 
 from xlstm_distill.benchmarks.report import time_call
+from xlstm_distill.kernels import tfla
 from xlstm_distill.modeling import HybridConfig
 from xlstm_distill.modeling.attention import HybridAttention
 from xlstm_distill.modeling.cache import full_layout
@@ -48,11 +49,21 @@ def mixer_point(layer: HybridAttention, batch: int, seq_len: int, repeats: int =
         layout.derived.clear()  # per-forward objects are rebuilt, as in the model
         return layer.mix(q, k, v, gates, layout)
 
+    def hybrid_tfla(q, k, v, gates):  # backend 'tfla': TFLA also in the backward (normalizer taken as a constant)
+        backend, layer.backend = layer.backend, "tfla"
+        try:
+            return hybrid(q, k, v, gates)
+        finally:
+            layer.backend = backend
+
     def sdpa(q, k, v, gates):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
 
     row = {"seq_len": seq_len, "batch": batch}
-    for name, fn in (("hybrid", hybrid), ("sdpa", sdpa)):
+    variants = [("hybrid", hybrid), ("sdpa", sdpa)]
+    if layer.gated_memory and param.is_cuda and tfla.available():
+        variants.insert(1, ("hybrid_tfla", hybrid_tfla))
+    for name, fn in variants:
         leaves = [x.detach().requires_grad_() for x in inputs]
 
         def fwd():
@@ -70,8 +81,9 @@ def mixer_point(layer: HybridAttention, batch: int, seq_len: int, repeats: int =
             except (RuntimeError, torch.OutOfMemoryError) as err:
                 errors = [row["error"]] if "error" in row else []
                 row["error"] = "; ".join(errors + [f"{key}: {str(err).splitlines()[0][:160]}"])
-    if "hybrid_fwd_bwd_ms" in row and "sdpa_fwd_bwd_ms" in row:
-        row["fwd_bwd_speedup"] = row["sdpa_fwd_bwd_ms"] / row["hybrid_fwd_bwd_ms"]
+    for name in ("hybrid", "hybrid_tfla"):
+        if f"{name}_fwd_bwd_ms" in row and "sdpa_fwd_bwd_ms" in row:
+            row[f"{name.replace('hybrid', 'fwd_bwd')}_speedup"] = row["sdpa_fwd_bwd_ms"] / row[f"{name}_fwd_bwd_ms"]
     return row
 
 
@@ -108,7 +120,8 @@ def plot_mixer(rows: list[dict], path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for key, style in (("hybrid_fwd_bwd_ms", "-o"), ("sdpa_fwd_bwd_ms", "--s"), ("hybrid_fwd_ms", "-^"), ("sdpa_fwd_ms", "--v")):
+    for key, style in (("hybrid_fwd_bwd_ms", "-o"), ("hybrid_tfla_fwd_bwd_ms", "-d"), ("sdpa_fwd_bwd_ms", "--s"),
+                       ("hybrid_fwd_ms", "-^"), ("sdpa_fwd_ms", "--v")):
         pts = [(r["seq_len"], r[key]) for r in rows if key in r]
         if pts:
             ax.plot(*zip(*pts), style, label=key.replace("_ms", ""))

@@ -5,6 +5,8 @@ Same function as :func:`xlstm_distill.kernels.mlstm.mlstm_chunkwise` (tested aga
 - it takes the forget gate *pre-activation* (logsigmoid inside), and float32 gates (bf16 gates crash Triton 3.6).
 - it needs a length divisible by the chunk size: the tail is padded with tokens that write nothing (input gate -30)
   and keep the state (forget pre-activation +30), so outputs and the final state are unchanged.
+Its launch grid has B * NH * S / chunk programs on CUDA's third axis (at most 65,535): longer inputs are run in groups
+of heads (independent of each other), e.g. 128K tokens x 32 heads in two calls.
 Document resets (packed sequences) are forget gates of -100 at the first token of a document: the old state is
 scaled by exp(-100) (0 in float32 next to the new document's terms), so the kernel needs no reset support.
 """
@@ -22,6 +24,7 @@ CUDA_KERNEL = "chunkwise--triton_xl_chunk"
 CPU_KERNEL = "chunkwise--native_autograd"  # the same algorithm in PyTorch: lets the adapter be tested on CPU
 PAD_INPUT_GATE, PAD_FORGET_GATE = -30.0, 30.0
 RESET_FORGET_GATE = -100.0
+MAX_GRID_Z = 65_535  # CUDA's limit on a launch grid's third dimension
 
 
 def available() -> bool:
@@ -56,8 +59,22 @@ def mlstm_tfla(
         q, k, v = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
         i = torch.nn.functional.pad(i, (0, pad), value=PAD_INPUT_GATE)
         f = torch.nn.functional.pad(f, (0, pad), value=PAD_FORGET_GATE)
-    initial = {}
-    if state is not None and torch.isfinite(state.m).all():
-        initial = dict(c_initial=state.C, n_initial=state.n, m_initial=state.m.unsqueeze(-1))
-    h, (C, n, m) = kernel(q * math.sqrt(DHQK), k, v, i, f, return_last_states=True, chunk_size=chunk, **initial)
-    return h[:, :, :S], MLSTMState(C.float(), n.float(), m.float().squeeze(-1))
+    kernel_args = (q * math.sqrt(DHQK), k, v, i, f)
+    initial = () if state is None or not torch.isfinite(state.m).all() else (state.C, state.n, state.m)
+    rows = max(1, MAX_GRID_Z // max(1, (S + pad) // chunk))  # (B * NH) rows per call
+    if rows >= B * NH:
+        h, last = _call(kernel, kernel_args, initial, chunk)
+    else:  # heads in groups that fit the launch grid
+        flat = [x.flatten(0, 1).unsqueeze(1) for x in (*kernel_args, *initial)]  # (B * NH, 1, ...)
+        parts = [_call(kernel, group[:5], group[5:], chunk) for group in zip(*(x.split(rows) for x in flat))]
+        h = torch.cat([p[0] for p in parts]).view(B, NH, S + pad, -1)
+        last = tuple(torch.cat([p[1][n] for p in parts]).view(B, NH, *parts[0][1][n].shape[2:]) for n in range(3))
+    C, n, m = last
+    return h[:, :, :S], MLSTMState(C.float(), n.float(), m.float())
+
+
+def _call(kernel, args: tuple[torch.Tensor, ...], initial: tuple[torch.Tensor, ...], chunk: int):
+    """One kernel call: h (B, NH, S, DHV) and the last (C, n, m) with m as (B, NH)."""
+    states = {} if not initial else dict(c_initial=initial[0], n_initial=initial[1], m_initial=initial[2].unsqueeze(-1))
+    h, (C, n, m) = kernel(*args, return_last_states=True, chunk_size=chunk, **states)
+    return h, (C, n, m.squeeze(-1))

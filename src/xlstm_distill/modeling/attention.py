@@ -210,7 +210,7 @@ class HybridAttention(nn.Module):
 
     def _use_tfla(self, q: torch.Tensor) -> bool:
         """TFLA for the mLSTM branch: backend ``tfla``; ``auto`` on CUDA only without gradients (prefill, generation):
-        its bf16 backward disagreed with the float32 reference on an H100 (docs/decisions.md)."""
+        TFLA's backward treats the normalizer as a constant, not the exact gradient (docs/decisions.md)."""
         if not self.gated_memory or self.backend == "native":
             return False
         if self.backend == "tfla":
