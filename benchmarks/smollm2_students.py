@@ -89,6 +89,26 @@ def jobs(teacher: str, distill_steps: int) -> list[Job]:
     return out
 
 
+REPORT_EVALS = {f"eval-{n}" for n in ("teacher", *MIXERS)}  # the report needs these; converted/Stage I come last
+
+
+def to_start(pending: list[Job], running: list[Job], seconds_left: float) -> list[Job]:
+    """The ready jobs to start now: training jobs always; evaluations at most MAX_EVALS at a time, none that the
+    deadline would cut off, and those of intermediate models (converted, Stage I) only once the report's own
+    evaluations have all started (a late Stage II student must not find its slot taken)."""
+    evals = sum(j.name.startswith("eval-") for j in running)
+    fits = seconds_left >= eval_estimate()
+    report_waiting = any(j.name in REPORT_EVALS for j in pending)
+    out = []
+    for job in (j for j in pending if j.ready()):
+        if job.name.startswith("eval-"):
+            if evals >= MAX_EVALS[0] or not fits or (report_waiting and job.name not in REPORT_EVALS):
+                continue
+            evals += 1
+        out.append(job)
+    return out
+
+
 def _start(job: Job) -> None:
     log = open(ROOT / "logs" / f"{job.name}.log", "a")
     job.proc = subprocess.Popen(job.cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -168,13 +188,7 @@ def run(teacher: str = typer.Option(...), deadline: float = typer.Option(540.0, 
     pending = [j for j in jobs(teacher, steps) if not j.done.exists()]
     running: list[Job] = []
     while (pending or running) and time.time() < end:
-        evals = sum(j.name.startswith("eval-") for j in running)
-        eval_fits = end - time.time() >= eval_estimate()
-        for job in [j for j in pending if j.ready()]:
-            if job.name.startswith("eval-"):  # at most MAX_EVALS, and none that the deadline would cut off
-                if evals >= MAX_EVALS[0] or not eval_fits:
-                    continue
-                evals += 1
+        for job in to_start(pending, running, end - time.time()):
             _start(job)
             pending.remove(job)
             running.append(job)

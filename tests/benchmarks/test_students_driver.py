@@ -91,3 +91,27 @@ def test_marker_jobs_are_marked_done_only_on_success(driver, tmp_path, monkeypat
         driver.Job("bad", [sys.executable, "-c", "raise SystemExit(3)"], bad, marker=True)])
     driver.run(teacher="t.gguf", deadline=60.0, distill_steps="60", overrides=[], eval_limit=None, reuse_evals=None)
     assert ok.exists() and not bad.exists()
+
+
+def test_report_evaluations_go_first_and_evaluations_respect_slots_and_deadline(driver, tmp_path):
+    """Session 3 lost the mlstm_swa Stage II evaluation to the Stage I one: intermediate models now wait until the
+    report's evaluations have started; at most MAX_EVALS run and none starts that the deadline would cut off."""
+    (tmp_path / "eval" / "teacher.json").write_text(json.dumps({"models": {"teacher": {"eval_seconds": 100}}}))
+    jobs = {j.name: j for j in driver.jobs("teacher.gguf", 60)}
+    stage1 = tmp_path / "mlstm_swa" / "stage1" / "model"
+    stage1.mkdir(parents=True)
+    (stage1 / "config.json").write_text("{}")
+    for m in ("linear_swa", "swa"):
+        (tmp_path / m / "stage2" / "model").mkdir(parents=True)
+        (tmp_path / m / "stage2" / "model" / "config.json").write_text("{}")
+    evals = [j for j in jobs.values() if j.name.startswith("eval-") and j.name != "eval-teacher"]
+    names = lambda js: {j.name for j in js}  # noqa: E731
+    # mlstm_swa is still in Stage II: its Stage I model is ready but must not take the third slot
+    assert names(driver.to_start(evals, [], 500)) == {"eval-linear_swa", "eval-swa"}
+    (tmp_path / "mlstm_swa" / "stage2" / "model").mkdir(parents=True)
+    (tmp_path / "mlstm_swa" / "stage2" / "model" / "config.json").write_text("{}")
+    assert names(driver.to_start(evals, [], 500)) == {"eval-mlstm_swa", "eval-linear_swa"}  # two slots (default)
+    rest = [j for j in evals if j.name not in driver.REPORT_EVALS]
+    assert names(driver.to_start(rest, [], 500)) == {"eval-mlstm_swa-stage1"}  # the report's evaluations started
+    assert driver.to_start(evals, [], 50) == []  # 100 s per evaluation, 50 s left
+    assert driver.to_start(evals, [jobs["eval-swa"], jobs["eval-linear_swa"]], 500) == []  # both slots taken

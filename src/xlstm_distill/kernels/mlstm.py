@@ -200,19 +200,22 @@ def mlstm_chunkwise(
     n_loc = (k * w.unsqueeze(-1)).sum(-2)  # (B, NH, NC, DHQK)
     keeps = (seg[..., :1] == seg[..., -1:]).squeeze(-1)  # (B, NC) the chunk continues the state's document
 
-    # Recurrence across chunks (sequential, cheap): states before every chunk.
+    # Recurrence across chunks (sequential, cheap): states before every chunk. The per-chunk tensors are unbound
+    # once: indexing them inside the loop would make autograd write a full-size zero gradient per chunk (O(NC^2)).
     C, n, m = state
     seg_prev = torch.zeros(B, dtype=torch.long, device=q.device)  # the initial state belongs to document 0
     starts_C, starts_n, starts_m, starts_seg = [], [], [], []
-    for c in range(NC):
+    per_chunk = zip(C_loc.unbind(2), n_loc.unbind(2), m_loc.unbind(2), b[..., -1].unbind(2), keeps.unbind(1),
+                    seg[..., 0].unbind(1), seg[..., -1].unbind(1))
+    for C_c, n_c, m_c, b_c, keeps_c, first_doc, last_doc_c in per_chunk:
         starts_C.append(C), starts_n.append(n), starts_m.append(m), starts_seg.append(seg_prev)
-        carry = (keeps[:, c] & (seg[:, c, 0] == seg_prev)).view(B, 1)  # (B, 1)
-        log_carry = torch.where(carry, b[:, :, c, -1] + m, -math.inf)  # (B, NH)
-        m_new = torch.maximum(log_carry, m_loc[:, :, c])
-        a_carry, a_loc = torch.exp(log_carry - m_new), torch.exp(m_loc[:, :, c] - m_new)
-        C = a_carry[..., None, None] * C + a_loc[..., None, None] * C_loc[:, :, c]
-        n = a_carry[..., None] * n + a_loc[..., None] * n_loc[:, :, c]
-        m, seg_prev = m_new, seg[:, c, -1]
+        carry = (keeps_c & (first_doc == seg_prev)).view(B, 1)  # (B, 1)
+        log_carry = torch.where(carry, b_c + m, -math.inf)  # (B, NH)
+        m_new = torch.maximum(log_carry, m_c)
+        a_carry, a_loc = torch.exp(log_carry - m_new), torch.exp(m_c - m_new)
+        C = a_carry[..., None, None] * C + a_loc[..., None, None] * C_c
+        n = a_carry[..., None] * n + a_loc[..., None] * n_c
+        m, seg_prev = m_new, last_doc_c
 
     h = _attend_with_state(
         q, k, v, i, lf, seg,
