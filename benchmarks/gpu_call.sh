@@ -2,7 +2,8 @@
 # One call on the lent GPU machine (device tool): set up (teacher halves, wheels, data), then one of
 #   setup     nothing more
 #   kernels   CUDA tests of the fast paths, the mixer benchmark and the Llama-3.1-8B-shape inference benchmark
-#   students  issue 6: the three SmolLM2 students side by side (benchmarks/smollm2_students.py), resumable
+#   students  issue 6: the three SmolLM2 students side by side (benchmarks/smollm2_students.py), resumable;
+#             env DEADLINE, STEPS, MAX_EVALS, MIXERS (a subset: the others' evaluations come from the committed run)
 # Carried paths: .whl (mlstm_kernels, gguf, lm_eval, datasets, dill, multiprocess wheels), .carry_a / .carry_b
 # (the two halves of the teacher GGUF), .carry_data (xz-compressed corpora and evaluation data).
 # Results go to $OUT as at most a few files (the tool returns 8).
@@ -38,7 +39,7 @@ kernels)
   R=/tmp/r5; mkdir -p $R
   timeout 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_cuda.py tests/modeling/test_decode.py > $R/cuda_tests.log 2>&1
   tail -n 8 $R/cuda_tests.log; grep "^E  " $R/cuda_tests.log | cut -c1-400
-  timeout 110 python3 -m xlstm_distill.cli bench --out $R/mixer --shape llama3.1-8b --mixer-contexts 8k,32k --contexts '' --decode-contexts '' 2>&1 | tail -3
+  timeout ${MIXER_SECONDS:-200} python3 -m xlstm_distill.cli bench --out $R/mixer --shape llama3.1-8b --mixer-contexts 8k,32k --contexts '' --decode-contexts '' 2>&1 | tail -3
   cat $R/mixer/mixer.md; head -30 $R/mixer/mixer_profile.txt
   # the student only; the committed rows of the points not timed now (the teacher's, the student's decode) are kept
   timeout ${BENCH_SECONDS:-270} python3 -m xlstm_distill.cli bench --out $R/llama3.1-8b --shape llama3.1-8b \
@@ -51,7 +52,8 @@ kernels)
 students)
   [ -f $GGUF ] || { echo "teacher GGUF missing: carry .carry_a then .carry_b"; exit 1; }
   python3 benchmarks/smollm2_students.py run --teacher $GGUF --deadline "${DEADLINE:-520}" --distill-steps "${STEPS:-60}" \
-    --set student.backend=native --reuse-evals benchmarks/results/smollm2-135m/eval --max-evals "${MAX_EVALS:-2}"
+    --set student.backend=native --reuse-evals benchmarks/results/smollm2-135m/eval --max-evals "${MAX_EVALS:-2}" \
+    --mixers "${MIXERS:-mlstm_swa,linear_swa,swa}"
   tail -n 3 runs/smollm2-135m/logs/*.log
   tar czf $OUT/students.tgz --exclude='*.safetensors' --exclude='checkpoints' --exclude='targets' --exclude='*.bin' \
     -C runs/smollm2-135m/ .

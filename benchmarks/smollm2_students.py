@@ -50,6 +50,7 @@ class Job:
         return all(p.exists() for p in self.needs)
 
 
+TRAINED = list(MIXERS)  # --mixers: the students trained (and evaluated) by this run; the others' evaluations reused
 OVERRIDES: list[str] = []  # --set values for every stage (smoke tests: tiny steps and sequences)
 EVAL_LIMIT: list[str] = []  # --limit for every evaluation (smoke tests)
 
@@ -71,21 +72,22 @@ def _targets_done() -> Path:
 
 
 def jobs(teacher: str, distill_steps: int) -> list[Job]:
-    stage1 = {m: ROOT / m / "stage1" / "model" / "config.json" for m in MIXERS}
-    stage2 = {m: ROOT / m / "stage2" / "model" / "config.json" for m in MIXERS}
+    stage1 = {m: ROOT / m / "stage1" / "model" / "config.json" for m in TRAINED}
+    stage2 = {m: ROOT / m / "stage2" / "model" / "config.json" for m in TRAINED}
     out = [
         Job("targets", _cli("targets", "mlstm_swa", teacher), _targets_done(), marker=True),
         _eval_job("teacher", teacher, []),
     ]
-    for m in MIXERS:
+    for m in TRAINED:
         out.append(Job(f"align-{m}", _cli("align", m, teacher), stage1[m]))
         out.append(Job(f"distill-{m}", _cli("distill", m, teacher, "--set", f"distill.steps={distill_steps}"), stage2[m],
                        [stage1[m], _targets_done()]))
         out.append(_eval_job(m, str(stage2[m].parent), [stage2[m]]))
         out.append(Job(f"report-{m}", _cli("report", m, teacher), ROOT / m / "report" / "held_out.json", [stage2[m]]))
-    init, mid = ROOT / "mlstm_swa" / "student-init", ROOT / "mlstm_swa" / "stage1" / "model"
-    out.append(_eval_job("mlstm_swa-converted", str(init), [init / "tokenizer_config.json"]))  # saved last
-    out.append(_eval_job("mlstm_swa-stage1", str(mid), [mid / "config.json"]))
+    if "mlstm_swa" in TRAINED:
+        init, mid = ROOT / "mlstm_swa" / "student-init", ROOT / "mlstm_swa" / "stage1" / "model"
+        out.append(_eval_job("mlstm_swa-converted", str(init), [init / "tokenizer_config.json"]))  # saved last
+        out.append(_eval_job("mlstm_swa-stage1", str(mid), [mid / "config.json"]))
     return out
 
 
@@ -127,7 +129,7 @@ def _stop(job: Job) -> None:
 def auto_steps(deadline: float) -> int:
     """Largest common Stage II step count that finishes (and is evaluated) before ``deadline`` (time.time())."""
     reached, rates = [], []
-    for m in MIXERS:
+    for m in TRAINED:
         rows = _metrics(ROOT / m / "stage2" / "metrics.jsonl")
         reached.append(rows[-1]["step"] if rows else 0)
         rates += [TOKENS_PER_STEP / r["tokens_per_s"] for r in rows[-20:]]
@@ -135,7 +137,7 @@ def auto_steps(deadline: float) -> int:
         print("auto: no Stage II metrics yet, 100 steps")
         return 100
     seconds_per_step = sorted(rates)[len(rates) // 2]
-    eval_seconds = eval_estimate() * -(-len(MIXERS) // MAX_EVALS[0])  # the three evaluations, MAX_EVALS at a time
+    eval_seconds = eval_estimate() * -(-len(TRAINED) // MAX_EVALS[0])  # the students' evaluations, MAX_EVALS at a time
     budget = deadline - time.time() - eval_seconds - 60  # 60 s: saving, loading, the last checkpoint
     steps = min(reached) + int(budget / seconds_per_step)
     steps = max(steps - steps % 20, max(reached))
@@ -169,18 +171,26 @@ def _metrics(path: Path) -> list[dict]:
 def run(teacher: str = typer.Option(...), deadline: float = typer.Option(540.0, help="Seconds from now."),
         distill_steps: str = typer.Option("auto"), overrides: list[str] = typer.Option([], "--set"),
         eval_limit: str | None = typer.Option(None), max_evals: int = typer.Option(2, help="Evaluations at a time."),
+        mixers: str = typer.Option(",".join(MIXERS), help="Students to train now (comma-separated); with "
+                                   "--reuse-evals the others' evaluations are taken from the earlier run."),
         reuse_evals: Path | None = typer.Option(None, help="Folder of earlier evaluations with the same settings: "
                                                 "the teacher's and the converted student's (no training: the "
-                                                "same models) are taken from it instead of being re-run.")) -> None:
+                                                "same models) are taken from it instead of being re-run, and those "
+                                                "of the students not in --mixers.")) -> None:
     """Run / continue all stages and evaluations until done or the deadline; then write the report if complete."""
     OVERRIDES.extend(overrides)
     MAX_EVALS[0] = max_evals
+    TRAINED[:] = [m.strip() for m in mixers.split(",") if m.strip()]
+    if not TRAINED or set(TRAINED) - set(MIXERS):
+        raise typer.BadParameter(f"--mixers takes a comma-separated subset of {', '.join(MIXERS)}; got {mixers!r}")
     EVAL_LIMIT.extend([eval_limit] if eval_limit else [])
     start = time.time()
     end = start + deadline
     (ROOT / "logs").mkdir(parents=True, exist_ok=True)
     (ROOT / "eval").mkdir(exist_ok=True)
-    for name in ("teacher", "mlstm_swa-converted"):
+    untrained = [m for m in MIXERS if m not in TRAINED]  # their Stage II (and Stage I) models: an earlier run's
+    intermediate = ["mlstm_swa-stage1"] if "mlstm_swa" in untrained else []
+    for name in ("teacher", "mlstm_swa-converted", *untrained, *intermediate):
         earlier, here = (reuse_evals / f"{name}.json") if reuse_evals else None, ROOT / "eval" / f"{name}.json"
         if earlier is not None and earlier.exists() and not here.exists():
             here.write_text(earlier.read_text())

@@ -79,9 +79,14 @@ def test_untrained_models_reuse_earlier_evaluations(driver, tmp_path, monkeypatc
         (earlier / f"{name}.json").write_text(json.dumps({"models": {name: {"eval_seconds": 1}}}))
     started = []
     monkeypatch.setattr(driver, "_start", lambda job: started.append(job.name))
-    driver.run(teacher="t.gguf", deadline=0.0, distill_steps="60", overrides=[], eval_limit=None, reuse_evals=earlier)
+    settings = dict(teacher="t.gguf", deadline=0.0, distill_steps="60", overrides=[], eval_limit=None,
+                    reuse_evals=earlier, max_evals=2)
+    driver.run(**settings, mixers="mlstm_swa,linear_swa,swa")
     assert sorted(p.name for p in (tmp_path / "eval").glob("*.json")) == ["mlstm_swa-converted.json", "teacher.json"]
     assert started == []  # deadline 0: nothing starts
+    driver.run(**settings, mixers="mlstm_swa")  # the students not trained now: their earlier evaluations
+    assert sorted(p.name for p in (tmp_path / "eval").glob("*.json")) == [
+        "mlstm_swa-converted.json", "swa.json", "teacher.json"]
 
 
 def test_marker_jobs_are_marked_done_only_on_success(driver, tmp_path, monkeypatch):
@@ -89,7 +94,8 @@ def test_marker_jobs_are_marked_done_only_on_success(driver, tmp_path, monkeypat
     monkeypatch.setattr(driver, "jobs", lambda teacher, steps: [
         driver.Job("ok", [sys.executable, "-c", "pass"], ok, marker=True),
         driver.Job("bad", [sys.executable, "-c", "raise SystemExit(3)"], bad, marker=True)])
-    driver.run(teacher="t.gguf", deadline=60.0, distill_steps="60", overrides=[], eval_limit=None, reuse_evals=None)
+    driver.run(teacher="t.gguf", deadline=60.0, distill_steps="60", overrides=[], eval_limit=None, reuse_evals=None,
+               max_evals=2, mixers="swa")
     assert ok.exists() and not bad.exists()
 
 
@@ -115,3 +121,26 @@ def test_report_evaluations_go_first_and_evaluations_respect_slots_and_deadline(
     assert names(driver.to_start(rest, [], 500)) == {"eval-mlstm_swa-stage1"}  # the report's evaluations started
     assert driver.to_start(evals, [], 50) == []  # 100 s per evaluation, 50 s left
     assert driver.to_start(evals, [jobs["eval-swa"], jobs["eval-linear_swa"]], 500) == []  # both slots taken
+
+
+def test_mixers_subset_trains_only_those_students(driver, monkeypatch):
+    monkeypatch.setattr(driver, "TRAINED", ["mlstm_swa"])
+    names = {j.name for j in driver.jobs("teacher.gguf", 60)}
+    assert names == {"targets", "eval-teacher", "align-mlstm_swa", "distill-mlstm_swa", "eval-mlstm_swa",
+                     "report-mlstm_swa", "eval-mlstm_swa-converted", "eval-mlstm_swa-stage1"}
+    monkeypatch.setattr(driver, "TRAINED", ["swa"])
+    assert not any("mlstm_swa" in j.name for j in driver.jobs("teacher.gguf", 60))
+
+
+def test_unknown_mixer_is_refused():
+    from typer.testing import CliRunner
+
+    spec = importlib.util.spec_from_file_location("students_cli", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        result = CliRunner().invoke(module.app, ["run", "--teacher", "t.gguf", "--mixers", "mlstm_swa,mamba"])
+    finally:
+        del sys.modules[spec.name]
+    assert result.exit_code != 0 and "--mixers" in result.output
