@@ -95,18 +95,20 @@ REPORT_EVALS = {f"eval-{n}" for n in ("teacher", *MIXERS)}  # the report needs t
 
 
 def to_start(pending: list[Job], running: list[Job], seconds_left: float) -> list[Job]:
-    """The ready jobs to start now: training jobs always; evaluations at most MAX_EVALS at a time, none that the
-    deadline would cut off, and those of intermediate models (converted, Stage I) only once the report's own
-    evaluations have all started (a late Stage II student must not find its slot taken)."""
+    """The ready jobs to start now: training jobs always; evaluations at most MAX_EVALS at a time and none that the
+    deadline would cut off. Intermediate models (converted, Stage I) take only slots that the report's evaluations
+    not started yet leave free (a late Stage II student must not find its slot taken)."""
     evals = sum(j.name.startswith("eval-") for j in running)
     fits = seconds_left >= eval_estimate()
-    report_waiting = any(j.name in REPORT_EVALS for j in pending)
+    reserved = sum(j.name in REPORT_EVALS for j in pending)
     out = []
     for job in (j for j in pending if j.ready()):
         if job.name.startswith("eval-"):
-            if evals >= MAX_EVALS[0] or not fits or (report_waiting and job.name not in REPORT_EVALS):
+            report = job.name in REPORT_EVALS
+            if not fits or evals + (0 if report else reserved) >= MAX_EVALS[0]:
                 continue
             evals += 1
+            reserved -= report
         out.append(job)
     return out
 
@@ -180,6 +182,8 @@ def run(teacher: str = typer.Option(...), deadline: float = typer.Option(540.0, 
     """Run / continue all stages and evaluations until done or the deadline; then write the report if complete."""
     OVERRIDES.extend(overrides)
     MAX_EVALS[0] = max_evals
+    if max_evals < 1:
+        raise typer.BadParameter(f"--max-evals must be at least 1, got {max_evals}")
     TRAINED[:] = [m.strip() for m in mixers.split(",") if m.strip()]
     if not TRAINED or set(TRAINED) - set(MIXERS):
         raise typer.BadParameter(f"--mixers takes a comma-separated subset of {', '.join(MIXERS)}; got {mixers!r}")

@@ -64,7 +64,7 @@ def test_unknown_shape_is_refused():
         inference.shape_config("gpt-5")
 
 
-def test_bench_command_on_a_checkpoint_writes_results(tmp_path):
+def test_bench_command_on_a_checkpoint_writes_results(tmp_path, monkeypatch):
     teacher_dir = tmp_path / "teacher"
     tiny_teacher().save_pretrained(teacher_dir)
     from transformers import PreTrainedTokenizerFast  # load_teacher wants a tokenizer next to the weights
@@ -92,12 +92,32 @@ def test_bench_command_on_a_checkpoint_writes_results(tmp_path):
         "--dtype", "float32", "--models", "student", "--reuse", str(out / "first.json")])
     assert result.exit_code == 0, result.output
     rows = json.loads((out / "inference.json").read_text())["rows"]
+    first = json.loads((out / "first.json").read_text())["rows"]
     fresh = [(r["model"], r["measure"], r["context"]) for r in rows if not r.get("reused")]
     assert fresh == [("student", "prefill", 16)]
-    assert {(r["model"], r["measure"], r.get("context")) for r in rows if r.get("reused")} >= {
-        ("teacher", "prefill", 16), ("student", "prefill", 32), ("student", "decode", 24)}
+    reused = sorted((r["model"], r["measure"], r.get("context") or 0) for r in rows if r.get("reused"))
+    assert reused == sorted((r["model"], r["measure"], r.get("context") or 0) for r in first
+                            if (r["model"], r["measure"], r.get("context")) != ("student", "prefill", 16))
     speedup = json.loads((out / "speedup.json").read_text())["rows"]
     assert sorted((r["measure"], r["context"]) for r in speedup) == [("decode", 24), ("prefill", 16), ("prefill", 32)]
+    # a run stopped before its second point keeps the earlier row of that point
+    (out / "second.json").write_text((out / "inference.json").read_text())
+    timed = inference.prefill_point
+
+    def stop_at_32(model, batch, context, repeats):
+        if context == 32:
+            raise KeyboardInterrupt  # the time limit of a device call
+        return timed(model, batch, context, repeats)
+
+    monkeypatch.setattr(inference, "prefill_point", stop_at_32)
+    CliRunner().invoke(app, [
+        "bench", "--model", str(teacher_dir), "--out", str(out), "--contexts", "16,32", "--batches", "1",
+        "--decode-contexts", "", "--repeats", "1", "--window", "8", "--sinks", "2", "--dtype", "float32",
+        "--models", "student", "--reuse", str(out / "second.json")])
+    rows = json.loads((out / "inference.json").read_text())["rows"]
+    student_prefill = {r["context"]: r.get("reused", False) for r in rows if r["model"] == "student"
+                       and r["measure"] == "prefill"}
+    assert student_prefill == {16: False, 32: True} and len(rows) == len(first)
     result = CliRunner().invoke(app, ["bench", "--model", str(teacher_dir), "--out", str(out), "--models", "gpt"])
     assert result.exit_code != 0 and "--models" in result.output
 

@@ -112,8 +112,12 @@ def test_report_evaluations_go_first_and_evaluations_respect_slots_and_deadline(
         (tmp_path / m / "stage2" / "model" / "config.json").write_text("{}")
     evals = [j for j in jobs.values() if j.name.startswith("eval-") and j.name != "eval-teacher"]
     names = lambda js: {j.name for j in js}  # noqa: E731
+    driver.MAX_EVALS[0] = 3
     # mlstm_swa is still in Stage II: its Stage I model is ready but must not take the third slot
     assert names(driver.to_start(evals, [], 500)) == {"eval-linear_swa", "eval-swa"}
+    driver.MAX_EVALS[0] = 4  # a slot beyond the reserved one: the Stage I model may have it
+    assert names(driver.to_start(evals, [], 500)) == {"eval-linear_swa", "eval-swa", "eval-mlstm_swa-stage1"}
+    driver.MAX_EVALS[0] = 2
     (tmp_path / "mlstm_swa" / "stage2" / "model").mkdir(parents=True)
     (tmp_path / "mlstm_swa" / "stage2" / "model" / "config.json").write_text("{}")
     assert names(driver.to_start(evals, [], 500)) == {"eval-mlstm_swa", "eval-linear_swa"}  # two slots (default)

@@ -120,9 +120,21 @@ def test_long_inputs_run_in_groups_of_heads(monkeypatch):
         grads = torch.autograd.grad(out.square().sum(), (q, k, v, i, f))
         return out, last, grads
 
+    import mlstm_kernels.torch
+
+    calls = []
+    get_kernel = mlstm_kernels.torch.get_mlstm_kernel
+
+    def counting(name):
+        kernel = get_kernel(name)
+        return lambda *args, **kwargs: calls.append(args[0].shape[:2]) or kernel(*args, **kwargs)
+
+    monkeypatch.setattr(mlstm_kernels.torch, "get_mlstm_kernel", counting)
     whole = run()
+    assert calls == [(2, 3)]
     monkeypatch.setattr(tfla, "MAX_GRID_Z", 8)  # 64 / 16 = 4 chunks -> 2 rows per call
     grouped = run()
+    assert calls[1:] == [(2, 1)] * 3
     torch.testing.assert_close(grouped[0], whole[0])
     for a, b in zip((*grouped[1], *grouped[2]), (*whole[1], *whole[2])):
         torch.testing.assert_close(a, b)

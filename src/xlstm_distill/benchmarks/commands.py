@@ -84,15 +84,15 @@ def bench(
     columns = ["model", "measure", "batch", "context", "status", "ttft_ms", "prefill_tok_s", "ms_per_token",
                "decode_tok_s", "peak_gb", "cache_gb", "cuda_graph", "graph_error", "generated", "allocated_gb", "reused"]
 
-    timed_now = {(name, measure, b, c) for name in names for measure, points in inference.planned_points(settings)
-                 for b, c in points}
-    timed_now |= {(name, "memory") for name in names if name == "student" and settings.flat_steps}
-    earlier = [] if reuse is None else [{**row, "reused": True} for row in json.loads(reuse.read_text())["rows"]
-                                        if (row["model"], row["measure"], row.get("batch"), row.get("context"))
-                                        not in timed_now and (row["model"], row["measure"]) not in timed_now]
+    earlier = [] if reuse is None else [{**row, "reused": True} for row in json.loads(reuse.read_text())["rows"]]
+
+    def point(row: dict) -> tuple:  # what a row measured; the memory rows of a model are one point
+        return (row["model"], "memory") if row["measure"] == "memory" else \
+            (row["model"], row["measure"], row.get("batch"), row.get("context"))
 
     def save(rows: list[dict]) -> None:  # after every point: an interrupted run keeps what it measured
-        rows = earlier + rows
+        measured = {point(r) for r in rows}  # earlier rows stay until this run has measured their point
+        rows = [r for r in earlier if point(r) not in measured] + rows
         write_results(out, "inference", rows, command, columns, inference.plot_inference)
         ratios = inference.speedups(rows)
         if ratios:

@@ -215,7 +215,8 @@ def planned_points(settings: BenchSettings) -> list[tuple[str, list[tuple[int, i
 
 def run_bench(models: dict[str, Callable[[], torch.nn.Module]], settings: BenchSettings,
               on_row: Callable[[list[dict]], None] | None = None) -> list[dict]:
-    """Every point for every model (one model in memory at a time). OOM points are recorded, not raised.
+    """Every point for every model (one model in memory at a time). Points that run out of memory or fail with
+    another RuntimeError (e.g. a refused kernel launch) are recorded with the error's first line, not raised.
     ``on_row`` sees the rows so far after every point (the command rewrites its result files)."""
     rows: list[dict] = []
     for name, factory in models.items():
