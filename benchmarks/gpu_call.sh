@@ -42,8 +42,9 @@ kernels)
   timeout ${MIXER_SECONDS:-200} python3 -m xlstm_distill.cli bench --out $R/mixer --shape llama3.1-8b --mixer-contexts 8k,32k --contexts '' --decode-contexts '' 2>&1 | tail -3
   cat $R/mixer/mixer.md; head -30 $R/mixer/mixer_profile.txt
   # the student only; the committed rows of the points not timed now (the teacher's, the student's decode) are kept
+  # (BENCH_MODELS, e.g. "--models teacher,student --compile-decode", replaces the default: a separate comparison)
   timeout ${BENCH_SECONDS:-270} python3 -m xlstm_distill.cli bench --out $R/llama3.1-8b --shape llama3.1-8b \
-    --models student --reuse benchmarks/results/llama3.1-8b-h100/inference.json ${BENCH_ARGS:---contexts 2k,8k,32k,64k,128k \
+    ${BENCH_MODELS:---models student --reuse benchmarks/results/llama3.1-8b-h100/inference.json} ${BENCH_ARGS:---contexts 2k,8k,32k,64k,128k \
     --batches 1,8 --max-prefill-tokens 262144 --decode-contexts 1k,16k,32k --decode-batches 1,8 --decode-steps 32 \
     --flat-steps 1024} --repeats 1 2>&1 | grep -v "point/s\]" | tail -5
   cat $R/llama3.1-8b/speedup.md $R/llama3.1-8b/inference.md

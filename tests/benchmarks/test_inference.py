@@ -146,3 +146,14 @@ def test_mixer_point_records_a_failing_kernel(monkeypatch):
     assert row["error"].startswith("hybrid_fwd_ms: Triton Error") and "; hybrid_fwd_bwd_ms: Triton" in row["error"]
     assert "hybrid_fwd_ms" not in row
     assert row["sdpa_fwd_ms"] > 0 and row["sdpa_fwd_bwd_ms"] > 0 and "fwd_bwd_speedup" not in row
+
+
+def test_compiled_teacher_decode_step_equals_eager():
+    """The teacher baseline's decode step through torch.compile (`--compile-decode`) gives the eager logits."""
+    teacher = tiny_teacher().eval()
+    ids = torch.randint(3, 100, (2, 6), generator=torch.Generator().manual_seed(0))
+    logits = []
+    for compile in (False, True):
+        decoder = inference.TeacherDecoder(teacher, batch=2, cache_len=16, start=0, use_graph=False, compile=compile)
+        logits.append(torch.stack([decoder.step(ids[:, t:t + 1]).clone() for t in range(6)]))
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)

@@ -15,14 +15,21 @@ def test_greedy_generate_equals_generate(mixer):
     assert torch.equal(greedy_generate(student, ids, 20, use_graph=False), ref)
 
 
-def test_static_step_logits_equal_full_forward_and_buffers_stay_fixed():
-    """Step logits equal the full forward past the window; the cache keeps its buffers (what a graph needs)."""
+@pytest.mark.parametrize("compile", [False, True])
+def test_static_step_logits_equal_full_forward_and_buffers_stay_fixed(compile):
+    """Step logits equal the full forward past the window; the cache keeps its buffers (what a graph needs);
+    also through torch.compile (the whole step is one graph: no break)."""
     student = student_of("mlstm_swa")
     ids = tokens(2, 30)
     with torch.no_grad():
         full = student(ids).logits
         cache = student(ids[:, :10], use_cache=True).past_key_values
-    decoder = StaticDecoder(student, cache, use_graph=False)
+    if compile:
+        explained = torch._dynamo.explain(StaticDecoder(student, cache, use_graph=False)._step)()
+        assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+        torch._dynamo.reset()
+        cache = student(ids[:, :10], use_cache=True).past_key_values
+    decoder = StaticDecoder(student, cache, use_graph=False, compile=compile)
     buffers = [t.data_ptr() for t in cache.tensors()]
     steps = [decoder.step(ids[:, t:t + 1]).clone() for t in range(10, 30)]
     torch.testing.assert_close(torch.stack(steps, 1), full[:, 10:], atol=1e-4, rtol=1e-4)
@@ -53,3 +60,16 @@ def test_bad_arguments_are_refused():
         cache = student(tokens(1, 5), use_cache=True).past_key_values
     with pytest.raises(ValueError, match="same count, shapes"):
         cache.set_tensors(cache.tensors()[:-1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_graph_step_equals_eager():
+    student = student_of("mlstm_swa").cuda()
+    ids = tokens(2, 12).cuda()
+    logits = []
+    for compile, use_graph in ((False, False), (True, True)):
+        with torch.no_grad():
+            cache = student(ids, use_cache=True).past_key_values
+        decoder = StaticDecoder(student, cache, use_graph=use_graph, compile=compile)
+        logits.append(torch.stack([decoder.step(ids[:, t:t + 1]).clone() for t in range(12)]))
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)

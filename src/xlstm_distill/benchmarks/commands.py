@@ -38,6 +38,8 @@ def bench(
     decode_batches: str = typer.Option("1,8", help="Decode batch sizes."),
     decode_steps: int = typer.Option(32, help="Timed decode steps per point."),
     flat_steps: int = typer.Option(0, help="Student tokens to decode while recording memory (0 = skip)."),
+    compile_decode: bool = typer.Option(False, help="Both models' decode steps through torch.compile (then the CUDA "
+                                                    "graph): fewer kernel launches per step, compiled per point."),
     repeats: int = typer.Option(2, help="Timed prefill repeats (after one warm-up)."),
     max_prefill_tokens: int = typer.Option(1 << 18, help="Leave out prefill points with batch x context above this."),
     mixer_contexts: str = typer.Option("", help="Also time one mixer alone (fwd, fwd+bwd) at these lengths, e.g. 8k,32k."),
@@ -74,7 +76,7 @@ def bench(
     settings = inference.BenchSettings(
         contexts=_sizes(contexts), batches=_sizes(batches), decode_contexts=_sizes(decode_contexts),
         decode_batches=_sizes(decode_batches), decode_steps=decode_steps, flat_steps=flat_steps, repeats=repeats,
-        max_prefill_tokens=max_prefill_tokens, student=student)
+        max_prefill_tokens=max_prefill_tokens, student=student, compile_decode=compile_decode)
     if not settings.contexts and not settings.decode_contexts:
         return
     if model is None:
@@ -82,7 +84,8 @@ def bench(
     else:
         factories = _checkpoint_models(model, student, dev, torch_dtype)
     columns = ["model", "measure", "batch", "context", "status", "ttft_ms", "prefill_tok_s", "ms_per_token",
-               "decode_tok_s", "peak_gb", "cache_gb", "cuda_graph", "graph_error", "generated", "allocated_gb", "reused"]
+               "decode_tok_s", "peak_gb", "cache_gb", "cuda_graph", "compiled", "graph_error", "generated", "allocated_gb",
+               "reused"]
 
     earlier = [] if reuse is None else [{**row, "reused": True} for row in json.loads(reuse.read_text())["rows"]]
 

@@ -68,6 +68,7 @@ class BenchSettings:
     repeats: int = 2
     max_prefill_tokens: int = 1 << 18  # prefill points with batch x context above this are left out
     use_graph: bool | None = None  # None: on CUDA
+    compile_decode: bool = False  # both models' decode steps through torch.compile (compiled per decode point)
     student: HybridConfig = field(default_factory=HybridConfig)
 
 
@@ -101,13 +102,14 @@ def random_models(config: PreTrainedConfig, student: HybridConfig, device: torch
 class TeacherDecoder:
     """Decode steps of a transformers model over a static cache of ``cache_len`` tokens, from position ``start``."""
 
-    def __init__(self, model: torch.nn.Module, batch: int, cache_len: int, start: int, use_graph: bool) -> None:
+    def __init__(self, model: torch.nn.Module, batch: int, cache_len: int, start: int, use_graph: bool,
+                 compile: bool = False) -> None:
         self.model = model
         self.cache = StaticCache(config=model.config, max_cache_len=cache_len)
         device = next(model.parameters()).device
         self.input_ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.position = torch.tensor([start], device=device)
-        self._run = GraphedStep(self._step, [self.position], use_graph)
+        self._run = GraphedStep(self._step, [self.position], use_graph, compile=compile)
 
     @torch.no_grad()
     def _step(self) -> torch.Tensor:
@@ -165,11 +167,12 @@ def _decode_point(model: torch.nn.Module, name: str, batch: int, context: int, s
     device = next(model.parameters()).device
     _reset_memory()
     if name == "teacher":
-        decoder = TeacherDecoder(model, batch, context + settings.decode_steps + 4, context, use_graph)
+        decoder = TeacherDecoder(model, batch, context + settings.decode_steps + 4, context, use_graph,
+                                 settings.compile_decode)
     else:
         prompt = torch.randint(model.config.vocab_size, (batch, min(context, settings.student_prefill)), device=device)
         cache = model(input_ids=prompt, use_cache=True, logits_to_keep=1).past_key_values
-        decoder = StaticDecoder(model, cache, use_graph)
+        decoder = StaticDecoder(model, cache, use_graph, settings.compile_decode)
     token = torch.randint(model.config.vocab_size, (batch, 1), device=device)
     decoder.step(token)
     sync()
@@ -180,7 +183,7 @@ def _decode_point(model: torch.nn.Module, name: str, batch: int, context: int, s
     step = (time.perf_counter() - start) / settings.decode_steps
     cache_bytes = decoder.nbytes() if name == "teacher" else decoder.cache.nbytes()
     return {"ms_per_token": 1e3 * step, "decode_tok_s": batch / step, "peak_gb": _peak_gb(),
-            "cache_gb": cache_bytes / 2**30, "cuda_graph": use_graph}
+            "cache_gb": cache_bytes / 2**30, "cuda_graph": use_graph, "compiled": settings.compile_decode}
 
 
 @torch.no_grad()

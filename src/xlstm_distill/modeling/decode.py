@@ -22,12 +22,17 @@ class GraphedStep:
     ``step`` must read its inputs from, and leave its results in, fixed tensors. ``state`` lists the tensors
     that ``step`` advances (cache, position): capture needs warm-up steps, whose effect on ``state`` is undone
     afterwards (other buffers they write, such as a static KV cache slot that the next step overwrites, are not).
+    ``compile``: the step goes through ``torch.compile`` first (fused kernels: fewer launches per step); it is
+    compiled during the warm-up (eagerly: on the first step).
     """
 
-    def __init__(self, step: Callable[[], torch.Tensor], state: list[torch.Tensor], use_graph: bool, warmup: int = 2) -> None:
-        self.step, self.graph, self.output = step, None, None
+    def __init__(self, step: Callable[[], torch.Tensor], state: list[torch.Tensor], use_graph: bool, warmup: int = 2,
+                 compile: bool = False) -> None:
+        self.step = torch.compile(step, dynamic=False) if compile else step
+        self.graph, self.output = None, None
         if not use_graph:
             return
+        step = self.step
         saved = [t.clone() for t in state]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -49,9 +54,11 @@ class GraphedStep:
 
 
 class StaticDecoder:
-    """Decode steps of a student continuing ``cache`` (filled by a prefill forward), CUDA-graphed on GPU."""
+    """Decode steps of a student continuing ``cache`` (filled by a prefill forward), CUDA-graphed on GPU,
+    optionally compiled (``torch.compile`` traces the whole step as one graph)."""
 
-    def __init__(self, model: torch.nn.Module, cache: HybridCache, use_graph: bool | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, cache: HybridCache, use_graph: bool | None = None,
+                 compile: bool = False) -> None:
         if cache.is_empty:
             raise ValueError("StaticDecoder needs a filled cache: run the prompt through the model first (use_cache=True).")
         self.model, self.cache = model, cache
@@ -59,7 +66,7 @@ class StaticDecoder:
         self.input_ids = torch.zeros(cache.doc_length.shape[0], 1, dtype=torch.long, device=cache.doc_length.device)
         seen = cache.seen_tokens
         use_graph = self.input_ids.is_cuda if use_graph is None else use_graph
-        self._run = GraphedStep(self._step, self.static, use_graph)
+        self._run = GraphedStep(self._step, self.static, use_graph, compile=compile)
         cache.seen_tokens = seen
 
     @torch.no_grad()
