@@ -40,7 +40,7 @@ kernels)
   timeout 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_cuda.py tests/modeling/test_decode.py > $R/cuda_tests.log 2>&1
   tail -n 8 $R/cuda_tests.log; grep "^E  " $R/cuda_tests.log | cut -c1-400
   timeout ${MIXER_SECONDS:-200} python3 -m xlstm_distill.cli bench --out $R/mixer --shape llama3.1-8b --mixer-contexts 8k,32k --contexts '' --decode-contexts '' 2>&1 | tail -3
-  cat $R/mixer/mixer.md; head -30 $R/mixer/mixer_profile.txt
+  cat $R/mixer/mixer.md; head -70 $R/mixer/mixer_profile.txt
   # the student only; the committed rows of the points not timed now (the teacher's, the student's decode) are kept
   # (BENCH_MODELS, e.g. "--models teacher,student --compile-decode", replaces the default: a separate comparison)
   timeout ${BENCH_SECONDS:-270} python3 -m xlstm_distill.cli bench --out $R/llama3.1-8b --shape llama3.1-8b \

@@ -83,6 +83,9 @@ def test_bench_command_on_a_checkpoint_writes_results(tmp_path, monkeypatch):
     rows = json.loads((out / "inference.json").read_text())["rows"]
     assert {r["model"] for r in rows} == {"teacher", "student"}
     assert json.loads((out / "mixer.json").read_text())["rows"][1]["seq_len"] == 64
+    profile = (out / "mixer_profile.txt").read_text()
+    assert "## forward (no gradients), 32 tokens" in profile and "## forward + backward, 32 tokens" in profile
+    assert "failed" not in profile
 
     # time only the student's 16-token prefill again, keeping every other row of the first run
     (out / "first.json").write_text((out / "inference.json").read_text())

@@ -90,29 +90,39 @@ def mixer_point(layer: HybridAttention, batch: int, seq_len: int, repeats: int =
 
 
 def profile_mixer(layer: HybridAttention, batch: int, seq_len: int, path: Path, rows: int = 25) -> None:
-    """Top kernels of one hybrid forward+backward (self time), written as a text table."""
+    """Top kernels (self time) of one hybrid forward (prefill: no gradients) and of one forward+backward (training),
+    written as two text tables."""
     from torch.profiler import ProfilerActivity, profile
 
     param = next(layer.parameters())
     leaves = [x.requires_grad_() for x in _inputs(layer, batch, seq_len, param.device, param.dtype)]
     layout = full_layout(batch, seq_len, param.device)
-    def step() -> None:
+
+    def forward() -> None:
+        layout.derived.clear()
+        with torch.no_grad():
+            layer.mix(*leaves, layout)
+
+    def forward_backward() -> None:
         layout.derived.clear()
         layer.mix(*leaves, layout).sum().backward()
 
-    try:
-        for _ in range(2):  # compile and autotune outside the profile
-            step()
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if param.is_cuda else [])
-        with profile(activities=activities) as prof:
-            step()
-            if param.is_cuda:
-                torch.cuda.synchronize()
-    except (RuntimeError, torch.OutOfMemoryError) as err:
-        path.write_text(f"profile failed: {err}\n")
-        return
-    sort = "self_cuda_time_total" if param.is_cuda else "self_cpu_time_total"
-    path.write_text(prof.key_averages().table(sort_by=sort, row_limit=rows))
+    tables = []
+    for title, step in (("forward (no gradients)", forward), ("forward + backward", forward_backward)):
+        try:
+            for _ in range(2):  # compile and autotune outside the profile
+                step()
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if param.is_cuda else [])
+            with profile(activities=activities) as prof:
+                step()
+                if param.is_cuda:
+                    torch.cuda.synchronize()
+        except (RuntimeError, torch.OutOfMemoryError) as err:
+            tables.append(f"## {title}: profile failed: {err}\n")
+            continue
+        sort = "self_cuda_time_total" if param.is_cuda else "self_cpu_time_total"
+        tables.append(f"## {title}, {seq_len} tokens\n{prof.key_averages().table(sort_by=sort, row_limit=rows)}")
+    path.write_text("\n\n".join(tables))
 
 
 def plot_mixer(rows: list[dict], path) -> None:
