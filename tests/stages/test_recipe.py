@@ -29,6 +29,7 @@ def test_run_with_experts_and_report(tmp_path):
     assert AutoModelForCausalLM.from_pretrained(out / "merged") is not None
     report = json.loads((out / "report" / "held_out.json").read_text())["rows"]
     assert set(report) == {"converted (untrained)", "after Stage I", "after Stage II", "merged experts (Stage III)"}
+    assert all({"kl_in_window", "kl_beyond_window", "tokens_beyond_window"} <= set(r) for r in report.values())
     assert (out / "report" / "held_out.png").stat().st_size > 0
 
     # re-running a finished recipe does no training again

@@ -34,6 +34,21 @@ def test_teacher_forward_keeps_packed_documents_apart():
     torch.testing.assert_close(packed, separate, atol=1e-4, rtol=1e-4)
 
 
+def test_held_out_kl_is_split_at_the_window():
+    """A window-only student equals the teacher wherever its window (+ sinks) covers the whole document prefix:
+    the KL there is 0; beyond it is not; the split averages back to the total. Packed documents restart positions."""
+    student, teacher = student_and_teacher("swa")  # window 2 + 1 sink: positions 0..2 of each document are exact
+    batches = [SyntheticPacks(seed=5).make(i) for i in range(2)]
+    result = compare_to_teacher(student, teacher, batches)
+    assert result["kl_in_window"] < 1e-6 < 1e-3 < result["kl_beyond_window"]
+    inside = result["tokens"] - result["tokens_beyond_window"]
+    assert inside == 2 * 4 * 3 * 3  # 2 batches x 4 rows x 3 documents x 3 positions (all trained: none is a last token)
+    total = (result["kl_in_window"] * inside + result["kl_beyond_window"] * result["tokens_beyond_window"]) / result["tokens"]
+    assert abs(total - result["kl"]) < 1e-6
+    full = xd.convert(teacher, xd.HybridConfig(mixer="swa", window_size=64, num_sink_tokens=1))
+    assert compare_to_teacher(full, teacher, batches)["tokens_beyond_window"] == 0  # the window covers everything
+
+
 def test_stage1_lowers_every_layer_mse(tmp_path):
     student, teacher = student_and_teacher()
     trainable = set_stage1_trainable(student)

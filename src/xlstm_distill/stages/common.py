@@ -50,9 +50,17 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def compare_to_teacher(student: torch.nn.Module, teacher: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-    """Held-out next-token CE / perplexity of student and teacher and the full-vocabulary KL(teacher || student)."""
+    """Held-out next-token CE / perplexity of student and teacher and the full-vocabulary KL(teacher || student).
+
+    For a student with a sliding window W and S sink tokens the KL is also split by where the predicting token
+    sits in its document: positions below W + S see their whole prefix through the window (``kl_in_window``),
+    later ones depend on what the student keeps of the rest (``kl_beyond_window``, the long-range part)."""
     device = next(student.parameters()).device
-    ce_s = ce_t = kl = n = 0.0
+    config = getattr(student, "config", None)
+    reach = (config.window_size + config.num_sink_tokens) if getattr(config, "uses_swa", False) else None
+    ce_s = ce_t = n = 0.0
+    kl = {"all": 0.0, "in": 0.0, "beyond": 0.0}
+    counts = {"in": 0.0, "beyond": 0.0}
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
         targets, mask = next_token_targets(batch)
@@ -61,10 +69,20 @@ def compare_to_teacher(student: torch.nn.Module, teacher: torch.nn.Module, batch
         count = float(mask.sum())
         ce_t += float(masked_mean(-logp_t.gather(-1, targets[..., None]).squeeze(-1), mask)) * count
         ce_s += float(masked_mean(-logp_s.gather(-1, targets[..., None]).squeeze(-1), mask)) * count
-        kl += float(masked_mean((logp_t.exp() * (logp_t - logp_s)).sum(-1), mask)) * count
+        per_token = (logp_t.exp() * (logp_t - logp_s)).sum(-1)  # (B, T-1)
+        kl["all"] += float((per_token * mask).sum())
+        if reach is not None:
+            inside = packed_positions(batch)[:, :-1] < reach
+            for part, where in (("in", mask & inside), ("beyond", mask & ~inside)):
+                kl[part] += float((per_token * where).sum())
+                counts[part] += float(where.sum())
         n += count
-    return {"teacher_ce": ce_t / n, "student_ce": ce_s / n, "teacher_ppl": math.exp(ce_t / n),
-            "student_ppl": math.exp(ce_s / n), "kl": kl / n, "tokens": n}
+    out = {"teacher_ce": ce_t / n, "student_ce": ce_s / n, "teacher_ppl": math.exp(ce_t / n),
+           "student_ppl": math.exp(ce_s / n), "kl": kl["all"] / n, "tokens": n}
+    if reach is not None:
+        out.update(kl_in_window=kl["in"] / max(counts["in"], 1.0),
+                   kl_beyond_window=kl["beyond"] / max(counts["beyond"], 1.0), tokens_beyond_window=counts["beyond"])
+    return out
 
 
 class PackedBatches:

@@ -258,12 +258,17 @@ class Pipeline:
         if not rows:
             raise FileNotFoundError(f"No student under {self.recipe.out}: run the recipe's stages first.")
         first = next(iter(rows.values()))
+        split = "kl_beyond_window" in first  # a windowed student: KL inside / beyond the window's reach
         table = Table(title=f"{self.recipe.name}: held-out next-token metrics ({int(first['tokens'])} tokens)")
-        for col in ("model", "perplexity", "KL(teacher || model)"):
+        columns = ["model", "perplexity", "KL(teacher || model)"]
+        columns += ["KL in window", f"KL beyond window ({int(first['tokens_beyond_window'])} tokens)"] if split else []
+        for col in columns:
             table.add_column(col, justify="right" if col != "model" else "left")
-        table.add_row(f"teacher ({self.recipe.teacher})", f"{first['teacher_ppl']:.2f}", "0")
+        teacher_row = [f"teacher ({self.recipe.teacher})", f"{first['teacher_ppl']:.2f}", "0"]
+        table.add_row(*teacher_row, *(["0", "0"] if split else []))
         for label, r in rows.items():
-            table.add_row(label, f"{r['student_ppl']:.2f}", f"{r['kl']:.4f}")
+            parts = [f"{r['kl_in_window']:.4f}", f"{r['kl_beyond_window']:.4f}"] if split else []
+            table.add_row(label, f"{r['student_ppl']:.2f}", f"{r['kl']:.4f}", *parts)
         Console().print(table)
         out = self.recipe.out / "report"
         out.mkdir(exist_ok=True)
