@@ -5,10 +5,13 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import xlstm_distill as xd
 from helpers import SyntheticPacks, teacher_samples, tiny_teacher
-from xlstm_distill.stages.align import layer_mse, make_align_step, set_stage1_trainable
+from xlstm_distill.modeling.cache import full_layout
+from xlstm_distill.stages.align import (capture_attention, layer_losses, layer_mse, make_align_step,
+                                        set_stage1_trainable)
 from xlstm_distill.stages.common import compare_to_teacher, teacher_forward
 from xlstm_distill.stages.distill import OnlineTargets, make_distill_step, set_stage2_trainable, sparse_kl
 from xlstm_distill.stages.targets import TargetMismatchError, TargetShards, write_targets
@@ -43,10 +46,29 @@ def test_held_out_kl_is_split_at_the_window():
     assert result["kl_in_window"] < 1e-6 < 1e-3 < result["kl_beyond_window"]
     inside = result["tokens"] - result["tokens_beyond_window"]
     assert inside == 2 * 4 * 3 * 3  # 2 batches x 4 rows x 3 documents x 3 positions (all trained: none is a last token)
-    total = (result["kl_in_window"] * inside + result["kl_beyond_window"] * result["tokens_beyond_window"]) / result["tokens"]
+    beyond = result["tokens_beyond_window"]
+    total = (result["kl_in_window"] * inside + result["kl_beyond_window"] * beyond) / result["tokens"]
     assert abs(total - result["kl"]) < 1e-6
     full = xd.convert(teacher, xd.HybridConfig(mixer="swa", window_size=64, num_sink_tokens=1))
     assert compare_to_teacher(full, teacher, batches)["tokens_beyond_window"] == 0  # the window covers everything
+
+
+def test_stage1_loss_can_weight_the_positions_beyond_the_window():
+    """Inside the window's reach (window 2 + 1 sink from each document start) the window-only mixer reproduces the
+    teacher attention, so all its error lies beyond; weighting those positions w rescales the mean accordingly."""
+    student, teacher = student_and_teacher("swa")
+    batch = SyntheticPacks(seed=3).make(0)  # 4 rows x 3 documents of 16 tokens: 36 positions inside, 156 beyond
+    plain = list(layer_losses(student, teacher, batch))
+    weighted = list(layer_losses(student, teacher, batch, beyond_window_weight=10.0))
+    with torch.no_grad(), capture_attention(teacher) as records:
+        teacher_forward(teacher, batch)
+    for a, b in zip(plain, weighted):
+        assert float(a) > 1e-6
+        torch.testing.assert_close(b * (36 + 10 * 156) / 10, a * (36 + 156), rtol=1e-5, atol=0)
+    layout = full_layout(4, 48, torch.device("cpu"), document_ids=batch["document_ids"])
+    out, _ = student.model.layers[0].self_attn(hidden_states=records[0]["input"],
+                                               position_embeddings=records[0]["rope"], layout=layout)
+    torch.testing.assert_close(plain[0], F.mse_loss(out, records[0]["output"]))  # weight 1: the plain MSE
 
 
 def test_stage1_lowers_every_layer_mse(tmp_path):

@@ -48,27 +48,38 @@ def set_stage1_trainable(student: HybridForCausalLM, train_projections: bool = F
     return [n for n, p in student.named_parameters() if p.requires_grad]
 
 
-def layer_losses(student: HybridForCausalLM, teacher: torch.nn.Module, batch: dict[str, torch.Tensor],
-                 autocast_dtype: torch.dtype | None = None) -> Iterator[torch.Tensor]:
-    """One teacher forward, then for every layer in turn the MSE of the student mixer on the teacher's input."""
+def layer_losses(
+    student: HybridForCausalLM, teacher: torch.nn.Module, batch: dict[str, torch.Tensor],
+    autocast_dtype: torch.dtype | None = None, beyond_window_weight: float = 1.0,
+) -> Iterator[torch.Tensor]:
+    """One teacher forward, then for every layer in turn the MSE of the student mixer on the teacher's input.
+
+    ``beyond_window_weight``: weight of the positions past the window's reach (window + sinks, counted from the
+    document start) against 1 for those inside it, where the window alone reproduces the teacher; 1 = plain MSE."""
     device = next(student.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
     with torch.no_grad(), capture_attention(teacher) as records, autocast(device, autocast_dtype):
         teacher_forward(teacher, batch)
     B, T = batch["input_ids"].shape
     layout = full_layout(B, T, device, document_ids=batch.get("document_ids"))
+    weights = torch.ones(B, T, device=device)  # (B, T)
+    if student.config.uses_swa and beyond_window_weight != 1.0:
+        reach = student.config.window_size + student.config.num_sink_tokens
+        weights = torch.where(layout.position < reach, 1.0, beyond_window_weight)
     for layer, rec in zip(student.model.layers, records):
         with autocast(device, autocast_dtype):
             out, _ = layer.self_attn(hidden_states=rec["input"], position_embeddings=rec["rope"], layout=layout)
-        yield F.mse_loss(out.float(), rec["output"].float())
+        per_position = (out.float() - rec["output"].float()).pow(2).mean(-1)  # (B, T)
+        yield (per_position * weights).sum() / weights.sum()
 
 
-def make_align_step(student: HybridForCausalLM, teacher: torch.nn.Module, autocast_dtype: torch.dtype | None = None):
+def make_align_step(student: HybridForCausalLM, teacher: torch.nn.Module, autocast_dtype: torch.dtype | None = None,
+                    beyond_window_weight: float = 1.0):
     """``step_fn`` for the trainer: per layer, MSE then backward right away (the memory of one layer)."""
 
     def step(batch: dict[str, torch.Tensor], scale: float) -> dict[str, float]:
         metrics = {}
-        for idx, mse in enumerate(layer_losses(student, teacher, batch, autocast_dtype)):
+        for idx, mse in enumerate(layer_losses(student, teacher, batch, autocast_dtype, beyond_window_weight)):
             (mse * scale).backward()
             metrics[f"layer_{idx:02d}_mse"] = mse.item()
         metrics["loss"] = sum(metrics.values())
