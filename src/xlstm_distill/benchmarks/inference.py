@@ -27,7 +27,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig, StaticCache
 from tqdm import tqdm
 
-from xlstm_distill.benchmarks.report import sync, time_call
+from xlstm_distill.benchmarks.report import first_line, sync, time_call
 from xlstm_distill.modeling import HybridConfig
 from xlstm_distill.modeling.decode import GraphedStep, StaticDecoder
 from xlstm_distill.modeling.student import HybridForCausalLM
@@ -158,7 +158,7 @@ def decode_point(model: torch.nn.Module, name: str, batch: int, context: int, se
         if not use_graph:
             raise
         row = _decode_point(model, name, batch, context, settings, False)
-        return {**row, "graph_error": str(err).splitlines()[0][:200]}
+        return {**row, "graph_error": first_line(err, 200)}
 
 
 @torch.no_grad()
@@ -241,7 +241,7 @@ def run_bench(models: dict[str, Callable[[], torch.nn.Module]], settings: BenchS
                     row["status"] = "oom"
                     failed_batches.add(batch)
                 except RuntimeError as err:  # e.g. a kernel launch refused: recorded, larger contexts skipped
-                    row["status"] = f"failed: {str(err).splitlines()[0][:160]}"
+                    row["status"] = f"failed: {first_line(err)}"
                     failed_batches.add(batch)
                 rows.append(row)
                 _reset_memory()
@@ -253,7 +253,7 @@ def run_bench(models: dict[str, Callable[[], torch.nn.Module]], settings: BenchS
                     rows += flat_memory(model, batch, settings.flat_steps, settings)
                 except (RuntimeError, torch.OutOfMemoryError) as err:  # recorded like a failed point
                     rows.append({"model": name, "measure": "memory", "batch": batch,
-                                 "status": f"failed: {str(err).splitlines()[0][:160]}"})
+                                 "status": f"failed: {first_line(err)}"})
                 if on_row is not None:
                     on_row(rows)
         del model

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaAttention
 
-from xlstm_distill.benchmarks.report import time_call
+from xlstm_distill.benchmarks.report import first_line, time_call
 from xlstm_distill.kernels import tfla
 from xlstm_distill.modeling import HybridConfig
 from xlstm_distill.modeling.attention import HybridAttention
@@ -82,7 +82,7 @@ def mixer_point(layer: HybridAttention, batch: int, seq_len: int, repeats: int =
                 row[key] = 1e3 * time_call(call, repeats=repeats, warmup=2)
             except (RuntimeError, torch.OutOfMemoryError) as err:
                 errors = [row["error"]] if "error" in row else []
-                row["error"] = "; ".join(errors + [f"{key}: {str(err).splitlines()[0][:160]}"])
+                row["error"] = "; ".join(errors + [f"{key}: {first_line(err)}"])
     for name in ("hybrid", "hybrid_tfla"):
         if f"{name}_fwd_bwd_ms" in row and "sdpa_fwd_bwd_ms" in row:
             row[f"{name.replace('hybrid', 'fwd_bwd')}_speedup"] = row["sdpa_fwd_bwd_ms"] / row[f"{name}_fwd_bwd_ms"]

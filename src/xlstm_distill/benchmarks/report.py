@@ -19,6 +19,11 @@ def environment() -> dict[str, str]:
     return {"device": device, "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
 
 
+def first_line(err: BaseException, limit: int = 160) -> str:
+    """An exception's first line, shortened: what a result row records of a failure."""
+    return str(err).splitlines()[0][:limit] if str(err) else type(err).__name__
+
+
 def sync() -> None:
     """Wait for queued CUDA work (no-op without CUDA)."""
     if torch.cuda.is_available():

@@ -78,6 +78,11 @@ class HybridConfig(PreTrainedConfig):
         return self.mixer in ("mlstm_swa", "swa", "linear_swa")
 
     @property
+    def window_reach(self) -> int | None:
+        """Tokens from a document's start that the window + sinks cover completely (None: no window)."""
+        return self.window_size + self.num_sink_tokens if self.uses_swa else None
+
+    @property
     def uses_memory(self) -> bool:
         """Whether the mixer has a recurrent (mLSTM or linear-attention) branch."""
         return self.mixer != "swa"

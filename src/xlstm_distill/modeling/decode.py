@@ -32,17 +32,16 @@ class GraphedStep:
         self.graph, self.output = None, None
         if not use_graph:
             return
-        step = self.step
         saved = [t.clone() for t in state]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(warmup):
-                step()
+                self.step()
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.output = step()
+            self.output = self.step()
         for tensor, value in zip(state, saved):
             tensor.copy_(value)
 

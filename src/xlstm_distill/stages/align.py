@@ -63,9 +63,8 @@ def layer_losses(
     B, T = batch["input_ids"].shape
     layout = full_layout(B, T, device, document_ids=batch.get("document_ids"))
     weights = torch.ones(B, T, device=device)  # (B, T)
-    if student.config.uses_swa and beyond_window_weight != 1.0:
-        reach = student.config.window_size + student.config.num_sink_tokens
-        weights = torch.where(layout.position < reach, 1.0, beyond_window_weight)
+    if student.config.window_reach is not None and beyond_window_weight != 1.0:
+        weights = torch.where(layout.position < student.config.window_reach, 1.0, beyond_window_weight)
     for layer, rec in zip(student.model.layers, records):
         with autocast(device, autocast_dtype):
             out, _ = layer.self_attn(hidden_states=rec["input"], position_embeddings=rec["rope"], layout=layout)

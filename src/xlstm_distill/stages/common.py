@@ -56,8 +56,7 @@ def compare_to_teacher(student: torch.nn.Module, teacher: torch.nn.Module, batch
     sits in its document: positions below W + S see their whole prefix through the window (``kl_in_window``),
     later ones depend on what the student keeps of the rest (``kl_beyond_window``, the long-range part)."""
     device = next(student.parameters()).device
-    config = getattr(student, "config", None)
-    reach = (config.window_size + config.num_sink_tokens) if getattr(config, "uses_swa", False) else None
+    reach = getattr(getattr(student, "config", None), "window_reach", None)
     ce_s = ce_t = n = 0.0
     kl = {"all": 0.0, "in": 0.0, "beyond": 0.0}
     counts = {"in": 0.0, "beyond": 0.0}
