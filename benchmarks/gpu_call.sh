@@ -2,8 +2,11 @@
 # One call on the lent GPU machine (device tool): set up (teacher halves, wheels, data), then one of
 #   setup     nothing more
 #   kernels   CUDA tests of the fast paths, the mixer benchmark and the Llama-3.1-8B-shape inference benchmark
+#             env MIXER_SECONDS, MIXER_CONTEXTS, BENCH_SECONDS, BENCH_MODELS, BENCH_ARGS
 #   students  issue 6: the three SmolLM2 students side by side (benchmarks/smollm2_students.py), resumable;
-#             env DEADLINE, STEPS, MAX_EVALS, MIXERS (a subset: the others' evaluations come from the committed run)
+#             env DEADLINE, STEPS, MAX_EVALS, MIXERS (a subset: the others' evaluations come from the committed run),
+#             BACKEND (student.backend, default native), SETS (more "--set key=value" for every stage; values without spaces), RUNS (the
+#             folder behind runs/smollm2-135m, default /tmp/runs-students), REUSE (earlier evaluations to reuse)
 # Carried paths: .whl (mlstm_kernels, gguf, lm_eval, datasets, dill, multiprocess wheels), .carry_a / .carry_b
 # (the two halves of the teacher GGUF), .carry_data (xz-compressed corpora and evaluation data).
 # Results go to $OUT as at most a few files (the tool returns 8).
@@ -17,7 +20,7 @@
 set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=4
 OUT=${OUT:-out}
-mkdir -p "$OUT" /tmp/smol runs /tmp/runs-students
+mkdir -p "$OUT" /tmp/smol runs
 if [ ! -d /tmp/site/mlstm_kernels ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 fi
@@ -30,16 +33,17 @@ if [ -d .carry_data ] && [ ! -f /tmp/data.done ]; then  # corpora -> runs/corpor
   touch /tmp/data.done
 fi
 [ -d /tmp/corpora ] && ln -sfn /tmp/corpora runs/corpora
-ln -sfn /tmp/runs-students runs/smollm2-135m  # outlives a call while the machine stays warm
+RUNS=${RUNS:-/tmp/runs-students}; mkdir -p "$RUNS"
+ln -sfn "$RUNS" runs/smollm2-135m  # outlives a call while the machine stays warm
 python3 -c "import torch, transformers, triton, pyarrow, fsspec, pandas; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__, 'pyarrow', pyarrow.__version__, 'fsspec', fsspec.__version__, 'pandas', pandas.__version__, torch.cuda.get_device_name())"
 python3 -c "import mlstm_kernels, lm_eval, datasets; print('lm_eval', lm_eval.__version__, 'datasets', datasets.__version__)" || echo "lm_eval/datasets import failed"
 
 case "${1:-}" in
 kernels)
   R=/tmp/r5; mkdir -p $R
-  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_cuda.py tests/modeling/test_decode.py > $R/cuda_tests.log 2>&1
-  tail -n 8 $R/cuda_tests.log; grep "^E  " $R/cuda_tests.log | cut -c1-400
-  timeout ${MIXER_SECONDS:-200} python3 -m xlstm_distill.cli bench --out $R/mixer --shape llama3.1-8b --mixer-contexts 8k,32k --contexts '' --decode-contexts '' 2>&1 | tail -3
+  timeout 180 python3 -m pytest -q -s -p no:cacheprovider tests/kernels/test_cuda.py tests/modeling/test_decode.py > $R/cuda_tests.log 2>&1
+  tail -n 8 $R/cuda_tests.log; grep -E "^E  |vs truth|native bf16" $R/cuda_tests.log | cut -c1-600
+  timeout ${MIXER_SECONDS:-200} python3 -m xlstm_distill.cli bench --out $R/mixer --shape llama3.1-8b --mixer-contexts ${MIXER_CONTEXTS:-8k,32k} --contexts '' --decode-contexts '' 2>&1 | tail -3
   cat $R/mixer/mixer.md; head -70 $R/mixer/mixer_profile.txt
   # the student only; the committed rows of the points not timed now (the teacher's, the student's decode) are kept
   # (BENCH_MODELS, e.g. "--models teacher,student --compile-decode", replaces the default: a separate comparison)
@@ -53,8 +57,8 @@ kernels)
 students)
   [ -f $GGUF ] || { echo "teacher GGUF missing: carry .carry_a then .carry_b"; exit 1; }
   python3 benchmarks/smollm2_students.py run --teacher $GGUF --deadline "${DEADLINE:-520}" --distill-steps "${STEPS:-60}" \
-    --set student.backend=native --reuse-evals benchmarks/results/smollm2-135m/eval --max-evals "${MAX_EVALS:-2}" \
-    --mixers "${MIXERS:-mlstm_swa,linear_swa,swa}"
+    --set student.backend="${BACKEND:-native}" ${SETS:-} --reuse-evals "${REUSE:-benchmarks/results/smollm2-135m/eval}" \
+    --max-evals "${MAX_EVALS:-2}" --mixers "${MIXERS:-mlstm_swa,linear_swa,swa}"
   tail -n 3 runs/smollm2-135m/logs/*.log
   tar czf $OUT/students.tgz --exclude='*.safetensors' --exclude='checkpoints' --exclude='targets' --exclude='*.bin' \
     -C runs/smollm2-135m/ .

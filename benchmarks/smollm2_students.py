@@ -259,7 +259,35 @@ def report() -> None:
     budget = _budget()
     (out / "budget.json").write_text(json.dumps(budget, indent=2))
     _plot_curve(json.loads(curve["json"].read_text()), budget, out / "learning_curve.png")
+    plot_held_out({m: ROOT / m / "report" / "held_out.json" for m in MIXERS}, out / "held_out_students.png")
     print(paths["markdown"].read_text())
+
+
+def plot_held_out(files: dict[str, Path], path: Path) -> None:
+    """Held-out KL(teacher || student) of the students after each stage: all tokens, tokens the window + sinks
+    cover, tokens beyond them (bars side by side; students whose file is missing are left out)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = {m: json.loads(f.read_text())["rows"] for m, f in files.items() if f.exists()}
+    stages = list(dict.fromkeys(stage for r in rows.values() for stage in r))  # every student's, in order
+    parts = (("kl", "all tokens"), ("kl_in_window", "inside the window"), ("kl_beyond_window", "beyond the window"))
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), sharey=True)
+    for ax, (key, title) in zip(axes, parts):
+        for n, (mixer, by_stage) in enumerate(rows.items()):
+            values = [by_stage.get(stage, {}).get(key, float("nan")) for stage in stages]
+            xs = [x + (n - (len(rows) - 1) / 2) * 0.25 for x in range(len(stages))]
+            ax.bar(xs, values, width=0.25, label=mixer)
+        ax.set_xticks(range(len(stages)), stages, fontsize=8)
+        ax.set_title(f"held-out KL, {title}", fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("KL(teacher || student), nats / token")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _subset(results: dict, models: list[str], tasks: list[str]) -> dict:

@@ -148,3 +148,24 @@ def test_unknown_mixer_is_refused():
     finally:
         del sys.modules[spec.name]
     assert result.exit_code != 0 and "--mixers" in result.output
+
+
+def test_held_out_plot_skips_missing_students_and_tolerates_unsplit_files(driver, tmp_path, monkeypatch):
+    """The students' held-out comparison: one bar group per stage; a student without a file is left out, one
+    whose file predates the window split gets NaN bars for the split (nothing raises)."""
+    bars = []
+    import matplotlib.axes
+
+    original = matplotlib.axes.Axes.bar
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar",
+                        lambda self, x, h, **kw: bars.append((kw["label"], list(h))) or original(self, x, h, **kw))
+    split = {"kl": 0.3, "kl_in_window": 0.01, "kl_beyond_window": 0.4}
+    (tmp_path / "a.json").write_text(json.dumps({"rows": {"converted": split, "after Stage I": split}}))
+    (tmp_path / "b.json").write_text(json.dumps({"rows": {"converted": {"kl": 0.2}, "after Stage I": {"kl": 0.1}}}))
+    out = tmp_path / "held_out_students.png"
+    driver.plot_held_out({"mlstm_swa": tmp_path / "a.json", "swa": tmp_path / "b.json",
+                          "linear_swa": tmp_path / "missing.json"}, out)
+    assert out.stat().st_size > 0
+    assert [label for label, _ in bars] == ["mlstm_swa", "swa"] * 3  # three panels, the missing student left out
+    assert bars[0][1] == [0.3, 0.3] and bars[1][1] == [0.2, 0.1]
+    assert bars[4][1] == [0.4, 0.4] and all(v != v for v in bars[5][1])  # beyond the window: swa has NaN

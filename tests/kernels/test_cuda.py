@@ -41,10 +41,11 @@ def _errors(out, grads, ref, ref_grads) -> dict[str, float]:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_tfla_forward_matches_native_backward_matches_its_reference(dtype):
-    """TFLA's forward is our mLSTM (native kernel in float32 = the truth). Its backward is mlstm_kernels' custom one,
-    which treats the normalizer max(|q n|, exp(-m)) as a constant: the reference is the PyTorch version of that
-    backward (`chunkwise--native_custbw`), not exact autograd (tests/kernels/test_tfla.py shows they differ)."""
+def test_tfla_forward_and_exact_backward_match_native(dtype):
+    """TFLA is our mLSTM, forward and (through the adapter's extra value column) backward: the native kernel's
+    autograd in float32 is the truth. With ``exact_backward=False`` the backward is mlstm_kernels' own, which treats
+    the normalizer max(|q n|, exp(-m)) as a constant: its reference is the PyTorch version of that backward
+    (`chunkwise--native_custbw`), and it is far from the truth on dq (tests/kernels/test_tfla.py)."""
     from mlstm_kernels.torch import get_mlstm_kernel
 
     from xlstm_distill.kernels.tfla import mlstm_tfla
@@ -55,13 +56,18 @@ def test_tfla_forward_matches_native_backward_matches_its_reference(dtype):
     v = torch.randn(B, NH, S, D, device="cuda", generator=g).to(dtype)
     i, f = torch.randn(B, NH, S, device="cuda", generator=g), torch.randn(B, NH, S, device="cuda", generator=g) + 3
     custbw = get_mlstm_kernel("chunkwise--native_custbw")
-    fast = _grads(lambda q, k, v, i, f: mlstm_tfla(q, k, v, i, f)[0], [q, k, v, i, f])
+    exact = _grads(lambda q, k, v, i, f: mlstm_tfla(q, k, v, i, f)[0], [q, k, v, i, f])
+    own = _grads(lambda q, k, v, i, f: mlstm_tfla(q, k, v, i, f, exact_backward=False)[0], [q, k, v, i, f])
     truth = _grads(lambda q, k, v, i, f: mlstm_chunkwise(q.float(), k.float(), v.float(), i,
                                                          torch.nn.functional.logsigmoid(f))[0], [q, k, v, i, f])
     reference = _grads(lambda q, k, v, i, f: custbw(q.float() * D**0.5, k.float(), v.float(), i, f, chunk_size=64),
                        [q, k, v, i, f])
-    forward, backward = _rel(fast[0], truth[0]), _errors(*fast, *reference)
-    assert forward < TOL[dtype] and all(e < 5 * TOL[dtype] for e in backward.values()), (forward, backward)
+    errors = {"exact vs truth": _errors(*exact, *truth), "own vs custbw": _errors(*own, *reference),
+              "own vs truth": _errors(*own, *truth)}
+    print(dtype, errors)
+    assert all(e < 2 * TOL[dtype] for e in errors["exact vs truth"].values()), errors  # seen: 3.1e-3 / 6e-3
+    assert all(e < 5 * TOL[dtype] for e in errors["own vs custbw"].values()), errors
+    assert errors["own vs truth"]["dq"] > 0.1, errors
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -86,8 +92,8 @@ def test_flex_forward_backward_matches_native(dtype):
 @pytest.mark.parametrize("mixer", ["mlstm_swa", "linear_swa"])
 def test_student_fast_backend_matches_native_forward_backward(mixer):
     """The whole student on CUDA, bf16: backend='tfla' (TFLA + FlexAttention) against backend='native' in float32
-    (the truth); it must be within the tolerance or no worse than twice backend='native' in bf16. The gradient is
-    compared for linear_swa only: TFLA's backward treats the mLSTM normalizer as a constant (see above)."""
+    (the truth); logits and a q_proj gradient must be within the tolerance or no worse than twice backend='native'
+    in bf16."""
     import xlstm_distill as xd
     from helpers import perturb_new_parameters, tiny_teacher
 
@@ -112,6 +118,6 @@ def test_student_fast_backend_matches_native_forward_backward(mixer):
     errors = {name: [_rel(a, b) for a, b in zip(result, truth)] for name, result in
               (("tfla", fast_bf16), ("native bf16", native_bf16))}
     (fast_out, fast_grad), (native_out, native_grad) = errors["tfla"], errors["native bf16"]
+    print(mixer, errors)
     assert fast_out < max(TOL[torch.bfloat16], 2 * native_out), errors
-    if mixer == "linear_swa":
-        assert fast_grad < max(5 * TOL[torch.bfloat16], 2 * native_grad), errors
+    assert fast_grad < max(5 * TOL[torch.bfloat16], 2 * native_grad), errors

@@ -15,7 +15,6 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaAttention
 
 from xlstm_distill.benchmarks.report import first_line, time_call
-from xlstm_distill.kernels import tfla
 from xlstm_distill.modeling import HybridConfig
 from xlstm_distill.modeling.attention import HybridAttention
 from xlstm_distill.modeling.cache import full_layout
@@ -49,9 +48,9 @@ def mixer_point(layer: HybridAttention, batch: int, seq_len: int, repeats: int =
         layout.derived.clear()  # per-forward objects are rebuilt, as in the model
         return layer.mix(q, k, v, gates, layout)
 
-    def hybrid_tfla(q, k, v, gates):  # backend 'tfla': TFLA in the backward too (normalizer taken as a constant),
-        # and FlexAttention for the SWA branch whatever the layer's backend (the forward equals 'auto''s: not timed)
-        backend, layer.backend = layer.backend, "tfla"
+    def hybrid_native(q, k, v, gates):  # backend 'native' (pure PyTorch), next to the layer's own (auto: TFLA +
+        # FlexAttention on CUDA) for the forward + backward of training
+        backend, layer.backend = layer.backend, "native"
         try:
             return hybrid(q, k, v, gates)
         finally:
@@ -62,8 +61,8 @@ def mixer_point(layer: HybridAttention, batch: int, seq_len: int, repeats: int =
 
     row = {"seq_len": seq_len, "batch": batch}
     variants = [("hybrid", hybrid), ("sdpa", sdpa)]
-    if layer.gated_memory and param.is_cuda and tfla.available():
-        variants.insert(1, ("hybrid_tfla", hybrid_tfla))
+    if layer.backend != "native" and param.is_cuda:
+        variants.insert(1, ("hybrid_native", hybrid_native))
     for name, fn in variants:
         leaves = [x.detach().requires_grad_() for x in inputs]
 
@@ -76,14 +75,14 @@ def mixer_point(layer: HybridAttention, batch: int, seq_len: int, repeats: int =
             for x in leaves:
                 x.grad = None
 
-        timed = ((f"{name}_fwd_ms", fwd),) if name != "hybrid_tfla" else ()
+        timed = ((f"{name}_fwd_ms", fwd),) if name != "hybrid_native" else ()
         for key, call in (*timed, (f"{name}_fwd_bwd_ms", fwd_bwd)):
             try:  # a failing kernel is recorded, the other measurements still run
                 row[key] = 1e3 * time_call(call, repeats=repeats, warmup=2)
             except (RuntimeError, torch.OutOfMemoryError) as err:
                 errors = [row["error"]] if "error" in row else []
                 row["error"] = "; ".join(errors + [f"{key}: {first_line(err)}"])
-    for name in ("hybrid", "hybrid_tfla"):
+    for name in ("hybrid", "hybrid_native"):
         if f"{name}_fwd_bwd_ms" in row and "sdpa_fwd_bwd_ms" in row:
             row[f"{name.replace('hybrid', 'fwd_bwd')}_speedup"] = row["sdpa_fwd_bwd_ms"] / row[f"{name}_fwd_bwd_ms"]
     return row
@@ -132,7 +131,7 @@ def plot_mixer(rows: list[dict], path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for key, style in (("hybrid_fwd_bwd_ms", "-o"), ("hybrid_tfla_fwd_bwd_ms", "-d"), ("sdpa_fwd_bwd_ms", "--s"),
+    for key, style in (("hybrid_fwd_bwd_ms", "-o"), ("hybrid_native_fwd_bwd_ms", "-d"), ("sdpa_fwd_bwd_ms", "--s"),
                        ("hybrid_fwd_ms", "-^"), ("sdpa_fwd_ms", "--v")):
         pts = [(r["seq_len"], r[key]) for r in rows if key in r]
         if pts:

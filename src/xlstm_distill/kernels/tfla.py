@@ -9,6 +9,13 @@ Its launch grid has B * NH * S / chunk programs on CUDA's third axis (at most 65
 of heads (independent of each other), e.g. 128K tokens x 32 heads in two calls.
 Document resets (packed sequences) are forget gates of -100 at the first token of a document: the old state is
 scaled by exp(-100) (0 in float32 next to the new document's terms), so the kernel needs no reset support.
+
+Exact gradient: mlstm_kernels' backward treats the normalizer max(|q n|, exp(-m)) + eps as a constant (dv is exact,
+dq, dk and the gates' gradients are not; docs/decisions.md). When q, k or the gates need a gradient, v gets a column
+of ones: the kernel's last output column is then w = q n / (normalizer + eps), and its backward differentiates that
+column as it does the others; a zero-valued term in w adds the normalizer's part of the gradient on the tokens whose
+normalizer is |q n| (`_add_normalizer_gradient`, the branch found from each token's stabilizer m). Cost: one more
+value column. The kernel still holds m constant: exact up to eps (the function depends on m only through eps).
 """
 
 from __future__ import annotations
@@ -18,13 +25,18 @@ import math
 
 import torch
 
+from xlstm_distill.kernels import mlstm
 from xlstm_distill.kernels.mlstm import MLSTMState
 
 CUDA_KERNEL = "chunkwise--triton_xl_chunk"
-CPU_KERNEL = "chunkwise--native_autograd"  # the same algorithm in PyTorch: lets the adapter be tested on CPU
+CPU_KERNEL = "chunkwise--native_custbw"  # the same algorithm and custom backward in PyTorch: tests the adapter on CPU
 PAD_INPUT_GATE, PAD_FORGET_GATE = -30.0, 30.0
 RESET_FORGET_GATE = -100.0
 MAX_GRID_Z = 65_535  # CUDA's limit on a launch grid's third dimension
+# relative error of the kernel's w = q n / (normalizer + eps): a token is on the |q n| branch where |w| reaches the
+# kink's value 1 / (1 + eps exp(m)) within it (16-bit outputs are rounded; on CUDA, float32 dots run in TF32)
+W_ERROR = {torch.float64: 1e-9, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+W_ERROR_TF32 = 3e-3
 
 
 def available() -> bool:
@@ -40,12 +52,21 @@ def mlstm_tfla(
     state: MLSTMState | None = None,
     chunk_size: int = 64,
     reset: torch.Tensor | None = None,  # (B, S) bool, True at the first token of a document
+    exact_backward: bool = True,
 ) -> tuple[torch.Tensor, MLSTMState]:
-    """Chunkwise mLSTM via `mlstm_kernels`. Returns h (B, NH, S, DHV) and the final state."""
+    """Chunkwise mLSTM via `mlstm_kernels`. Returns h (B, NH, S, DHV) and the final state. ``exact_backward=False``
+    keeps mlstm_kernels' own backward (normalizer held constant) and skips the extra value column."""
     from mlstm_kernels.torch import get_mlstm_kernel
 
     kernel = get_mlstm_kernel(CUDA_KERNEL if q.is_cuda else CPU_KERNEL)
     B, NH, S, DHQK = q.shape
+    DHV = v.shape[-1]
+    # dv is exact without it: the extra column is for the gradients of q, k and the gates
+    augment = exact_backward and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, i, f))
+    if augment:  # (B, NH, S, DHV + 1): the last output column is q n / normalizer, C's last column is n
+        v = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], -1)
+        if state is not None:
+            state = MLSTMState(torch.cat([state.C, state.n.unsqueeze(-1)], -1), state.n, state.m)
     if q.is_cuda:  # the Triton kernel takes S in {16, 32, 64} or a multiple of 128, chunks a multiple of 64
         chunk = 64 * max(1, -(-chunk_size // 64))
         pad = (1 << max(4, (S - 1).bit_length())) - S if S <= 64 else -S % math.lcm(128, chunk)
@@ -70,11 +91,40 @@ def mlstm_tfla(
         h = torch.cat([p[0] for p in parts]).view(B, NH, S + pad, -1)
         last = tuple(torch.cat([p[1][n] for p in parts]).view(B, NH, *parts[0][1][n].shape[2:]) for n in range(3))
     C, n, m = last
-    return h[:, :, :S], MLSTMState(C.float(), n.float(), m.float())
+    h = h[:, :, :S]
+    if augment:
+        h = _add_normalizer_gradient(h, _stabilizer(i[..., :S], f[..., :S], initial[2] if initial else None))
+    return h, MLSTMState(C[..., :DHV].float(), n.float(), m.float())
+
+
+def _stabilizer(
+    i: torch.Tensor,  # (B, NH, S) input gate pre-activations
+    f: torch.Tensor,  # (B, NH, S) forget gate pre-activations
+    m0: torch.Tensor | None,  # (B, NH) the initial state's stabilizer
+) -> torch.Tensor:  # (B, NH, S) float64
+    """Each token's stabilizer m_t = max(m0 + b_t, max_{s <= t} i_s + b_t - b_s), b = cumsum(logsigmoid(f)): the
+    running maximum of the log gate products that the kernel divides by."""
+    b = torch.nn.functional.logsigmoid(f.detach().double()).cumsum(-1)
+    m = b + torch.cummax(i.detach().double() - b, dim=-1).values
+    return m if m0 is None else torch.maximum(m, b + m0.double().unsqueeze(-1))
+
+
+def _add_normalizer_gradient(
+    h: torch.Tensor,  # (B, NH, S, DHV + 1) the kernel's output on v with a column of ones
+    m: torch.Tensor,  # (B, NH, S) each token's stabilizer
+) -> torch.Tensor:  # (B, NH, S, DHV)
+    """The outputs u, with the normalizer's term added to their gradient: h = N / (max(|s|, exp(-m)) + eps) has
+    dh = du - u sign(w) dw where the normalizer is |s| = |q n| (w = s / (normalizer + eps), the last column). That
+    branch is |s| >= exp(-m), i.e. |w| >= 1 / (1 + eps exp(m)). The forward value is u, unchanged."""
+    u, w = h[..., :-1], h[..., -1:]
+    error = W_ERROR_TF32 if h.is_cuda and h.dtype == torch.float32 else W_ERROR[h.dtype]
+    kink = 1 / (1 + mlstm.EPS * torch.exp(m)).unsqueeze(-1)  # |w| where |s| = exp(-m)
+    on_qn = w.detach().abs() >= kink * (1 - error)
+    return u - torch.where(on_qn, u * (w.abs() - w.abs().detach()), 0.0)
 
 
 def _call(kernel, args: tuple[torch.Tensor, ...], initial: tuple[torch.Tensor, ...], chunk: int):
     """One kernel call: h (B, NH, S, DHV) and the last (C, n, m) with m as (B, NH)."""
     states = {} if not initial else dict(c_initial=initial[0], n_initial=initial[1], m_initial=initial[2].unsqueeze(-1))
-    h, (C, n, m) = kernel(*args, return_last_states=True, chunk_size=chunk, **states)
+    h, (C, n, m) = kernel(*args, return_last_states=True, chunk_size=chunk, eps=mlstm.EPS, **states)
     return h, (C, n, m.squeeze(-1))

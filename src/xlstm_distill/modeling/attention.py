@@ -209,13 +209,13 @@ class HybridAttention(nn.Module):
         return self.backend == "tfla" or (self.backend == "auto" and q.is_cuda)
 
     def _use_tfla(self, q: torch.Tensor) -> bool:
-        """TFLA for the mLSTM branch: backend ``tfla``; ``auto`` on CUDA only without gradients (prefill, generation):
-        TFLA's backward treats the normalizer as a constant, not the exact gradient (docs/decisions.md)."""
+        """TFLA for the mLSTM branch: backend ``tfla``, or ``auto`` on CUDA when mlstm_kernels is installed (training
+        too: the adapter's extra value column makes its gradient exact, docs/decisions.md)."""
         if not self.gated_memory or self.backend == "native":
             return False
         if self.backend == "tfla":
             return True
-        if not q.is_cuda or torch.is_grad_enabled():
+        if not q.is_cuda:
             return False
         if not tfla.available():
             _log_once("backend='auto': mlstm_kernels is not installed, the mLSTM runs on the native kernel.")

@@ -30,8 +30,8 @@ class HybridConfig(PreTrainedConfig):
         chunk_size: chunk length of the chunkwise mLSTM kernel.
         backend: ``native`` (pure PyTorch, CPU or GPU), ``tfla`` (mLSTM through `mlstm_kernels`: Triton TFLA on
             CUDA, its PyTorch reference on CPU; SWA through FlexAttention, compiled on CUDA; needs
-            ``pip install 'xlstm-distill[gpu]'``) or ``auto`` (on CUDA: FlexAttention always, TFLA without
-            gradients (prefill, generation) when `mlstm_kernels` is installed; native otherwise).
+            ``pip install 'xlstm-distill[gpu]'``; exact gradient) or ``auto`` (on CUDA: FlexAttention always, TFLA
+            when `mlstm_kernels` is installed, for training too; native otherwise).
         teacher_config: the teacher's ``config.to_dict()``; filled in by :func:`xlstm_distill.convert`.
         teacher_name: where the teacher came from (hub id, folder, GGUF or embedded name).
     """
