@@ -2,7 +2,7 @@
 # One call on the lent GPU machine (device tool): set up (teacher halves, wheels, data), then one of
 #   setup     nothing more
 #   kernels   CUDA tests of the fast paths, the mixer benchmark and the Llama-3.1-8B-shape inference benchmark
-#             env MIXER_SECONDS, MIXER_CONTEXTS, BENCH_SECONDS, BENCH_MODELS, BENCH_ARGS
+#             env TEST_SECONDS, MIXER_SECONDS, MIXER_CONTEXTS, BENCH_SECONDS, BENCH_MODELS, BENCH_ARGS
 #   students  issue 6: the three SmolLM2 students side by side (benchmarks/smollm2_students.py), resumable;
 #             env DEADLINE, STEPS, MAX_EVALS, MIXERS (a subset: the others' evaluations come from the committed run),
 #             BACKEND (student.backend, default native), SETS (more "--set key=value" for every stage; values without spaces), RUNS (the
@@ -41,7 +41,7 @@ python3 -c "import mlstm_kernels, lm_eval, datasets; print('lm_eval', lm_eval.__
 case "${1:-}" in
 kernels)
   R=/tmp/r5; mkdir -p $R
-  timeout 180 python3 -m pytest -q -s -p no:cacheprovider tests/kernels/test_cuda.py tests/modeling/test_decode.py > $R/cuda_tests.log 2>&1
+  timeout ${TEST_SECONDS:-300} python3 -m pytest -q -s -p no:cacheprovider tests/kernels/test_cuda.py tests/modeling/test_decode.py > $R/cuda_tests.log 2>&1
   tail -n 8 $R/cuda_tests.log; grep -E "^E  |vs truth|native bf16" $R/cuda_tests.log | cut -c1-600
   timeout ${MIXER_SECONDS:-200} python3 -m xlstm_distill.cli bench --out $R/mixer --shape llama3.1-8b --mixer-contexts ${MIXER_CONTEXTS:-8k,32k} --contexts '' --decode-contexts '' 2>&1 | tail -3
   cat $R/mixer/mixer.md; head -70 $R/mixer/mixer_profile.txt
