@@ -120,6 +120,32 @@ def test_exact_backward_is_autograd_near_the_normalizers_kink(monkeypatch, eps, 
     assert max(rel[:3]) < 1e-5 and max(rel[3:]) < (1e-5 if eps == 0 else 2e-3), rel
 
 
+@pytest.mark.parametrize("with_state", [False, True])
+def test_exact_backward_with_signed_features_small_gates_and_a_state(with_state):
+    """Float64, features of both signs (q n < 0 happens), input gates around -1 (without a state the kernels start
+    the stabilizer at 0, so m_t >= b_t matters) and, with a state, a nonzero initial stabilizer: the exact-backward
+    path equals the native kernel's autograd (gates up to eps's dependence on m)."""
+    g = torch.Generator().manual_seed(1)
+
+    def inputs(S):
+        q, k = (0.5 * torch.randn(2, 3, S, 16, generator=g, dtype=torch.float64) for _ in range(2))
+        v = torch.randn(2, 3, S, 8, generator=g, dtype=torch.float64)
+        i = 0.3 * torch.randn(2, 3, S, generator=g, dtype=torch.float64) - 1
+        return q, k, v, i, torch.randn(2, 3, S, generator=g, dtype=torch.float64) + 3
+
+    state = None
+    if with_state:
+        q0, k0, v0, i0, f0 = inputs(40)
+        _, state = mlstm_chunkwise(q0, k0, v0, i0 + 2, torch.nn.functional.logsigmoid(f0), chunk_size=16)
+    leaves = [x.requires_grad_() for x in inputs(128)]
+    q, k, v, i, f = leaves
+    fast = torch.autograd.grad(mlstm_tfla(q, k, v, i, f, state)[0].square().sum(), leaves)
+    ref = torch.autograd.grad(mlstm_chunkwise(q, k, v, i, torch.nn.functional.logsigmoid(f), state, chunk_size=16)[0]
+                              .square().sum(), leaves)
+    rel = [float((a - b).norm() / b.norm()) for a, b in zip(fast, ref)]
+    assert max(rel[:3]) < 1e-5 and max(rel[3:]) < 2e-3, rel
+
+
 def test_normalizer_branch_is_decided_at_the_kink_of_each_token():
     """The |q n| branch is |w| >= 1 / (1 + eps exp(m)), not |w| close to 1: a token just below the kink (w = 0.998,
     m = 0) gets no normalizer term; a token with a large stabilizer (m = 12: eps exp(m) = 0.16, kink 0.86) whose

@@ -34,8 +34,11 @@ PAD_INPUT_GATE, PAD_FORGET_GATE = -30.0, 30.0
 RESET_FORGET_GATE = -100.0
 MAX_GRID_Z = 65_535  # CUDA's limit on a launch grid's third dimension
 # relative error of the kernel's w = q n / (normalizer + eps): a token is on the |q n| branch where |w| reaches the
-# kink's value 1 / (1 + eps exp(m)) within it (16-bit outputs are rounded; on CUDA, float32 dots run in TF32)
-W_ERROR = {torch.float64: 1e-9, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+# kink's value 1 / (1 + eps exp(m)) within it. A wider band gives exp(-m)-branch tokens that close to the kink the
+# other branch's gradient (measured on CPU: one such token 4e-5 below the kink put 2-5% error into the whole dq), a narrower
+# one misses |q n| tokens whose w came out below it: 16-bit outputs are rounded, on CUDA float32 dots run in TF32, and
+# where eps exp(m) is large the kernel's float32 gate sums move the kink by up to their rounding (7e-6 seen).
+W_ERROR = {torch.float64: 1e-6, torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 W_ERROR_TF32 = 3e-3
 
 
@@ -103,10 +106,11 @@ def _stabilizer(
     m0: torch.Tensor | None,  # (B, NH) the initial state's stabilizer
 ) -> torch.Tensor:  # (B, NH, S) float64
     """Each token's stabilizer m_t = max(m0 + b_t, max_{s <= t} i_s + b_t - b_s), b = cumsum(logsigmoid(f)): the
-    running maximum of the log gate products that the kernel divides by."""
+    running maximum of the log gate products that the kernel divides by. Without a state mlstm_kernels starts the
+    stabilizer at m0 = 0 (the native kernel at -inf: the same function, up to eps)."""
     b = torch.nn.functional.logsigmoid(f.detach().double()).cumsum(-1)
     m = b + torch.cummax(i.detach().double() - b, dim=-1).values
-    return m if m0 is None else torch.maximum(m, b + m0.double().unsqueeze(-1))
+    return torch.maximum(m, b + (0.0 if m0 is None else m0.double().unsqueeze(-1)))
 
 
 def _add_normalizer_gradient(
