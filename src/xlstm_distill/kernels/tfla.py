@@ -120,11 +120,11 @@ def _add_normalizer_gradient(
     """The outputs u, with the normalizer's term added to their gradient: h = N / (max(|s|, exp(-m)) + eps) has
     dh = du - u sign(w) dw where the normalizer is |s| = |q n| (w = s / (normalizer + eps), the last column). That
     branch is |s| >= exp(-m), i.e. |w| >= 1 / (1 + eps exp(m)). The forward value is u, unchanged."""
-    u, w = h[..., :-1], h[..., -1:]
+    u, w_abs = h[..., :-1], h[..., -1:].abs()
     error = W_ERROR_TF32 if h.is_cuda and h.dtype == torch.float32 else W_ERROR[h.dtype]
     kink = 1 / (1 + mlstm.EPS * torch.exp(m)).unsqueeze(-1)  # |w| where |s| = exp(-m)
-    on_qn = w.detach().abs() >= kink * (1 - error)
-    return u - torch.where(on_qn, u * (w.abs() - w.abs().detach()), 0.0)
+    on_qn = w_abs.detach() >= kink * (1 - error)
+    return u - torch.where(on_qn, u * (w_abs - w_abs.detach()), 0.0)
 
 
 def _call(kernel, args: tuple[torch.Tensor, ...], initial: tuple[torch.Tensor, ...], chunk: int):
