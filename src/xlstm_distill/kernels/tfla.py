@@ -13,9 +13,10 @@ scaled by exp(-100) (0 in float32 next to the new document's terms), so the kern
 Exact gradient: mlstm_kernels' backward treats the normalizer max(|q n|, exp(-m)) + eps as a constant (dv is exact,
 dq, dk and the gates' gradients are not; docs/decisions.md). When q, k or the gates need a gradient, v gets a column
 of ones: the kernel's last output column is then w = q n / (normalizer + eps), and its backward differentiates that
-column as it does the others; a zero-valued term in w adds the normalizer's part of the gradient on the tokens whose
-normalizer is |q n| (`_add_normalizer_gradient`, the branch found from each token's stabilizer m). Cost: one more
-value column. The kernel still holds m constant: exact up to eps (the function depends on m only through eps).
+column as it does the others; the gradient of w then carries the normalizer's part on the tokens whose normalizer is
+|q n| (`_add_normalizer_gradient`, a custom autograd function; the branch found from each token's stabilizer m).
+Cost: one more value column (docs/decisions.md has the timings). The kernel still holds m constant: exact up to
+eps (the function depends on m only through eps).
 """
 
 from __future__ import annotations
@@ -129,8 +130,8 @@ def _add_normalizer_gradient(
 
 
 class _NormalizerGradient(torch.autograd.Function):
-    """u = h[..., :-1] forward; backward du -> (du, -(du . u) c) with c = sign(w) on the |q n| branch, else 0.
-    One pass over the outputs each way (the same gradient as autograd of u - c u (|w| - |w|.detach()))."""
+    """Forward: the view u = h[..., :-1]. Backward: du -> (du, -(du . u) c) with c = sign(w) on the |q n| branch,
+    else 0, in one pass (the gradient of u - c u (|w| - |w|.detach()), without its element-wise forward work)."""
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:  # (B, NH, S, DHV + 1), (B, NH, S, 1)
