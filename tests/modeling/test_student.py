@@ -143,6 +143,18 @@ def test_teacher_weights_are_reused_and_gates_start_near_swa():
     assert not any(name in dict(teacher.named_parameters()) for name in student.new_parameter_names())
 
 
+def test_forget_gate_bias_is_configurable_and_saved(tmp_path):
+    """forget_gate_bias sets the initial forget biases, linearly over the heads, and survives save / load."""
+    student = xd.convert(tiny_teacher("llama"), xd.HybridConfig(**{**SMALL, "forget_gate_bias": (6, 9)}))
+    attn = student.model.layers[0].self_attn
+    H = attn.num_heads
+    torch.testing.assert_close(attn.gate_proj.bias[H:2 * H].detach(), torch.linspace(6.0, 9.0, H))
+    student.save_pretrained(tmp_path)
+    assert AutoConfig.from_pretrained(tmp_path).forget_gate_bias == [6.0, 9.0]
+    default = xd.convert(tiny_teacher("llama"), xd.HybridConfig(**SMALL)).model.layers[0].self_attn
+    torch.testing.assert_close(default.gate_proj.bias[H:2 * H].detach(), torch.linspace(3.0, 6.0, H))
+
+
 def test_unsupported_architecture_is_refused():
     teacher = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
     with pytest.raises(xd.UnsupportedArchitectureError, match="gpt2.*Supported families: llama"):
@@ -154,6 +166,8 @@ def test_unsupported_architecture_is_refused():
     (dict(window_size=0), "window_size must be an integer >= 1"),
     (dict(num_sink_tokens=-1), "num_sink_tokens must be"),
     (dict(backend="cuda-magic"), "backend='cuda-magic' is not supported"),
+    (dict(forget_gate_bias=[6.0, 3.0]), "forget_gate_bias must be two numbers"),
+    (dict(forget_gate_bias=[3.0]), "forget_gate_bias must be two numbers"),
 ])
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -18,10 +18,9 @@ from xlstm_distill.modeling.families import qk_norm_of
 
 logger = logging.getLogger(__name__)
 
-# Initial gate biases (see docs/decisions.md): forget gates remember long (sigmoid(3..6) = 0.95..0.998),
-# input gates start neutral, and the output gate starts near the SWA branch (sigmoid(-3) = 0.047), which alone
-# reproduces the teacher inside the window.
-FORGET_BIAS_RANGE = (3.0, 6.0)
+# Initial gate biases (see docs/decisions.md): input gates start neutral, forget gates as HybridConfig.forget_gate_bias
+# says, and the output gate starts near the SWA branch (sigmoid(-3) = 0.047), which alone reproduces the teacher
+# inside the window.
 OUTPUT_GATE_BIAS = -3.0
 
 
@@ -48,8 +47,10 @@ class FeatureMap(nn.Module):
 class GateProjection(nn.Linear):
     """Per-head scalar gates from the concatenated q, k, v head activations: [input, forget] and/or output."""
 
-    def __init__(self, in_features: int, num_heads: int, memory_gates: bool, output_gate: bool) -> None:
+    def __init__(self, in_features: int, num_heads: int, memory_gates: bool, output_gate: bool,
+                 forget_bias: tuple[float, float]) -> None:
         self.num_heads, self.memory_gates, self.output_gate = num_heads, memory_gates, output_gate
+        self.forget_bias = forget_bias  # (first head, last head)
         super().__init__(in_features, (2 * memory_gates + output_gate) * num_heads)
 
     def reset_parameters(self) -> None:
@@ -57,7 +58,7 @@ class GateProjection(nn.Linear):
         nn.init.zeros_(self.weight)
         bias = torch.zeros(2 * self.memory_gates + self.output_gate, self.num_heads)
         if self.memory_gates:
-            bias[1] = torch.linspace(*FORGET_BIAS_RANGE, self.num_heads)
+            bias[1] = torch.linspace(*self.forget_bias, self.num_heads)
         if self.output_gate:
             bias[-1] = OUTPUT_GATE_BIAS
         with torch.no_grad():
@@ -97,7 +98,7 @@ class HybridAttention(nn.Module):
             self.k_feature_map = FeatureMap(H, D, feature_dim)
         if self.num_gates:
             gate_in = (H + 2 * self.num_kv_heads) * D  # concatenated q, k, v head activations
-            self.gate_proj = GateProjection(gate_in, H, self.gated_memory, output_gate)
+            self.gate_proj = GateProjection(gate_in, H, self.gated_memory, output_gate, config.forget_gate_bias)
 
     def new_parameter_names(self) -> list[str]:
         """Names (relative to this module) of the parameters the teacher does not have."""

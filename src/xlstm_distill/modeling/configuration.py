@@ -9,7 +9,7 @@ from transformers import AutoConfig, PreTrainedConfig
 MIXERS = ("mlstm_swa", "mlstm", "swa", "linear_swa", "linear")
 BACKENDS = ("auto", "native", "tfla")
 # The student's own settings (everything except the teacher architecture).
-MIXER_FIELDS = ("mixer", "window_size", "num_sink_tokens", "feature_dim", "chunk_size", "backend")
+MIXER_FIELDS = ("mixer", "window_size", "num_sink_tokens", "feature_dim", "chunk_size", "backend", "forget_gate_bias")
 # Attributes mirrored from the teacher config so that generation utilities find them on the student config.
 MIRRORED = (
     "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -32,6 +32,8 @@ class HybridConfig(PreTrainedConfig):
             CUDA, its PyTorch reference on CPU; SWA through FlexAttention, compiled on CUDA; needs
             ``pip install 'xlstm-distill[gpu]'``; exact gradient) or ``auto`` (on CUDA: FlexAttention always, TFLA
             when `mlstm_kernels` is installed, for training too; native otherwise).
+        forget_gate_bias: initial forget-gate biases of the mLSTM mixers, spread linearly over the heads from the
+            first value to the second (default 3..6: sigmoid 0.95..0.998, memories of about 20 to 400 tokens).
         teacher_config: the teacher's ``config.to_dict()``; filled in by :func:`xlstm_distill.convert`.
         teacher_name: where the teacher came from (hub id, folder, GGUF or embedded name).
     """
@@ -46,6 +48,7 @@ class HybridConfig(PreTrainedConfig):
         feature_dim: int | None = None,
         chunk_size: int = 64,
         backend: str = "auto",
+        forget_gate_bias: tuple[float, float] | list[float] = (3.0, 6.0),
         teacher_config: dict[str, Any] | None = None,
         teacher_name: str | None = None,
         **kwargs: Any,
@@ -58,12 +61,17 @@ class HybridConfig(PreTrainedConfig):
                                  ("chunk_size", chunk_size, 1), ("feature_dim", feature_dim or 1, 1)):
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
+        if (len(forget_gate_bias) != 2 or not all(isinstance(b, (int, float)) for b in forget_gate_bias)
+                or forget_gate_bias[0] > forget_gate_bias[1]):
+            raise ValueError(f"forget_gate_bias must be two numbers [first head, last head] with first <= last, "
+                             f"got {forget_gate_bias!r}.")
         self.mixer = mixer
         self.window_size = window_size
         self.num_sink_tokens = num_sink_tokens
         self.feature_dim = feature_dim
         self.chunk_size = chunk_size
         self.backend = backend
+        self.forget_gate_bias = [float(b) for b in forget_gate_bias]
         self.teacher_config = teacher_config
         self.teacher_name = teacher_name
         if teacher_config is not None:
