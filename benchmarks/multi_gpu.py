@@ -71,14 +71,27 @@ def write_recipe(root: Path, name: str, teacher: Path, corpora: Path, shape: str
     return path
 
 
-def distill(recipe: Path, nproc: int, steps: int) -> None:
-    """``xlstm-distill distill`` in 1 process or under torchrun; then the last checkpoint is dropped (the final model
-    is saved apart, the resumed runs start from the middle one; a 1B checkpoint with AdamW states is 14 GB)."""
+def distill(recipe: Path, nproc: int) -> None:
+    """``xlstm-distill distill`` in 1 process or under torchrun (it continues from the run's latest checkpoint)."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)] if nproc > 1 else [sys.executable]
     subprocess.run([*launcher, "-m", "xlstm_distill.cli", "distill", str(recipe)], check=True, env={**os.environ, **SAFE_ENV})
-    ckpts = Path(yaml.safe_load(recipe.read_text())["out_dir"]) / "stage2" / "checkpoints"
-    shutil.rmtree(ckpts / f"step_{steps:08d}")
-    (ckpts / "latest").write_text(f"step_{steps // 2:08d}")
+
+
+def prune(run: Path, keep_step: int | None) -> None:
+    """Free a finished run's disk: its final model and every checkpoint but ``keep_step``'s (a 1.17B student's
+    checkpoint with AdamW states is about 14 GB, its model 4.7 GB; only the losses are compared)."""
+    shutil.rmtree(run / "stage2" / "model", ignore_errors=True)
+    ckpts = run / "stage2" / "checkpoints"
+    for old in ckpts.glob("step_*"):
+        if keep_step is None or int(old.name.split("_")[1]) != keep_step:
+            shutil.rmtree(old)
+    if keep_step is not None:
+        (ckpts / "latest").write_text(f"step_{keep_step:08d}")
+
+
+def finished(run: Path, steps: int) -> bool:
+    path = run / "stage2" / "metrics.jsonl"
+    return path.exists() and any(r["step"] == steps for r in rows(run))
 
 
 def rows(run: Path) -> list[dict]:
@@ -173,21 +186,26 @@ def main(out: Path = typer.Option(..., help="results folder"),
     root.mkdir(parents=True, exist_ok=True)
     teacher = root / "teacher"
     make_teacher(teacher, shape, tokenizer)
-    single = write_recipe(root, "single", teacher, corpora, shape, steps, batch)
-    if not (root / "single" / "stage2" / "model").exists():
-        distill(single, 1, steps)  # Stage I, targets and Stage II
-    for name, src, procs, half in (("sharded", None, nproc, None), (f"{nproc}-to-one", "sharded", 1, steps // 2),
-                                   (f"one-to-{nproc}", "single", nproc, steps // 2)):
+    half = steps // 2
+    # each source run, then its continuation by the other world size; pruned as soon as they are done (the peak is
+    # two checkpoints: the source's middle one and the continuation's last one)
+    for name, procs, source in (("single", 1, None), (f"one-to-{nproc}", nproc, "single"),
+                                ("sharded", nproc, None), (f"{nproc}-to-one", 1, "sharded")):
+        run = root / name
         recipe = write_recipe(root, name, teacher, corpora, shape, steps, batch // procs)
-        if (root / name / "stage2" / "model").exists():
+        if finished(run, steps):
             continue
-        if src is None:
+        if name == "sharded":  # from the single run's Stage I model and targets
+            shutil.rmtree(run, ignore_errors=True)
             for part in ("student-init", "stage1", "targets"):
-                link_tree(root / "single" / part, root / name / part)
-        else:
-            shutil.rmtree(root / name, ignore_errors=True)
-            roll_back(root / src, root / name, half)
-        distill(recipe, procs, steps)
+                link_tree(root / "single" / part, run / part)
+        elif source is not None:
+            shutil.rmtree(run, ignore_errors=True)
+            roll_back(root / source, run, half)
+        distill(recipe, procs)  # the single run makes Stage I and the targets first, or continues after a crash
+        prune(run, half if source is None else None)
+        if source is not None:
+            prune(root / source, None)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (gloo)"
     device = f"{torch.cuda.device_count()} x {device}" if torch.cuda.is_available() else device
     command = " ".join(["python", *sys.argv])

@@ -24,5 +24,15 @@ def test_tiny_shape_two_processes_match_one(tmp_path):
     assert all(d < 2e-3 for d in summary["max_rel_loss_diff"].values()), summary["max_rel_loss_diff"]
     assert all(len(losses) == 4 for losses in summary["losses"].values())
     assert summary["tokens_per_s"]["sharded"] > 0 and (out / "multi_gpu_tiny.png").stat().st_size > 0
-    ckpts = tmp_path / "runs" / "tiny" / "single" / "stage2" / "checkpoints"
-    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000002"]  # the last one dropped, the middle kept
+    runs = tmp_path / "runs" / "tiny"
+
+    def rows(name):
+        return [json.loads(line) for line in (runs / name / "stage2" / "metrics.jsonl").read_text().splitlines()]
+
+    # the continuations kept their source's first two logged steps as they were (timings included): they resumed
+    # from the step-2 checkpoint instead of starting again
+    assert rows("2-to-one")[:2] == rows("sharded")[:2] and rows("one-to-2")[:2] == rows("single")[:2]
+    assert [r["step"] for r in rows("2-to-one")] == [1, 2, 3, 4]
+    for name in ("single", "sharded", "2-to-one", "one-to-2"):  # pruned: no checkpoint, no model left
+        assert not list((runs / name / "stage2" / "checkpoints").glob("step_*"))
+        assert not (runs / name / "stage2" / "model").exists()

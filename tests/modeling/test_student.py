@@ -168,6 +168,8 @@ def test_unsupported_architecture_is_refused():
     (dict(backend="cuda-magic"), "backend='cuda-magic' is not supported"),
     (dict(forget_gate_bias=[6.0, 3.0]), "forget_gate_bias must be two numbers"),
     (dict(forget_gate_bias=[3.0]), "forget_gate_bias must be two numbers"),
+    (dict(forget_gate_bias=3.0), "forget_gate_bias must be two numbers"),
+    (dict(forget_gate_bias=[float("nan"), 1.0]), "forget_gate_bias must be two numbers"),
 ])
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):

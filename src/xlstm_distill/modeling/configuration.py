@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from transformers import AutoConfig, PreTrainedConfig
@@ -27,7 +28,8 @@ class HybridConfig(PreTrainedConfig):
         window_size: sliding-window length W (a query sees itself and the W - 1 tokens before it).
         num_sink_tokens: first tokens of every document that stay visible to all later queries.
         feature_dim: output size of the per-head feature map phi (default: the teacher's head dimension).
-        chunk_size: chunk length of the chunkwise mLSTM kernel.
+        chunk_size: chunk length of the native chunkwise mLSTM kernel (TFLA on CUDA uses the next power of two,
+            at least 128).
         backend: ``native`` (pure PyTorch, CPU or GPU), ``tfla`` (mLSTM through `mlstm_kernels`: Triton TFLA on
             CUDA, its PyTorch reference on CPU; SWA through FlexAttention, compiled on CUDA; needs
             ``pip install 'xlstm-distill[gpu]'``; exact gradient) or ``auto`` (on CUDA: FlexAttention always, TFLA
@@ -61,8 +63,9 @@ class HybridConfig(PreTrainedConfig):
                                  ("chunk_size", chunk_size, 1), ("feature_dim", feature_dim or 1, 1)):
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
-        if (len(forget_gate_bias) != 2 or not all(isinstance(b, (int, float)) for b in forget_gate_bias)
-                or forget_gate_bias[0] > forget_gate_bias[1]):
+        if (not isinstance(forget_gate_bias, (list, tuple)) or len(forget_gate_bias) != 2
+                or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b)
+                           for b in forget_gate_bias) or forget_gate_bias[0] > forget_gate_bias[1]):
             raise ValueError(f"forget_gate_bias must be two numbers [first head, last head] with first <= last, "
                              f"got {forget_gate_bias!r}.")
         self.mixer = mixer
