@@ -60,10 +60,10 @@ def mixer_point(layer: HybridAttention, batch: int, seq_len: int, repeats: int =
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
 
     row = {"seq_len": seq_len, "batch": batch}
-    variants = [("hybrid", hybrid), ("sdpa", sdpa)]
+    variants = [("hybrid", hybrid, True), ("sdpa", sdpa, True)]  # (name, function, also time the forward alone)
     if layer.backend != "native" and param.is_cuda:
-        variants.insert(1, ("hybrid_native", hybrid_native))
-    for name, fn in variants:
+        variants.insert(1, ("hybrid_native", hybrid_native, False))
+    for name, fn, time_forward in variants:
         leaves = [x.detach().requires_grad_() for x in inputs]
 
         def fwd():
@@ -75,7 +75,7 @@ def mixer_point(layer: HybridAttention, batch: int, seq_len: int, repeats: int =
             for x in leaves:
                 x.grad = None
 
-        timed = ((f"{name}_fwd_ms", fwd),) if name != "hybrid_native" else ()
+        timed = ((f"{name}_fwd_ms", fwd),) if time_forward else ()
         for key, call in (*timed, (f"{name}_fwd_bwd_ms", fwd_bwd)):
             try:  # a failing kernel is recorded, the other measurements still run
                 row[key] = 1e3 * time_call(call, repeats=repeats, warmup=2)
