@@ -143,6 +143,45 @@ def test_teacher_weights_are_reused_and_gates_start_near_swa():
     assert not any(name in dict(teacher.named_parameters()) for name in student.new_parameter_names())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_feature_map_matches_reference(dtype):
+    """The batched feature map (values and gradients) against the per-head formula in float32:
+    phi(x)_h = softmax(x_h W_h + b_h), on a transposed (non-contiguous) batch of two rows."""
+    from xlstm_distill.modeling.attention import FeatureMap
+
+    torch.manual_seed(0)
+    fmap = FeatureMap(num_heads=3, head_dim=8, feature_dim=6)
+    with torch.no_grad():
+        fmap.weight.normal_()
+        fmap.bias.normal_()
+    x = torch.randn(2, 5, 3, 8).transpose(1, 2)  # (B, NH, T, DH), as the attention's view of its projections
+    x_low = x.to(dtype).requires_grad_()
+    out = fmap.to(dtype)(x_low)
+    ref = torch.stack([torch.softmax(x_low.float()[:, h] @ fmap.weight.float()[h] + fmap.bias.float()[h], -1)
+                       for h in range(3)], dim=1)
+    tol = {} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 2e-2}
+    torch.testing.assert_close(out.float(), ref, **tol)
+    grad = torch.randn_like(ref)
+    (d_out,) = torch.autograd.grad(out.float(), x_low, grad)
+    (d_ref,) = torch.autograd.grad(ref, x_low, grad)
+    torch.testing.assert_close(d_out.float(), d_ref.float(), **tol)
+
+
+@pytest.mark.parametrize("mixer", ["mlstm_swa", "linear_swa"])
+def test_forward_under_autocast_matches_float32(mixer):
+    """The stages train under bf16 autocast on CUDA: there q leaves RoPE in float32 while the branches are bf16.
+    The same mixing on CPU autocast, against the float32 forward."""
+    student = xd.convert(tiny_teacher("llama"), xd.HybridConfig(**SMALL, mixer=mixer))
+    perturb_new_parameters(student)
+    ids = torch.randint(0, student.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = student(ids).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = student(ids).logits
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), ref, atol=0.1, rtol=0.05)
+
+
 def test_forget_gate_bias_is_configurable_and_saved(tmp_path):
     """forget_gate_bias sets the initial forget biases, linearly over the heads, and survives save / load."""
     student = xd.convert(tiny_teacher("llama"), xd.HybridConfig(**{**SMALL, "forget_gate_bias": (6, 9)}))

@@ -40,8 +40,12 @@ class FeatureMap(nn.Module):
             self.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, NH, T, DH) -> (B, NH, T, DF)
-        z = torch.einsum("bhtd,hdf->bhtf", x, self.weight.to(x.dtype)) + self.bias.to(x.dtype)[None, :, None]
-        return torch.softmax(z.float(), dim=-1).to(x.dtype)
+        """One batched matmul with the bias as its addend, then the softmax in the input's dtype: its kernels sum
+        16-bit inputs in float32, so no float32 copy of the features is made (docs/decisions.md)."""
+        B, NH, T, DH = x.shape
+        z = torch.baddbmm(self.bias.to(x.dtype).repeat(B, 1).unsqueeze(1),  # (B*NH, 1, DF)
+                          x.reshape(B * NH, T, DH), self.weight.to(x.dtype).repeat(B, 1, 1))  # (B*NH, T, DF)
+        return torch.softmax(z, dim=-1).view(B, NH, T, -1)
 
 
 class GateProjection(nn.Linear):
@@ -153,8 +157,9 @@ class HybridAttention(nn.Module):
             return memory
         if memory is None:
             return swa
-        o = torch.sigmoid(gates[:, -self.num_heads:].float()).unsqueeze(-1).to(q.dtype)  # (B, NH, T, 1)
-        return o * memory + (1 - o) * swa
+        # (B, NH, T, 1); under autocast q (after RoPE) may be float32 while the branches are 16-bit
+        o = torch.sigmoid(gates[:, -self.num_heads:].float()).unsqueeze(-1).to(swa.dtype)
+        return torch.lerp(swa, memory.to(swa.dtype), o)  # o * memory + (1 - o) * swa in one pass
 
     def _swa(self, q, k, v, layout: TokenLayout, cache: dict | None) -> torch.Tensor:
         """Sliding-window + sinks branch; fills / reads the sink and ring-buffer K/V of ``cache``."""
