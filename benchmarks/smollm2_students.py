@@ -275,11 +275,12 @@ def plot_held_out(files: dict[str, Path], path: Path) -> None:
     stages = list(dict.fromkeys(stage for r in rows.values() for stage in r))  # every student's, in order
     parts = (("kl", "all tokens"), ("kl_in_window", "inside the window"), ("kl_beyond_window", "beyond the window"))
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), sharey=True)
+    width = 0.8 / len(rows)
     for ax, (key, title) in zip(axes, parts):
         for n, (mixer, by_stage) in enumerate(rows.items()):
             values = [by_stage.get(stage, {}).get(key, float("nan")) for stage in stages]
-            xs = [x + (n - (len(rows) - 1) / 2) * 0.25 for x in range(len(stages))]
-            ax.bar(xs, values, width=0.25, label=mixer)
+            xs = [x + (n - (len(rows) - 1) / 2) * width for x in range(len(stages))]
+            ax.bar(xs, values, width=width, label=mixer)
         ax.set_xticks(range(len(stages)), stages, fontsize=8)
         ax.set_title(f"held-out KL, {title}", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
