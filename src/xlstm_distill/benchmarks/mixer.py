@@ -38,6 +38,12 @@ def _inputs(layer: HybridAttention, batch: int, seq_len: int, device: torch.devi
     return [q, k, v, gates]
 
 
+def _mix(layer: HybridAttention, layout, *inputs: torch.Tensor) -> torch.Tensor:
+    """One hybrid mixer call; the per-forward objects (block mask) are rebuilt, as in the model."""
+    layout.derived.clear()
+    return layer.mix(*inputs, layout)
+
+
 def mixer_point(layer: HybridAttention, batch: int, seq_len: int, repeats: int = 5) -> dict:
     """Forward and forward+backward milliseconds of the hybrid mixer and of causal SDPA."""
     param = next(layer.parameters())
@@ -45,8 +51,7 @@ def mixer_point(layer: HybridAttention, batch: int, seq_len: int, repeats: int =
     layout = full_layout(batch, seq_len, param.device)
 
     def hybrid(q, k, v, gates):
-        layout.derived.clear()  # per-forward objects are rebuilt, as in the model
-        return layer.mix(q, k, v, gates, layout)
+        return _mix(layer, layout, q, k, v, gates)
 
     def hybrid_native(q, k, v, gates):  # backend 'native' (pure PyTorch), next to the layer's own (auto: TFLA +
         # FlexAttention on CUDA) for the forward + backward of training
@@ -98,13 +103,11 @@ def profile_mixer(layer: HybridAttention, batch: int, seq_len: int, path: Path, 
     layout = full_layout(batch, seq_len, param.device)
 
     def forward() -> None:
-        layout.derived.clear()
         with torch.no_grad():
-            layer.mix(*leaves, layout)
+            _mix(layer, layout, *leaves)
 
     def forward_backward() -> None:
-        layout.derived.clear()
-        layer.mix(*leaves, layout).sum().backward()
+        _mix(layer, layout, *leaves).sum().backward()
 
     tables = []
     for title, step in (("forward (no gradients)", forward), ("forward + backward", forward_backward)):
