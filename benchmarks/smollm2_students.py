@@ -285,7 +285,7 @@ def plot_held_out(files: dict[str, Path], path: Path) -> None:
         ax.set_title(f"held-out KL, {title}", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel("KL(teacher || student), nats / token")
-    axes[0].legend(fontsize=8)
+    axes[1].legend(fontsize=8, loc="upper left")  # the inside-window panel is low on its left
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

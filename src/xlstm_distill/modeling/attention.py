@@ -41,7 +41,8 @@ class FeatureMap(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, NH, T, DH) -> (B, NH, T, DF)
         """One batched matmul with the bias as its addend, then the softmax in the input's dtype: its kernels sum
-        16-bit inputs in float32, so no float32 copy of the features is made (docs/decisions.md)."""
+        16-bit inputs in float32, so a bf16 model (inference) makes no float32 copy of the features; under autocast
+        the softmax runs in float32 (docs/decisions.md)."""
         B, NH, T, DH = x.shape
         z = torch.baddbmm(self.bias.to(x.dtype).repeat(B, 1).unsqueeze(1),  # (B*NH, 1, DF)
                           x.reshape(B * NH, T, DH), self.weight.to(x.dtype).repeat(B, 1, 1))  # (B*NH, T, DF)
