@@ -8,7 +8,7 @@
 #             BACKEND (student.backend, default native), SETS (more "--set key=value" for every stage; values without spaces), RUNS (the
 #             folder behind runs/smollm2-135m, default /tmp/runs-students), REUSE (earlier evaluations to reuse)
 #   multigpu  issue 7: benchmarks/multi_gpu.py (Stage II on 1 vs NPROC GPUs, resumes across them; carry .whl,
-#             .carry_tok, .carry_data); env SHAPE (default 1b), NPROC (2), STEPS (10), BATCH (16, the global batch)
+#             .carry_tok, .carry_data); env SHAPE (default llama3.2-1b), NPROC (2), STEPS (10), BATCH (16, the global batch)
 # Carried paths: .whl (mlstm_kernels, gguf, lm_eval, datasets, dill, multiprocess wheels), .carry_a / .carry_b
 # (the two halves of the teacher GGUF), .carry_data (xz-compressed corpora and evaluation data).
 # Results go to $OUT as at most a few files (the tool returns 8).
@@ -67,7 +67,7 @@ students)
     -C runs/smollm2-135m/ .
   ;;
 multigpu)
-  python3 benchmarks/multi_gpu.py --out $OUT/multi-gpu --shape "${SHAPE:-1b}" --tokenizer .carry_tok --corpora runs/corpora \
+  python3 benchmarks/multi_gpu.py --out $OUT/multi-gpu --shape "${SHAPE:-llama3.2-1b}" --tokenizer .carry_tok --corpora runs/corpora \
     --work /tmp/multi-gpu --nproc "${NPROC:-2}" --steps "${STEPS:-10}" --batch "${BATCH:-16}" 2>&1 | grep -v "it/s\]" | tail -40
   ;;
 setup) ;;  # only the set-up above (then run commands by hand in the same call)

@@ -8,9 +8,10 @@ four times from the same Stage I model and the same targets:
   one-to-n     single's checkpoint at half the steps, continued by N processes
 and the losses, tokens/s and peak memory are compared (JSON, markdown table, loss plot).
 
-    python benchmarks/multi_gpu.py --out benchmarks/results/multi-gpu --shape 1b --tokenizer T --corpora runs/corpora
+    python benchmarks/multi_gpu.py --out benchmarks/results/multi-gpu --shape llama3.2-1b --tokenizer T --corpora runs/corpora
 
-``--shape tiny`` runs the same schedule on CPU processes (gloo) in a minute (the smoke test).
+``--shape`` takes the model shapes of ``xlstm-distill bench`` (with the tokenizer's vocabulary) or ``tiny``, which runs
+the same schedule on CPU processes (gloo) in a minute (the smoke test).
 """
 
 from __future__ import annotations
@@ -25,30 +26,30 @@ from pathlib import Path
 import typer
 import yaml
 
-# Llama shapes (random weights: speed and sharding do not depend on the values)
-SHAPES = {
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-               num_key_value_heads=8, head_dim=64),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=16),
-}
+from xlstm_distill.benchmarks.inference import SHAPES as MODEL_SHAPES, shape_config
+
+# random weights (speed and sharding do not depend on the values): the benchmark's model shapes, and a tiny Llama
+TINY = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, max_position_embeddings=4096)
+SHAPES = [*MODEL_SHAPES, "tiny"]
 # NVLink multicast stays off on shared hosts (the device notes): set for every process started here
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 app = typer.Typer(add_completion=False)
 
 
 def make_teacher(folder: Path, shape: str, tokenizer_dir: Path) -> None:
-    """A random-weight Llama of ``shape`` with the tokenizer of ``tokenizer_dir``, saved as a teacher folder."""
+    """A random-weight model of ``shape`` with the tokenizer of ``tokenizer_dir`` (and its vocabulary), saved as a
+    teacher folder."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if (folder / "config.json").exists():
         return
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=4096, tie_word_embeddings=False,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **SHAPES[shape])
+    config = shape_config(shape) if shape != "tiny" else AutoConfig.for_model(**TINY)
+    config.vocab_size, config.bos_token_id, config.eos_token_id = len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     print(f"teacher {shape}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters", flush=True)
@@ -171,7 +172,7 @@ def report(out: Path, summary: dict, command: str, device: str) -> None:
 
 @app.command()
 def main(out: Path = typer.Option(..., help="results folder"),
-         shape: str = typer.Option("1b", help=f"teacher shape: {', '.join(SHAPES)}"),
+         shape: str = typer.Option("llama3.2-1b", help=f"teacher shape: {', '.join(SHAPES)}"),
          tokenizer: Path = typer.Option(..., help="a folder with the SmolLM2 tokenizer (save_pretrained)"),
          corpora: Path = typer.Option(Path("runs/corpora"), help="offline corpora (xlstm-distill data offline)"),
          work: Path = typer.Option(Path("runs/multi-gpu"), help="run folders"),
