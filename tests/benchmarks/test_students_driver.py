@@ -33,7 +33,10 @@ def test_auto_steps_gives_the_three_students_one_count_that_fits(driver, tmp_pat
     _stage2(tmp_path, "mlstm_swa", 10, 2.0)
     _stage2(tmp_path, "linear_swa", 30, 2.0)  # swa has not started Stage II
     (tmp_path / "eval" / "teacher.json").write_text(json.dumps({"models": {"teacher": {"eval_seconds": 100}}}))
-    assert driver.eval_estimate() == 100
+    assert driver.eval_estimate() == 100 + driver.STARTUP_MARGIN  # an older file: the evaluation alone, plus a margin
+    (tmp_path / "eval" / "teacher.json").write_text(
+        json.dumps({"models": {"teacher": {"eval_seconds": 80}}, "job_seconds": 100}))
+    assert driver.eval_estimate() == 100  # the whole job, recorded
     # 100 s of training left after the three evaluations (two at a time: 2 x 100 s) and the margin (60 s):
     # 50 steps at 2 s, from step 0
     steps = driver.auto_steps(time.time() + 360.5)
@@ -102,7 +105,8 @@ def test_marker_jobs_are_marked_done_only_on_success(driver, tmp_path, monkeypat
 def test_report_evaluations_go_first_and_evaluations_respect_slots_and_deadline(driver, tmp_path):
     """Session 3 lost the mlstm_swa Stage II evaluation to the Stage I one: intermediate models now wait until the
     report's evaluations have started; at most MAX_EVALS run and none starts that the deadline would cut off."""
-    (tmp_path / "eval" / "teacher.json").write_text(json.dumps({"models": {"teacher": {"eval_seconds": 100}}}))
+    (tmp_path / "eval" / "teacher.json").write_text(
+        json.dumps({"models": {"teacher": {"eval_seconds": 80}}, "job_seconds": 100}))
     jobs = {j.name: j for j in driver.jobs("teacher.gguf", 60)}
     stage1 = tmp_path / "mlstm_swa" / "stage1" / "model"
     stage1.mkdir(parents=True)
@@ -169,3 +173,19 @@ def test_held_out_plot_skips_missing_students_and_tolerates_unsplit_files(driver
     assert [label for label, _ in bars] == ["mlstm_swa", "swa"] * 3  # three panels, the missing student left out
     assert bars[0][1] == [0.3, 0.3] and bars[1][1] == [0.2, 0.1]
     assert bars[4][1] == [0.4, 0.4] and all(v != v for v in bars[5][1])  # beyond the window: swa has NaN
+
+
+def test_eval_command_records_the_whole_job_time(driver, tmp_path, monkeypatch):
+    """The eval command writes evaluate_models' result plus its whole wall time, which eval_estimate then uses."""
+    import xlstm_distill.evaluation as evaluation
+
+    calls = []
+    monkeypatch.setattr(evaluation, "evaluate_models", lambda models, tasks, **kw: calls.append((list(models), tasks))
+                        or {"models": {"m": {"eval_seconds": 1.0}}})
+    monkeypatch.setattr(driver, "STARTED", time.time() - 50)  # the process started 50 s ago
+    out = tmp_path / "eval" / "m.json"
+    driver.eval("m", "some/model", out)
+    assert calls == [(["m"], driver.TASKS)]
+    result = json.loads(out.read_text())
+    assert result["models"] == {"m": {"eval_seconds": 1.0}} and 50 <= result["job_seconds"] < 60
+    assert driver.eval_estimate() == result["job_seconds"]
