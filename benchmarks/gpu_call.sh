@@ -9,12 +9,13 @@
 #             folder behind runs/smollm2-135m, default /tmp/runs-students), REUSE (earlier evaluations to reuse)
 #   multigpu  issue 7: benchmarks/multi_gpu.py (Stage II on 1 vs NPROC GPUs, resumes across them; carry .whl,
 #             .carry_tok, .carry_data); env SHAPE (default llama3.2-1b), NPROC (2), STEPS (10), BATCH (16, the global batch)
-# Carried paths: .whl (mlstm_kernels, gguf, lm_eval, datasets, dill, multiprocess wheels), .carry_a / .carry_b
+# Carried paths: .whl (mlstm_kernels, gguf, lm_eval, datasets, dill, multiprocess, sqlitedict wheels), .carry_a / .carry_b
 # (the two halves of the teacher GGUF), .carry_data (xz-compressed corpora and evaluation data).
 # Results go to $OUT as at most a few files (the tool returns 8).
 # Making the carried folders (here, once; all three are git-ignored):
 #   .whl        pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_17_x86_64 \
-#               -d .whl mlstm-kernels==2.0.6 gguf lm_eval==0.4.13 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+#               -d .whl mlstm-kernels==2.0.6 gguf lm_eval==0.4.13 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 \
+#               sqlitedict==2.1.0
 #   .carry_a/b  split -n 2 -d SmolLM2-135M-Instruct.Q4_1.gguf .carry_a/part; mv .carry_a/part01 .carry_b/
 #   .carry_tok  the SmolLM2 tokenizer: AutoTokenizer.from_pretrained(folder, gguf_file=...).save_pretrained(".carry_tok")
 #   .carry_data corpora.tar.xz (xlstm-distill data offline --out corpora; tar of the folder "corpora") and

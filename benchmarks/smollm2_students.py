@@ -243,7 +243,8 @@ def eval(name: str, model: str, out: Path, limit: float | None = None) -> None: 
     from xlstm_distill.evaluation.harness import load_model
 
     results = evaluate_models({name: lambda: load_model(model, dtype=torch.float32)}, TASKS,
-                              limit=LIMITS if limit is None else (int(limit) if limit >= 1 else limit), batch_size=8)
+                              limit=LIMITS if limit is None else (int(limit) if limit >= 1 else limit), batch_size=8,
+                              cache_dir=ROOT / "eval-cache")  # an evaluation a deadline stopped resumes in the next call
     results["job_seconds"] = round(time.time() - STARTED, 2)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(results, indent=1))

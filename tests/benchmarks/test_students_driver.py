@@ -180,12 +180,12 @@ def test_eval_command_records_the_whole_job_time(driver, tmp_path, monkeypatch):
     import xlstm_distill.evaluation as evaluation
 
     calls = []
-    monkeypatch.setattr(evaluation, "evaluate_models", lambda models, tasks, **kw: calls.append((list(models), tasks))
-                        or {"models": {"m": {"eval_seconds": 1.0}}})
+    monkeypatch.setattr(evaluation, "evaluate_models", lambda models, tasks, **kw: calls.append(
+        (list(models), tasks, kw["cache_dir"])) or {"models": {"m": {"eval_seconds": 1.0}}})
     monkeypatch.setattr(driver, "STARTED", time.time() - 50)  # the process started 50 s ago
     out = tmp_path / "eval" / "m.json"
     driver.eval("m", "some/model", out)
-    assert calls == [(["m"], driver.TASKS)]
+    assert calls == [(["m"], driver.TASKS, tmp_path / "eval-cache")]
     result = json.loads(out.read_text())
     assert result["models"] == {"m": {"eval_seconds": 1.0}} and 50 <= result["job_seconds"] < 60
     assert driver.eval_estimate() == result["job_seconds"]

@@ -152,3 +152,35 @@ def test_results_of_separate_runs_combine(evaluated, tmp_path):
         combine_results([parts[0], parts[0]])
     with pytest.raises(ValueError, match="setting 'limit'"):
         combine_results([parts[0], {**parts[1], "settings": {**results["settings"], "limit": 7}}])
+
+
+def test_cache_resumes_an_interrupted_evaluation_and_follows_the_model(tokenizer, tmp_path, monkeypatch):
+    """With ``cache_dir`` answers are kept as they are computed: a rerun computes only what is missing (here: an
+    evaluation stopped after 3 of 5 documents per task) and scores as a fresh run; changed weights get a new cache."""
+    from lm_eval.models.huggingface import HFLM
+
+    from xlstm_distill.evaluation.harness import fingerprint
+
+    model = tiny_model(0)
+    settings = dict(batch_size=4, max_length=512)
+    evaluate_models({"m": (model, tokenizer)}, TASKS, limit=3, cache_dir=tmp_path / "cache", **settings)
+    computed = []
+    original = HFLM._loglikelihood_tokens
+
+    def counting(self, requests, *args, **kwargs):
+        computed.append(len(requests))
+        return original(self, requests, *args, **kwargs)
+
+    monkeypatch.setattr(HFLM, "_loglikelihood_tokens", counting)
+    resumed = evaluate_models({"m": (model, tokenizer)}, TASKS, limit=5, cache_dir=tmp_path / "cache", **settings)
+    resumed_requests, computed[:] = sum(computed), []
+    fresh = evaluate_models({"m": (model, tokenizer)}, TASKS, limit=5, **settings)
+    assert resumed["models"]["m"]["scores"] == fresh["models"]["m"]["scores"]
+    assert 0 < resumed_requests < sum(computed)  # only the last 2 documents' answers were computed
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+    before = fingerprint(model)
+    with torch.no_grad():
+        next(model.parameters()).add_(1e-3)
+    assert fingerprint(model) != before
+    evaluate_models({"m": (model, tokenizer)}, TASKS, limit=3, cache_dir=tmp_path / "cache", **settings)
+    assert len(list((tmp_path / "cache").iterdir())) == 2  # the changed model did not reuse the old answers

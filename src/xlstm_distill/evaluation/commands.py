@@ -88,6 +88,11 @@ def evaluate(
         bool, typer.Option("--chat-template/--no-chat-template", help="Apply the tokenizer's chat template.")
     ] = False,
     output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="Where the report goes.")] = Path("runs/eval"),
+    cache_dir: Annotated[
+        Optional[Path],
+        typer.Option(help="Keep every model's answers here as they are computed, so that a rerun with the same "
+                     "folder resumes an interrupted evaluation (lm-eval's request cache, one file per model version)."),
+    ] = None,
     device: Annotated[Optional[str], typer.Option(help="cuda, cuda:1, cpu (default: cuda if available).")] = None,
     dtype: Annotated[
         Optional[str], typer.Option(help="Weights dtype for every model (default bfloat16 on GPU, float32 on CPU).")
@@ -143,7 +148,7 @@ def evaluate(
         results = evaluate_models(
             models, task_list, num_fewshot=shot_overrides or None, limit=lim, batch_size=bs, max_length=max_length,
             apply_chat_template=chat_template, output_dir=output_dir, metrics=metrics or None,
-            max_gen_toks=max_gen_toks, device=device,
+            max_gen_toks=max_gen_toks, device=device, cache_dir=cache_dir,
         )
     except (ValueError, FileNotFoundError, OSError) as err:
         raise _fail(str(err)) from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
 import json
 import logging
 import math
@@ -245,6 +246,7 @@ def evaluate_models(
     fewshot_seed: int = 1234,
     bootstrap_iters: int = 1000,
     log_samples: bool = False,
+    cache_dir: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Evaluate every model on the same tasks with identical lm-eval settings.
 
@@ -268,6 +270,9 @@ def evaluate_models(
         fewshot_seed: seed of the few-shot sampler (same examples for every model).
         bootstrap_iters: bootstrap iterations for stderrs of non-mean metrics (e.g. perplexity).
         log_samples: keep per-document outputs in the lm-eval JSON files.
+        cache_dir: if given, every model's answers are kept there as they are computed (lm-eval's request cache,
+            one SQLite file per model and parameter fingerprint), so an interrupted evaluation resumes where it
+            stopped; a model whose parameters changed gets a new file.
 
     Returns a JSON-serializable dict ``{"settings", "models": {name: {"scores", "stderr", "metrics", ...}},
     "versions"}`` for :func:`xlstm_distill.evaluation.write_report`.
@@ -319,6 +324,10 @@ def evaluate_models(
             source = str(getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__)
         log.info("Evaluating %s (%s) on %s", name, source, ", ".join(prepared.report_tasks))
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+        cache = None
+        if cache_dir is not None:
+            Path(cache_dir).mkdir(parents=True, exist_ok=True)
+            cache = str(Path(cache_dir) / f"{_safe_name(name)}-{fingerprint(model)}")  # lm-eval adds "_rank0.db"
         raw: dict[str, Any] = {}
         for task_limit, items in limits.items():  # one lm-eval run per distinct limit
             with _offline_env(prepared.offline):
@@ -336,6 +345,7 @@ def evaluate_models(
                     numpy_random_seed=1234,
                     torch_random_seed=1234,
                     fewshot_random_seed=fewshot_seed,
+                    use_cache=cache,
                 )
             raw = _merge_raw(raw, part)
         seconds = time.perf_counter() - t0
@@ -406,6 +416,19 @@ def _summarize_raw(raw: Mapping[str, Any], report_tasks: list[str], overrides: M
                 count = count.get(key)
             n_samples[task] = _json_safe(count)
     return {"scores": scores, "stderr": stderr, "metrics": all_metrics, "n_samples": n_samples}
+
+
+def fingerprint(model: Any) -> str:
+    """A short hash of a model's parameters (name, shape, dtype, sum and sum of squares of each): the request cache
+    of one version of a model is not used for another."""
+    import torch
+
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            sums = (p.sum(dtype=torch.float64).item(), p.square().sum(dtype=torch.float64).item())
+            digest.update(f"{name}{tuple(p.shape)}{p.dtype}{sums}".encode())
+    return digest.hexdigest()[:16]
 
 
 def _safe_name(name: str) -> str:
