@@ -14,6 +14,7 @@ and be evaluated before the deadline (measured step rate and teacher evaluation 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -244,7 +245,8 @@ def eval(name: str, model: str, out: Path, limit: float | None = None) -> None: 
 
     results = evaluate_models({name: lambda: load_model(model, dtype=torch.float32)}, TASKS,
                               limit=LIMITS if limit is None else (int(limit) if limit >= 1 else limit), batch_size=8,
-                              cache_dir=ROOT / "eval-cache")  # an evaluation a deadline stopped resumes in the next call
+                              # an evaluation a deadline stopped resumes in the next call (lm-eval's cache needs sqlitedict)
+                              cache_dir=ROOT / "eval-cache" if importlib.util.find_spec("sqlitedict") else None)
     results["job_seconds"] = round(time.time() - STARTED, 2)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(results, indent=1))
