@@ -293,6 +293,9 @@ def evaluate_models(
         raise ValueError(f"Metric overrides for tasks that are not evaluated: {sorted(unknown_metrics)}.")
     gen_kwargs = {"max_gen_toks": int(max_gen_toks)} if max_gen_toks else None
     out_dir = Path(output_dir) if output_dir is not None else None
+    cache_root = Path(cache_dir) if cache_dir is not None else None
+    if cache_root is not None:
+        cache_root.mkdir(parents=True, exist_ok=True)
 
     settings = {
         "tasks": prepared.report_tasks,
@@ -324,10 +327,8 @@ def evaluate_models(
             source = str(getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__)
         log.info("Evaluating %s (%s) on %s", name, source, ", ".join(prepared.report_tasks))
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
-        cache = None
-        if cache_dir is not None:
-            Path(cache_dir).mkdir(parents=True, exist_ok=True)
-            cache = str(Path(cache_dir) / f"{_safe_name(name)}-{fingerprint(model)}")  # lm-eval adds "_rank0.db"
+        # lm-eval appends "_rank0.db" to the cache's path
+        cache = None if cache_root is None else str(cache_root / f"{_safe_name(name)}-{fingerprint(model)}")
         raw: dict[str, Any] = {}
         for task_limit, items in limits.items():  # one lm-eval run per distinct limit
             with _offline_env(prepared.offline):
