@@ -93,6 +93,25 @@ def test_flex_forward_backward_matches_native(dtype, packed):
         assert _rel(a, b) < 5 * TOL[dtype]
 
 
+def test_flex_serves_many_lengths_and_windows_compiled():
+    """One process meeting many sequence lengths (evaluation, generation with varied prompts) and two windows (two
+    models): after 12 lengths (forward and backward) per window, a 64K call still compiles, runs fused and matches the
+    native kernel. Unfused, FlexAttention would materialize 8 x 64K x 64K float32 scores (128 GiB)."""
+    from xlstm_distill.kernels.flex import causal_swa_block_mask, swa_sinks_flex
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for window in (512, 128):
+        for T in [*range(100, 1300, 100), 65536]:
+            q = torch.randn(1, 8, T, 64, device="cuda", generator=g, dtype=torch.bfloat16, requires_grad=T < 65536)
+            k, v = (torch.randn(1, 2, T, 64, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2))
+            out = swa_sinks_flex(q, k, v, causal_swa_block_mask(T, window, 4, q.device), 64**-0.5)
+            if q.requires_grad:
+                out.float().sum().backward()
+                assert torch.isfinite(q.grad).all()
+        ref = swa_sinks_attention(q, k, v, torch.zeros(1, T, dtype=torch.long, device="cuda"), window, 4, 64**-0.5)
+        assert _rel(out, ref) < TOL[torch.bfloat16], window
+
+
 @pytest.mark.parametrize("mixer", ["mlstm_swa", "linear_swa"])
 def test_student_fast_backend_matches_native_forward_backward(mixer):
     """The whole student on CUDA, bf16: backend='tfla' (TFLA + FlexAttention) against backend='native' in float32

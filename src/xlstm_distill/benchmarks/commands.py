@@ -58,7 +58,7 @@ def bench(
     torch_dtype, dev = DTYPES[dtype], torch.device(device)
     student = HybridConfig(window_size=window, num_sink_tokens=sinks, backend=backend)
     command = "xlstm-distill bench " + shlex.join(sys.argv[2:])
-    torch._dynamo.config.cache_size_limit = 64  # one FlexAttention compilation per sequence length
+    torch._dynamo.config.cache_size_limit = 64  # --compile-decode: one compiled decode step per point (static shapes)
     names = [m.strip() for m in models.split(",") if m.strip()]
     if not names or set(names) - {"teacher", "student"}:
         raise typer.BadParameter(f"--models takes a comma-separated subset of teacher, student; got {models!r}")

@@ -45,7 +45,10 @@ def _mix(layer: HybridAttention, layout, *inputs: torch.Tensor) -> torch.Tensor:
 
 
 def mixer_point(layer: HybridAttention, batch: int, seq_len: int, repeats: int = 5) -> dict:
-    """Forward and forward+backward milliseconds of the hybrid mixer and of causal SDPA."""
+    """Forward and forward+backward milliseconds of the hybrid mixer and of causal SDPA. Compiled kernels start
+    afresh at each length, as in training at that length: a second length would get FlexAttention's symbolic-length
+    kernels (docs/decisions.md)."""
+    torch._dynamo.reset()
     param = next(layer.parameters())
     inputs = _inputs(layer, batch, seq_len, param.device, param.dtype)
     layout = full_layout(batch, seq_len, param.device)
@@ -95,9 +98,10 @@ def mixer_point(layer: HybridAttention, batch: int, seq_len: int, repeats: int =
 
 def profile_mixer(layer: HybridAttention, batch: int, seq_len: int, path: Path, rows: int = 25) -> None:
     """Top kernels (self time) of one hybrid forward (prefill: no gradients) and of one forward+backward (training),
-    written as two text tables."""
+    written as two text tables (kernels compiled afresh for this length, as in ``mixer_point``)."""
     from torch.profiler import ProfilerActivity, profile
 
+    torch._dynamo.reset()
     param = next(layer.parameters())
     leaves = [x.requires_grad_() for x in _inputs(layer, batch, seq_len, param.device, param.dtype)]
     layout = full_layout(batch, seq_len, param.device)

@@ -73,9 +73,8 @@ def load_model(ref: str | os.PathLike, device: str | None = None, dtype: Any = N
     """Load ``(model, tokenizer)``: embedded teacher names and ``.gguf`` files go through
     :func:`xlstm_distill.load_teacher`; folders and hub ids through ``AutoModelForCausalLM.from_pretrained``.
 
-    Hybrid students run with ``student_backend``: lm-eval batches have a new length almost every batch, and the
-    compiled FlexAttention of the ``tfla`` backend would recompile for each; the native kernels compute the same
-    function (tests/kernels/test_cuda.py) without compiling."""
+    Hybrid students run with ``student_backend``: lm-eval batches have a new length almost every batch; the native
+    kernels compute the same function as the fast ones (tests/kernels/test_cuda.py) with nothing to compile."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 

@@ -7,11 +7,21 @@ batch, so it is built once per forward and shared by every layer (``block_mask``
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+
+def _variants() -> contextlib.AbstractContextManager:
+    """Each dtype, window, batch layout and grad mode is one more compiled variant; past dynamo's default recompile
+    limit (8) a call runs unfused (T x T scores), so the compiled FlexAttention calls get a larger one (nothing to
+    change inside a model that the user compiles as a whole)."""
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return torch._dynamo.config.patch(cache_size_limit=64)
 
 
 def _block_mask(window: int, num_sinks: int, T: int, device: torch.device,
@@ -28,7 +38,8 @@ def _block_mask(window: int, num_sinks: int, T: int, device: torch.device,
 
     B = None if doc_start is None else doc_start.shape[0]
     # compiled on CUDA: eager evaluation materializes all T x T mask values (hopeless at 64K+)
-    return create_block_mask(mask_mod, B, None, T, T, device=device, _compile=device.type == "cuda")
+    with _variants():
+        return create_block_mask(mask_mod, B, None, T, T, device=device, _compile=device.type == "cuda")
 
 
 def swa_block_mask(doc_start: torch.Tensor, window: int, num_sinks: int) -> BlockMask:
@@ -45,7 +56,15 @@ def causal_swa_block_mask(seq_len: int, window: int, num_sinks: int, device: tor
 
 @functools.cache
 def _compiled():
-    return torch.compile(flex_attention, dynamic=False)
+    """Compiled for the first length seen, then (from the second) with a symbolic length that serves every later one.
+    With ``dynamic=False`` each new length compiled again (about 6 s) and after dynamo's recompile limit the call ran
+    unfused, materializing (B, NH, T, T) scores: out of memory at 32K (benchmarks/flex_lengths.py, docs/decisions.md)."""
+    return torch.compile(flex_attention, dynamic=None)
+
+
+# Inductor picks its FlexAttention decoding kernel for queries shorter than 128 tokens, and has no config of it for a
+# symbolic length (NoValidChoicesError on the H100, torch 2.11); one-token decode steps do not come here.
+_KERNEL_OPTIONS = {"FORCE_USE_FLEX_ATTENTION": True}
 
 
 def swa_sinks_flex(
@@ -57,7 +76,9 @@ def swa_sinks_flex(
 ) -> torch.Tensor:
     """Returns (B, NH, T, DV) in the dtype of v."""
     if q.is_cuda:
-        return _compiled()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+        with _variants():
+            return _compiled()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
+                               kernel_options=_KERNEL_OPTIONS)
     with warnings.catch_warnings():  # eager FlexAttention warns that it is not compiled: intended on CPU
         warnings.simplefilter("ignore")
         return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
