@@ -1,5 +1,7 @@
 """SWA + sinks: blocked and cached kernels against a dense masked reference."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -62,3 +64,39 @@ def test_flex_attention_matches_dense(window, sinks):
     doc_start[1, 30:] = 30
     out = swa_sinks_flex(q, k, v, swa_block_mask(doc_start, window, sinks), 0.3)
     torch.testing.assert_close(out, dense_reference(q, k, v, doc_start, window, sinks, 0.3), atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_flex_attention_serves_many_variants():
+    """The compiled FlexAttention path (CUDA's; compiled on CPU here, forward only) over 2 windows x 3 dtypes x 2
+    batch sizes x 3 lengths: more compiled variants than dynamo's default recompile limit of 8. With hitting the limit
+    made an error, every call must stay compiled (past the limit FlexAttention would run unfused: T x T scores) and
+    match the native kernel."""
+    from xlstm_distill.kernels.flex import causal_swa_block_mask, swa_sinks_flex
+
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True), torch.no_grad():
+        for window, B in itertools.product((64, 32), (1, 2)):
+            for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 4e-3)):
+                for T in (100, 300, 600):
+                    q = torch.randn(B, 4, T, 16, generator=g).to(dtype)
+                    k, v = (torch.randn(B, 2, T, 16, generator=g).to(dtype) for _ in range(2))
+                    out = swa_sinks_flex(q, k, v, causal_swa_block_mask(T, window, 4, q.device), 0.25, compiled=True)
+                    ref = swa_sinks_attention(q, k, v, torch.zeros(B, T, dtype=torch.long), window, 4, 0.25)
+                    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+
+
+def test_compiled_flex_attention_compiles_twice_for_all_lengths():
+    """Prompts of many lengths: the first length compiles with static shapes, the second with a symbolic length
+    that serves all later ones (with dynamic=False every length would compile again)."""
+    from xlstm_distill.kernels.flex import causal_swa_block_mask, swa_sinks_flex
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    with torch.no_grad():
+        for T in (200, 300, 450, 600, 900, 1200):
+            q, k, v = _qkv(T=T)
+            out = swa_sinks_flex(q, k, v, causal_swa_block_mask(T, 64, 4, q.device), 0.3, compiled=True)
+            ref = swa_sinks_attention(q, k, v, torch.zeros(q.shape[0], T, dtype=torch.long), 64, 4, 0.3)
+            torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2

@@ -73,9 +73,11 @@ def swa_sinks_flex(
     v: torch.Tensor,  # (B, NKV, T, DV)
     block_mask: BlockMask,
     scale: float,
+    compiled: bool | None = None,
 ) -> torch.Tensor:
-    """Returns (B, NH, T, DV) in the dtype of v."""
-    if q.is_cuda:
+    """Returns (B, NH, T, DV) in the dtype of v. ``compiled``: through torch.compile (default: on CUDA; on CPU it
+    compiles too, forward only, which the tests use to check the compiled path's variants)."""
+    if q.is_cuda if compiled is None else compiled:
         with _variants():
             return _compiled()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
                                kernel_options=_KERNEL_OPTIONS)
