@@ -2,39 +2,36 @@
 
 Evaluation (lm-eval pads each batch to its longest request) and generation with varied prompts call the SWA branch
 at many lengths. With ``torch.compile(flex_attention, dynamic=False)`` every new length compiles again, and after
-dynamo's recompile limit (8) the call runs eagerly, which materializes the T x T scores. This script times, for
-each compile mode, the first call (forward + backward, compilation included) at each length of a sweep, then the
-steady-state forward at every length, and checks the output against the native reference.
+dynamo's recompile limit the call runs eagerly, which materializes the T x T scores. Each length is two compiled
+variants here (forward + backward with gradients, then the forward without), so a limit of 8 lasts four lengths.
 
-    python benchmarks/flex_lengths.py --out DIR     # CUDA only; writes DIR/flex_lengths.json and .md
+For each mode the script times, at each length of a sweep, the first call (forward + backward, compilation included)
+and the steady-state forward, and checks the output against the native reference. Modes: the three
+``torch.compile`` settings of ``flex_attention`` itself, and ``package``: ``swa_sinks_flex`` as shipped.
+
+    python benchmarks/flex_lengths.py --out DIR     # CUDA only; writes DIR/flex_lengths.json, .md and .png
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import functools
+import shlex
+import sys
 import time
 from pathlib import Path
 
 import torch
 from torch.nn.attention.flex_attention import flex_attention
 
-from xlstm_distill.kernels.flex import causal_swa_block_mask
+from xlstm_distill.benchmarks.report import time_call, write_results
+from xlstm_distill.kernels.flex import causal_swa_block_mask, swa_sinks_flex
 from xlstm_distill.kernels.swa import swa_sinks_attention
 
 NH, NKV, D, WINDOW, SINKS = 32, 8, 128, 512, 4  # Llama-3.1-8B heads, the default window and sinks
 LENGTHS = [173, 301, 455, 512, 618, 777, 901, 1024, 1250, 1501, 1733, 2048, 8192, 32768]
-MODES = {"static (dynamic=False)": False, "automatic (dynamic=None)": None, "dynamic (dynamic=True)": True}
-
-
-def _ms(fn, repeats: int = 5) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    torch.cuda.synchronize()
-    return 1e3 * (time.perf_counter() - start) / repeats
+MODES = {"static (dynamic=False)": False, "automatic (dynamic=None)": None, "dynamic (dynamic=True)": True,
+         "package (swa_sinks_flex)": "package"}
 
 
 def point(attend, mode: str, T: int) -> dict:
@@ -44,7 +41,7 @@ def point(attend, mode: str, T: int) -> dict:
     mask = causal_swa_block_mask(T, WINDOW, SINKS, q.device)
 
     def forward() -> torch.Tensor:
-        return attend(q, k, v, block_mask=mask, scale=D**-0.5, enable_gqa=True)
+        return attend(q, k, v, block_mask=mask, scale=D**-0.5)
 
     row: dict = {"mode": mode, "seq_len": T}
     try:
@@ -54,7 +51,7 @@ def point(attend, mode: str, T: int) -> dict:
         torch.cuda.synchronize()
         row["first_call_s"] = round(time.perf_counter() - start, 3)
         with torch.no_grad():
-            row["fwd_ms"] = round(_ms(forward), 3)
+            row["fwd_ms"] = round(1e3 * time_call(forward, repeats=5), 3)
             if T <= 2048:
                 ref = swa_sinks_attention(q, k, v, torch.zeros(1, T, dtype=torch.long, device="cuda"), WINDOW, SINKS,
                                           D**-0.5)
@@ -65,9 +62,13 @@ def point(attend, mode: str, T: int) -> dict:
     return row
 
 
-def sweep(mode: str, dynamic: bool | None) -> list[dict]:
+def sweep(mode: str, dynamic: bool | str | None) -> list[dict]:
     torch._dynamo.reset()
-    attend = torch.compile(flex_attention, dynamic=dynamic)
+    if dynamic == "package":
+        def attend(q, k, v, block_mask, scale):
+            return swa_sinks_flex(q, k, v, block_mask, scale)
+    else:
+        attend = functools.partial(torch.compile(flex_attention, dynamic=dynamic), enable_gqa=True)
     rows = []
     for T in LENGTHS:
         rows.append(point(attend, mode, T))
@@ -76,22 +77,39 @@ def sweep(mode: str, dynamic: bool | None) -> list[dict]:
     return rows
 
 
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        for ax, key in zip(axes, ("first_call_s", "fwd_ms")):
+            pts = [(r["seq_len"], r[key]) for r in rows if r["mode"] == mode and key in r]
+            ax.plot(*zip(*pts), "-o", label=mode, markersize=4)
+    for ax, label in zip(axes, ("first call at a new length, s (compilation included)", "steady-state forward, ms")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    fig.suptitle("compiled FlexAttention (SWA + sinks) over many lengths in one process; missing points: out of memory")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     out = parser.parse_args().out
-    out.mkdir(parents=True, exist_ok=True)
     rows = [row for mode, dynamic in MODES.items() for row in sweep(mode, dynamic)]
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "recompile_limit": torch._dynamo.config.recompile_limit, "command": "python benchmarks/flex_lengths.py"}
-    (out / "flex_lengths.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
-    lines = [(f"{meta['command']} on {meta['device']}, torch {meta['torch']}; first call = forward + backward "
-              "(compilation included); fwd = steady-state forward"), "",
-             "| mode | seq_len | status | first call s | fwd ms | max abs err vs native |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['mode']} | {r['seq_len']} | {r['status']} | {r.get('first_call_s', '')} | {r.get('fwd_ms', '')} "
-              f"| {r.get('max_abs_err', '')} |" for r in rows]
-    (out / "flex_lengths.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    command = "python benchmarks/flex_lengths.py " + shlex.join(sys.argv[1:])
+    write_results(out, "flex_lengths", rows, command,
+                  ["mode", "seq_len", "status", "first_call_s", "fwd_ms", "max_abs_err"], plot)
+    print((out / "flex_lengths.md").read_text())
 
 
 if __name__ == "__main__":

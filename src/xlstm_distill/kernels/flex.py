@@ -21,7 +21,7 @@ def _variants() -> contextlib.AbstractContextManager:
     change inside a model that the user compiles as a whole)."""
     if torch.compiler.is_compiling():
         return contextlib.nullcontext()
-    return torch._dynamo.config.patch(cache_size_limit=64)
+    return torch._dynamo.config.patch(cache_size_limit=max(torch._dynamo.config.cache_size_limit, 64))
 
 
 def _block_mask(window: int, num_sinks: int, T: int, device: torch.device,
