@@ -2,7 +2,8 @@
 # One call on the lent GPU machine (device tool): set up (teacher halves, wheels, data), then one of
 #   setup     nothing more
 #   kernels   CUDA tests of the fast paths, the mixer benchmark and the Llama-3.1-8B-shape inference benchmark
-#             env TEST_SECONDS, MIXER_SECONDS, MIXER_CONTEXTS, BENCH_SECONDS, BENCH_MODELS, BENCH_ARGS
+#             env TEST_SECONDS, MIXER_SECONDS, MIXER_CONTEXTS, BENCH_SECONDS, BENCH_MODELS, BENCH_ARGS;
+#             FLEX_SECONDS (default 0 = skip): benchmarks/flex_lengths.py first
 #   students  issue 6: the three SmolLM2 students side by side (benchmarks/smollm2_students.py), resumable;
 #             env DEADLINE, STEPS, MAX_EVALS, MIXERS (a subset: the others' evaluations come from the committed run),
 #             BACKEND (student.backend, default native), SETS (more "--set key=value" for every stage; values without spaces), RUNS (the
@@ -45,6 +46,9 @@ python3 -c "import mlstm_kernels, lm_eval, datasets; print('lm_eval', lm_eval.__
 case "${1:-}" in
 kernels)
   R=/tmp/r5; mkdir -p $R
+  if [ "${FLEX_SECONDS:-0}" -gt 0 ]; then
+    timeout $FLEX_SECONDS python3 benchmarks/flex_lengths.py --out $R/flex 2>&1 | grep -v Warning | tail -n 60
+  fi
   timeout ${TEST_SECONDS:-300} python3 -m pytest -q -s -p no:cacheprovider tests/kernels/test_cuda.py tests/modeling/test_decode.py > $R/cuda_tests.log 2>&1
   tail -n 8 $R/cuda_tests.log; grep -E "^E  |vs truth|native bf16" $R/cuda_tests.log | cut -c1-600
   timeout ${MIXER_SECONDS:-200} python3 -m xlstm_distill.cli bench --out $R/mixer --shape llama3.1-8b --mixer-contexts ${MIXER_CONTEXTS:-8k,32k} --contexts '' --decode-contexts '' 2>&1 | tail -3
