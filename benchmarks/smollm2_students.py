@@ -245,6 +245,7 @@ def eval(name: str, model: str, out: Path, limit: float | None = None) -> None: 
 
     results = evaluate_models({name: lambda: load_model(model, dtype=torch.float32)}, TASKS,
                               limit=LIMITS if limit is None else (int(limit) if limit >= 1 else limit), batch_size=8,
+                              log_samples=True,  # per-document scores: the report's paired differences
                               # an evaluation a deadline stopped resumes in the next call (lm-eval's cache needs sqlitedict)
                               cache_dir=ROOT / "eval-cache" if importlib.util.find_spec("sqlitedict") else None)
     results["job_seconds"] = round(time.time() - STARTED, 2)

@@ -8,6 +8,7 @@ import pytest
 from xlstm_distill.metrics import (
     break_even_tolerances,
     critical_tolerance,
+    paired_difference,
     recovery_rates,
     summarize,
     win_and_tie,
@@ -174,3 +175,15 @@ def test_summarize():
     assert out["critical_tolerance"] == pytest.approx(0.01)
     assert out["win_and_tie"] == pytest.approx({"0": 3 / 9, "0.01": 6 / 9, "0.05": 7 / 9})
     assert out["mean_recovery"] == pytest.approx(sum(PAPER_RECOVERY["xLSTM-Olmo3-7B"]) / 9)
+
+
+def test_paired_difference_over_common_documents():
+    """Mean and standard error of the per-document differences, over the documents both models scored."""
+    student = {"a/0": 1.0, "a/1": 1.0, "a/2": 0.0, "a/3": 1.0, "only-student": 1.0}
+    teacher = {"a/0": 1.0, "a/1": 0.0, "a/2": 0.0, "a/3": 0.0, "only-teacher": 0.0}
+    d = [0.0, 1.0, 0.0, 1.0]
+    mean = sum(d) / 4
+    se = math.sqrt(sum((x - mean) ** 2 for x in d) / 3 / 4)
+    assert paired_difference(student, teacher) == pytest.approx({"difference": mean, "stderr": se, "documents": 4})
+    assert paired_difference(teacher, teacher) == {"difference": 0.0, "stderr": 0.0, "documents": 5}
+    assert paired_difference({"x": 1.0}, {"x": 0.0}) is None

@@ -168,3 +168,17 @@ def summarize(
         "critical_tolerance": critical_tolerance(student, teacher, threshold, zero_teacher),
         "threshold": threshold,
     }
+
+
+def paired_difference(student: Mapping[str, float], teacher: Mapping[str, float]) -> dict[str, float] | None:
+    """Mean per-document difference ``student - teacher`` over the documents both scored, with its standard error
+    ``sd(d) / sqrt(n)``. Paired on the same documents, it is far smaller than the two scores' own standard errors
+    when the models agree on most documents. None with fewer than two common documents."""
+    common = sorted(set(student) & set(teacher))
+    n = len(common)
+    if n < 2:
+        return None
+    d = [student[k] - teacher[k] for k in common]
+    mean = sum(d) / n
+    variance = sum((x - mean) ** 2 for x in d) / (n - 1)
+    return {"difference": mean, "stderr": math.sqrt(variance / n), "documents": n}

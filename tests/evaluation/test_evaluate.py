@@ -119,6 +119,7 @@ def test_cli_commands(tokenizer, tmp_path):
         "evaluate", "--teacher", str(tmp_path / "a"), "--student", f"merged={tmp_path / 'merged'}",
         "--tasks", "xd_piqa", "--limit", "3", "--shots", "piqa=1", "--baseline", f"paper={tmp_path / 'paper.json'}",
         "--batch-size", "4", "--max-length", "256", "--output-dir", str(tmp_path / "report"), "--device", "cpu",
+        "--log-samples",
     ])
     assert res.exit_code == 0, res.output
     data = json.loads((tmp_path / "report" / "results.json").read_text())
@@ -127,6 +128,10 @@ def test_cli_commands(tokenizer, tmp_path):
     assert data["comparison"]["models"]["paper"]["role"] == "baseline"
     # identical weights merged are the same model: same scores
     assert data["models"]["merged"]["scores"] == data["models"][str(tmp_path / "a")]["scores"]
+    # --log-samples: paired differences where per-document scores exist (not for given baseline scores)
+    assert data["comparison"]["models"]["merged"]["paired"]["xd_piqa"] == {"difference": 0.0, "stderr": 0.0,
+                                                                          "documents": 3}
+    assert data["comparison"]["models"]["paper"]["paired"] == {}
     res = runner.invoke(app, ["evaluate", "--teacher", str(tmp_path / "a"), "--student", str(tmp_path / "a"),
                               "--shots", "piqa=x", "--tasks", "xd_piqa"])
     assert res.exit_code != 0 and "shot counts must be integers" in res.output
@@ -138,6 +143,32 @@ def test_per_task_limits(tokenizer):
     assert results["models"]["m"]["n_samples"] == {"xd_arc_easy": 3, "xd_piqa": 6}
     with pytest.raises(ValueError, match="not evaluated"):
         evaluate_models({"m": (tiny_model(0), tokenizer)}, TASKS, limit={"xd_hellaswag": 3})
+
+
+def test_per_document_scores_and_paired_differences(tokenizer, tmp_path):
+    """With ``log_samples`` every task keeps its metric per document (a group: over its subtasks' documents): their
+    mean is the task's score, and the report's paired difference to the teacher is the score difference, with a
+    paired standard error (zero for the teacher against itself)."""
+    teacher, other = tiny_model(0), tiny_model(1)
+    results = evaluate_models(
+        {"teacher": (teacher, tokenizer), "teacher-again": (teacher, tokenizer), "other": (other, tokenizer)},
+        ["xd_piqa", "xd_mmlu"], limit={"xd_piqa": 8, "xd_mmlu": 1}, batch_size=4, max_length=512, log_samples=True,
+    )
+    for entry in results["models"].values():
+        docs = entry["per_document"]
+        assert len(docs["xd_piqa"]) == 8 and len(docs["xd_mmlu"]) == 57  # one document per MMLU subject
+        for task, values in docs.items():
+            assert sum(values.values()) / len(values) == pytest.approx(entry["scores"][task])
+    paths = write_report(results, "teacher", tmp_path)
+    comparison = json.loads(paths["json"].read_text())["comparison"]["models"]
+    scores = {name: entry["scores"] for name, entry in results["models"].items()}
+    for task in ("xd_piqa", "xd_mmlu"):
+        assert comparison["teacher-again"]["paired"][task] == {"difference": 0.0, "stderr": 0.0,
+                                                              "documents": len(results["models"]["other"]["per_document"][task])}
+        paired = comparison["other"]["paired"][task]
+        assert paired["difference"] == pytest.approx(scores["other"][task] - scores["teacher"][task])
+        assert paired["stderr"] > 0 or paired["difference"] == 0
+    assert "## Paired differences against the teacher" in paths["markdown"].read_text()
 
 
 def test_results_of_separate_runs_combine(evaluated, tmp_path):

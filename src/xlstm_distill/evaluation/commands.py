@@ -93,6 +93,11 @@ def evaluate(
         typer.Option(help="Keep every model's answers here as they are computed, so that a rerun with the same "
                      "folder resumes an interrupted evaluation (lm-eval's request cache, one file per model version)."),
     ] = None,
+    log_samples: Annotated[
+        bool,
+        typer.Option("--log-samples", help="Keep every document's score: the report adds paired differences to the "
+                     "teacher (and lm-eval's per-document outputs go to the output folder)."),
+    ] = False,
     device: Annotated[Optional[str], typer.Option(help="cuda, cuda:1, cpu (default: cuda if available).")] = None,
     dtype: Annotated[
         Optional[str], typer.Option(help="Weights dtype for every model (default bfloat16 on GPU, float32 on CPU).")
@@ -148,7 +153,7 @@ def evaluate(
         results = evaluate_models(
             models, task_list, num_fewshot=shot_overrides or None, limit=lim, batch_size=bs, max_length=max_length,
             apply_chat_template=chat_template, output_dir=output_dir, metrics=metrics or None,
-            max_gen_toks=max_gen_toks, device=device, cache_dir=cache_dir,
+            max_gen_toks=max_gen_toks, device=device, cache_dir=cache_dir, log_samples=log_samples,
         )
     except (ValueError, FileNotFoundError, OSError) as err:
         raise _fail(str(err)) from None

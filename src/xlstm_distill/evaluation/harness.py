@@ -268,7 +268,8 @@ def evaluate_models(
         device: device for models loaded from references (default cuda if available).
         fewshot_seed: seed of the few-shot sampler (same examples for every model).
         bootstrap_iters: bootstrap iterations for stderrs of non-mean metrics (e.g. perplexity).
-        log_samples: keep per-document outputs in the lm-eval JSON files.
+        log_samples: keep per-document outputs in the lm-eval JSON files, and each task's chosen metric per document
+            in the result (``per_document``), from which the report computes paired differences.
         cache_dir: if given, every model's answers are kept there as they are computed (lm-eval's request cache,
             one SQLite file per model and parameter fingerprint), so an interrupted evaluation resumes where it
             stopped; a model whose parameters changed gets a new file.
@@ -391,7 +392,7 @@ def _merge_raw(into: dict[str, Any], part: Mapping[str, Any]) -> dict[str, Any]:
 
 def _summarize_raw(raw: Mapping[str, Any], report_tasks: list[str], overrides: Mapping[str, str],
                    chosen: dict[str, str]) -> dict[str, Any]:
-    scores, stderr, all_metrics, n_samples = {}, {}, {}, {}
+    scores, stderr, all_metrics, n_samples, per_document = {}, {}, {}, {}, {}
     for task in report_tasks:
         result = raw["results"].get(task)
         if result is None:
@@ -415,7 +416,28 @@ def _summarize_raw(raw: Mapping[str, Any], report_tasks: list[str], overrides: M
             if isinstance(count, Mapping):
                 count = count.get(key)
             n_samples[task] = _json_safe(count)
-    return {"scores": scores, "stderr": stderr, "metrics": all_metrics, "n_samples": n_samples}
+        documents = _per_document(raw, task, key)
+        if documents:
+            per_document[task] = documents
+    out = {"scores": scores, "stderr": stderr, "metrics": all_metrics, "n_samples": n_samples}
+    return {**out, "per_document": per_document} if per_document else out
+
+
+def _per_document(raw: Mapping[str, Any], task: str, key: str) -> dict[str, float]:
+    """``{"<leaf task>/<doc_id>": value}`` of the metric ``key`` ("acc,none") for every logged document of ``task``
+    (a group: of its leaf tasks); empty without lm-eval's logged samples."""
+    metric, _, filt = key.partition(",")
+    groups = raw.get("group_subtasks", {})
+    leaves, stack = [], [task]
+    while stack:
+        name = stack.pop()
+        if groups.get(name):
+            stack.extend(groups[name])
+        else:
+            leaves.append(name)
+    return {f"{leaf}/{sample['doc_id']}": float(sample[metric])
+            for leaf in leaves for sample in raw.get("samples", {}).get(leaf, [])
+            if sample.get("filter", "none") == filt and isinstance(sample.get(metric), (int, float))}
 
 
 def fingerprint(model: Any) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from xlstm_distill.evaluation.harness import _json_safe
-from xlstm_distill.metrics import summarize, win_and_tie_curve
+from xlstm_distill.metrics import paired_difference, summarize, win_and_tie_curve
 
 REPORT_JSON = "results.json"
 REPORT_MD = "report.md"
@@ -50,7 +50,8 @@ def compare(
     """Recovery rates, C_alpha and alpha* of every model against the teacher.
 
     Benchmarks where either score is missing, or where the teacher scores 0 (recovery undefined), are left out
-    of that model's metrics and listed under ``excluded``.
+    of that model's metrics and listed under ``excluded``. Where both models have per-document scores
+    (``evaluate_models(log_samples=True)``), ``paired`` holds the per-document difference to the teacher.
     """
     models, baseline_names = _add_baselines(results, baselines)
     if teacher_name not in models:
@@ -78,6 +79,10 @@ def compare(
         else:
             row.update({"benchmarks": [], "recovery": {}, "mean_recovery": None, "critical_tolerance": None,
                         "win_and_tie": {f"{a:g}": None for a in alphas}, "threshold": threshold})
+        teacher_docs, docs = models[teacher_name].get("per_document", {}), entry.get("per_document", {})
+        paired = {task: paired_difference(docs[task], teacher_docs[task]) for task in tasks
+                  if task in docs and task in teacher_docs}
+        row["paired"] = {task: value for task, value in paired.items() if value is not None}
         out["models"][name] = row
     return out
 
@@ -143,6 +148,8 @@ def write_report(
 def _fmt(x: Any, digits: int = 4) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "n/a"
+    if not isinstance(x, (int, float)):  # e.g. lm-eval's "N/A" stderr of a group with one document per subtask
+        return str(x)
     if isinstance(x, float) and math.isinf(x):
         return "inf"
     return f"{x:.{digits}f}"
@@ -200,6 +207,8 @@ def _markdown(data: Mapping[str, Any], comparison: Mapping[str, Any]) -> str:
         "C_alpha = fraction of benchmarks with student >= (1 - alpha) * teacher; alpha* = smallest alpha with "
         f"C_alpha >= {comparison['threshold']:g} (lower is better; 0 = lossless)."
     )
+    if any(comparison["models"][name].get("paired") for name in others):
+        lines += _paired_table(comparison, others)
     notes = [
         f"- {name}: {task} left out ({why})"
         for name, row in comparison["models"].items()
@@ -216,6 +225,20 @@ def _markdown(data: Mapping[str, Any], comparison: Mapping[str, Any]) -> str:
     if versions:
         lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
     return "\n".join(lines) + "\n"
+
+
+def _paired_table(comparison: Mapping[str, Any], others: list[str]) -> list[str]:
+    header = ["task"] + [f"{n} - {comparison['teacher']}" for n in others]
+    lines = ["", "## Paired differences against the teacher", "", "| " + " | ".join(header) + " |",
+             "|" + "---|" * len(header)]
+    for task in comparison["tasks"]:
+        cells = [task]
+        for name in others:
+            p = comparison["models"][name].get("paired", {}).get(task)
+            cells.append("" if p is None else f"{p['difference']:+.4f} ± {p['stderr']:.4f} ({p['documents']})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + ["", "Mean per-document score difference over the documents both scored (± its standard error, "
+                        "paired; number of documents)."]
 
 
 def _shots_text(value: Any) -> str:
