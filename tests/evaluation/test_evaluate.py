@@ -147,8 +147,8 @@ def test_per_task_limits(tokenizer):
 
 def test_per_document_scores_and_paired_differences(tokenizer, tmp_path):
     """With ``log_samples`` every task keeps its metric per document (a group: over its subtasks' documents): their
-    mean is the task's score, and the report's paired difference to the teacher is the score difference, with a
-    paired standard error (zero for the teacher against itself)."""
+    mean is the task's score, and the report's paired difference to the teacher (and of a student to a baseline) is
+    the score difference, with a paired standard error (zero for the teacher against itself)."""
     teacher, other = tiny_model(0), tiny_model(1)
     results = evaluate_models(
         {"teacher": (teacher, tokenizer), "teacher-again": (teacher, tokenizer), "other": (other, tokenizer)},
@@ -159,7 +159,7 @@ def test_per_document_scores_and_paired_differences(tokenizer, tmp_path):
         assert len(docs["xd_piqa"]) == 8 and len(docs["xd_mmlu"]) == 57  # one document per MMLU subject
         for task, values in docs.items():
             assert sum(values.values()) / len(values) == pytest.approx(entry["scores"][task])
-    paths = write_report(results, "teacher", tmp_path)
+    paths = write_report(results, "teacher", tmp_path, baselines=["teacher-again"])
     comparison = json.loads(paths["json"].read_text())["comparison"]["models"]
     scores = {name: entry["scores"] for name, entry in results["models"].items()}
     for task in ("xd_piqa", "xd_mmlu"):
@@ -168,7 +168,9 @@ def test_per_document_scores_and_paired_differences(tokenizer, tmp_path):
         paired = comparison["other"]["paired"][task]
         assert paired["difference"] == pytest.approx(scores["other"][task] - scores["teacher"][task])
         assert paired["stderr"] > 0 or paired["difference"] == 0
-    assert "## Paired differences against the teacher" in paths["markdown"].read_text()
+        # the student against the baseline (here the teacher's twin): the same as against the teacher
+        assert comparison["other"]["paired_vs_baselines"]["teacher-again"][task] == paired
+    assert "| other - teacher | other - teacher-again |" in paths["markdown"].read_text()
 
 
 def test_results_of_separate_runs_combine(evaluated, tmp_path):

@@ -79,12 +79,18 @@ def compare(
         else:
             row.update({"benchmarks": [], "recovery": {}, "mean_recovery": None, "critical_tolerance": None,
                         "win_and_tie": {f"{a:g}": None for a in alphas}, "threshold": threshold})
-        teacher_docs, docs = models[teacher_name].get("per_document", {}), entry.get("per_document", {})
-        paired = {task: paired_difference(docs[task], teacher_docs[task]) for task in tasks
-                  if task in docs and task in teacher_docs}
-        row["paired"] = {task: value for task, value in paired.items() if value is not None}
+        row["paired"] = _paired(entry, models[teacher_name], tasks)
+        if row["role"] == "student":
+            row["paired_vs_baselines"] = {b: p for b in baseline_names if (p := _paired(entry, models[b], tasks))}
         out["models"][name] = row
     return out
+
+
+def _paired(entry: Mapping[str, Any], reference: Mapping[str, Any], tasks: Sequence[str]) -> dict[str, Any]:
+    """Per task, the paired per-document difference entry - reference (where both have per-document scores)."""
+    docs, ref_docs = entry.get("per_document", {}), reference.get("per_document", {})
+    paired = {task: paired_difference(docs[task], ref_docs[task]) for task in tasks if task in docs and task in ref_docs}
+    return {task: value for task, value in paired.items() if value is not None}
 
 
 def combine_results(parts: Sequence[Mapping[str, Any] | str | os.PathLike]) -> dict[str, Any]:
@@ -228,13 +234,16 @@ def _markdown(data: Mapping[str, Any], comparison: Mapping[str, Any]) -> str:
 
 
 def _paired_table(comparison: Mapping[str, Any], others: list[str]) -> list[str]:
-    header = ["task"] + [f"{n} - {comparison['teacher']}" for n in others]
-    lines = ["", "## Paired differences against the teacher", "", "| " + " | ".join(header) + " |",
-             "|" + "---|" * len(header)]
+    """Paired differences of every model to the teacher, and of every student to every baseline."""
+    columns = [(f"{n} - {comparison['teacher']}", comparison["models"][n]["paired"]) for n in others]
+    columns += [(f"{n} - {b}", paired) for n in others
+                for b, paired in comparison["models"][n].get("paired_vs_baselines", {}).items()]
+    header = ["task"] + [title for title, _ in columns]
+    lines = ["", "## Paired differences", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for task in comparison["tasks"]:
         cells = [task]
-        for name in others:
-            p = comparison["models"][name].get("paired", {}).get(task)
+        for _, paired in columns:
+            p = paired.get(task)
             cells.append("" if p is None else f"{p['difference']:+.4f} ± {p['stderr']:.4f} ({p['documents']})")
         lines.append("| " + " | ".join(cells) + " |")
     return lines + ["", "Mean per-document score difference over the documents both scored (± its standard error, "
