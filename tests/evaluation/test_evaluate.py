@@ -217,3 +217,40 @@ def test_cache_resumes_an_interrupted_evaluation_and_follows_the_model(tokenizer
     assert fingerprint(model) != before
     evaluate_models({"m": (model, tokenizer)}, TASKS, limit=3, cache_dir=tmp_path / "cache", **settings)
     assert len(list((tmp_path / "cache").iterdir())) == 2  # the changed model did not reuse the old answers
+
+
+def test_per_document_picks_metric_filter_and_nested_group_leaves():
+    """Synthetic lm-eval output: the chosen metric and filter of every leaf of a nested group, nothing else."""
+    from xlstm_distill.evaluation.harness import _per_document
+
+    def sample(doc_id, filt, acc, acc_norm):
+        return {"doc_id": doc_id, "filter": filt, "acc": acc, "acc_norm": acc_norm}
+
+    raw = {
+        "group_subtasks": {"g": ["sub", "leaf_a"], "sub": ["leaf_b"], "leaf_a": [], "leaf_b": []},
+        "samples": {
+            "leaf_a": [sample(0, "none", 1.0, 0.0), sample(0, "flex", 0.0, 1.0), sample(1, "none", 0.0, 1.0)],
+            "leaf_b": [sample(0, "none", 1.0, 1.0), {"doc_id": 1, "filter": "none", "exact_match": 1.0}],
+            "other": [sample(0, "none", 1.0, 1.0)],
+        },
+    }
+    assert _per_document(raw, "g", "acc_norm,none") == {"leaf_a/0": 0.0, "leaf_a/1": 1.0, "leaf_b/0": 1.0}
+    assert _per_document(raw, "leaf_a", "acc,flex") == {"leaf_a/0": 0.0}
+    assert _per_document({"results": {}}, "g", "acc,none") == {}
+
+
+def test_paired_table_only_where_per_document_scores_exist(tmp_path):
+    """A teacher without per-document scores: the table still shows the student against the evaluated baseline;
+    no column for a baseline given as scores."""
+    def entry(values):
+        return {"scores": {"t": sum(values) / len(values)}, "stderr": {"t": None},
+                "per_document": {"t": {f"t/{i}": v for i, v in enumerate(values)}}}
+
+    results = {"settings": {"tasks": ["t"]},
+               "models": {"teacher": {"scores": {"t": 0.5}, "stderr": {"t": None}},
+                          "student": entry([1.0, 1.0, 0.0, 1.0]), "base": entry([1.0, 0.0, 0.0, 1.0])}}
+    paths = write_report(results, "teacher", tmp_path, baselines=["base"])
+    text = paths["markdown"].read_text()
+    assert "| task | student - base |" in text and "+0.2500 ± 0.2500 (4)" in text
+    paths = write_report(results, "teacher", tmp_path / "given", baselines={"paper": {"t": 0.4}})
+    assert "## Paired differences" not in paths["markdown"].read_text()

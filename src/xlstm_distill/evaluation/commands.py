@@ -96,7 +96,8 @@ def evaluate(
     log_samples: Annotated[
         bool,
         typer.Option("--log-samples", help="Keep every document's score: the report adds paired differences to the "
-                     "teacher (and lm-eval's per-document outputs go to the output folder)."),
+                     "teacher and of each student to each baseline (and lm-eval's per-document outputs go to the "
+                     "output folder)."),
     ] = False,
     device: Annotated[Optional[str], typer.Option(help="cuda, cuda:1, cpu (default: cuda if available).")] = None,
     dtype: Annotated[

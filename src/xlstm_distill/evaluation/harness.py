@@ -417,8 +417,12 @@ def _summarize_raw(raw: Mapping[str, Any], report_tasks: list[str], overrides: M
                 count = count.get(key)
             n_samples[task] = _json_safe(count)
         documents = _per_document(raw, task, key)
-        if documents:
+        mean = sum(documents.values()) / len(documents) if documents else None
+        if mean is not None and isinstance(scores[task], (int, float)) and math.isclose(mean, scores[task], abs_tol=1e-9):
             per_document[task] = documents
+        elif documents:  # not a mean over documents (another aggregation, a group weighted otherwise)
+            log.warning("%s: the per-document scores do not average to the task's score (%s vs %s); no paired "
+                        "differences for it.", task, mean, scores[task])
     out = {"scores": scores, "stderr": stderr, "metrics": all_metrics, "n_samples": n_samples}
     return {**out, "per_document": per_document} if per_document else out
 

@@ -213,7 +213,7 @@ def _markdown(data: Mapping[str, Any], comparison: Mapping[str, Any]) -> str:
         "C_alpha = fraction of benchmarks with student >= (1 - alpha) * teacher; alpha* = smallest alpha with "
         f"C_alpha >= {comparison['threshold']:g} (lower is better; 0 = lossless)."
     )
-    if any(comparison["models"][name].get("paired") for name in others):
+    if any(comparison["models"][n].get("paired") or comparison["models"][n].get("paired_vs_baselines") for n in others):
         lines += _paired_table(comparison, others)
     notes = [
         f"- {name}: {task} left out ({why})"
@@ -238,6 +238,7 @@ def _paired_table(comparison: Mapping[str, Any], others: list[str]) -> list[str]
     columns = [(f"{n} - {comparison['teacher']}", comparison["models"][n]["paired"]) for n in others]
     columns += [(f"{n} - {b}", paired) for n in others
                 for b, paired in comparison["models"][n].get("paired_vs_baselines", {}).items()]
+    columns = [(title, paired) for title, paired in columns if paired]  # e.g. baselines given as scores: none
     header = ["task"] + [title for title, _ in columns]
     lines = ["", "## Paired differences", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for task in comparison["tasks"]:

@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-from torch.nn import functional as F
 
 from xlstm_distill.modeling import HybridForCausalLM
 from xlstm_distill.modeling.cache import full_layout
