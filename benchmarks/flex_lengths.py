@@ -65,8 +65,7 @@ def point(attend, mode: str, T: int) -> dict:
 def sweep(mode: str, dynamic: bool | str | None) -> list[dict]:
     torch._dynamo.reset()
     if dynamic == "package":
-        def attend(q, k, v, block_mask, scale):
-            return swa_sinks_flex(q, k, v, block_mask, scale)
+        attend = swa_sinks_flex
     else:
         attend = functools.partial(torch.compile(flex_attention, dynamic=dynamic), enable_gqa=True)
     rows = []

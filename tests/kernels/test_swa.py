@@ -8,6 +8,10 @@ import torch
 from xlstm_distill.kernels.swa import swa_sinks_attention, swa_sinks_attention_cached
 
 
+needs_cpu_flex_compile = pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
+                                            reason="torch compiles FlexAttention on CPUs with AVX2 or AVX-512")
+
+
 def dense_reference(q, k, v, doc_start, window, sinks, scale):
     """Plain softmax attention with an explicit (T, T) mask: the definition."""
     B, NH, T, D = q.shape
@@ -66,8 +70,7 @@ def test_flex_attention_matches_dense(window, sinks):
     torch.testing.assert_close(out, dense_reference(q, k, v, doc_start, window, sinks, 0.3), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
-                    reason="torch compiles FlexAttention on CPUs with AVX2 or AVX-512")
+@needs_cpu_flex_compile
 def test_compiled_flex_attention_serves_many_variants():
     """The compiled FlexAttention path (CUDA's; compiled on CPU here, forward only) over windows, dtypes, batch sizes
     and lengths: more compiled variants than dynamo's default recompile limit of 8. With hitting the limit made an
@@ -88,8 +91,7 @@ def test_compiled_flex_attention_serves_many_variants():
                     torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
 
 
-@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
-                    reason="torch compiles FlexAttention on CPUs with AVX2 or AVX-512")
+@needs_cpu_flex_compile
 def test_compiled_flex_attention_compiles_twice_for_all_lengths():
     """Prompts of many lengths: the first length compiles with static shapes, the second with a symbolic length
     that serves all later ones (with dynamic=False every length would compile again)."""

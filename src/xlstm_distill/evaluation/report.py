@@ -213,8 +213,7 @@ def _markdown(data: Mapping[str, Any], comparison: Mapping[str, Any]) -> str:
         "C_alpha = fraction of benchmarks with student >= (1 - alpha) * teacher; alpha* = smallest alpha with "
         f"C_alpha >= {comparison['threshold']:g} (lower is better; 0 = lossless)."
     )
-    if any(comparison["models"][n].get("paired") or comparison["models"][n].get("paired_vs_baselines") for n in others):
-        lines += _paired_table(comparison, others)
+    lines += _paired_table(comparison, others)
     notes = [
         f"- {name}: {task} left out ({why})"
         for name, row in comparison["models"].items()
@@ -234,11 +233,14 @@ def _markdown(data: Mapping[str, Any], comparison: Mapping[str, Any]) -> str:
 
 
 def _paired_table(comparison: Mapping[str, Any], others: list[str]) -> list[str]:
-    """Paired differences of every model to the teacher, and of every student to every baseline."""
+    """Paired differences of every model to the teacher, and of every student to every baseline (no lines where no
+    model has per-document scores)."""
     columns = [(f"{n} - {comparison['teacher']}", comparison["models"][n]["paired"]) for n in others]
     columns += [(f"{n} - {b}", paired) for n in others
                 for b, paired in comparison["models"][n].get("paired_vs_baselines", {}).items()]
     columns = [(title, paired) for title, paired in columns if paired]  # e.g. baselines given as scores: none
+    if not columns:
+        return []
     header = ["task"] + [title for title, _ in columns]
     lines = ["", "## Paired differences", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for task in comparison["tasks"]:
