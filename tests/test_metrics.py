@@ -8,6 +8,7 @@ import pytest
 from xlstm_distill.metrics import (
     break_even_tolerances,
     critical_tolerance,
+    mean_paired_difference,
     paired_difference,
     recovery_rates,
     summarize,
@@ -187,3 +188,11 @@ def test_paired_difference_over_common_documents():
     assert paired_difference(student, teacher) == pytest.approx({"difference": mean, "stderr": se, "documents": 4})
     assert paired_difference(teacher, teacher) == {"difference": 0.0, "stderr": 0.0, "documents": 5}
     assert paired_difference({"x": 1.0}, {"x": 0.0}) is None
+
+
+def test_mean_paired_difference_weighs_tasks_equally():
+    """Equal task weights (not document counts); independent errors add in quadrature, divided by the task count."""
+    per_task = {"a": {"difference": 0.03, "stderr": 0.03, "documents": 900},
+                "b": {"difference": -0.01, "stderr": 0.04, "documents": 100}}
+    assert mean_paired_difference(per_task) == pytest.approx({"difference": 0.01, "stderr": 0.025, "tasks": 2})
+    assert mean_paired_difference({}) is None

@@ -182,3 +182,15 @@ def paired_difference(student: Mapping[str, float], teacher: Mapping[str, float]
     mean = sum(d) / n
     variance = sum((x - mean) ** 2 for x in d) / (n - 1)
     return {"difference": mean, "stderr": math.sqrt(variance / n), "documents": n}
+
+
+def mean_paired_difference(per_task: Mapping[str, Mapping[str, float]]) -> dict[str, float] | None:
+    """The tasks' paired differences averaged with equal weight (as mean recovery weighs them), with the standard
+    error ``sqrt(sum se_i^2) / n`` (the tasks' documents are distinct, so their errors are independent). None
+    without tasks."""
+    n = len(per_task)
+    if n == 0:
+        return None
+    mean = sum(p["difference"] for p in per_task.values()) / n
+    stderr = math.sqrt(sum(p["stderr"] ** 2 for p in per_task.values())) / n
+    return {"difference": mean, "stderr": stderr, "tasks": n}

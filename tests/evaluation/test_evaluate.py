@@ -252,5 +252,6 @@ def test_paired_table_only_where_per_document_scores_exist(tmp_path):
     paths = write_report(results, "teacher", tmp_path, baselines=["base"])
     text = paths["markdown"].read_text()
     assert "| task | student - base |" in text and "+0.2500 ± 0.2500 (4)" in text
+    assert "| **mean over tasks** | **+0.2500** ± 0.2500 (1 task) |" in text
     paths = write_report(results, "teacher", tmp_path / "given", baselines={"paper": {"t": 0.4}})
     assert "## Paired differences" not in paths["markdown"].read_text()

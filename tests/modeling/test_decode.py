@@ -28,10 +28,16 @@ def test_static_step_logits_equal_full_forward_and_buffers_stay_fixed(compile):
         explained = torch._dynamo.explain(StaticDecoder(student, cache, use_graph=False)._step)()
         assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
         torch._dynamo.reset()
-        cache = student(ids[:, :10], use_cache=True).past_key_values
+        with torch.no_grad():
+            cache = student(ids[:, :10], use_cache=True).past_key_values
     decoder = StaticDecoder(student, cache, use_graph=False, compile=compile)
     buffers = [t.data_ptr() for t in cache.tensors()]
-    steps = [decoder.step(ids[:, t:t + 1]).clone() for t in range(10, 30)]
+    with torch._dynamo.config.patch(error_on_recompile=True):  # compiled once: every step, any prompt length
+        steps = [decoder.step(ids[:, t:t + 1]).clone() for t in range(10, 30)]
+        if compile:
+            with torch.no_grad():
+                other = StaticDecoder(student, student(ids[:, :7], use_cache=True).past_key_values, compile=True)
+            torch.testing.assert_close(other.step(ids[:, 7:8]), full[:, 7], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(torch.stack(steps, 1), full[:, 10:], atol=1e-4, rtol=1e-4)
     assert [t.data_ptr() for t in cache.tensors()] == buffers
     assert cache.seen_tokens == 30
@@ -67,9 +73,12 @@ def test_compiled_graph_step_equals_eager():
     student = student_of("mlstm_swa").cuda()
     ids = tokens(2, 12).cuda()
     logits = []
+    torch._dynamo.reset()  # other tests compiled the same step (on CPU, other models): not a recompilation here
     for compile, use_graph in ((False, False), (True, True)):
         with torch.no_grad():
             cache = student(ids, use_cache=True).past_key_values
-        decoder = StaticDecoder(student, cache, use_graph=use_graph, compile=compile)
+        with torch._dynamo.config.patch(error_on_recompile=True):  # one compilation: warm-up steps, capture
+            decoder = StaticDecoder(student, cache, use_graph=use_graph, compile=compile)
         logits.append(torch.stack([decoder.step(ids[:, t:t + 1]).clone() for t in range(12)]))
+    assert cache.seen_tokens == 24
     torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from xlstm_distill.evaluation.harness import _json_safe
-from xlstm_distill.metrics import paired_difference, summarize, win_and_tie_curve
+from xlstm_distill.metrics import mean_paired_difference, paired_difference, summarize, win_and_tie_curve
 
 REPORT_JSON = "results.json"
 REPORT_MD = "report.md"
@@ -249,8 +249,12 @@ def _paired_table(comparison: Mapping[str, Any], others: list[str]) -> list[str]
             p = paired.get(task)
             cells.append("" if p is None else f"{p['difference']:+.4f} ± {p['stderr']:.4f} ({p['documents']})")
         lines.append("| " + " | ".join(cells) + " |")
+    means = [mean_paired_difference(paired) for _, paired in columns]
+    lines.append("| **mean over tasks** | " + " | ".join(
+        f"**{m['difference']:+.4f}** ± {m['stderr']:.4f} ({m['tasks']} task{'s' * (m['tasks'] != 1)})" for m in means) + " |")
     return lines + ["", "Mean per-document score difference over the documents both scored (± its standard error, "
-                        "paired; number of documents)."]
+                        "paired; number of documents). The last row weighs the tasks equally, as mean recovery "
+                        "does; its standard error combines the tasks' (independent documents)."]
 
 
 def _shots_text(value: Any) -> str:

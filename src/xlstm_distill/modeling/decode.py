@@ -70,6 +70,9 @@ class StaticDecoder:
 
     @torch.no_grad()
     def _step(self) -> torch.Tensor:
+        # The token count is Python bookkeeping that the step does not need, set by ``step``: a constant here (a
+        # compiled step would otherwise specialize on the count and compile again at every step)
+        self.cache.seen_tokens = 0
         logits = self.model(input_ids=self.input_ids, past_key_values=self.cache, use_cache=True).logits[:, -1]  # (B, V)
         for static, new in zip(self.static, self.cache.tensors()):  # the forward wrote new tensors: copy them back
             static.copy_(new)
@@ -79,9 +82,9 @@ class StaticDecoder:
     def step(self, input_ids: torch.Tensor) -> torch.Tensor:  # (B, 1) -> (B, V) logits of the next token
         """Feed one token per row; returns the next-token logits (a buffer overwritten by the next step)."""
         self.input_ids.copy_(input_ids)
-        logits = self._run()
-        if self._run.graph is not None:
-            self.cache.seen_tokens += 1  # the replay does not run the Python bookkeeping
+        seen = self.cache.seen_tokens
+        logits = self._run()  # a replayed graph runs no Python: the count is kept here
+        self.cache.seen_tokens = seen + 1
         return logits
 
 
