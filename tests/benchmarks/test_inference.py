@@ -32,6 +32,25 @@ def test_bench_measures_both_models_and_keeps_student_memory_flat():
         ("prefill", 1, 16), ("prefill", 1, 64), ("prefill", 2, 16), ("prefill", 2, 64), ("decode", 2, 40)}
     decode = {r["model"]: r for r in timed if r["measure"] == "decode"}
     assert decode["teacher"]["cache_gb"] > 0 and decode["student"]["cache_gb"] > 0
+    assert decode["student"]["prefilled"] == 32  # min(context 40, student_prefill 32)
+
+
+def test_student_prefill_zero_prefills_the_context_and_memory_run_uses_the_timed_step(monkeypatch):
+    """--student-prefill 0: the student's decode point prefills its whole context; the memory run decodes with the
+    decode points' step (compiled when they are)."""
+    built = []
+    decoder = inference.StaticDecoder
+
+    def recording(model, cache, use_graph=None, compile=False):
+        built.append((cache.seen_tokens, compile))
+        return decoder(model, cache, use_graph, compile)
+
+    monkeypatch.setattr(inference, "StaticDecoder", recording)
+    student = inference.random_models(tiny_teacher().config, SETTINGS["student"], torch.device("cpu"), torch.float32)
+    settings = inference.BenchSettings(**{**SETTINGS, "contexts": [], "student_prefill": 0, "compile_decode": True})
+    rows = inference.run_bench({"student": student["student"]}, settings)
+    assert [r["prefilled"] for r in rows if r["measure"] == "decode"] == [40]
+    assert built == [(40, True), (4096, True)] and len([r for r in rows if r["measure"] == "memory"]) == 8
 
 
 def test_failed_points_are_recorded_and_larger_contexts_skipped(monkeypatch):
@@ -123,6 +142,8 @@ def test_bench_command_on_a_checkpoint_writes_results(tmp_path, monkeypatch):
     assert student_prefill == {16: False, 32: True} and len(rows) == len(first)
     result = CliRunner().invoke(app, ["bench", "--model", str(teacher_dir), "--out", str(out), "--models", "gpt"])
     assert result.exit_code != 0 and "--models" in result.output
+    result = CliRunner().invoke(app, ["bench", "--model", str(teacher_dir), "--out", str(out), "--student-prefill", "-1"])
+    assert result.exit_code != 0 and "--student-prefill" in result.output
 
 
 def test_hybrid_swa_mixer_with_full_window_equals_causal_attention():

@@ -38,6 +38,8 @@ def bench(
     decode_batches: str = typer.Option("1,8", help="Decode batch sizes."),
     decode_steps: int = typer.Option(32, help="Timed decode steps per point."),
     flat_steps: int = typer.Option(0, help="Student tokens to decode while recording memory (0 = skip)."),
+    student_prefill: int = typer.Option(4096, help="Prompt tokens the student really prefills before a decode point "
+                                        "(its state is full-size once the window is full); 0 = the whole context."),
     compile_decode: bool = typer.Option(False, help="Both models' decode steps through torch.compile (then the CUDA "
                                                     "graph): fewer kernel launches per step, compiled per point."),
     repeats: int = typer.Option(2, help="Timed prefill repeats (after one warm-up)."),
@@ -55,6 +57,8 @@ def bench(
     """Teacher vs student: prefill tokens/s and time to first token, decode tokens/s and latency, peak memory."""
     if dtype not in DTYPES:
         raise typer.BadParameter(f"dtype must be one of {', '.join(DTYPES)}")
+    if student_prefill < 0:
+        raise typer.BadParameter(f"--student-prefill takes a token count >= 0 (0 = the whole context), got {student_prefill}")
     torch_dtype, dev = DTYPES[dtype], torch.device(device)
     student = HybridConfig(window_size=window, num_sink_tokens=sinks, backend=backend)
     command = "xlstm-distill bench " + shlex.join(sys.argv[2:])
@@ -75,7 +79,8 @@ def bench(
         console.print(f"[green]mixer results[/] in {out}/mixer.md")
     settings = inference.BenchSettings(
         contexts=_sizes(contexts), batches=_sizes(batches), decode_contexts=_sizes(decode_contexts),
-        decode_batches=_sizes(decode_batches), decode_steps=decode_steps, flat_steps=flat_steps, repeats=repeats,
+        decode_batches=_sizes(decode_batches), decode_steps=decode_steps, flat_steps=flat_steps,
+        student_prefill=student_prefill, repeats=repeats,
         max_prefill_tokens=max_prefill_tokens, student=student, compile_decode=compile_decode)
     if not settings.contexts and not settings.decode_contexts:
         return
@@ -84,8 +89,8 @@ def bench(
     else:
         factories = _checkpoint_models(model, student, dev, torch_dtype)
     columns = ["model", "measure", "batch", "context", "status", "ttft_ms", "prefill_tok_s", "ms_per_token",
-               "decode_tok_s", "peak_gb", "cache_gb", "cuda_graph", "compiled", "graph_error", "generated", "allocated_gb",
-               "reused"]
+               "decode_tok_s", "peak_gb", "cache_gb", "cuda_graph", "compiled", "graph_error", "prefilled", "generated",
+               "allocated_gb", "reused"]
 
     earlier = [] if reuse is None else [{**row, "reused": True} for row in json.loads(reuse.read_text())["rows"]]
 

@@ -7,8 +7,9 @@
   ``torch.compile(mode="reduce-overhead")`` does, without its compile time); a static cache attends over its
   whole length, so the step time at cache length L is the cost of every token of a generation that ends at L.
   The cache values do not change the cost, so the teacher's cache is not filled by a prefill.
-  Student: a real prefill of ``min(C, student_prefill)`` tokens (the state has its final size once the window is
-  full; its cost does not depend on C), then :class:`~xlstm_distill.modeling.decode.StaticDecoder`.
+  Student: a real prefill of ``min(C, student_prefill)`` tokens (all C with ``student_prefill=0``; the state has its
+  final size once the window is full, so its cost does not depend on C), then
+  :class:`~xlstm_distill.modeling.decode.StaticDecoder`; the row records the tokens prefilled (``prefilled``).
 - Memory: peak allocated GPU memory of each point; ``flat_steps`` decodes that many student tokens and records the
   allocated memory along the way (it must not grow).
 Out-of-memory points are recorded with status ``oom`` and skip the larger contexts of that batch size.
@@ -63,7 +64,7 @@ class BenchSettings:
     decode_contexts: list[int]  # cache lengths L of the decode points
     decode_batches: list[int]
     decode_steps: int = 32  # timed steps per decode point
-    student_prefill: int = 4096  # prompt tokens the student really prefills before decode points
+    student_prefill: int = 4096  # prompt tokens the student really prefills before decode points (0 = the context)
     flat_steps: int = 0  # student tokens decoded while recording memory (0 = skip)
     repeats: int = 2
     max_prefill_tokens: int = 1 << 18  # prefill points with batch x context above this are left out
@@ -170,7 +171,8 @@ def _decode_point(model: torch.nn.Module, name: str, batch: int, context: int, s
         decoder = TeacherDecoder(model, batch, context + settings.decode_steps + 4, context, use_graph,
                                  settings.compile_decode)
     else:
-        prompt = torch.randint(model.config.vocab_size, (batch, min(context, settings.student_prefill)), device=device)
+        prefilled = min(context, settings.student_prefill or context)
+        prompt = torch.randint(model.config.vocab_size, (batch, prefilled), device=device)
         cache = model(input_ids=prompt, use_cache=True, logits_to_keep=1).past_key_values
         decoder = StaticDecoder(model, cache, use_graph, settings.compile_decode)
     token = torch.randint(model.config.vocab_size, (batch, 1), device=device)
@@ -182,17 +184,19 @@ def _decode_point(model: torch.nn.Module, name: str, batch: int, context: int, s
     sync()
     step = (time.perf_counter() - start) / settings.decode_steps
     cache_bytes = decoder.nbytes() if name == "teacher" else decoder.cache.nbytes()
-    return {"ms_per_token": 1e3 * step, "decode_tok_s": batch / step, "peak_gb": _peak_gb(),
-            "cache_gb": cache_bytes / 2**30, "cuda_graph": use_graph, "compiled": settings.compile_decode}
+    row = {"ms_per_token": 1e3 * step, "decode_tok_s": batch / step, "peak_gb": _peak_gb(),
+           "cache_gb": cache_bytes / 2**30, "cuda_graph": use_graph, "compiled": settings.compile_decode}
+    return row if name == "teacher" else {**row, "prefilled": prefilled}
 
 
 @torch.no_grad()
 def flat_memory(model: torch.nn.Module, batch: int, steps: int, settings: BenchSettings) -> list[dict]:
-    """Allocated memory while the student decodes ``steps`` tokens (8 readings)."""
+    """Allocated memory while the student decodes ``steps`` tokens (8 readings) after a prompt of
+    ``student_prefill`` tokens (4,096 if 0), with the decode points' step (graphed, compiled if they are)."""
     device = next(model.parameters()).device
-    prompt = torch.randint(model.config.vocab_size, (batch, settings.student_prefill), device=device)
+    prompt = torch.randint(model.config.vocab_size, (batch, settings.student_prefill or 4096), device=device)
     decoder = StaticDecoder(model, model(input_ids=prompt, use_cache=True, logits_to_keep=1).past_key_values,
-                            settings.use_graph)
+                            settings.use_graph, settings.compile_decode)
     token = prompt[:, -1:]
     rows, every = [], max(steps // 8, 1)
     for i in tqdm(range(1, steps + 1), desc="student decode (memory)", unit="tok"):
