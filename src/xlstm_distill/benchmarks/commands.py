@@ -41,7 +41,8 @@ def bench(
     student_prefill: int = typer.Option(4096, help="Prompt tokens the student really prefills before a decode point "
                                         "(its state is full-size once the window is full); 0 = the whole context."),
     compile_decode: bool = typer.Option(False, help="Both models' decode steps through torch.compile (then the CUDA "
-                                                    "graph): fewer kernel launches per step, compiled per point."),
+                                                    "graph): fewer kernel launches per step (the teacher compiled per "
+                                                    "point, the student once per batch size)."),
     repeats: int = typer.Option(2, help="Timed prefill repeats (after one warm-up)."),
     max_prefill_tokens: int = typer.Option(1 << 18, help="Leave out prefill points with batch x context above this."),
     mixer_contexts: str = typer.Option("", help="Also time one mixer alone (fwd, fwd+bwd) at these lengths, e.g. 8k,32k."),

@@ -69,7 +69,7 @@ class BenchSettings:
     repeats: int = 2
     max_prefill_tokens: int = 1 << 18  # prefill points with batch x context above this are left out
     use_graph: bool | None = None  # None: on CUDA
-    compile_decode: bool = False  # both models' decode steps through torch.compile (compiled per decode point)
+    compile_decode: bool = False  # both models' decode steps through torch.compile (the student's once per batch)
     student: HybridConfig = field(default_factory=HybridConfig)
 
 
