@@ -38,7 +38,7 @@ def bench(
     decode_batches: str = typer.Option("1,8", help="Decode batch sizes."),
     decode_steps: int = typer.Option(32, help="Timed decode steps per point."),
     flat_steps: int = typer.Option(0, help="Student tokens to decode while recording memory (0 = skip)."),
-    student_prefill: int = typer.Option(4096, help="Prompt tokens the student really prefills before a decode point "
+    student_prefill: int = typer.Option(inference.STUDENT_PREFILL, help="Prompt tokens the student really prefills before a decode point "
                                         "(its state is full-size once the window is full); 0 = the whole context."),
     compile_decode: bool = typer.Option(False, help="Both models' decode steps through torch.compile (then the CUDA "
                                                     "graph): fewer kernel launches per step (the teacher compiled per "

@@ -57,6 +57,9 @@ def shape_config(name: str) -> PreTrainedConfig:
     return AutoConfig.for_model(fields.pop("model_type"), **fields)
 
 
+STUDENT_PREFILL = 4096  # default prompt tokens of the student's decode points (its state is full-size by then)
+
+
 @dataclass
 class BenchSettings:
     contexts: list[int]  # prompt lengths C of the prefill points
@@ -64,7 +67,7 @@ class BenchSettings:
     decode_contexts: list[int]  # cache lengths L of the decode points
     decode_batches: list[int]
     decode_steps: int = 32  # timed steps per decode point
-    student_prefill: int = 4096  # prompt tokens the student really prefills before decode points (0 = the context)
+    student_prefill: int = STUDENT_PREFILL  # prompt tokens the student really prefills before decode points (0 = the context)
     flat_steps: int = 0  # student tokens decoded while recording memory (0 = skip)
     repeats: int = 2
     max_prefill_tokens: int = 1 << 18  # prefill points with batch x context above this are left out
@@ -192,9 +195,11 @@ def _decode_point(model: torch.nn.Module, name: str, batch: int, context: int, s
 @torch.no_grad()
 def flat_memory(model: torch.nn.Module, batch: int, steps: int, settings: BenchSettings) -> list[dict]:
     """Allocated memory while the student decodes ``steps`` tokens (8 readings) after a prompt of
-    ``student_prefill`` tokens (4,096 if 0), with the decode points' step (graphed, compiled if they are)."""
+    ``student_prefill`` tokens (``STUDENT_PREFILL`` if 0), with the decode points' step (graphed, compiled if they
+    are)."""
     device = next(model.parameters()).device
-    prompt = torch.randint(model.config.vocab_size, (batch, settings.student_prefill or 4096), device=device)
+    prompt = torch.randint(model.config.vocab_size, (batch, settings.student_prefill or STUDENT_PREFILL),
+                           device=device)
     decoder = StaticDecoder(model, model(input_ids=prompt, use_cache=True, logits_to_keep=1).past_key_values,
                             settings.use_graph, settings.compile_decode)
     token = prompt[:, -1:]
