@@ -3,7 +3,8 @@
 #   setup     nothing more
 #   kernels   CUDA tests of the fast paths, the mixer benchmark and the Llama-3.1-8B-shape inference benchmark
 #             env TEST_SECONDS, MIXER_SECONDS, MIXER_CONTEXTS, BENCH_SECONDS, BENCH_MODELS, BENCH_ARGS;
-#             FLEX_SECONDS (default 0 = skip): benchmarks/flex_lengths.py first
+#             FLEX_SECONDS (default 0 = skip): benchmarks/flex_lengths.py first; PARTS_SECONDS (default 0 = skip):
+#             benchmarks/mixer_parts.py first
 #   students  issue 6: the three SmolLM2 students side by side (benchmarks/smollm2_students.py), resumable;
 #             env DEADLINE, STEPS, MAX_EVALS, MIXERS (a subset: the others' evaluations come from the committed run),
 #             BACKEND (student.backend, default native), SETS (more "--set key=value" for every stage; values without spaces), RUNS (the
@@ -48,6 +49,9 @@ kernels)
   R=/tmp/r5; mkdir -p $R
   if [ "${FLEX_SECONDS:-0}" -gt 0 ]; then
     timeout $FLEX_SECONDS python3 benchmarks/flex_lengths.py --out $R/flex 2>&1 | grep -v Warning | tail -n 60
+  fi
+  if [ "${PARTS_SECONDS:-0}" -gt 0 ]; then
+    timeout $PARTS_SECONDS python3 benchmarks/mixer_parts.py --out $R/parts 2>&1 | grep -v Warning | tail -n 40
   fi
   timeout ${TEST_SECONDS:-300} python3 -m pytest -q -s -p no:cacheprovider tests/kernels/test_cuda.py tests/modeling/test_decode.py > $R/cuda_tests.log 2>&1
   tail -n 8 $R/cuda_tests.log; grep -E "^E  |vs truth|native bf16" $R/cuda_tests.log | cut -c1-600

@@ -70,11 +70,33 @@ def test_tfla_forward_and_exact_backward_match_native(dtype):
     assert errors["own vs truth"]["dq"] > 0.1, errors
 
 
+def test_tfla_kept_chunk_states_give_the_recomputed_gradients(monkeypatch):
+    """The backward from the forward's chunk states (the default) and from states computed again: the same
+    gradients, also from an initial state (bf16 inputs, float32 gates)."""
+    from xlstm_distill.kernels import tfla
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    B, NH, S, D = 2, 4, 1024, 64
+    q, k = (torch.randn(B, NH, S, D, device="cuda", generator=g).softmax(-1).bfloat16() for _ in range(2))
+    v = torch.randn(B, NH, S, D, device="cuda", generator=g).bfloat16()
+    i, f = torch.randn(B, NH, S, device="cuda", generator=g), torch.randn(B, NH, S, device="cuda", generator=g) + 3
+    _, state = tfla.mlstm_tfla(*(x[:, :, :256] for x in (q, k, v, i, f)))
+    results = {}
+    for keep in (True, False):
+        monkeypatch.setattr(tfla, "KEEP_CHUNK_STATES", keep)
+        results[keep] = _grads(lambda q, k, v, i, f: tfla.mlstm_tfla(q, k, v, i, f, state, chunk_size=128)[0],
+                               [x[:, :, 256:] for x in (q, k, v, i, f)])
+    (out, grads), (ref, ref_grads) = results[True], results[False]
+    errors = _errors(out, grads, ref, ref_grads)
+    assert len(grads) == 5 and all(e < 1e-5 for e in errors.values()), errors
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("packed", [True, False])
-def test_flex_forward_backward_matches_native(dtype, packed):
+@pytest.mark.parametrize("copy_sinks", [True, False])
+def test_flex_forward_backward_matches_native(dtype, packed, copy_sinks):
     """FlexAttention forward and backward as the native kernel, for packed documents (sinks per document) and one
-    document per row (the cached mask)."""
+    document per row (the cached mask), with the sinks copied per query block (training's mask) or in place."""
     from xlstm_distill.kernels.flex import causal_swa_block_mask, swa_block_mask, swa_sinks_flex
 
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -84,7 +106,11 @@ def test_flex_forward_backward_matches_native(dtype, packed):
     doc_start = torch.zeros(B, T, dtype=torch.long, device="cuda")
     if packed:
         doc_start[1, 700:] = 700
-    mask = swa_block_mask(doc_start, 512, 4) if packed else causal_swa_block_mask(T, 512, 4, q.device)
+    if packed:
+        mask = swa_block_mask(doc_start, 512, 4, copy_sinks)
+    else:
+        mask = causal_swa_block_mask(T, 512, 4, q.device, copy_sinks)
+    assert (mask.block_mask.shape[-1] > T) == copy_sinks
     fast, fast_g = _grads(lambda q, k, v: swa_sinks_flex(q, k, v, mask, D**-0.5), [q, k, v])
     ref, ref_g = _grads(lambda q, k, v: swa_sinks_attention(q.float(), k.float(), v.float(), doc_start, 512, 4, D**-0.5),
                         [q, k, v])

@@ -106,3 +106,79 @@ def test_compiled_flex_attention_compiles_twice_for_all_lengths():
             ref = swa_sinks_attention(q, k, v, torch.zeros(q.shape[0], T, dtype=torch.long), 64, 4, 0.3)
             torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+
+
+def _packed_starts(T: int, boundaries: list[int]) -> torch.Tensor:
+    """(2, T) document starts: row 0 one document, row 1 documents starting at 0 and at each boundary."""
+    doc_start = torch.zeros(2, T, dtype=torch.long)
+    for b in boundaries:
+        doc_start[1, b:] = b
+    return doc_start
+
+
+# row 1: documents of 30 and 40 tokens; of 1, 2, 3 tokens (shorter than the sinks) and long ones across blocks
+LAYOUTS = {"one document": [], "two documents": [30], "short documents": [130, 131, 133, 136, 200, 300]}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("window,sinks", [(8, 4), (5, 1), (100, 2), (300, 4)])
+def test_flex_copied_sinks_match_dense(window, sinks, layout):
+    """Training's mask on the CPU (eager): each query block of 128 tokens sees copies of its documents' sinks after
+    the keys, the sinks in place are out of the window part. Same function as the dense definition."""
+    from xlstm_distill.kernels.flex import BLOCK, causal_swa_block_mask, swa_block_mask, swa_sinks_flex
+
+    T = 400
+    q, k, v = _qkv(T=T)
+    doc_start = _packed_starts(T, LAYOUTS[layout])
+    if layout == "one document":
+        mask = causal_swa_block_mask(T, window, sinks, torch.device("cpu"), copy_sinks=True)
+    else:
+        mask = swa_block_mask(doc_start, window, sinks, copy_sinks=True)
+    assert mask.block_mask.shape[-1] == 400 + 4 * BLOCK  # a key block of copies per query block
+    one_document = layout == "one document"  # copies of the row's first tokens, else gathered per document
+    assert (mask.row_sinks > 0, mask.sink_pos is None) == (one_document, one_document)
+    out = swa_sinks_flex(q, k, v, mask, 0.3)
+    torch.testing.assert_close(out, dense_reference(q, k, v, doc_start, window, sinks, 0.3), atol=1e-5, rtol=1e-5)
+
+
+def test_flex_copied_sinks_fall_back_to_sinks_in_place():
+    """More documents in one query block than its copies have room for (128 // 4 sinks = 32): sinks in place."""
+    from xlstm_distill.kernels.flex import swa_block_mask, swa_sinks_flex
+
+    q, k, v = _qkv(T=200)
+    doc_start = _packed_starts(200, list(range(2, 80, 2)))  # 39 documents of 2 tokens in the first block
+    mask = swa_block_mask(doc_start, 16, 4, copy_sinks=True)
+    assert mask.sink_pos is None and mask.row_sinks == 0 and mask.block_mask.shape[-1] == 200
+    out = swa_sinks_flex(q, k, v, mask, 0.3)
+    torch.testing.assert_close(out, dense_reference(q, k, v, doc_start, 16, 4, 0.3), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_flex_copied_sinks_gradient(monkeypatch, layout):
+    """The gradient through the copies reaches the sinks: FlexAttention has no backward on the CPU, so a dense
+    attention under the same block mask over the same keys stands in for it; the gradients must be those of the
+    dense definition."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    from xlstm_distill.kernels import flex
+
+    def dense_flex(q, k, v, block_mask, scale, enable_gqa, kernel_options):
+        G = q.shape[1] // k.shape[1]
+        allowed = create_mask(block_mask.mask_mod, q.shape[0], 1, q.shape[2], k.shape[2], device="cpu")
+        scores = ((q @ k.repeat_interleave(G, 1).transpose(-1, -2)) * scale).masked_fill(~allowed, float("-inf"))
+        return torch.softmax(scores, -1) @ v.repeat_interleave(G, 1)
+
+    monkeypatch.setattr(flex, "flex_attention", dense_flex)
+    T = 400
+    q, k, v = (x.requires_grad_() for x in _qkv(T=T))
+    doc_start = _packed_starts(T, LAYOUTS[layout])
+    if layout == "one document":
+        mask = flex.causal_swa_block_mask(T, 6, 3, torch.device("cpu"), copy_sinks=True)
+    else:
+        mask = flex.swa_block_mask(doc_start, 6, 3, copy_sinks=True)
+    assert mask.block_mask.shape[-1] > T
+    weights = torch.randn(2, 4, T, 8, generator=torch.Generator().manual_seed(1))
+    grads = torch.autograd.grad((flex.swa_sinks_flex(q, k, v, mask, 0.3) * weights).sum(), (q, k, v))
+    ref = torch.autograd.grad((dense_reference(q, k, v, doc_start, 6, 3, 0.3) * weights).sum(), (q, k, v))
+    for g, r in zip(grads, ref):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)

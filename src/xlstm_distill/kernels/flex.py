@@ -1,8 +1,15 @@
 """SWA + sinks through PyTorch's FlexAttention (compiled on CUDA; eager reference on CPU, used by the tests).
 
 Same function as :func:`xlstm_distill.kernels.swa.swa_sinks_attention`: a query sees the keys of its own document
-inside the window and the document's first ``num_sinks`` tokens. The block mask depends on the documents of the
-batch, so it is built once per forward and shared by every layer (``block_mask`` argument).
+inside the window and the document's first ``num_sinks`` tokens. Two masks of the same function:
+- sinks in place: every query block also sees the key block holding its document's sinks. FlexAttention's backward
+  computes a key block's gradient in one program per head, walking every query block that sees it; the sinks'
+  block is seen by all of them, so that one program took most of the backward (docs/decisions.md);
+- copied sinks (for training, ``copy_sinks=True``): keys and values get one more key block per query block of 128
+  tokens, holding copies of the sinks of the documents in that query block, and only that query block sees it.
+  Every key block then has a few query blocks, and the copies' gradients flow back to the sinks through the copy.
+The mask depends on the documents of the batch, so it is built once per forward and shared by every layer (``mask``
+argument).
 """
 
 from __future__ import annotations
@@ -10,9 +17,23 @@ from __future__ import annotations
 import contextlib
 import functools
 import warnings
+from typing import NamedTuple
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+BLOCK = 128  # FlexAttention's block-mask granularity (its default), the query blocks that get their own sink copies
+
+
+class SWAMask(NamedTuple):
+    """What one forward's SWA + sinks needs besides q, k, v: the block mask over the keys, and how the sink copies
+    that follow the keys are made: ``row_sinks`` > 0: the first ``row_sinks`` tokens of each row (one document per
+    row); ``sink_pos`` (B, NB * BLOCK): each copy's source position (packed documents), -1 on unused slots. Neither:
+    sinks in place."""
+
+    block_mask: BlockMask
+    row_sinks: int
+    sink_pos: torch.Tensor | None
 
 
 def _variants() -> contextlib.AbstractContextManager:
@@ -24,34 +45,113 @@ def _variants() -> contextlib.AbstractContextManager:
     return torch._dynamo.config.patch(cache_size_limit=max(torch._dynamo.config.cache_size_limit, 64))
 
 
-def _block_mask(window: int, num_sinks: int, T: int, device: torch.device,
-                doc_start: torch.Tensor | None = None) -> BlockMask:
-    """Causal, same document, inside the window or a sink. ``doc_start`` (B, T): each token's document start;
-    None: every row is one document starting at 0 (the mask then does not depend on the batch row)."""
-    def mask_mod(b, h, q_idx, kv_idx):
-        if doc_start is None:
+def _sink_copies(doc_start: torch.Tensor, num_sinks: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """For each query block, a key block of copies of the sinks of its documents (at most BLOCK // num_sinks
+    documents start in or run into one block; else None: sinks in place). Returns each copy's source position and
+    document start, (B, NB * BLOCK) each, -1 on unused slots."""
+    B, T = doc_start.shape
+    NB = -(-T // BLOCK)
+    starts = torch.cat([doc_start, doc_start[:, -1:].expand(B, NB * BLOCK - T)], 1).view(B, NB, BLOCK)
+    new_doc = torch.ones_like(starts, dtype=torch.bool)
+    new_doc[..., 1:] = starts[..., 1:] != starts[..., :-1]  # the block's first token and each document start in it
+    rank = new_doc.cumsum(-1) - 1  # (B, NB, BLOCK) the token's document's index within the block
+    per_block = BLOCK // num_sinks
+    if int(rank[..., -1].max()) >= per_block:
+        return None
+    docs = starts.new_full((B, NB, per_block + 1), -1)  # the last column takes the writes of the other tokens
+    docs.scatter_(-1, torch.where(new_doc, rank, per_block), starts)
+    docs = docs[..., :per_block, None].expand(B, NB, per_block, num_sinks)  # (B, NB, documents, S)
+    pos = docs + torch.arange(num_sinks, device=doc_start.device)
+    own = pos.clamp(0, T - 1)
+    valid = (docs >= 0) & (pos < T) & (doc_start.gather(1, own.flatten(1)).view_as(pos) == docs)  # a short document
+    pad = (0, BLOCK - per_block * num_sinks)  # has fewer sinks
+    pos, docs = (torch.nn.functional.pad(torch.where(valid, x, -1).flatten(2), pad, value=-1).flatten(1)
+                 for x in (pos, docs))
+    return pos, docs
+
+
+def _swa_mask(window: int, num_sinks: int, T: int, device: torch.device, doc_start: torch.Tensor | None,
+              copy_sinks: bool) -> SWAMask:
+    """Causal, same document, inside the window or a sink (in place, or copied: ``copy_sinks``). ``doc_start``
+    (B, T): each token's document start; None: every row is one document starting at 0 (the block mask then does
+    not depend on the batch row, and its mask is arithmetic: no lookups in FlexAttention's inner loop)."""
+    copies = _sink_copies(doc_start, num_sinks) if copy_sinks and num_sinks and doc_start is not None else None
+    row_sinks = min(num_sinks, T) if copy_sinks and doc_start is None else 0
+
+    def in_place(b, h, q_idx, kv_idx):
+        if doc_start is None:  # constants: the CPU's compiled FlexAttention fails on captured tensors here
             start, same_doc = 0, True
         else:
             start = doc_start[b, q_idx]
             same_doc = doc_start[b, kv_idx] == start
         return (kv_idx <= q_idx) & same_doc & ((q_idx - kv_idx < window) | (kv_idx - start < num_sinks))
 
+    def row_copies(b, h, q_idx, kv_idx):  # each query block's copies: the row's first tokens, at slots 0..S-1
+        slot = kv_idx - T
+        in_window = (kv_idx <= q_idx) & (q_idx - kv_idx < window) & (kv_idx >= num_sinks)
+        sink = (slot // BLOCK == q_idx // BLOCK) & (slot % BLOCK < row_sinks) & (slot % BLOCK <= q_idx)
+        return torch.where(kv_idx < T, in_window, sink)
+
+    def document_copies(b, h, q_idx, kv_idx):
+        start, slot, token = doc_start[b, q_idx], (kv_idx - T).clamp(min=0), kv_idx.clamp(max=T - 1)
+        in_window = (kv_idx <= q_idx) & (doc_start[b, token] == start) & (q_idx - kv_idx < window)
+        pos, doc = copies[0][b, slot], copies[1][b, slot]
+        sink = (slot // BLOCK == q_idx // BLOCK) & (pos >= 0) & (pos <= q_idx) & (doc == start)
+        return torch.where(kv_idx < T, in_window & (kv_idx - start >= num_sinks), sink)
+
+    mask_mod, keys = in_place, T
+    if row_sinks or copies is not None:
+        mask_mod, keys = (row_copies if row_sinks else document_copies), T + -(-T // BLOCK) * BLOCK
     B = None if doc_start is None else doc_start.shape[0]
     # compiled on CUDA: eager evaluation materializes all T x T mask values (hopeless at 64K+)
     with _variants():
-        return create_block_mask(mask_mod, B, None, T, T, device=device, _compile=device.type == "cuda")
+        block_mask = create_block_mask(mask_mod, B, None, T, keys, device=device, BLOCK_SIZE=BLOCK,
+                                       _compile=device.type == "cuda")
+    return SWAMask(block_mask, row_sinks, None if copies is None else copies[0])
 
 
-def swa_block_mask(doc_start: torch.Tensor, window: int, num_sinks: int) -> BlockMask:
-    """Block mask for (B, T) document starts (padding, packed documents): built once per forward."""
-    return _block_mask(window, num_sinks, doc_start.shape[1], doc_start.device, doc_start)
+def swa_block_mask(doc_start: torch.Tensor, window: int, num_sinks: int, copy_sinks: bool = False) -> SWAMask:
+    """Mask for (B, T) document starts (padding, packed documents): built once per forward."""
+    return _swa_mask(window, num_sinks, doc_start.shape[1], doc_start.device, doc_start, copy_sinks)
 
 
 @functools.lru_cache(maxsize=32)
-def causal_swa_block_mask(seq_len: int, window: int, num_sinks: int, device: torch.device) -> BlockMask:
-    """Block mask of one document per row (no padding, no packing), cached per (length, window, sinks, device):
+def causal_swa_block_mask(seq_len: int, window: int, num_sinks: int, device: torch.device,
+                          copy_sinks: bool = False) -> SWAMask:
+    """Mask of one document per row (no padding, no packing), cached per (length, window, sinks, device, copies):
     prefill and evaluation build it once per shape instead of once per forward."""
-    return _block_mask(window, num_sinks, seq_len, device)
+    return _swa_mask(window, num_sinks, seq_len, device, None, copy_sinks)
+
+
+def _attend(
+    q: torch.Tensor,  # (B, NH, T, D)
+    k: torch.Tensor,  # (B, NKV, T, D)
+    v: torch.Tensor,  # (B, NKV, T, DV)
+    mask: SWAMask,
+    scale: float,
+    kernel_options: dict | None,
+) -> torch.Tensor:  # (B, NH, T, DV)
+    """FlexAttention under the block mask, over the keys followed by the copied sinks if any. The copies' gradients
+    are summed into the sinks' in float32 (over 256 query blocks at 32K tokens, bf16 sums lost 2.5% of dk)."""
+    if mask.row_sinks or mask.sink_pos is not None:
+        B, NKV, T, D = k.shape
+        NB = -(-T // BLOCK)
+        if mask.row_sinks:  # (B, NKV, BLOCK, D): the row's sinks, then zeros; the same for each query block
+            pad = (0, 0, 0, BLOCK - mask.row_sinks)
+            first = [torch.nn.functional.pad(x[:, :, :mask.row_sinks], pad) for x in (k, v)]
+            copies = (x.float().unsqueeze(2).expand(B, NKV, NB, BLOCK, x.shape[-1]).flatten(2, 3) for x in first)
+        else:
+            idx = mask.sink_pos.clamp(min=0)  # (B, NB * BLOCK)
+            copies = (_gather_tokens(x.float(), idx) for x in (k, v))
+        k, v = (torch.cat([x, c.to(x.dtype)], 2) for x, c in zip((k, v), copies))  # (B, NKV, T + NB * BLOCK, D)
+    return flex_attention(q, k, v, block_mask=mask.block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
+                          kernel_options=kernel_options)
+
+
+def _gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x (B, NKV, T, D) at the positions idx (B, L) -> (B, NKV, L, D)."""
+    B, NKV, _, D = x.shape
+    return torch.gather(x, 2, idx[:, None, :, None].expand(B, NKV, -1, D))
 
 
 @functools.cache
@@ -59,7 +159,7 @@ def _compiled():
     """Compiled for the first length seen, then (from the second) with a symbolic length that serves every later one.
     With ``dynamic=False`` each new length compiled again (about 6 s) and after dynamo's recompile limit the call ran
     unfused, materializing (B, NH, T, T) scores: out of memory at 32K (benchmarks/flex_lengths.py, docs/decisions.md)."""
-    return torch.compile(flex_attention, dynamic=None)
+    return torch.compile(_attend, dynamic=None)
 
 
 # Inductor picks its FlexAttention decoding kernel for queries shorter than 128 tokens, and has no config of it for a
@@ -71,7 +171,7 @@ def swa_sinks_flex(
     q: torch.Tensor,  # (B, NH, T, D)
     k: torch.Tensor,  # (B, NKV, T, D)
     v: torch.Tensor,  # (B, NKV, T, DV)
-    block_mask: BlockMask,
+    mask: SWAMask,
     scale: float,
     compiled: bool | None = None,
 ) -> torch.Tensor:
@@ -79,8 +179,7 @@ def swa_sinks_flex(
     compiles too, forward only, which the tests use to check the compiled path's variants)."""
     if q.is_cuda if compiled is None else compiled:
         with _variants():
-            return _compiled()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
-                               kernel_options=_KERNEL_OPTIONS)
+            return _compiled()(q, k, v, mask, scale, _KERNEL_OPTIONS)
     with warnings.catch_warnings():  # eager FlexAttention warns that it is not compiled: intended on CPU
         warnings.simplefilter("ignore")
-        return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+        return _attend(q, k, v, mask, scale, None)

@@ -17,10 +17,15 @@ column as it does the others; the gradient of w then carries the normalizer's pa
 |q n| (`_add_normalizer_gradient`, a custom autograd function; the branch found from each token's stabilizer m).
 Cost: one more value column (docs/decisions.md has the timings). The kernel still holds m constant: exact up to
 eps (the function depends on m only through eps).
+
+With gradients, the Triton kernel keeps the chunk states of its forward for the backward (``recompute_states_in_bw``
+off) instead of computing them again there: float32 (DHQK, DHV + 1) per chunk of 128 tokens and head, 34 MB per
+layer at 8K tokens and 32 heads of 128 (docs/decisions.md has the timings).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 
@@ -35,6 +40,7 @@ CPU_KERNEL = "chunkwise--native_custbw"  # the same algorithm and custom backwar
 CUDA_MIN_CHUNK = 128  # the same function at any chunk size; 128 took 12% less time than 64 (fwd+bwd, 8K, H100)
 PAD_INPUT_GATE, PAD_FORGET_GATE = -30.0, 30.0
 RESET_FORGET_GATE = -100.0
+KEEP_CHUNK_STATES = True  # with gradients: keep the forward's chunk states for the backward (False: recompute them)
 MAX_GRID_Z = 65_535  # CUDA's limit on a launch grid's third dimension
 # relative error of the kernel's w = q n / (normalizer + eps): a token is on the |q n| branch where |w| reaches the
 # kink's value 1 / (1 + eps exp(m)) within it. A wider band gives exp(-m)-branch tokens that close to the kink the
@@ -64,9 +70,12 @@ def mlstm_tfla(
     keeps mlstm_kernels' own backward (normalizer held constant) and skips the extra value column."""
     from mlstm_kernels.torch import get_mlstm_kernel
 
-    kernel = get_mlstm_kernel(CUDA_KERNEL if q.is_cuda else CPU_KERNEL)
     B, NH, S, DHQK = q.shape
     DHV = v.shape[-1]
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, i, f))
+    kernel = get_mlstm_kernel(CUDA_KERNEL if q.is_cuda else CPU_KERNEL)
+    if q.is_cuda:  # the chunk states kept for the backward (the CPU kernel always recomputes them)
+        kernel = functools.partial(kernel, recompute_states_in_bw=not (needs_grad and KEEP_CHUNK_STATES))
     # dv is exact without it: the extra column is for the gradients of q, k and the gates
     augment = exact_backward and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, i, f))
     if augment:  # (B, NH, S, DHV + 1): the last output column is q n / normalizer, C's last column is n

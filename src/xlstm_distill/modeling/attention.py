@@ -170,13 +170,16 @@ class HybridAttention(nn.Module):
             key_pos = torch.cat([layout.cached_key_pos, layout.position], dim=1)  # (B, S + W + T)
             out = swa_sinks_attention_cached(q, layout.position, keys, values, key_pos, self.window, self.num_sinks, self.scaling)
         elif self._use_flex(q) and (q.is_cuda or not torch.is_grad_enabled()):  # no FlexAttention backward on CPU
-            if "block_mask" not in layout.derived:
+            # with gradients the sinks are copied per query block (FlexAttention's backward; kernels/flex.py)
+            copies = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+            key = "block_mask_copies" if copies else "block_mask"
+            if key not in layout.derived:
                 if layout.single_document:  # same mask for every row and every forward of this length
-                    mask = flex.causal_swa_block_mask(q.shape[2], self.window, self.num_sinks, q.device)
+                    mask = flex.causal_swa_block_mask(q.shape[2], self.window, self.num_sinks, q.device, copies)
                 else:
-                    mask = flex.swa_block_mask(layout.doc_start, self.window, self.num_sinks)
-                layout.derived["block_mask"] = mask
-            out = flex.swa_sinks_flex(q, k, v, layout.derived["block_mask"], self.scaling)
+                    mask = flex.swa_block_mask(layout.doc_start, self.window, self.num_sinks, copies)
+                layout.derived[key] = mask
+            out = flex.swa_sinks_flex(q, k, v, layout.derived[key], self.scaling)
         else:
             out = swa_sinks_attention(q, k, v, layout.doc_start, self.window, self.num_sinks, self.scaling)
         if cache is not None:

@@ -1,0 +1,169 @@
+"""The hybrid mixer's two kernels, each with and without this change, and the whole mixer before and after (issue 5).
+
+* FlexAttention (SWA + sinks): the sinks in place or copied per query block (kernels/flex.py); outputs and gradients
+  of the two compared.
+* TFLA (mlstm_kernels): the backward computing the chunk states again, or keeping the forward's.
+* The whole mixer (`HybridAttention.mix`, Llama-3.1-8B heads, window 512, 4 sinks, backend auto) with both old
+  settings and with the package's (copied sinks with gradients only), and causal SDPA (flash) for scale.
+
+    python benchmarks/mixer_parts.py --out DIR     # CUDA only; writes DIR/mixer_parts.json, .md and .png
+    python benchmarks/mixer_parts.py --out DIR --replot    # the plot again from DIR/mixer_parts.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from xlstm_distill.benchmarks.mixer import _inputs, _mix, hybrid_layer
+from xlstm_distill.benchmarks.report import time_call, write_results
+from xlstm_distill.kernels import flex, tfla
+from xlstm_distill.modeling import HybridConfig
+from xlstm_distill.modeling.cache import full_layout
+
+NH, NKV, D, WINDOW, SINKS = 32, 8, 128, 512, 4
+LENGTHS = (8192, 32768)
+
+
+def timings(fn: Callable[..., torch.Tensor], inputs: list[torch.Tensor]) -> dict:
+    """Forward (no gradients) and forward + backward milliseconds of fn(*inputs); floating inputs get gradients."""
+    leaves = [x.detach().requires_grad_(x.is_floating_point()) for x in inputs]
+
+    def fwd() -> None:
+        with torch.no_grad():
+            fn(*leaves)
+
+    def fwd_bwd() -> None:
+        fn(*leaves).float().sum().backward()
+        for x in leaves:
+            x.grad = None
+
+    return {"fwd_ms": 1e3 * time_call(fwd, repeats=10, warmup=2),
+            "fwd_bwd_ms": 1e3 * time_call(fwd_bwd, repeats=10, warmup=2)}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def flex_rows(T: int) -> list[dict]:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, NH, T, D, device="cuda", generator=g, dtype=torch.bfloat16)
+    k, v = (torch.randn(1, NKV, T, D, device="cuda", generator=g, dtype=torch.bfloat16) for _ in "kv")
+    rows, outputs = [], {}
+    for copies in (False, True):
+        mask = flex.causal_swa_block_mask(T, WINDOW, SINKS, q.device, copy_sinks=copies)
+        attend = functools.partial(flex.swa_sinks_flex, mask=mask, scale=D**-0.5)
+        rows.append({"seq_len": T, "part": "FlexAttention", "variant": "copied sinks" if copies else "sinks in place",
+                     **timings(attend, [q, k, v])})
+        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+        out = attend(*leaves)
+        out.float().pow(2).sum().backward()
+        outputs[copies] = [out.detach(), *(x.grad for x in leaves)]
+    rows[-1]["rel_diff_out_dq_dk_dv"] = [round(_rel(a, b), 5) for a, b in zip(outputs[True], outputs[False])]
+    return rows
+
+
+def tfla_rows(T: int) -> list[dict]:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    fq, fk = (torch.softmax(torch.randn(1, NH, T, D, device="cuda", generator=g), -1).bfloat16() for _ in "qk")
+    v = torch.randn(1, NH, T, D, device="cuda", generator=g, dtype=torch.bfloat16)
+    i = torch.randn(1, NH, T, device="cuda", generator=g)
+    f = torch.randn(1, NH, T, device="cuda", generator=g) + 3.0
+    rows = []
+    for keep in (False, True):
+        tfla.KEEP_CHUNK_STATES = keep
+        variant = "keep chunk states" if keep else "recompute chunk states"
+        rows.append({"seq_len": T, "part": "TFLA (exact gradient)", "variant": variant,
+                     **timings(lambda *x: tfla.mlstm_tfla(*x, chunk_size=128)[0], [fq, fk, v, i, f])})
+    return rows
+
+
+@contextlib.contextmanager
+def old_settings():
+    """Sinks in place and TFLA recomputing its chunk states (the package before this change)."""
+    cached = flex.causal_swa_block_mask
+
+    def in_place(seq_len: int, window: int, num_sinks: int, device: torch.device, copy_sinks: bool = False):
+        return cached(seq_len, window, num_sinks, device, False)
+
+    flex.causal_swa_block_mask = in_place
+    tfla.KEEP_CHUNK_STATES = False
+    try:
+        yield
+    finally:
+        flex.causal_swa_block_mask, tfla.KEEP_CHUNK_STATES = cached, True
+
+
+def layer_rows(T: int) -> list[dict]:
+    student = HybridConfig(mixer="mlstm_swa", window_size=WINDOW, num_sink_tokens=SINKS, backend="auto")
+    layer = hybrid_layer(NH, NKV, D, student, torch.device("cuda"), torch.bfloat16)
+    inputs = _inputs(layer, 1, T, torch.device("cuda"), torch.bfloat16)
+    layout = full_layout(1, T, torch.device("cuda"))
+    rows = []
+    for name, settings in (("before (sinks in place, recompute)", old_settings), ("after", contextlib.nullcontext)):
+        with settings():
+            rows.append({"seq_len": T, "part": "whole mixer", "variant": name,
+                         **timings(lambda *x: _mix(layer, layout, *x), inputs)})
+    sdpa = functools.partial(F.scaled_dot_product_attention, is_causal=True, enable_gqa=True)
+    rows.append({"seq_len": T, "part": "causal SDPA", "variant": "flash", **timings(sdpa, inputs[:3])})
+    return rows
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Forward + backward milliseconds of each part, before (first variant) and after, one panel per length."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = sorted({r["seq_len"] for r in rows})
+    fig, axes = plt.subplots(1, len(lengths), figsize=(6 * len(lengths), 4))
+    for ax, T in zip(axes, lengths):
+        here = [r for r in rows if r["seq_len"] == T]
+        labels = [f"{r['part']}\n{r['variant']}" for r in here]
+        ax.barh(labels, [r["fwd_bwd_ms"] for r in here], color="tab:blue", label="forward + backward")
+        ax.barh(labels, [r["fwd_ms"] for r in here], color="tab:orange", label="forward")
+        ax.invert_yaxis()
+        ax.set_xlabel("ms (one layer, 32 heads x 128, bf16, batch 1)")
+        ax.set_title(f"{T:,} tokens")
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--replot", action="store_true", help="only draw DIR/mixer_parts.png from its JSON")
+    args = parser.parse_args()
+    out = args.out
+    if args.replot:
+        plot(json.loads((out / "mixer_parts.json").read_text())["rows"], out / "mixer_parts.png")
+        return
+    rows = []
+    for T in LENGTHS:
+        torch._dynamo.reset()  # static kernels at each length, as the mixer benchmark
+        for part in (flex_rows, tfla_rows, layer_rows):
+            rows += part(T)
+            print(*rows[-3:], sep="\n", flush=True)
+        torch.cuda.empty_cache()
+    command = "python benchmarks/mixer_parts.py " + shlex.join(sys.argv[1:])
+    write_results(out, "mixer_parts", rows, command,
+                  ["seq_len", "part", "variant", "fwd_ms", "fwd_bwd_ms", "rel_diff_out_dq_dk_dv"])
+    print((out / "mixer_parts.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
