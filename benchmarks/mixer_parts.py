@@ -91,17 +91,17 @@ def tfla_rows(T: int) -> list[dict]:
 @contextlib.contextmanager
 def old_settings():
     """Sinks in place and TFLA recomputing its chunk states (the package before this change)."""
-    cached = flex.causal_swa_block_mask
+    package_mask = flex.causal_swa_block_mask
 
     def in_place(seq_len: int, window: int, num_sinks: int, device: torch.device, copy_sinks: bool = False):
-        return cached(seq_len, window, num_sinks, device, False)
+        return package_mask(seq_len, window, num_sinks, device, False)
 
     flex.causal_swa_block_mask = in_place
     tfla.KEEP_CHUNK_STATES = False
     try:
         yield
     finally:
-        flex.causal_swa_block_mask, tfla.KEEP_CHUNK_STATES = cached, True
+        flex.causal_swa_block_mask, tfla.KEEP_CHUNK_STATES = package_mask, True
 
 
 def layer_rows(T: int) -> list[dict]:
@@ -156,8 +156,9 @@ def main() -> None:
     for T in LENGTHS:
         torch._dynamo.reset()  # static kernels at each length, as the mixer benchmark
         for part in (flex_rows, tfla_rows, layer_rows):
-            rows += part(T)
-            print(*rows[-3:], sep="\n", flush=True)
+            new = part(T)
+            rows += new
+            print(*new, sep="\n", flush=True)
         torch.cuda.empty_cache()
     command = "python benchmarks/mixer_parts.py " + shlex.join(sys.argv[1:])
     write_results(out, "mixer_parts", rows, command,

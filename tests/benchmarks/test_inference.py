@@ -181,3 +181,20 @@ def test_compiled_teacher_decode_step_equals_eager():
         decoder = inference.TeacherDecoder(teacher, batch=2, cache_len=16, start=0, use_graph=False, compile=compile)
         logits.append(torch.stack([decoder.step(ids[:, t:t + 1]).clone() for t in range(6)]))
     torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
+
+
+def test_teacher_decode_steps_equal_full_forward():
+    """The teacher baseline's static-cache decode, token by token from position 0, gives the full forward's logits,
+    and a decoder started at position 5 (a decode point's cache length) writes its first keys there (with either
+    transformers cache convention: cache_position, or the cache's own count since 5.24)."""
+    teacher = tiny_teacher().eval()
+    ids = torch.randint(3, 100, (2, 6), generator=torch.Generator().manual_seed(0))
+    decoder = inference.TeacherDecoder(teacher, batch=2, cache_len=16, start=0, use_graph=False)
+    steps = torch.stack([decoder.step(ids[:, t:t + 1]).clone() for t in range(6)], 1)  # (B, T, V)
+    with torch.no_grad():
+        full = teacher(ids).logits
+    torch.testing.assert_close(steps, full, atol=1e-4, rtol=1e-4)
+    late = inference.TeacherDecoder(teacher, batch=2, cache_len=16, start=5, use_graph=False)
+    late.step(ids[:, :1])
+    written = late.cache.layers[0].keys.abs().sum(dim=(0, 1, 3))  # (cache_len,)
+    assert written[5] > 0 and written[:5].sum() == 0 and written[6:].sum() == 0

@@ -119,6 +119,32 @@ def test_flex_forward_backward_matches_native(dtype, packed, copy_sinks):
         assert _rel(a, b) < 5 * TOL[dtype]
 
 
+@pytest.mark.parametrize("packed", [True, False])
+def test_flex_copied_sinks_unaligned_short_documents(packed):
+    """Training's mask (copied sinks) at a length that is not a multiple of 128, with documents shorter than the
+    sinks and documents across blocks: forward and backward as the native kernel (bf16)."""
+    from xlstm_distill.kernels.flex import causal_swa_block_mask, swa_block_mask, swa_sinks_flex
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    B, NH, NKV, T, D = 2, 8, 2, 1000, 64
+    q = torch.randn(B, NH, T, D, device="cuda", generator=g).bfloat16()
+    k, v = (torch.randn(B, NKV, T, D, device="cuda", generator=g).bfloat16() for _ in range(2))
+    doc_start = torch.zeros(B, T, dtype=torch.long, device="cuda")
+    if packed:
+        for start in (130, 131, 133, 136, 300, 777):
+            doc_start[1, start:] = start
+        mask = swa_block_mask(doc_start, 256, 4, copy_sinks=True)
+    else:
+        mask = causal_swa_block_mask(T, 256, 4, q.device, copy_sinks=True)
+    assert mask.block_mask.shape[-1] == T + 8 * 128
+    fast, fast_g = _grads(lambda q, k, v: swa_sinks_flex(q, k, v, mask, D**-0.5), [q, k, v])
+    ref, ref_g = _grads(lambda q, k, v: swa_sinks_attention(q.float(), k.float(), v.float(), doc_start, 256, 4, D**-0.5),
+                        [q, k, v])
+    assert _rel(fast, ref) < TOL[torch.bfloat16]
+    for a, b in zip(fast_g, ref_g):
+        assert _rel(a, b) < 5 * TOL[torch.bfloat16]
+
+
 def test_flex_serves_many_lengths_and_windows_compiled():
     """One process meeting many sequence lengths (evaluation, generation with varied prompts) and two windows (two
     models), with and without gradients: every call stays compiled (hitting dynamo's recompile limit is made an

@@ -116,7 +116,8 @@ def _packed_starts(T: int, boundaries: list[int]) -> torch.Tensor:
     return doc_start
 
 
-# row 1: documents of 30 and 40 tokens; of 1, 2, 3 tokens (shorter than the sinks) and long ones across blocks
+# row 1: two documents (30 and 370 tokens); or documents of 1, 2 and 3 tokens (shorter than the sinks) between long
+# ones across blocks
 LAYOUTS = {"one document": [], "two documents": [30], "short documents": [130, 131, 133, 136, 200, 300]}
 
 
@@ -135,22 +136,27 @@ def test_flex_copied_sinks_match_dense(window, sinks, layout):
     else:
         mask = swa_block_mask(doc_start, window, sinks, copy_sinks=True)
     assert mask.block_mask.shape[-1] == 400 + 4 * BLOCK  # a key block of copies per query block
-    one_document = layout == "one document"  # copies of the row's first tokens, else gathered per document
-    assert (mask.row_sinks > 0, mask.sink_pos is None) == (one_document, one_document)
+    if layout == "one document":  # copies of the row's first tokens
+        assert mask.row_sinks == sinks and mask.sink_pos is None
+    else:  # copies gathered per document
+        assert mask.row_sinks == 0 and mask.sink_pos is not None
     out = swa_sinks_flex(q, k, v, mask, 0.3)
     torch.testing.assert_close(out, dense_reference(q, k, v, doc_start, window, sinks, 0.3), atol=1e-5, rtol=1e-5)
 
 
 def test_flex_copied_sinks_fall_back_to_sinks_in_place():
-    """More documents in one query block than its copies have room for (128 // 4 sinks = 32): sinks in place."""
-    from xlstm_distill.kernels.flex import swa_block_mask, swa_sinks_flex
+    """Sinks that a query block's copies have no room for stay in place: more documents in one query block than
+    128 // 4 sinks = 32, or more sinks than 128 (one document per row)."""
+    from xlstm_distill.kernels.flex import causal_swa_block_mask, swa_block_mask, swa_sinks_flex
 
-    q, k, v = _qkv(T=200)
-    doc_start = _packed_starts(200, list(range(2, 80, 2)))  # 39 documents of 2 tokens in the first block
-    mask = swa_block_mask(doc_start, 16, 4, copy_sinks=True)
-    assert mask.sink_pos is None and mask.row_sinks == 0 and mask.block_mask.shape[-1] == 200
-    out = swa_sinks_flex(q, k, v, mask, 0.3)
-    torch.testing.assert_close(out, dense_reference(q, k, v, doc_start, 16, 4, 0.3), atol=1e-5, rtol=1e-5)
+    q, k, v = _qkv(T=400)
+    doc_start = _packed_starts(400, list(range(2, 80, 2)))  # 39 documents of 2 tokens in the first block
+    for mask, sinks, starts in ((swa_block_mask(doc_start, 16, 4, copy_sinks=True), 4, doc_start),
+                                (causal_swa_block_mask(400, 16, 130, torch.device("cpu"), copy_sinks=True), 130,
+                                 torch.zeros_like(doc_start))):
+        assert mask.sink_pos is None and mask.row_sinks == 0 and mask.block_mask.shape[-1] == 400
+        out = swa_sinks_flex(q, k, v, mask, 0.3)
+        torch.testing.assert_close(out, dense_reference(q, k, v, starts, 16, sinks, 0.3), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

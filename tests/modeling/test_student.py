@@ -43,16 +43,19 @@ def test_small_window_differs_from_teacher(family):
 
 @pytest.mark.parametrize("mixer", MIXERS)
 def test_cached_decoding_matches_full_forward(mixer):
-    """Prefill, a multi-token chunk, then single tokens: same logits as one forward (T > window + sinks)."""
+    """Prefill, a multi-token chunk, then single tokens: same logits as one forward (T > window + sinks). The cache
+    goes in under both of transformers' names (`past_key_values`, and `cache` since 5.24)."""
+    from xlstm_distill.modeling.cache import cache_of
+
     student = student_of(mixer)
     ids = tokens(2, 30)
     with torch.no_grad():
         full = student(ids).logits
         out = student(ids[:, :10], use_cache=True)
-        cache, pieces = out.past_key_values, [out.logits]
+        cache, pieces = cache_of(out), [out.logits]
         pieces.append(student(ids[:, 10:21], past_key_values=cache, use_cache=True).logits)
         for t in range(21, 30):
-            pieces.append(student(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
+            pieces.append(student(ids[:, t:t + 1], cache=cache, use_cache=True).logits)
     torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-4, rtol=1e-4)
 
 

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from xlstm_distill.benchmarks.report import first_line, sync, time_call
 from xlstm_distill.modeling import HybridConfig
+from xlstm_distill.modeling.cache import CACHE_FIELD, cache_of
 from xlstm_distill.modeling.decode import GraphedStep, StaticDecoder
 from xlstm_distill.modeling.student import HybridForCausalLM
 
@@ -110,6 +111,9 @@ class TeacherDecoder:
                  compile: bool = False) -> None:
         self.model = model
         self.cache = StaticCache(config=model.config, max_cache_len=cache_len)
+        for layer in self.cache.layers:  # transformers >= 5.24 counts positions in the cache, not by cache_position
+            if hasattr(layer, "cumulative_length"):
+                layer.cumulative_length.fill_(start)
         device = next(model.parameters()).device
         self.input_ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.position = torch.tensor([start], device=device)
@@ -117,7 +121,7 @@ class TeacherDecoder:
 
     @torch.no_grad()
     def _step(self) -> torch.Tensor:
-        out = self.model(input_ids=self.input_ids, past_key_values=self.cache, cache_position=self.position,
+        out = self.model(input_ids=self.input_ids, **{CACHE_FIELD: self.cache}, cache_position=self.position,
                          position_ids=self.position.expand(self.input_ids.shape[0], 1), use_cache=True)
         self.position.add_(1)
         return out.logits[:, -1]
@@ -176,7 +180,7 @@ def _decode_point(model: torch.nn.Module, name: str, batch: int, context: int, s
     else:
         prefilled = min(context, settings.student_prefill or context)
         prompt = torch.randint(model.config.vocab_size, (batch, prefilled), device=device)
-        cache = model(input_ids=prompt, use_cache=True, logits_to_keep=1).past_key_values
+        cache = cache_of(model(input_ids=prompt, use_cache=True, logits_to_keep=1))
         decoder = StaticDecoder(model, cache, use_graph, settings.compile_decode)
     token = torch.randint(model.config.vocab_size, (batch, 1), device=device)
     decoder.step(token)
@@ -200,7 +204,7 @@ def flat_memory(model: torch.nn.Module, batch: int, steps: int, settings: BenchS
     device = next(model.parameters()).device
     prompt = torch.randint(model.config.vocab_size, (batch, settings.student_prefill or STUDENT_PREFILL),
                            device=device)
-    decoder = StaticDecoder(model, model(input_ids=prompt, use_cache=True, logits_to_keep=1).past_key_values,
+    decoder = StaticDecoder(model, cache_of(model(input_ids=prompt, use_cache=True, logits_to_keep=1)),
                             settings.use_graph, settings.compile_decode)
     token = prompt[:, -1:]
     rows, every = [], max(steps // 8, 1)

@@ -8,6 +8,10 @@ inside the window and the document's first ``num_sinks`` tokens. Two masks of th
 - copied sinks (for training, ``copy_sinks=True``): keys and values get one more key block per query block of 128
   tokens, holding copies of the sinks of the documents in that query block, and only that query block sees it.
   Every key block then has a few query blocks, and the copies' gradients flow back to the sinks through the copy.
+  The copies follow the T keys directly: for T not a multiple of 128 they straddle key blocks (still seen by their
+  own query block only). Cost: keys and values of T + 128 * ceil(T / 128) tokens, kept for the backward (about twice
+  the SWA branch's K/V activations). Packed documents need a device-to-host read per forward (whether a block holds
+  more documents than its copies have room for, 128 // num_sinks; then the sinks stay in place).
 The mask depends on the documents of the batch, so it is built once per forward and shared by every layer (``mask``
 argument).
 """
@@ -45,12 +49,16 @@ def _variants() -> contextlib.AbstractContextManager:
     return torch._dynamo.config.patch(cache_size_limit=max(torch._dynamo.config.cache_size_limit, 64))
 
 
+def _num_blocks(T: int) -> int:
+    return -(-T // BLOCK)
+
+
 def _sink_copies(doc_start: torch.Tensor, num_sinks: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """For each query block, a key block of copies of the sinks of its documents (at most BLOCK // num_sinks
     documents start in or run into one block; else None: sinks in place). Returns each copy's source position and
     document start, (B, NB * BLOCK) each, -1 on unused slots."""
     B, T = doc_start.shape
-    NB = -(-T // BLOCK)
+    NB = _num_blocks(T)
     starts = torch.cat([doc_start, doc_start[:, -1:].expand(B, NB * BLOCK - T)], 1).view(B, NB, BLOCK)
     new_doc = torch.ones_like(starts, dtype=torch.bool)
     new_doc[..., 1:] = starts[..., 1:] != starts[..., :-1]  # the block's first token and each document start in it
@@ -76,7 +84,7 @@ def _swa_mask(window: int, num_sinks: int, T: int, device: torch.device, doc_sta
     (B, T): each token's document start; None: every row is one document starting at 0 (the block mask then does
     not depend on the batch row, and its mask is arithmetic: no lookups in FlexAttention's inner loop)."""
     copies = _sink_copies(doc_start, num_sinks) if copy_sinks and num_sinks and doc_start is not None else None
-    row_sinks = min(num_sinks, T) if copy_sinks and doc_start is None else 0
+    row_sinks = min(num_sinks, T) if copy_sinks and doc_start is None and num_sinks <= BLOCK else 0  # else in place
 
     def in_place(b, h, q_idx, kv_idx):
         if doc_start is None:  # constants: the CPU's compiled FlexAttention fails on captured tensors here
@@ -101,7 +109,7 @@ def _swa_mask(window: int, num_sinks: int, T: int, device: torch.device, doc_sta
 
     mask_mod, keys = in_place, T
     if row_sinks or copies is not None:
-        mask_mod, keys = (row_copies if row_sinks else document_copies), T + -(-T // BLOCK) * BLOCK
+        mask_mod, keys = (row_copies if row_sinks else document_copies), T + _num_blocks(T) * BLOCK
     B = None if doc_start is None else doc_start.shape[0]
     # compiled on CUDA: eager evaluation materializes all T x T mask values (hopeless at 64K+)
     with _variants():
@@ -135,7 +143,7 @@ def _attend(
     are summed into the sinks' in float32 (over 256 query blocks at 32K tokens, bf16 sums lost 2.5% of dk)."""
     if mask.row_sinks or mask.sink_pos is not None:
         B, NKV, T, D = k.shape
-        NB = -(-T // BLOCK)
+        NB = _num_blocks(T)
         if mask.row_sinks:  # (B, NKV, BLOCK, D): the row's sinks, then zeros; the same for each query block
             pad = (0, 0, 0, BLOCK - mask.row_sinks)
             first = [torch.nn.functional.pad(x[:, :, :mask.row_sinks], pad) for x in (k, v)]

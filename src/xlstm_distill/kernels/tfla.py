@@ -19,8 +19,9 @@ Cost: one more value column (docs/decisions.md has the timings). The kernel stil
 eps (the function depends on m only through eps).
 
 With gradients, the Triton kernel keeps the chunk states of its forward for the backward (``recompute_states_in_bw``
-off) instead of computing them again there: float32 (DHQK, DHV + 1) per chunk of 128 tokens and head, 34 MB per
-layer at 8K tokens and 32 heads of 128 (docs/decisions.md has the timings).
+off) instead of computing them again there: float32 (DHQK, DHV + 1) per chunk of 128 tokens and head, 137 MB per
+layer at 8K tokens and 32 heads of 128, 543 MB at 32K (docs/decisions.md has the timings; ``KEEP_CHUNK_STATES = False``
+trades the time back for the memory).
 """
 
 from __future__ import annotations

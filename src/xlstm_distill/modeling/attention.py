@@ -127,8 +127,10 @@ class HybridAttention(nn.Module):
         attention_mask: torch.Tensor | None = None,  # ignored: the layout below carries padding and documents
         past_key_values: HybridCache | None = None,
         layout: TokenLayout | None = None,
+        cache: HybridCache | None = None,  # transformers >= 5.24's name of past_key_values
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
+        past_key_values = cache if past_key_values is None else past_key_values
         B, T, _ = hidden_states.shape
         H, KV, D = self.num_heads, self.num_kv_heads, self.head_dim
         q, k, v = self.project(hidden_states)
@@ -138,8 +140,8 @@ class HybridAttention(nn.Module):
         v = v.view(B, T, KV, D).transpose(1, 2)  # (B, NKV, T, DH)
         cos, sin = position_embeddings
         q, k = self.apply_rope(q, k, cos, sin)
-        cache = past_key_values.layers[self.layer_idx] if past_key_values is not None else None
-        y = self.mix(q, k, v, gates, layout, cache)
+        layer_cache = past_key_values.layers[self.layer_idx] if past_key_values is not None else None
+        y = self.mix(q, k, v, gates, layout, layer_cache)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D)), None
 
     def mix(

@@ -15,8 +15,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from xlstm_distill.kernels.mlstm import MLSTMState
+
+# transformers 5.24 renamed the cache argument and output field `past_key_values` to `cache` (the old names still work,
+# with a deprecation warning): the student takes both and uses the installed version's name itself.
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def cache_of(output: CausalLMOutputWithPast) -> HybridCache | None:
+    """The cache a forward returned, under either transformers naming."""
+    return getattr(output, CACHE_FIELD)
 
 
 @dataclass

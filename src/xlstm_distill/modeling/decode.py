@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from xlstm_distill.modeling.cache import HybridCache
+from xlstm_distill.modeling.cache import HybridCache, cache_of
 
 
 class GraphedStep:
@@ -96,7 +96,7 @@ def greedy_generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tok
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
     out = model(input_ids=input_ids, use_cache=True)
     token = out.logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
-    decoder = StaticDecoder(model, out.past_key_values, use_graph=use_graph)
+    decoder = StaticDecoder(model, cache_of(out), use_graph=use_graph)
     tokens = [token]
     for _ in range(max_new_tokens - 1):
         token = decoder.step(token).argmax(-1, keepdim=True)

@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, Generation
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from xlstm_distill.modeling.attention import FeatureMap, GateProjection, HybridAttention
-from xlstm_distill.modeling.cache import HybridCache, full_layout
+from xlstm_distill.modeling.cache import CACHE_FIELD, HybridCache, full_layout
 from xlstm_distill.modeling.configuration import HybridConfig
 from xlstm_distill.modeling.families import qk_norm_of
 
@@ -49,6 +49,9 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         for idx, layer in enumerate(self.model.layers):
             layer.self_attn = HybridAttention(layer.self_attn, config, idx)
         self._layer_types = getattr(teacher_config, "layer_types", None)
+        # the keyword the teacher family's decoder layer takes the cache by (it hands it on to the mixer)
+        layer_args = inspect.signature(type(self.model.layers[0]).forward).parameters
+        self._layer_cache_arg = "cache" if "cache" in layer_args else "past_key_values"
         self._no_split_modules = [type(self.model.layers[0]).__name__]
         self.post_init()
         # post_init initializes self.model with the teacher family's own scheme, which knows nothing of the
@@ -87,8 +90,10 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         document_ids: torch.LongTensor | None = None,  # (B, T) packed documents: nothing crosses a change of id
         logits_to_keep: int = 0,
+        cache: HybridCache | None = None,  # transformers >= 5.24's name of past_key_values
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        past_key_values = cache if past_key_values is None else past_key_values
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         if inputs_embeds is None:
@@ -103,8 +108,8 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         positions = layout.position if position_ids is None else position_ids
         hidden = inputs_embeds
         for layer, pos_emb in zip(self.model.layers, self._position_embeddings(hidden, positions)):
-            out = layer(hidden, attention_mask=None, position_ids=positions, past_key_values=past_key_values,
-                        use_cache=use_cache, position_embeddings=pos_emb, layout=layout)
+            out = layer(hidden, attention_mask=None, position_ids=positions, use_cache=use_cache,
+                        position_embeddings=pos_emb, layout=layout, **{self._layer_cache_arg: past_key_values})
             hidden = out[0] if isinstance(out, tuple) else out
         hidden = self.model.norm(hidden)
         if past_key_values is not None:
@@ -114,7 +119,7 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: past_key_values})
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -127,10 +132,12 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool = True,
+        cache: HybridCache | None = None,  # transformers >= 5.24's name of past_key_values
         **kwargs,
     ) -> dict:
         """Feed only the tokens the cache has not seen; the cache derives positions itself."""
-        inputs: dict = {"past_key_values": past_key_values, "attention_mask": attention_mask, "use_cache": use_cache}
+        past_key_values = cache if past_key_values is None else past_key_values
+        inputs: dict = {CACHE_FIELD: past_key_values, "attention_mask": attention_mask, "use_cache": use_cache}
         if past_key_values is not None and not past_key_values.is_empty:
             inputs["input_ids"] = input_ids[:, past_key_values.seen_tokens:]
         elif inputs_embeds is not None:
