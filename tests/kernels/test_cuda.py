@@ -145,11 +145,13 @@ def test_flex_copied_sinks_unaligned_short_documents(packed):
         assert _rel(a, b) < 5 * TOL[torch.bfloat16]
 
 
-def test_flex_serves_many_lengths_and_windows_compiled():
+@pytest.mark.parametrize("training_mask", [False, True])
+def test_flex_serves_many_lengths_and_windows_compiled(training_mask):
     """One process meeting many sequence lengths (evaluation, generation with varied prompts) and two windows (two
     models), with and without gradients: every call stays compiled (hitting dynamo's recompile limit is made an
     error; past it FlexAttention would run unfused, 8 x 64K x 64K float32 scores at 64K = 128 GiB) and matches the
-    native kernel, including a short query (inductor's decoding-kernel range) after the symbolic-length kernel."""
+    native kernel, including a short query (inductor's decoding-kernel range) after the symbolic-length kernel.
+    ``training_mask``: the calls with gradients use copied sinks, as the layer does in training."""
     from xlstm_distill.kernels.flex import causal_swa_block_mask, swa_sinks_flex
 
     torch._dynamo.reset()
@@ -159,7 +161,8 @@ def test_flex_serves_many_lengths_and_windows_compiled():
             for T in [*range(100, 1300, 100), 65536, 120]:
                 q = torch.randn(1, 8, T, 64, device="cuda", generator=g, dtype=torch.bfloat16, requires_grad=T < 65536)
                 k, v = (torch.randn(1, 2, T, 64, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2))
-                out = swa_sinks_flex(q, k, v, causal_swa_block_mask(T, window, 4, q.device), 64**-0.5)
+                mask = causal_swa_block_mask(T, window, 4, q.device, copy_sinks=training_mask and q.requires_grad)
+                out = swa_sinks_flex(q, k, v, mask, 64**-0.5)
                 if q.requires_grad:
                     out.float().sum().backward()
                     assert torch.isfinite(q.grad).all()
