@@ -26,6 +26,8 @@ from typing import NamedTuple
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
+from xlstm_distill.kernels.swa import gather_tokens
+
 BLOCK = 128  # FlexAttention's block-mask granularity (its default), the query blocks that get their own sink copies
 
 
@@ -142,7 +144,7 @@ def _attend(
     """FlexAttention under the block mask, over the keys followed by the copied sinks if any. The copies' gradients
     are summed into the sinks' in float32 (over 256 query blocks at 32K tokens, bf16 sums lost 2.5% of dk)."""
     if mask.row_sinks or mask.sink_pos is not None:
-        B, NKV, T, D = k.shape
+        B, NKV, T, _ = k.shape
         NB = _num_blocks(T)
         if mask.row_sinks:  # (B, NKV, BLOCK, D): the row's sinks, then zeros; the same for each query block
             pad = (0, 0, 0, BLOCK - mask.row_sinks)
@@ -150,16 +152,10 @@ def _attend(
             copies = (x.float().unsqueeze(2).expand(B, NKV, NB, BLOCK, x.shape[-1]).flatten(2, 3) for x in first)
         else:
             idx = mask.sink_pos.clamp(min=0)  # (B, NB * BLOCK)
-            copies = (_gather_tokens(x.float(), idx) for x in (k, v))
+            copies = (gather_tokens(x.float(), idx) for x in (k, v))
         k, v = (torch.cat([x, c.to(x.dtype)], 2) for x, c in zip((k, v), copies))  # (B, NKV, T + NB * BLOCK, D)
     return flex_attention(q, k, v, block_mask=mask.block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
                           kernel_options=kernel_options)
-
-
-def _gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x (B, NKV, T, D) at the positions idx (B, L) -> (B, NKV, L, D)."""
-    B, NKV, _, D = x.shape
-    return torch.gather(x, 2, idx[:, None, :, None].expand(B, NKV, -1, D))
 
 
 @functools.cache

@@ -51,7 +51,7 @@ def swa_sinks_attention(
         if num_sinks:
             sink_idx = start[..., None] + torch.arange(num_sinks, device=q.device)  # (B, Tq, S)
             mask_s = (sink_idx <= q_idx[None, :, None])[:, None, None]  # (B, 1, 1, Tq, S)
-            ks, vs = (_gather_tokens(x, sink_idx.clamp(max=T - 1)) for x in (k, v))  # (B, NKV, Tq, S, D)
+            ks, vs = (gather_tokens(x, sink_idx.clamp(max=T - 1)) for x in (k, v))  # (B, NKV, Tq, S, D)
             scores_s = torch.einsum("bhgtd,bhtsd->bhgts", qg[:, :, :, a:e].float(), ks.float()) * scale
             parts, masks = [scores_s, scores_w], [mask_s, mask_w]
         p = _softmax_attend(torch.cat(parts, -1), torch.cat([m.expand_as(s) for m, s in zip(masks, parts)], -1))
@@ -62,8 +62,9 @@ def swa_sinks_attention(
     return torch.cat(outs, dim=3).reshape(B, NH, T, -1).to(v.dtype)
 
 
-def _gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x (B, NKV, T, D) gathered at idx (B, Tq, S) -> (B, NKV, Tq, S, D)."""
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x (B, NKV, T, D) gathered at token positions idx (B, ...) -> (B, NKV, ..., D), e.g. (B, Tq, S) ->
+    (B, NKV, Tq, S, D)."""
     B, NKV, _, D = x.shape
     flat = idx.reshape(B, 1, -1, 1).expand(B, NKV, -1, D)
     return torch.gather(x, 2, flat).view(B, NKV, *idx.shape[1:], D)
