@@ -1,10 +1,11 @@
-"""The hybrid mixer's two kernels, each with and without this change, and the whole mixer before and after (issue 5).
+"""The hybrid mixer's two kernels with and without session 9's change, and the whole mixer as of sessions 8-10 (issue 5).
 
 * FlexAttention (SWA + sinks): the sinks in place or copied per query block (kernels/flex.py); outputs and gradients
   of the two compared.
 * TFLA (mlstm_kernels): the backward computing the chunk states again, or keeping the forward's.
-* The whole mixer (`HybridAttention.mix`, Llama-3.1-8B heads, window 512, 4 sinks, backend auto) with both old
-  settings and with the package's (copied sinks with gradients only), and causal SDPA (flash) for scale.
+* The whole mixer (`HybridAttention.mix`, Llama-3.1-8B heads, window 512, 4 sinks, backend auto) as of session 8
+  (both old settings), session 9 (both changes, the memory branch eager) and as shipped (session 10: the memory
+  branch and the mix through torch.compile around the TFLA kernel), and causal SDPA (flash) for scale.
 
     python benchmarks/mixer_parts.py --out DIR     # CUDA only; writes DIR/mixer_parts.json, .md and .png
     python benchmarks/mixer_parts.py --out DIR --replot    # the plot again from DIR/mixer_parts.json
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from xlstm_distill.benchmarks.mixer import _inputs, _mix, hybrid_layer
 from xlstm_distill.benchmarks.report import time_call, write_results
 from xlstm_distill.kernels import flex, tfla
-from xlstm_distill.modeling import HybridConfig
+from xlstm_distill.modeling import HybridConfig, attention
 from xlstm_distill.modeling.cache import full_layout
 
 NH, NKV, D, WINDOW, SINKS = 32, 8, 128, 512, 4
@@ -89,19 +90,21 @@ def tfla_rows(T: int) -> list[dict]:
 
 
 @contextlib.contextmanager
-def old_settings():
-    """Sinks in place and TFLA recomputing its chunk states (the package before this change)."""
+def package_as_of(session: int):
+    """The package's settings before a change: session 8 (sinks in place, TFLA recomputing its chunk states, the
+    memory branch eager), session 9 (memory branch eager), 10 (as shipped: the memory branch compiled)."""
     package_mask = flex.causal_swa_block_mask
 
     def in_place(seq_len: int, window: int, num_sinks: int, device: torch.device, copy_sinks: bool = False):
         return package_mask(seq_len, window, num_sinks, device, False)
 
-    flex.causal_swa_block_mask = in_place
-    tfla.KEEP_CHUNK_STATES = False
+    if session < 9:
+        flex.causal_swa_block_mask, tfla.KEEP_CHUNK_STATES = in_place, False
+    attention.COMPILE_MEMORY = session >= 10
     try:
         yield
     finally:
-        flex.causal_swa_block_mask, tfla.KEEP_CHUNK_STATES = package_mask, True
+        flex.causal_swa_block_mask, tfla.KEEP_CHUNK_STATES, attention.COMPILE_MEMORY = package_mask, True, True
 
 
 def layer_rows(T: int) -> list[dict]:
@@ -110,8 +113,9 @@ def layer_rows(T: int) -> list[dict]:
     inputs = _inputs(layer, 1, T, torch.device("cuda"), torch.bfloat16)
     layout = full_layout(1, T, torch.device("cuda"))
     rows = []
-    for name, settings in (("before (sinks in place, recompute)", old_settings), ("after", contextlib.nullcontext)):
-        with settings():
+    for name, session in (("session 8: sinks in place, recompute, eager", 8), ("session 9: copied sinks, keep states", 9),
+                          ("session 10: + compiled memory branch", 10)):
+        with package_as_of(session):
             rows.append({"seq_len": T, "part": "whole mixer", "variant": name,
                          **timings(lambda *x: _mix(layer, layout, *x), inputs)})
     sdpa = functools.partial(F.scaled_dot_product_attention, is_causal=True, enable_gqa=True)

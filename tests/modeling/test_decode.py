@@ -15,11 +15,12 @@ def test_greedy_generate_equals_generate(mixer):
     assert torch.equal(greedy_generate(student, ids, 20, use_graph=False), ref)
 
 
+@pytest.mark.parametrize("backend", ["auto", "tfla"])
 @pytest.mark.parametrize("compile", [False, True])
-def test_static_step_logits_equal_full_forward_and_buffers_stay_fixed(compile):
+def test_static_step_logits_equal_full_forward_and_buffers_stay_fixed(compile, backend):
     """Step logits equal the full forward past the window; the cache keeps its buffers (what a graph needs);
-    also through torch.compile (the whole step is one graph: no break)."""
-    student = student_of("mlstm_swa")
+    also through torch.compile (the whole step is one graph: no break), after a prefill through either backend."""
+    student = student_of("mlstm_swa", backend=backend)
     ids = tokens(2, 30)
     with torch.no_grad():
         full = student(ids).logits
@@ -32,11 +33,12 @@ def test_static_step_logits_equal_full_forward_and_buffers_stay_fixed(compile):
             cache = student(ids[:, :10], use_cache=True).past_key_values
     decoder = StaticDecoder(student, cache, use_graph=False, compile=compile)
     buffers = [t.data_ptr() for t in cache.tensors()]
+    with torch.no_grad():  # another prompt length (its prefill may compile: FlexAttention's, backend tfla)
+        other_cache = student(ids[:, :7], use_cache=True).past_key_values
     with torch._dynamo.config.patch(error_on_recompile=True):  # compiled once: every step, any prompt length
         steps = [decoder.step(ids[:, t:t + 1]).clone() for t in range(10, 30)]
         if compile:
-            with torch.no_grad():
-                other = StaticDecoder(student, student(ids[:, :7], use_cache=True).past_key_values, compile=True)
+            other = StaticDecoder(student, other_cache, compile=True)
             torch.testing.assert_close(other.step(ids[:, 7:8]), full[:, 7], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(torch.stack(steps, 1), full[:, 10:], atol=1e-4, rtol=1e-4)
     assert [t.data_ptr() for t in cache.tensors()] == buffers

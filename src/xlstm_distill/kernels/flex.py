@@ -18,7 +18,6 @@ argument).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import warnings
 from typing import NamedTuple
@@ -26,6 +25,7 @@ from typing import NamedTuple
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
+from xlstm_distill.kernels.compiling import many_variants
 from xlstm_distill.kernels.swa import gather_tokens
 
 BLOCK = 128  # FlexAttention's block-mask granularity (its default), the query blocks that get their own sink copies
@@ -40,15 +40,6 @@ class SWAMask(NamedTuple):
     block_mask: BlockMask
     row_sinks: int
     sink_pos: torch.Tensor | None
-
-
-def _variants() -> contextlib.AbstractContextManager:
-    """Each dtype, window, batch layout and grad mode is one more compiled variant; past dynamo's default recompile
-    limit (8) a call runs unfused (T x T scores), so the compiled FlexAttention calls get a larger one (nothing to
-    change inside a model that the user compiles as a whole)."""
-    if torch.compiler.is_compiling():
-        return contextlib.nullcontext()
-    return torch._dynamo.config.patch(cache_size_limit=max(torch._dynamo.config.cache_size_limit, 64))
 
 
 def _num_blocks(T: int) -> int:
@@ -114,7 +105,7 @@ def _swa_mask(window: int, num_sinks: int, T: int, device: torch.device, doc_sta
         mask_mod, keys = (row_copies if row_sinks else document_copies), T + _num_blocks(T) * BLOCK
     B = None if doc_start is None else doc_start.shape[0]
     # compiled on CUDA: eager evaluation materializes all T x T mask values (hopeless at 64K+)
-    with _variants():
+    with many_variants():
         block_mask = create_block_mask(mask_mod, B, None, T, keys, device=device, BLOCK_SIZE=BLOCK,
                                        _compile=device.type == "cuda")
     return SWAMask(block_mask, row_sinks, None if copies is None else copies[0])
@@ -182,7 +173,7 @@ def swa_sinks_flex(
     """Returns (B, NH, T, DV) in the dtype of v. ``compiled``: through torch.compile (default: on CUDA; on CPU it
     compiles too, forward only, which the tests use to check the compiled path's variants)."""
     if q.is_cuda if compiled is None else compiled:
-        with _variants():
+        with many_variants():
             return _compiled()(q, k, v, mask, scale, _KERNEL_OPTIONS)
     with warnings.catch_warnings():  # eager FlexAttention warns that it is not compiled: intended on CPU
         warnings.simplefilter("ignore")

@@ -26,7 +26,6 @@ trades the time back for the memory).
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import math
 
@@ -52,8 +51,7 @@ W_ERROR = {torch.float64: 1e-6, torch.float32: 1e-6, torch.bfloat16: 1e-2, torch
 W_ERROR_TF32 = 3e-3
 
 
-def available() -> bool:
-    return importlib.util.find_spec("mlstm_kernels") is not None
+AVAILABLE = importlib.util.find_spec("mlstm_kernels") is not None  # a constant: torch.compile does not trace find_spec
 
 
 def mlstm_tfla(
@@ -69,14 +67,9 @@ def mlstm_tfla(
 ) -> tuple[torch.Tensor, MLSTMState]:
     """Chunkwise mLSTM via `mlstm_kernels`. Returns h (B, NH, S, DHV) and the final state. ``exact_backward=False``
     keeps mlstm_kernels' own backward (normalizer held constant) and skips the extra value column."""
-    from mlstm_kernels.torch import get_mlstm_kernel
-
     B, NH, S, DHQK = q.shape
     DHV = v.shape[-1]
-    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, i, f))
-    kernel = get_mlstm_kernel(CUDA_KERNEL if q.is_cuda else CPU_KERNEL)
-    if q.is_cuda:  # the chunk states kept for the backward (the CPU kernel always recomputes them)
-        kernel = functools.partial(kernel, recompute_states_in_bw=not (needs_grad and KEEP_CHUNK_STATES))
+    keep_states = KEEP_CHUNK_STATES and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, i, f))
     # dv is exact without it: the extra column is for the gradients of q, k and the gates
     augment = exact_backward and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, i, f))
     if augment:  # (B, NH, S, DHV + 1): the last output column is q n / normalizer, C's last column is n
@@ -100,17 +93,19 @@ def mlstm_tfla(
     initial = () if state is None or not torch.isfinite(state.m).all() else (state.C, state.n, state.m)
     rows = max(1, MAX_GRID_Z // max(1, (S + pad) // chunk))  # (B * NH) rows per call
     if rows >= B * NH:
-        h, last = _call(kernel, kernel_args, initial, chunk)
+        h, last = _call(kernel_args, initial, chunk, keep_states)
     else:  # heads in groups that fit the launch grid
         flat = [x.flatten(0, 1).unsqueeze(1) for x in (*kernel_args, *initial)]  # (B * NH, 1, ...)
-        parts = [_call(kernel, group[:5], group[5:], chunk) for group in zip(*(x.split(rows) for x in flat))]
+        parts = [_call(group[:5], group[5:], chunk, keep_states) for group in zip(*(x.split(rows) for x in flat))]
         h = torch.cat([p[0] for p in parts]).view(B, NH, S + pad, -1)
         last = tuple(torch.cat([p[1][n] for p in parts]).view(B, NH, *parts[0][1][n].shape[2:]) for n in range(3))
     C, n, m = last
     h = h[:, :, :S]
     if augment:
         h = _add_normalizer_gradient(h, _stabilizer(i[..., :S], f[..., :S], initial[2] if initial else None))
-    return h, MLSTMState(C[..., :DHV].float(), n.float(), m.float())
+    # contiguous: the CPU kernel's last states are views into all chunk states (a cache would keep them all alive,
+    # and a compiled decode step guards on their strides); the Triton kernel's already are
+    return h, MLSTMState(*(x.float().contiguous() for x in (C[..., :DHV], n, m)))
 
 
 def _stabilizer(
@@ -158,8 +153,15 @@ class _NormalizerGradient(torch.autograd.Function):
         return torch.cat([du, dw.to(du.dtype)], -1), None
 
 
-def _call(kernel, args: tuple[torch.Tensor, ...], initial: tuple[torch.Tensor, ...], chunk: int):
-    """One kernel call: h (B, NH, S, DHV) and the last (C, n, m) with m as (B, NH)."""
+@torch.compiler.disable  # the kernel as it is; torch.compile (attention.memory_and_mix) fuses the work around it
+def _call(args: tuple[torch.Tensor, ...], initial: tuple[torch.Tensor, ...], chunk: int, keep_states: bool):
+    """One kernel call: h (B, NH, S, DHV) and the last (C, n, m) with m as (B, NH). ``keep_states``: the forward's
+    chunk states are kept for the backward (CUDA; the CPU kernel always recomputes them)."""
+    from mlstm_kernels.torch import get_mlstm_kernel
+
+    kernel = get_mlstm_kernel(CUDA_KERNEL if args[0].is_cuda else CPU_KERNEL)
     states = {} if not initial else dict(c_initial=initial[0], n_initial=initial[1], m_initial=initial[2].unsqueeze(-1))
+    if args[0].is_cuda:
+        states["recompute_states_in_bw"] = not keep_states
     h, (C, n, m) = kernel(*args, return_last_states=True, chunk_size=chunk, eps=mlstm.EPS, **states)
     return h, (C, n, m.squeeze(-1))

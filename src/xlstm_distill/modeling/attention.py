@@ -5,12 +5,14 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from xlstm_distill.kernels import mlstm_chunkwise, mlstm_recurrent_step, swa_sinks_attention, swa_sinks_attention_cached
 from xlstm_distill.kernels import flex, tfla
+from xlstm_distill.kernels.compiling import many_variants
 from xlstm_distill.kernels.mlstm import MLSTMState
 from xlstm_distill.modeling.cache import HybridCache, TokenLayout
 from xlstm_distill.modeling.configuration import HybridConfig
@@ -22,6 +24,9 @@ logger = logging.getLogger(__name__)
 # says, and the output gate starts near the SWA branch (sigmoid(-3) = 0.047), which alone reproduces the teacher
 # inside the window.
 OUTPUT_GATE_BIAS = -3.0
+# On CUDA the memory branch and the mix run through torch.compile around the TFLA kernel (``memory_and_mix``); False:
+# eagerly (the benchmarks compare both).
+COMPILE_MEMORY = True
 
 
 class FeatureMap(nn.Module):
@@ -40,13 +45,21 @@ class FeatureMap(nn.Module):
             self.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, NH, T, DH) -> (B, NH, T, DF)
-        """One batched matmul with the bias as its addend, then the softmax in the input's dtype: its kernels sum
-        16-bit inputs in float32, so a bf16 model (inference) makes no float32 copy of the features; under autocast
-        the softmax runs in float32 (docs/decisions.md)."""
-        B, NH, T, DH = x.shape
-        z = torch.baddbmm(self.bias.to(x.dtype).repeat(B, 1).unsqueeze(1),  # (B*NH, 1, DF)
-                          x.reshape(B * NH, T, DH), self.weight.to(x.dtype).repeat(B, 1, 1))  # (B*NH, T, DF)
-        return torch.softmax(z, dim=-1).view(B, NH, T, -1)
+        return feature_map(x, self.weight, self.bias)
+
+
+def feature_map(
+    x: torch.Tensor,  # (B, NH, T, DH)
+    weight: torch.Tensor,  # (NH, DH, DF)
+    bias: torch.Tensor,  # (NH, DF)
+) -> torch.Tensor:  # (B, NH, T, DF)
+    """softmax(x W_h + b_h): one batched matmul with the bias as its addend, then the softmax in the input's dtype:
+    its kernels sum 16-bit inputs in float32, so a bf16 model (inference) makes no float32 copy of the features;
+    under autocast the softmax runs in float32 (docs/decisions.md)."""
+    B, NH, T, DH = x.shape
+    z = torch.baddbmm(bias.to(x.dtype).repeat(B, 1).unsqueeze(1),  # (B*NH, 1, DF)
+                      x.reshape(B * NH, T, DH), weight.to(x.dtype).repeat(B, 1, 1))  # (B*NH, T, DF)
+    return torch.softmax(z, dim=-1).view(B, NH, T, -1)
 
 
 class GateProjection(nn.Linear):
@@ -80,7 +93,7 @@ class HybridAttention(nn.Module):
         self.mixer = config.mixer
         self.window, self.num_sinks, self.chunk_size = config.window_size, config.num_sink_tokens, config.chunk_size
         self.backend = config.backend
-        if self.backend == "tfla" and not tfla.available():
+        if self.backend == "tfla" and not tfla.AVAILABLE:
             raise ImportError("backend='tfla' needs mlstm_kernels: pip install 'xlstm-distill[gpu]' (or use backend='native').")
         self.num_heads = teacher.num_attention_heads
         self.num_kv_heads = getattr(teacher, "num_key_value_heads", None) or self.num_heads
@@ -155,14 +168,22 @@ class HybridAttention(nn.Module):
     ) -> torch.Tensor:
         """The sequence mixer alone (what replaces softmax attention). Returns (B, NH, T, DH)."""
         swa = self._swa(q, k, v, layout, cache) if self.uses_swa else None
-        memory = self._memory(q, k, v, gates, layout, cache) if self.uses_memory else None
-        if swa is None:
-            return memory
-        if memory is None:
+        if not self.uses_memory:
             return swa
-        # (B, NH, T, 1); under autocast q (after RoPE) may be float32 while the branches are 16-bit
-        o = torch.sigmoid(gates[:, -self.num_heads:].float()).unsqueeze(-1).to(swa.dtype)
-        return torch.lerp(swa, memory.to(swa.dtype), o)  # o * memory + (1 - o) * swa in one pass
+        continues = cache is not None and layout.continues_cache
+        state = cache.get("state") if continues else None
+        step = state is not None and q.shape[2] == 1  # one decode step: the recurrent form (no kernel to choose)
+        spec = MemorySpec(self.num_heads, self.gated_memory, not step and self._use_tfla(q), self.chunk_size)
+        maps = (self.q_feature_map.weight, self.q_feature_map.bias, self.k_feature_map.weight, self.k_feature_map.bias)
+        args = (q, k, v, gates, swa, maps, state, None if continues else layout.reset, spec)
+        if spec.tfla and q.is_cuda and COMPILE_MEMORY:
+            with many_variants():
+                y, state = _compiled_memory_and_mix()(*args)
+        else:
+            y, state = memory_and_mix(*args)
+        if cache is not None:
+            cache["state"] = MLSTMState(*state)
+        return y
 
     def _swa(self, q, k, v, layout: TokenLayout, cache: dict | None) -> torch.Tensor:
         """Sliding-window + sinks branch; fills / reads the sink and ring-buffer K/V of ``cache``."""
@@ -188,33 +209,6 @@ class HybridAttention(nn.Module):
             _write_kv(cache, k, v, layout.write)
         return out
 
-    def _memory(self, q, k, v, gates, layout: TokenLayout, cache: dict | None) -> torch.Tensor:
-        """mLSTM (or linear-attention) branch over the feature-mapped q, k; per query head (GQA k, v shared)."""
-        group = self.num_heads // self.num_kv_heads
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        fq, fk = self.q_feature_map(q), self.k_feature_map(k)  # (B, NH, T, DF)
-        H = self.num_heads
-        if self.gated_memory:
-            i, lf = gates[:, :H].float(), nn.functional.logsigmoid(gates[:, H:2 * H].float())  # (B, NH, T)
-            normalizer = "max"
-        else:
-            i = lf = torch.zeros(fq.shape[:3], device=q.device)
-            normalizer = "sum"
-        state = cache.get("state") if cache is not None and layout.continues_cache else None
-        if state is not None and q.shape[2] == 1:
-            h, state = mlstm_recurrent_step(fq[:, :, 0], fk[:, :, 0], v[:, :, 0], i[..., 0], lf[..., 0], state, normalizer)
-            h = h.unsqueeze(2).to(v.dtype)
-        elif self._use_tfla(q):
-            reset = None if layout.continues_cache else layout.reset
-            h, state = tfla.mlstm_tfla(fq, fk, v, i, gates[:, H:2 * H], state, self.chunk_size, reset)
-            h = h.to(v.dtype)
-        else:
-            reset = None if layout.continues_cache else layout.reset
-            h, state = mlstm_chunkwise(fq, fk, v, i, lf, state, reset, normalizer, self.chunk_size)
-        if cache is not None:
-            cache["state"] = MLSTMState(*state)
-        return h
-
     def _use_flex(self, q: torch.Tensor) -> bool:
         """FlexAttention for the SWA branch: backend ``tfla``, or ``auto`` on CUDA (forward and backward checked
         against the native kernel on an H100)."""
@@ -229,10 +223,68 @@ class HybridAttention(nn.Module):
             return True
         if not q.is_cuda:
             return False
-        if not tfla.available():
+        if not tfla.AVAILABLE:
             _log_once("backend='auto': mlstm_kernels is not installed, the mLSTM runs on the native kernel.")
             return False
         return True
+
+
+class MemorySpec(NamedTuple):
+    """The static choices of one memory-branch call, the same in every layer (so one compiled graph serves all)."""
+
+    num_heads: int
+    gated: bool  # mLSTM (input / forget gates, max normalizer) or plain linear attention (sum normalizer)
+    tfla: bool  # the chunkwise kernel of mlstm_kernels (else the native one)
+    chunk_size: int
+
+
+def memory_and_mix(
+    q: torch.Tensor,  # (B, NH, T, DH) after RoPE
+    k: torch.Tensor,  # (B, NKV, T, DH) after RoPE
+    v: torch.Tensor,  # (B, NKV, T, DH)
+    gates: torch.Tensor | None,  # (B, G*NH, T) gate pre-activations: [input, forget] and/or output
+    swa: torch.Tensor | None,  # (B, NH, T, DH) the SWA branch's output (None: memory only)
+    maps: tuple[torch.Tensor, ...],  # the q and k feature maps' weight (NH, DH, DF) and bias (NH, DF)
+    state: MLSTMState | None,  # the cached state to continue from
+    reset: torch.Tensor | None,  # (B, T) True at each document's first token
+    spec: MemorySpec,
+) -> tuple[torch.Tensor, MLSTMState]:
+    """mLSTM (or linear-attention) branch over the feature-mapped q, k, per query head (GQA k, v shared), mixed
+    with the SWA branch by the output gate. A pure function of its tensors: on CUDA it runs through torch.compile
+    (``_compiled_memory_and_mix``), which fuses the PyTorch work around the TFLA kernel. Returns the mixer's output
+    (B, NH, T, DH), laid out as (B, T, NH, DH) for the output projection, and the final state."""
+    H = spec.num_heads
+    group = H // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    fq, fk = feature_map(q, *maps[:2]), feature_map(k, *maps[2:])  # (B, NH, T, DF)
+    if spec.gated:
+        i, lf = gates[:, :H].float(), nn.functional.logsigmoid(gates[:, H:2 * H].float())  # (B, NH, T)
+        normalizer = "max"
+    else:
+        i = lf = torch.zeros(fq.shape[:3], device=q.device)
+        normalizer = "sum"
+    if state is not None and q.shape[2] == 1:
+        h, state = mlstm_recurrent_step(fq[:, :, 0], fk[:, :, 0], v[:, :, 0], i[..., 0], lf[..., 0], state, normalizer)
+        h = h.unsqueeze(2).to(v.dtype)
+    elif spec.tfla:
+        h, state = tfla.mlstm_tfla(fq, fk, v, i, gates[:, H:2 * H], state, spec.chunk_size, reset)
+        h = h.to(v.dtype)
+    else:
+        h, state = mlstm_chunkwise(fq, fk, v, i, lf, state, reset, normalizer, spec.chunk_size)
+    if swa is None:
+        return h, state
+    # (B, NH, T, 1); under autocast q (after RoPE) may be float32 while the branches are 16-bit
+    o = torch.sigmoid(gates[:, -H:].float()).unsqueeze(-1).to(swa.dtype)
+    y = torch.lerp(swa, h.to(swa.dtype), o)  # o * memory + (1 - o) * swa in one pass
+    return y.transpose(1, 2).contiguous().transpose(1, 2), state
+
+
+@functools.cache
+def _compiled_memory_and_mix():
+    """``memory_and_mix`` through torch.compile: the TFLA kernel itself stays as it is (``tfla._call`` is not traced);
+    the feature maps, GQA repeat, gate and mix work before and after it become a few fused kernels, forward and
+    backward. Static shapes for the first length, a symbolic length from the second (as FlexAttention, kernels/flex.py)."""
+    return torch.compile(memory_and_mix, dynamic=None)
 
 
 @functools.cache
