@@ -206,3 +206,39 @@ def test_student_fast_backend_matches_native_forward_backward(mixer):
     print(mixer, errors)
     assert fast_out < max(TOL[torch.bfloat16], 2 * native_out), errors
     assert fast_grad < max(5 * TOL[torch.bfloat16], 2 * native_grad), errors
+
+
+def test_compiled_memory_branch_matches_eager_at_many_lengths():
+    """The memory branch + mix through torch.compile (what the layer runs on CUDA) against the same function eager,
+    forward and backward, at lengths on both sides of the Triton kernel's padding rules (a power of two up to 64
+    tokens, a multiple of 128 beyond): static graphs for the first length, symbolic ones for the others. float32:
+    the same function (1e-3); bf16: no further from the float32 result than twice the eager bf16 function (or 2e-2)
+    (inductor rounds its fused work once, eager PyTorch after every operation)."""
+    from xlstm_distill.modeling.attention import MemorySpec, _compiled_memory_and_mix, memory_and_mix
+
+    torch._dynamo.reset()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    NH, NKV, D = 4, 2, 64
+    spec = MemorySpec(NH, True, True, 64)
+    for T in (12, 40, 100, 200, 333):
+        q = torch.randn(1, NH, T, D, device="cuda", generator=g)
+        k, v = (torch.randn(1, NKV, T, D, device="cuda", generator=g) for _ in "kv")
+        gates = torch.randn(1, 3 * NH, T, device="cuda", generator=g)
+        gates[:, NH:2 * NH] += 3.0  # forget gates mostly open
+        swa = torch.randn(1, NH, T, D, device="cuda", generator=g)
+        maps = [torch.eye(D, device="cuda") + 0.3 * torch.randn(NH, D, D, device="cuda", generator=g),
+                0.1 * torch.randn(NH, D, device="cuda", generator=g)] * 2
+        reset = torch.zeros(1, T, dtype=torch.bool, device="cuda")
+        reset[:, 0] = True
+        results = {}
+        with torch._dynamo.config.patch(fail_on_cache_limit_hit=True):  # never silently eager
+            for dtype in (torch.float32, torch.bfloat16):
+                inputs = [x.to(dtype) for x in (q, k, v, gates, swa, *maps)]
+                for name, fn in (("compiled", _compiled_memory_and_mix()), ("eager", memory_and_mix)):
+                    out, grads = _grads(lambda *x: fn(*x[:5], tuple(x[5:]), None, reset, spec)[0], inputs)
+                    results[name, dtype] = [out, *grads]
+        truth = results["eager", torch.float32]
+        errors = {key: [_rel(a, b) for a, b in zip(value, truth)] for key, value in results.items()}
+        assert max(errors["compiled", torch.float32]) < 1e-3, (T, errors)
+        for got, eager in zip(errors["compiled", torch.bfloat16], errors["eager", torch.bfloat16]):
+            assert got < max(2e-2, 2 * eager), (T, errors)

@@ -7,7 +7,7 @@ from xlstm_distill.modeling.attention import MemorySpec, _compiled_memory_and_mi
 B, NH, NKV, T, D = 2, 4, 2, 160, 16
 
 
-def _inputs(seed: int) -> list:
+def _inputs(seed: int, T: int = T) -> list:
     """q, k, v, gates, swa, the feature maps' weights and biases, reset; every floating tensor a leaf."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, NH, T, D, generator=g)
@@ -17,7 +17,7 @@ def _inputs(seed: int) -> list:
     maps = [torch.eye(D) + 0.3 * torch.randn(NH, D, D, generator=g), 0.1 * torch.randn(NH, D, generator=g)] * 2
     leaves = [x.requires_grad_() for x in (q, k, v, gates, swa, *maps)]
     reset = torch.zeros(B, T, dtype=torch.bool)
-    reset[:, 0] = reset[1, 70] = True  # two documents in the second row
+    reset[:, 0] = reset[1, T // 2] = True  # two documents in the second row
     return leaves + [reset]
 
 
@@ -44,3 +44,15 @@ def test_compiled_memory_and_mix_matches_eager_and_compiles_once_for_all_layers(
         second = _inputs(1)
         for got, want in zip(_run(compiled, second), _run(memory_and_mix, second)):
             torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+def test_compiled_memory_and_mix_serves_new_lengths_without_compiling():
+    """Prompts of many lengths (generation): from the second length on the graphs have a symbolic length, and later
+    lengths run through them (no compilation) with the eager function's results."""
+    torch._dynamo.reset()
+    compiled = _compiled_memory_and_mix()
+    for n, length in enumerate((100, 160, 333, 250)):
+        with torch._dynamo.config.patch(error_on_recompile=n >= 2):
+            inputs = _inputs(n, length)
+            for got, want in zip(_run(compiled, inputs), _run(memory_and_mix, inputs)):
+                torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
