@@ -197,17 +197,18 @@ def _decode_point(model: torch.nn.Module, name: str, batch: int, context: int, s
 
 
 @torch.no_grad()
-def flat_memory(model: torch.nn.Module, batch: int, steps: int, settings: BenchSettings) -> list[dict]:
+def flat_memory(model: torch.nn.Module, batch: int, steps: int, settings: BenchSettings, rows: list[dict],
+                on_row: Callable[[list[dict]], None] | None = None) -> None:
     """Allocated memory while the student decodes ``steps`` tokens (8 readings) after a prompt of
     ``student_prefill`` tokens (``STUDENT_PREFILL`` if 0), with the decode points' step (graphed, compiled if they
-    are)."""
+    are). Each reading goes into ``rows`` and to ``on_row`` when it is taken: a run cut short keeps its readings."""
     device = next(model.parameters()).device
     prompt = torch.randint(model.config.vocab_size, (batch, settings.student_prefill or STUDENT_PREFILL),
                            device=device)
     decoder = StaticDecoder(model, cache_of(model(input_ids=prompt, use_cache=True, logits_to_keep=1)),
                             settings.use_graph, settings.compile_decode)
     token = prompt[:, -1:]
-    rows, every = [], max(steps // 8, 1)
+    every = max(steps // 8, 1)
     for i in tqdm(range(1, steps + 1), desc="student decode (memory)", unit="tok"):
         token = decoder.step(token).argmax(-1, keepdim=True)
         if i % every == 0:
@@ -215,7 +216,8 @@ def flat_memory(model: torch.nn.Module, batch: int, steps: int, settings: BenchS
             allocated = torch.cuda.memory_allocated() if device.type == "cuda" else decoder.cache.nbytes()
             rows.append({"model": "student", "measure": "memory", "batch": batch, "generated": i,
                          "allocated_gb": allocated / 2**30})
-    return rows
+            if on_row is not None:
+                on_row(rows)
 
 
 def _points(sizes: list[int], batches: list[int], max_tokens: int | None = None) -> list[tuple[int, int]]:
@@ -263,12 +265,12 @@ def run_bench(models: dict[str, Callable[[], torch.nn.Module]], settings: BenchS
             if measure == "decode" and name == "student" and settings.flat_steps:
                 batch = max(settings.decode_batches)
                 try:
-                    rows += flat_memory(model, batch, settings.flat_steps, settings)
+                    flat_memory(model, batch, settings.flat_steps, settings, rows, on_row)
                 except (RuntimeError, torch.OutOfMemoryError) as err:  # recorded like a failed point
                     rows.append({"model": name, "measure": "memory", "batch": batch,
                                  "status": f"failed: {first_line(err)}"})
-                if on_row is not None:
-                    on_row(rows)
+                    if on_row is not None:
+                        on_row(rows)
         del model
         _reset_memory()
     return rows
