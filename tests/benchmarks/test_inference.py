@@ -84,13 +84,19 @@ def test_unknown_shape_is_refused():
         inference.shape_config("gpt-5")
 
 
-def test_bench_command_on_a_checkpoint_writes_results(tmp_path, monkeypatch):
+def _teacher_checkpoint(tmp_path):
+    """A tiny teacher saved with a tokenizer (load_teacher wants one next to the weights)."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
     teacher_dir = tmp_path / "teacher"
     tiny_teacher().save_pretrained(teacher_dir)
-    from transformers import PreTrainedTokenizerFast  # load_teacher wants a tokenizer next to the weights
-    from tokenizers import Tokenizer, models
-
     PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0}, unk_token="a"))).save_pretrained(teacher_dir)
+    return teacher_dir
+
+
+def test_bench_command_on_a_checkpoint_writes_results(tmp_path, monkeypatch):
+    teacher_dir = _teacher_checkpoint(tmp_path)
     out = tmp_path / "bench"
     result = CliRunner().invoke(app, [
         "bench", "--model", str(teacher_dir), "--out", str(out), "--contexts", "16,32", "--batches", "1",
@@ -199,3 +205,16 @@ def test_teacher_decode_steps_equal_full_forward():
     late.step(ids[:, :1])
     written = late.cache.layers[0].keys.abs().sum(dim=(0, 1, 3))  # (cache_len,)
     assert written[5] > 0 and written[:5].sum() == 0 and written[6:].sum() == 0
+
+
+def test_bench_runs_the_decode_memory_readings_alone(tmp_path):
+    """--flat-steps with no context points: only the student's memory readings (the long-decode runs)."""
+    teacher_dir, out = _teacher_checkpoint(tmp_path), tmp_path / "out"
+    result = CliRunner().invoke(app, [
+        "bench", "--model", str(teacher_dir), "--out", str(out), "--models", "student", "--contexts", "",
+        "--decode-contexts", "", "--decode-batches", "1", "--flat-steps", "16", "--student-prefill", "8",
+        "--window", "8", "--sinks", "2", "--dtype", "float32"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / "inference.json").read_text())["rows"]
+    assert [r["generated"] for r in rows] == [2, 4, 6, 8, 10, 12, 14, 16]
+    assert len({r["allocated_gb"] for r in rows}) == 1 and rows[0]["allocated_gb"] > 0

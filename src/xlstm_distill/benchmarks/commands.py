@@ -83,7 +83,7 @@ def bench(
         decode_batches=_sizes(decode_batches), decode_steps=decode_steps, flat_steps=flat_steps,
         student_prefill=student_prefill, repeats=repeats,
         max_prefill_tokens=max_prefill_tokens, student=student, compile_decode=compile_decode)
-    if not settings.contexts and not settings.decode_contexts:
+    if not settings.contexts and not settings.decode_contexts and not settings.flat_steps:
         return
     if model is None:
         factories = inference.random_models(inference.shape_config(shape), student, dev, torch_dtype)
