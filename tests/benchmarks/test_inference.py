@@ -208,13 +208,25 @@ def test_teacher_decode_steps_equal_full_forward():
 
 
 def test_bench_runs_the_decode_memory_readings_alone(tmp_path):
-    """--flat-steps with no context points: only the student's memory readings (the long-decode runs)."""
+    """--flat-steps with no context points: only the student's memory readings (the long-decode runs); no decode
+    batch size is refused."""
     teacher_dir, out = _teacher_checkpoint(tmp_path), tmp_path / "out"
-    result = CliRunner().invoke(app, [
-        "bench", "--model", str(teacher_dir), "--out", str(out), "--models", "student", "--contexts", "",
-        "--decode-contexts", "", "--decode-batches", "1", "--flat-steps", "16", "--student-prefill", "8",
-        "--window", "8", "--sinks", "2", "--dtype", "float32"])
+    args = ["bench", "--model", str(teacher_dir), "--out", str(out), "--contexts", "", "--decode-contexts", "",
+            "--flat-steps", "16", "--student-prefill", "8", "--window", "8", "--sinks", "2", "--dtype", "float32"]
+    refused = CliRunner().invoke(app, args + ["--decode-batches", ""])
+    assert refused.exit_code != 0 and "--flat-steps decodes at the largest of --decode-batches" in refused.output
+    result = CliRunner().invoke(app, args + ["--decode-batches", "1"])
     assert result.exit_code == 0, result.output
     rows = json.loads((out / "inference.json").read_text())["rows"]
     assert [r["generated"] for r in rows] == [2, 4, 6, 8, 10, 12, 14, 16]
     assert len({r["allocated_gb"] for r in rows}) == 1 and rows[0]["allocated_gb"] > 0
+
+
+def test_a_model_with_nothing_to_measure_is_not_built():
+    def teacher() -> torch.nn.Module:
+        raise AssertionError("the teacher has no point to measure: it must not be built")
+
+    student = inference.random_models(tiny_teacher().config, SETTINGS["student"], torch.device("cpu"), torch.float32)
+    settings = inference.BenchSettings(**{**SETTINGS, "contexts": [], "decode_contexts": []})
+    rows = inference.run_bench({"teacher": teacher, "student": student["student"]}, settings)
+    assert [r["model"] for r in rows] == ["student"] * 8

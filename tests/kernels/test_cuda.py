@@ -210,9 +210,9 @@ def test_student_fast_backend_matches_native_forward_backward(mixer):
 
 def test_compiled_memory_branch_matches_eager_at_many_lengths():
     """The memory branch + mix through torch.compile (what the layer runs on CUDA) against the same function eager,
-    forward and backward, at lengths on both sides of the Triton kernel's padding rules (a power of two up to 64
-    tokens, a multiple of 128 beyond): static graphs for the first length, symbolic ones for the others. float32:
-    the same function (1e-3); bf16: no further from the float32 result than twice the eager bf16 function (or 2e-2)
+    forward and backward, at lengths on both sides of the Triton kernel's padding rules (up to 64 tokens padded to
+    64, a multiple of 128 beyond; how many compilations the rule costs is tested on CPU, test_tfla.py). float32: the
+    same function (1e-3); bf16: no further from the float32 result than twice the eager bf16 function (or 2e-2)
     (inductor rounds its fused work once, eager PyTorch after every operation)."""
     from xlstm_distill.modeling.attention import MemorySpec, _compiled_memory_and_mix, memory_and_mix
 

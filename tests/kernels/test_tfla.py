@@ -227,3 +227,21 @@ def test_mlstm_kernels_backward_treats_the_normalizer_as_a_constant():
     custom = torch.autograd.grad(out.square().sum(), inputs)
     rel = [float((a - b).norm() / b.norm()) for a, b in zip(custom, exact)]
     assert rel[2] < 1e-5 and min(rel[:2] + rel[3:]) > 0.1, rel
+
+
+def test_cuda_length_rule_compiles_once_for_short_and_once_for_long_inputs():
+    """The Triton kernel's length rule as torch.compile sees it (attention.memory_and_mix compiles the padding): from
+    the second length on each side of 64 tokens one symbolic length serves all, and every padded length is one the
+    kernel takes (16, 32, 64 or a multiple of 128) with the chunk dividing it."""
+    torch._dynamo.reset()
+
+    @torch.compile(dynamic=None, backend="eager")  # dynamo's guards are the point, not inductor's kernels
+    def padded(x: torch.Tensor) -> torch.Tensor:
+        chunk, pad = tfla.kernel_layout(x.shape[-1], 64, cuda=True)
+        return torch.nn.functional.pad(x, (0, pad), value=float(chunk))
+
+    for S in (12, 40, 20, 33, 50, 100, 200, 333, 130):  # (dynamo specializes length 1 itself: one more graph)
+        with torch._dynamo.config.patch(error_on_recompile=S not in (12, 40, 100)):
+            out = padded(torch.zeros(S))
+        length, chunk = out.shape[-1], tfla.kernel_layout(S, 64, cuda=True)[0]
+        assert length >= S and (length in (16, 32, 64) or (length % 128 == 0 and length % chunk == 0)), S

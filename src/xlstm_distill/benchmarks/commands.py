@@ -32,12 +32,13 @@ def bench(
     shape: str = typer.Option("llama3.1-8b", help=f"Model shape with random weights: {', '.join(inference.SHAPES)}."),
     model: str | None = typer.Option(None, help="Benchmark a real teacher instead (embedded name, .gguf, folder, hub id)."),
     contexts: str = typer.Option("1k,2k,4k,8k,16k,32k,64k,128k", help="Prefill prompt lengths ('' with no decode "
-                                 "contexts: mixer benchmark only)."),
+                                 "contexts and no --flat-steps: mixer benchmark only)."),
     batches: str = typer.Option("1,4,8", help="Prefill batch sizes."),
     decode_contexts: str = typer.Option("1k,4k,16k,32k", help="Cache lengths of the decode points."),
     decode_batches: str = typer.Option("1,8", help="Decode batch sizes."),
     decode_steps: int = typer.Option(32, help="Timed decode steps per point."),
-    flat_steps: int = typer.Option(0, help="Student tokens to decode while recording memory (0 = skip)."),
+    flat_steps: int = typer.Option(0, help="Student tokens to decode while recording memory (0 = skip), at the "
+                                   "largest decode batch size."),
     student_prefill: int = typer.Option(inference.STUDENT_PREFILL, help="Prompt tokens the student really prefills before a decode point "
                                         "(its state is full-size once the window is full); 0 = the whole context."),
     compile_decode: bool = typer.Option(False, help="Both models' decode steps through torch.compile (then the CUDA "
@@ -58,6 +59,8 @@ def bench(
     """Teacher vs student: prefill tokens/s and time to first token, decode tokens/s and latency, peak memory."""
     if dtype not in DTYPES:
         raise typer.BadParameter(f"dtype must be one of {', '.join(DTYPES)}")
+    if flat_steps and not _sizes(decode_batches):
+        raise typer.BadParameter("--flat-steps decodes at the largest of --decode-batches: give at least one batch size")
     if student_prefill < 0:
         raise typer.BadParameter(f"--student-prefill takes a token count >= 0 (0 = the whole context), got {student_prefill}")
     torch_dtype, dev = DTYPES[dtype], torch.device(device)

@@ -238,6 +238,8 @@ def run_bench(models: dict[str, Callable[[], torch.nn.Module]], settings: BenchS
     ``on_row`` sees the rows so far after every point (the command rewrites its result files)."""
     rows: list[dict] = []
     for name, factory in models.items():
+        if not any(points for _, points in planned_points(settings)) and not (name == "student" and settings.flat_steps):
+            continue  # nothing to measure for this model (e.g. the teacher of a memory-only run): not even built
         model = factory()
         for measure, points in planned_points(settings):
             failed_batches: set[int] = set()

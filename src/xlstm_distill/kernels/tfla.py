@@ -76,12 +76,7 @@ def mlstm_tfla(
         v = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], -1)
         if state is not None:
             state = MLSTMState(torch.cat([state.C, state.n.unsqueeze(-1)], -1), state.n, state.m)
-    if q.is_cuda:  # the Triton kernel takes S in {16, 32, 64} or a multiple of 128, chunks a power of two
-        chunk = max(CUDA_MIN_CHUNK, 1 << (chunk_size - 1).bit_length())
-        pad = (1 << max(4, (S - 1).bit_length())) - S if S <= 64 else -S % math.lcm(128, chunk)
-    else:
-        chunk = min(chunk_size, S)
-        pad = -S % chunk
+    chunk, pad = kernel_layout(S, chunk_size, q.is_cuda)
     i, f = i.float(), f.float()
     if reset is not None:
         f = torch.where(reset[:, None, :], RESET_FORGET_GATE, f)
@@ -106,6 +101,18 @@ def mlstm_tfla(
     # contiguous: the CPU kernel's last states are views into all chunk states (a cache would keep them all alive,
     # and a compiled decode step guards on their strides); the Triton kernel's already are
     return h, MLSTMState(*(x.float().contiguous() for x in (C[..., :DHV], n, m)))
+
+
+def kernel_layout(S: int, chunk_size: int, cuda: bool) -> tuple[int, int]:
+    """The kernel's chunk size and the padding S needs. The Triton kernel takes S in {16, 32, 64} or a multiple of
+    128, chunks a power of two (at least ``CUDA_MIN_CHUNK``); short inputs are all padded to 64, so that under
+    torch.compile (``attention.memory_and_mix``) one symbolic length serves every short input (a rule on S's bits, a
+    power of two per input, compiled each short length anew). The CPU kernel takes chunks of at most S tokens."""
+    if cuda:
+        chunk = max(CUDA_MIN_CHUNK, 1 << (chunk_size - 1).bit_length())
+        return chunk, (64 - S if S <= 64 else -S % math.lcm(128, chunk))
+    chunk = min(chunk_size, S)
+    return chunk, -S % chunk
 
 
 def _stabilizer(

@@ -252,7 +252,8 @@ def memory_and_mix(
     """mLSTM (or linear-attention) branch over the feature-mapped q, k, per query head (GQA k, v shared), mixed
     with the SWA branch by the output gate. A pure function of its tensors: on CUDA it runs through torch.compile
     (``_compiled_memory_and_mix``), which fuses the PyTorch work around the TFLA kernel. Returns the mixer's output
-    (B, NH, T, DH), laid out as (B, T, NH, DH) for the output projection, and the final state."""
+    (B, NH, T, DH) and the final state; mixed with the SWA branch, the output is laid out as (B, T, NH, DH), which the
+    output projection reads without a copy."""
     H = spec.num_heads
     group = H // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
