@@ -237,11 +237,12 @@ def run_bench(models: dict[str, Callable[[], torch.nn.Module]], settings: BenchS
     another RuntimeError (e.g. a refused kernel launch) are recorded with the error's first line, not raised.
     ``on_row`` sees the rows so far after every point (the command rewrites its result files)."""
     rows: list[dict] = []
+    planned = planned_points(settings)
     for name, factory in models.items():
-        if not any(points for _, points in planned_points(settings)) and not (name == "student" and settings.flat_steps):
+        if not any(points for _, points in planned) and not (name == "student" and settings.flat_steps):
             continue  # nothing to measure for this model (e.g. the teacher of a memory-only run): not even built
         model = factory()
-        for measure, points in planned_points(settings):
+        for measure, points in planned:
             failed_batches: set[int] = set()
             for batch, context in tqdm(points, desc=f"{name} {measure}", unit="point"):
                 row = {"model": name, "measure": measure, "batch": batch, "context": context}
