@@ -1,7 +1,10 @@
 """GPU check and step timing (one device call): native kernels on CUDA vs the CPU fp32 reference, then Stage I and
-Stage II step time / memory with SmolLM2-135M shapes (random weights: speed does not depend on the values).
+Stage II step time / memory with SmolLM2-135M shapes (random weights: speed does not depend on the values), under
+bf16 autocast as the stages train on CUDA.
 
     python benchmarks/gpu_check.py --out $OUT
+    python benchmarks/gpu_check.py --out $OUT --memory-branch both   # the steps with the memory branch eager, then
+                                                                     # through torch.compile (the default)
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 import xlstm_distill as xd
 from xlstm_distill.kernels import mlstm_chunkwise, mlstm_recurrent, swa_sinks_attention
+from xlstm_distill.modeling import attention
 from xlstm_distill.stages.align import make_align_step, set_stage1_trainable
 from xlstm_distill.stages.distill import OnlineTargets, make_distill_step, set_stage2_trainable
 
@@ -83,9 +87,15 @@ def step_timing(batch_size: int, seq_len: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--memory-branch", choices=("compiled", "eager", "both"), default="compiled",
+                        help="the student's memory branch through torch.compile (the default), eager, or both in turn")
     args = parser.parse_args()
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "kernels": kernel_checks(),
-              "steps_b16_t1024": step_timing(16, 1024)}
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "kernels": kernel_checks()}
+    for mode in ("eager", "compiled") if args.memory_branch == "both" else (args.memory_branch,):
+        attention.COMPILE_MEMORY = mode == "compiled"
+        key = "steps_b16_t1024" if args.memory_branch == "compiled" else f"steps_b16_t1024_{mode}_memory_branch"
+        result[key] = step_timing(16, 1024)
+        print(key, result[key], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_check.json").write_text(json.dumps(result, indent=2))
     json.dump(result, sys.stdout, indent=1)

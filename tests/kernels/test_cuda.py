@@ -171,11 +171,9 @@ def test_flex_serves_many_lengths_and_windows_compiled(training_mask):
                 assert _rel(out.detach(), ref) < TOL[torch.bfloat16], (window, T)
 
 
-@pytest.mark.parametrize("mixer", ["mlstm_swa", "linear_swa"])
-def test_student_fast_backend_matches_native_forward_backward(mixer):
-    """The whole student on CUDA, bf16: backend='tfla' (TFLA + FlexAttention, the memory branch through
-    torch.compile) against backend='native' in float32 (the truth); logits and a q_proj gradient must be within the
-    tolerance or no worse than twice backend='native' in bf16. The second layer must not compile again."""
+def _student_pair(mixer: str):
+    """A tiny student on the native kernels (gates perturbed) and the same weights on backend 'tfla', and a batch of
+    packed documents (TFLA resets through the forget gate)."""
     import xlstm_distill as xd
     from helpers import perturb_new_parameters, tiny_teacher
 
@@ -186,26 +184,60 @@ def test_student_fast_backend_matches_native_forward_backward(mixer):
     fast.load_state_dict(native.state_dict())
     ids = torch.randint(3, 128, (2, 640), generator=torch.Generator().manual_seed(0)).cuda()
     docs = torch.zeros_like(ids)
-    docs[:, 300:] = 1  # packed documents: TFLA resets through the forget gate
+    docs[:, 300:] = 1
     docs[1, 500:] = 2
+    return native, fast, ids, docs
 
-    def run(model: torch.nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        model.cuda().to(dtype).train().zero_grad()
+
+def _student_run(model: torch.nn.Module, ids, docs, dtype: torch.dtype, autocast: bool = False):
+    """Logits and the first layer's q_proj gradient of one training step, weights in ``dtype``, optionally under
+    bf16 autocast (the stages' default on CUDA)."""
+    model.cuda().to(dtype).train().zero_grad()
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
         logits = model(ids, document_ids=docs).logits
-        logits.float().logsumexp(-1).mean().backward()
-        return logits.detach().float(), model.model.layers[0].self_attn.q_proj.weight.grad.float()
+    logits.float().logsumexp(-1).mean().backward()
+    return logits.detach().float(), model.model.layers[0].self_attn.q_proj.weight.grad.float()
 
-    truth = run(native, torch.float32)
-    native_bf16 = run(native, torch.bfloat16)
+
+@pytest.mark.parametrize("mixer", ["mlstm_swa", "linear_swa"])
+def test_student_fast_backend_matches_native_forward_backward(mixer):
+    """The whole student on CUDA, bf16: backend='tfla' (TFLA + FlexAttention, the memory branch through
+    torch.compile) against backend='native' in float32 (the truth); logits and a q_proj gradient must be within the
+    tolerance or no worse than twice backend='native' in bf16. The second layer must not compile again."""
+    native, fast, ids, docs = _student_pair(mixer)
+    truth = _student_run(native, ids, docs, torch.float32)
+    native_bf16 = _student_run(native, ids, docs, torch.bfloat16)
     torch._dynamo.reset()  # the compiled memory branch and FlexAttention: one graph each serves both layers
     with torch._dynamo.config.patch(error_on_recompile=True):
-        fast_bf16 = run(fast, torch.bfloat16)
+        fast_bf16 = _student_run(fast, ids, docs, torch.bfloat16)
     errors = {name: [_rel(a, b) for a, b in zip(result, truth)] for name, result in
               (("tfla", fast_bf16), ("native bf16", native_bf16))}
     (fast_out, fast_grad), (native_out, native_grad) = errors["tfla"], errors["native bf16"]
     print(mixer, errors)
     assert fast_out < max(TOL[torch.bfloat16], 2 * native_out), errors
     assert fast_grad < max(5 * TOL[torch.bfloat16], 2 * native_grad), errors
+
+
+def test_compiled_memory_branch_under_autocast_matches_eager(monkeypatch):
+    """A training step under bf16 autocast with float32 weights (the stages' default on CUDA): backend 'tfla' with
+    the memory branch through torch.compile against the same step with the branch eager, both against the float32
+    native step (the truth): the compiled step no further from it than twice the eager one (or the bf16
+    tolerance), and the second layer compiles nothing new."""
+    from xlstm_distill.modeling import attention
+
+    native, fast, ids, docs = _student_pair("mlstm_swa")
+    truth = _student_run(native, ids, docs, torch.float32)
+    monkeypatch.setattr(attention, "COMPILE_MEMORY", False)
+    eager = _student_run(fast, ids, docs, torch.float32, autocast=True)
+    monkeypatch.setattr(attention, "COMPILE_MEMORY", True)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled = _student_run(fast, ids, docs, torch.float32, autocast=True)
+    errors = {name: [_rel(a, b) for a, b in zip(result, truth)] for name, result in
+              (("compiled", compiled), ("eager", eager))}
+    print(errors)
+    for got, reference in zip(errors["compiled"], errors["eager"]):
+        assert got < max(TOL[torch.bfloat16], 2 * reference), errors
 
 
 def test_compiled_memory_branch_matches_eager_at_many_lengths():

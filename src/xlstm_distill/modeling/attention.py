@@ -24,8 +24,8 @@ logger = logging.getLogger(__name__)
 # says, and the output gate starts near the SWA branch (sigmoid(-3) = 0.047), which alone reproduces the teacher
 # inside the window.
 OUTPUT_GATE_BIAS = -3.0
-# On CUDA the memory branch and the mix run through torch.compile around the TFLA kernel (``memory_and_mix``), except
-# under autocast; False: eagerly (the benchmarks compare both).
+# On CUDA the memory branch and the mix run through torch.compile around the TFLA kernel (``memory_and_mix``), also
+# under autocast (the stages' default); False: eagerly (the benchmarks compare both).
 COMPILE_MEMORY = True
 
 
@@ -176,8 +176,7 @@ class HybridAttention(nn.Module):
         spec = MemorySpec(self.num_heads, self.gated_memory, not step and self._use_tfla(q), self.chunk_size)
         maps = (self.q_feature_map.weight, self.q_feature_map.bias, self.k_feature_map.weight, self.k_feature_map.bias)
         args = (q, k, v, gates, swa, maps, state, None if continues else layout.reset, spec)
-        # not under autocast (the stages' default on CUDA): that combination has not run on a GPU yet (docs/decisions.md)
-        if spec.tfla and q.is_cuda and COMPILE_MEMORY and not torch.is_autocast_enabled("cuda"):
+        if spec.tfla and q.is_cuda and COMPILE_MEMORY:
             with many_variants():
                 y, state = _compiled_memory_and_mix()(*args)
         else:
