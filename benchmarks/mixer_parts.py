@@ -74,18 +74,24 @@ def flex_rows(T: int) -> list[dict]:
     return rows
 
 
-def tfla_rows(T: int) -> list[dict]:
+def tfla_inputs(T: int) -> list[torch.Tensor]:
+    """Feature-mapped q, k (B, NH, T, D), v (bf16) and the input and forget gate pre-activations (B, NH, T)."""
     g = torch.Generator(device="cuda").manual_seed(0)
     fq, fk = (torch.softmax(torch.randn(1, NH, T, D, device="cuda", generator=g), -1).bfloat16() for _ in "qk")
     v = torch.randn(1, NH, T, D, device="cuda", generator=g, dtype=torch.bfloat16)
     i = torch.randn(1, NH, T, device="cuda", generator=g)
     f = torch.randn(1, NH, T, device="cuda", generator=g) + 3.0
+    return [fq, fk, v, i, f]
+
+
+def tfla_rows(T: int) -> list[dict]:
+    inputs = tfla_inputs(T)
     rows = []
     for keep in (False, True):
         tfla.KEEP_CHUNK_STATES = keep
         variant = "keep chunk states" if keep else "recompute chunk states"
         rows.append({"seq_len": T, "part": "TFLA (exact gradient)", "variant": variant,
-                     **timings(lambda *x: tfla.mlstm_tfla(*x, chunk_size=128)[0], [fq, fk, v, i, f])})
+                     **timings(lambda *x: tfla.mlstm_tfla(*x, chunk_size=128)[0], inputs)})
     return rows
 
 
@@ -131,7 +137,9 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     lengths = sorted({r["seq_len"] for r in rows})
-    fig, axes = plt.subplots(1, len(lengths), figsize=(6 * len(lengths), 4))
+    bars = max(sum(r["seq_len"] == T for r in rows) for T in lengths)
+    fig, axes = plt.subplots(1, len(lengths), figsize=(6 * len(lengths), max(4, 0.35 * bars)), squeeze=False)
+    axes = axes[0]
     for ax, T in zip(axes, lengths):
         here = [r for r in rows if r["seq_len"] == T]
         labels = [f"{r['part']}\n{r['variant']}" for r in here]

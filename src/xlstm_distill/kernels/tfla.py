@@ -42,6 +42,9 @@ PAD_INPUT_GATE, PAD_FORGET_GATE = -30.0, 30.0
 RESET_FORGET_GATE = -100.0
 KEEP_CHUNK_STATES = True  # with gradients: keep the forward's chunk states for the backward (False: recompute them)
 MAX_GRID_Z = 65_535  # CUDA's limit on a launch grid's third dimension
+# more arguments of the Triton kernel (block sizes, warps, stages; mlstm_kernels' heuristics where absent), as
+# benchmarks/kernel_tuning.py measured them on an H100 (docs/decisions.md)
+CUDA_KERNEL_PARAMS: dict[str, int] = {}
 # relative error of the kernel's w = q n / (normalizer + eps): a token is on the |q n| branch where |w| reaches the
 # kink's value 1 / (1 + eps exp(m)) within it. A wider band gives exp(-m)-branch tokens that close to the kink the
 # other branch's gradient (measured on CPU: one such token 4e-5 below the kink put 2-5% error into the whole dq), a narrower
@@ -169,6 +172,6 @@ def _call(args: tuple[torch.Tensor, ...], initial: tuple[torch.Tensor, ...], chu
     kernel = get_mlstm_kernel(CUDA_KERNEL if args[0].is_cuda else CPU_KERNEL)
     states = {} if not initial else dict(c_initial=initial[0], n_initial=initial[1], m_initial=initial[2].unsqueeze(-1))
     if args[0].is_cuda:
-        states["recompute_states_in_bw"] = not keep_states
+        states.update(CUDA_KERNEL_PARAMS, recompute_states_in_bw=not keep_states)
     h, (C, n, m) = kernel(*args, return_last_states=True, chunk_size=chunk, eps=mlstm.EPS, **states)
     return h, (C, n, m.squeeze(-1))

@@ -1,0 +1,155 @@
+"""Launch settings of the mixer's two kernels on this GPU (issue 5): the TFLA mLSTM (mlstm_kernels' block sizes,
+warps, stages, chunk sizes; the exact gradient's normalizer column inside the value blocks or in a second, narrow
+call) and FlexAttention (SWA + sinks; block sizes, warps and stages of its forward and backward, and inductor's own
+max-autotune). Llama-3.1-8B heads (32 query / 8 key-value heads of 128), window 512, 4 sinks, bf16, batch 1.
+Each setting is checked against the default one (relative difference of the output and the gradients).
+
+    python benchmarks/kernel_tuning.py --out DIR [--lengths 8192,32768] [--parts tfla,flex] [--max-autotune]   # CUDA
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import shlex
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+
+from mixer_parts import D, NH, NKV, SINKS, WINDOW, _rel, plot, tfla_inputs, timings
+from xlstm_distill.benchmarks.report import write_results
+from xlstm_distill.kernels import flex, tfla
+
+TFLA_SETTINGS = {  # name: (chunk, CUDA_KERNEL_PARAMS)
+    "default (chunk 128)": (128, {}),
+    "chunk 256": (256, {}),
+    "chunk 256, inter 256": (256, dict(chunk_size_inter=256, chunk_size_intra=256, siz_b_L_parallel=64,
+                                       siz_b_L_loop=64)),
+    "chunk 128, L blocks 128/64": (128, dict(chunk_size_inter=128, chunk_size_intra=128, siz_b_L_parallel=128,
+                                             siz_b_L_loop=64)),
+    "chunk 128, L blocks 64/128": (128, dict(chunk_size_inter=128, chunk_size_intra=128, siz_b_L_parallel=64,
+                                             siz_b_L_loop=128)),
+    "DH parallel 64": (128, dict(siz_b_DH_parallel=64)),
+    "DH parallel 256": (128, dict(siz_b_DH_parallel=256)),
+    "DH loop 128": (128, dict(siz_b_DH_loop=128)),
+    "DH loop 32": (128, dict(siz_b_DH_loop=32)),
+    "intra warps 8": (128, dict(num_warps_intra=8)),
+    "intra stages 2": (128, dict(num_stages_intra=2)),
+    "intra stages 3": (128, dict(num_stages_intra=3)),
+    "inter warps 8": (128, dict(num_warps_inter=8)),
+    "inter stages 2": (128, dict(num_stages_inter=2)),
+}
+
+FLEX_SETTINGS = {  # name: kernel options (fwd_* / bwd_*: that pass only)
+    "default": {},
+    "fwd 128x64 w8 s3": dict(fwd_BLOCK_M=128, fwd_BLOCK_N=64, fwd_num_warps=8, fwd_num_stages=3),
+    "fwd 128x128 w8 s2": dict(fwd_BLOCK_M=128, fwd_BLOCK_N=128, fwd_num_warps=8, fwd_num_stages=2),
+    "fwd 64x64 w4 s3": dict(fwd_BLOCK_M=64, fwd_BLOCK_N=64, fwd_num_warps=4, fwd_num_stages=3),
+    "fwd 64x128 w4 s3": dict(fwd_BLOCK_M=64, fwd_BLOCK_N=128, fwd_num_warps=4, fwd_num_stages=3),
+    "bwd 64/128/128/64 w8 s3": dict(bwd_BLOCK_M1=64, bwd_BLOCK_N1=128, bwd_BLOCK_M2=128, bwd_BLOCK_N2=64,
+                                    bwd_num_warps=8, bwd_num_stages=3),
+    "bwd 32/128/128/32 w4 s3": dict(bwd_BLOCK_M1=32, bwd_BLOCK_N1=128, bwd_BLOCK_M2=128, bwd_BLOCK_N2=32,
+                                    bwd_num_warps=4, bwd_num_stages=3),
+    "bwd 64/64/64/64 w4 s3": dict(bwd_BLOCK_M1=64, bwd_BLOCK_N1=64, bwd_BLOCK_M2=64, bwd_BLOCK_N2=64,
+                                  bwd_num_warps=4, bwd_num_stages=3),
+    "bwd 64/128/128/64 w8 s2": dict(bwd_BLOCK_M1=64, bwd_BLOCK_N1=128, bwd_BLOCK_M2=128, bwd_BLOCK_N2=64,
+                                    bwd_num_warps=8, bwd_num_stages=2),
+}
+
+
+def tfla_split(q, k, v, i, f):
+    """The exact gradient with the normalizer column in a second kernel call of 16 value columns (all ones; the
+    first is used) instead of a 129th column of the main call, which doubles the Triton kernel's value blocks."""
+    B, NH_, S, DHQK = q.shape
+    chunk, pad = tfla.kernel_layout(S, 128, True)
+    assert pad == 0, "the probe takes lengths the kernel takes as they are"
+    scaled = q * DHQK**0.5
+    h, _ = tfla._call((scaled, k, v, i, f), (), chunk, True)
+    w, _ = tfla._call((scaled, k, v.new_ones(B, NH_, S, 16), i, f), (), chunk, True)
+    h = torch.cat([h, w[..., :1]], -1)
+    return tfla._add_normalizer_gradient(h, tfla._stabilizer(i, f, None)).to(v.dtype)
+
+
+def tfla_rows(T: int) -> list[dict]:
+    inputs = tfla_inputs(T)
+    rows, reference = [], None
+    variants = [(name, chunk, params, False) for name, (chunk, params) in TFLA_SETTINGS.items()]
+    variants += [("normalizer in a 2nd call", 128, {}, True)]
+    for name, chunk, params, split in variants:
+        tfla.CUDA_MIN_CHUNK, tfla.CUDA_KERNEL_PARAMS = chunk, params
+        fn = tfla_split if split else (lambda *x: tfla.mlstm_tfla(*x, chunk_size=chunk)[0])
+        row = {"seq_len": T, "part": "TFLA (exact gradient)", "variant": name}
+        try:
+            row.update(timings(fn, inputs))
+            outputs = _outputs(fn, inputs)
+            reference = reference or outputs
+            row["rel_diff_out_grads"] = [round(_rel(a, b), 5) for a, b in zip(outputs, reference)]
+        except Exception as error:  # an invalid launch setting: recorded, the sweep goes on
+            row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
+            traceback.print_exc()
+        rows.append(row)
+        print(row, flush=True)
+    tfla.CUDA_MIN_CHUNK, tfla.CUDA_KERNEL_PARAMS = 128, {}
+    return rows
+
+
+def _outputs(fn, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    leaves = [x.detach().requires_grad_(x.is_floating_point()) for x in inputs]
+    out = fn(*leaves)
+    out.float().pow(2).sum().backward()
+    return [out.detach(), *(x.grad for x in leaves if x.grad is not None)]
+
+
+def flex_rows(T: int, max_autotune: bool = False) -> list[dict]:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, NH, T, D, device="cuda", generator=g, dtype=torch.bfloat16)
+    k, v = (torch.randn(1, NKV, T, D, device="cuda", generator=g, dtype=torch.bfloat16) for _ in "kv")
+    mask = flex.causal_swa_block_mask(T, WINDOW, SINKS, q.device, copy_sinks=True)
+    rows, reference = [], None
+    variants = [(name, flex._compiled(), options) for name, options in FLEX_SETTINGS.items()]
+    if max_autotune:  # minutes of compiling: inductor times its own list of configurations
+        autotuned = torch.compile(flex._attend, dynamic=False, mode="max-autotune-no-cudagraphs")
+        variants += [("inductor max-autotune", autotuned, {})]
+    for name, compiled, options in variants:
+        fn = functools.partial(compiled, mask=mask, scale=D**-0.5,
+                               kernel_options={**flex._KERNEL_OPTIONS, **options})
+        row = {"seq_len": T, "part": "FlexAttention (copied sinks)", "variant": name}
+        try:
+            with flex.many_variants():
+                row.update(timings(fn, [q, k, v]))
+                outputs = _outputs(fn, [q, k, v])
+            reference = reference or outputs
+            row["rel_diff_out_grads"] = [round(_rel(a, b), 5) for a, b in zip(outputs, reference)]
+        except Exception as error:
+            row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
+            traceback.print_exc()
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--lengths", default="8192,32768")
+    parser.add_argument("--parts", default="tfla,flex")
+    parser.add_argument("--max-autotune", action="store_true", help="also FlexAttention through inductor's max-autotune")
+    args = parser.parse_args()
+    parts = {"tfla": tfla_rows, "flex": functools.partial(flex_rows, max_autotune=args.max_autotune)}
+    command = "python benchmarks/kernel_tuning.py " + shlex.join(sys.argv[1:])
+    rows = []
+    for T in (int(x) for x in args.lengths.split(",")):
+        for part in args.parts.split(","):
+            torch._dynamo.reset()
+            rows += parts[part](T)
+            torch.cuda.empty_cache()
+            write_results(args.out, "kernel_tuning", rows, command,  # after each part: a cut run keeps its rows
+                          ["seq_len", "part", "variant", "fwd_ms", "fwd_bwd_ms", "rel_diff_out_grads", "error"],
+                          lambda rows, path: plot([r for r in rows if "error" not in r], path))
+    print((args.out / "kernel_tuning.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
