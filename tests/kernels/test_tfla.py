@@ -35,6 +35,23 @@ def test_tfla_matches_native_with_and_without_state(S):
     torch.testing.assert_close(torch.cat([first, second], 2), ref, atol=1e-5, rtol=1e-5)
 
 
+def test_tfla_continues_a_state_with_rows_that_have_no_token_yet():
+    """A batch state where row 0 has seen tokens and row 1 none (m = -inf, e.g. a row of padding only): each row
+    continues its own state, outputs and final state as the native kernel's (the empty row as from no state)."""
+    from xlstm_distill.kernels.mlstm import empty_state
+
+    q, k, v, i, f = _inputs(48)
+    lf = torch.nn.functional.logsigmoid(f)
+    _, seen = mlstm_chunkwise(*(x[:, :, :16] for x in (q, k, v, i, lf)), chunk_size=16)
+    empty = empty_state(2, 3, 16, 8, q.device)
+    state = type(seen)(*(torch.stack([a[0], b[1]]) for a, b in zip(seen, empty)))
+    ref, ref_state = mlstm_chunkwise(*(x[:, :, 16:] for x in (q, k, v, i, lf)), state, chunk_size=16)
+    out, last = mlstm_tfla(*(x[:, :, 16:] for x in (q, k, v, i, f)), state, chunk_size=16)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(last, ref_state):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_student_with_tfla_backend_equals_native(monkeypatch):
     calls = []
     monkeypatch.setattr(tfla, "mlstm_tfla", lambda *a, **k: calls.append(1) or mlstm_tfla(*a, **k))

@@ -88,7 +88,7 @@ def mlstm_tfla(
         i = torch.nn.functional.pad(i, (0, pad), value=PAD_INPUT_GATE)
         f = torch.nn.functional.pad(f, (0, pad), value=PAD_FORGET_GATE)
     kernel_args = (q * math.sqrt(DHQK), k, v, i, f)
-    initial = () if state is None or not torch.isfinite(state.m).all() else (state.C, state.n, state.m)
+    initial = () if state is None else _kernel_state(state)
     rows = max(1, MAX_GRID_Z // max(1, (S + pad) // chunk))  # (B * NH) rows per call
     if rows >= B * NH:
         h, last = _call(kernel_args, initial, chunk, keep_states)
@@ -104,6 +104,15 @@ def mlstm_tfla(
     # contiguous: the CPU kernel's last states are views into all chunk states (a cache would keep them all alive,
     # and a compiled decode step guards on their strides); the Triton kernel's already are
     return h, MLSTMState(*(x.float().contiguous() for x in (C[..., :DHV], n, m)))
+
+
+def _kernel_state(state: MLSTMState) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The state as the kernel's initial (C, n, m). A row that has seen no token yet (m = -inf, e.g. padding only)
+    starts as mlstm_kernels starts without a state (C = 0, n = 0, m = 0), row by row and on the device: no host read
+    (a device sync, and a graph break under torch.compile)."""
+    started = torch.isfinite(state.m)  # (B, NH)
+    return (torch.where(started[..., None, None], state.C, 0.0), torch.where(started[..., None], state.n, 0.0),
+            torch.where(started, state.m, 0.0))
 
 
 def kernel_layout(S: int, chunk_size: int, cuda: bool) -> tuple[int, int]:
