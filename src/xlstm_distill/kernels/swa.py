@@ -85,6 +85,13 @@ def swa_sinks_attention_cached(
     NKV = k.shape[1]
     qp, kp = q_pos[:, :, None], k_pos[:, None, :]  # (B, T, 1), (B, 1, K)
     mask = (kp >= 0) & (kp <= qp) & ((kp < num_sinks) | (qp - kp < window))  # (B, T, K)
-    scores = torch.einsum("bhgtd,bhkd->bhgtk", q.view(B, NKV, NH // NKV, T, D).float(), k.float()) * scale
-    p = _softmax_attend(scores, mask[:, None, None])
-    return torch.einsum("bhgtk,bhkd->bhgtd", p, v.float()).reshape(B, NH, T, -1).to(v.dtype)
+    dtype = v.dtype
+    q, k, v = q.view(B, NKV, NH // NKV, T, D).float(), k.float(), v.float()  # (B, NKV, G, T, D), (B, NKV, K, D)
+    if torch.compiler.is_compiling():  # products and sums: inductor fuses them (einsums: cuBLAS calls per layer)
+        scores = (q.unsqueeze(-2) * k[:, :, None, None]).sum(-1) * scale  # (B, NKV, G, T, K)
+        p = _softmax_attend(scores, mask[:, None, None])
+        out = (p.unsqueeze(-1) * v[:, :, None, None]).sum(-2)  # (B, NKV, G, T, DV)
+    else:  # eagerly those products would be materialized: (B, NKV, G, T, K, D)
+        scores = torch.einsum("bhgtd,bhkd->bhgtk", q, k) * scale
+        out = torch.einsum("bhgtk,bhkd->bhgtd", _softmax_attend(scores, mask[:, None, None]), v)
+    return out.reshape(B, NH, T, -1).to(dtype)
