@@ -15,10 +15,11 @@ import shlex
 import sys
 import traceback
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from mixer_parts import D, NH, NKV, SINKS, WINDOW, _rel, plot, tfla_inputs, timings
+from mixer_parts import D, SINKS, WINDOW, _rel, flex_inputs, outputs_and_grads, plot, tfla_inputs, timings
 from xlstm_distill.benchmarks.report import write_results
 from xlstm_distill.kernels import flex, tfla
 
@@ -62,52 +63,33 @@ FLEX_SETTINGS = {  # name: kernel options (fwd_* / bwd_*: that pass only)
 def tfla_split(q, k, v, i, f):
     """The exact gradient with the normalizer column in a second kernel call of 16 value columns (all ones; the
     first is used) instead of a 129th column of the main call, which doubles the Triton kernel's value blocks."""
-    B, NH_, S, DHQK = q.shape
+    B, H, S, DHQK = q.shape
     chunk, pad = tfla.kernel_layout(S, 128, True)
     assert pad == 0, "the probe takes lengths the kernel takes as they are"
     scaled = q * DHQK**0.5
     h, _ = tfla._call((scaled, k, v, i, f), (), chunk, True)
-    w, _ = tfla._call((scaled, k, v.new_ones(B, NH_, S, 16), i, f), (), chunk, True)
+    w, _ = tfla._call((scaled, k, v.new_ones(B, H, S, 16), i, f), (), chunk, True)
     h = torch.cat([h, w[..., :1]], -1)
     return tfla._add_normalizer_gradient(h, tfla._stabilizer(i, f, None)).to(v.dtype)
 
 
 def tfla_rows(T: int) -> list[dict]:
-    inputs = tfla_inputs(T)
-    rows, reference = [], None
+    inputs, rows, reference = tfla_inputs(T), [], None
     variants = [(name, chunk, params, False) for name, (chunk, params) in TFLA_SETTINGS.items()]
     variants += [("normalizer in a 2nd call", 128, {}, True)]
+    defaults = tfla.CUDA_MIN_CHUNK, tfla.CUDA_KERNEL_PARAMS
     for name, chunk, params, split in variants:
         tfla.CUDA_MIN_CHUNK, tfla.CUDA_KERNEL_PARAMS = chunk, params
         fn = tfla_split if split else (lambda *x: tfla.mlstm_tfla(*x, chunk_size=chunk)[0])
-        row = {"seq_len": T, "part": "TFLA (exact gradient)", "variant": name}
-        try:
-            row.update(timings(fn, inputs))
-            outputs = _outputs(fn, inputs)
-            reference = reference or outputs
-            row["rel_diff_out_grads"] = [round(_rel(a, b), 5) for a, b in zip(outputs, reference)]
-        except Exception as error:  # an invalid launch setting: recorded, the sweep goes on
-            row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
-            traceback.print_exc()
-        rows.append(row)
-        print(row, flush=True)
-    tfla.CUDA_MIN_CHUNK, tfla.CUDA_KERNEL_PARAMS = 128, {}
+        rows.append({"seq_len": T, "part": "TFLA (exact gradient)", "variant": name})
+        reference = measure(rows[-1], fn, inputs, reference)
+    tfla.CUDA_MIN_CHUNK, tfla.CUDA_KERNEL_PARAMS = defaults
     return rows
 
 
-def _outputs(fn, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-    leaves = [x.detach().requires_grad_(x.is_floating_point()) for x in inputs]
-    out = fn(*leaves)
-    out.float().pow(2).sum().backward()
-    return [out.detach(), *(x.grad for x in leaves if x.grad is not None)]
-
-
 def flex_rows(T: int, max_autotune: bool = False) -> list[dict]:
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q = torch.randn(1, NH, T, D, device="cuda", generator=g, dtype=torch.bfloat16)
-    k, v = (torch.randn(1, NKV, T, D, device="cuda", generator=g, dtype=torch.bfloat16) for _ in "kv")
-    mask = flex.causal_swa_block_mask(T, WINDOW, SINKS, q.device, copy_sinks=True)
-    rows, reference = [], None
+    inputs, rows, reference = flex_inputs(T), [], None
+    mask = flex.causal_swa_block_mask(T, WINDOW, SINKS, inputs[0].device, copy_sinks=True)
     variants = [(name, flex._compiled(), options) for name, options in FLEX_SETTINGS.items()]
     if max_autotune:  # minutes of compiling: inductor times its own list of configurations
         autotuned = torch.compile(flex._attend, dynamic=False, mode="max-autotune-no-cudagraphs")
@@ -115,19 +97,26 @@ def flex_rows(T: int, max_autotune: bool = False) -> list[dict]:
     for name, compiled, options in variants:
         fn = functools.partial(compiled, mask=mask, scale=D**-0.5,
                                kernel_options={**flex._KERNEL_OPTIONS, **options})
-        row = {"seq_len": T, "part": "FlexAttention (copied sinks)", "variant": name}
-        try:
-            with flex.many_variants():
-                row.update(timings(fn, [q, k, v]))
-                outputs = _outputs(fn, [q, k, v])
-            reference = reference or outputs
-            row["rel_diff_out_grads"] = [round(_rel(a, b), 5) for a, b in zip(outputs, reference)]
-        except Exception as error:
-            row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
-            traceback.print_exc()
-        rows.append(row)
-        print(row, flush=True)
+        rows.append({"seq_len": T, "part": "FlexAttention (copied sinks)", "variant": name})
+        reference = measure(rows[-1], fn, inputs, reference)
     return rows
+
+
+def measure(row: dict, fn: Callable[..., torch.Tensor], inputs: list[torch.Tensor],
+            reference: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
+    """Times one setting into ``row`` and compares its output and gradients with ``reference`` (the first setting's,
+    returned); a setting that fails (an invalid launch) is recorded in the row and the sweep goes on."""
+    try:
+        with flex.many_variants():  # every setting is one more compiled variant
+            row.update(timings(fn, inputs))
+            outputs = outputs_and_grads(fn, inputs)
+        reference = reference or outputs
+        row["rel_diff_out_grads"] = [round(_rel(a, b), 5) for a, b in zip(outputs, reference)]
+    except Exception as error:
+        row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
+        traceback.print_exc()
+    print(row, flush=True)
+    return reference
 
 
 def main() -> None:

@@ -56,20 +56,31 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-def flex_rows(T: int) -> list[dict]:
+def outputs_and_grads(fn: Callable[..., torch.Tensor], inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """fn's output and the gradients of its floating inputs under the loss sum(out^2), for comparing settings."""
+    leaves = [x.detach().requires_grad_(x.is_floating_point()) for x in inputs]
+    out = fn(*leaves)
+    out.float().pow(2).sum().backward()
+    return [out.detach(), *(x.grad for x in leaves if x.grad is not None)]
+
+
+def flex_inputs(T: int) -> list[torch.Tensor]:
+    """q (B, NH, T, D) and k, v (B, NKV, T, D), bf16."""
     g = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(1, NH, T, D, device="cuda", generator=g, dtype=torch.bfloat16)
     k, v = (torch.randn(1, NKV, T, D, device="cuda", generator=g, dtype=torch.bfloat16) for _ in "kv")
+    return [q, k, v]
+
+
+def flex_rows(T: int) -> list[dict]:
+    inputs = flex_inputs(T)
     rows, outputs = [], {}
     for copies in (False, True):
-        mask = flex.causal_swa_block_mask(T, WINDOW, SINKS, q.device, copy_sinks=copies)
+        mask = flex.causal_swa_block_mask(T, WINDOW, SINKS, inputs[0].device, copy_sinks=copies)
         attend = functools.partial(flex.swa_sinks_flex, mask=mask, scale=D**-0.5)
         rows.append({"seq_len": T, "part": "FlexAttention", "variant": "copied sinks" if copies else "sinks in place",
-                     **timings(attend, [q, k, v])})
-        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-        out = attend(*leaves)
-        out.float().pow(2).sum().backward()
-        outputs[copies] = [out.detach(), *(x.grad for x in leaves)]
+                     **timings(attend, inputs)})
+        outputs[copies] = outputs_and_grads(attend, inputs)
     rows[-1]["rel_diff_out_dq_dk_dv"] = [round(_rel(a, b), 5) for a, b in zip(outputs[True], outputs[False])]
     return rows
 
