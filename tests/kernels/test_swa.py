@@ -131,8 +131,10 @@ def _packed_starts(T: int, boundaries: list[int]) -> torch.Tensor:
 
 
 # row 1: two documents (30 and 370 tokens); or documents of 1, 2 and 3 tokens (shorter than the sinks) between long
-# ones across blocks
-LAYOUTS = {"one document": [], "two documents": [30], "short documents": [130, 131, 133, 136, 200, 300]}
+# ones across blocks; or 50 documents in the first block (more than the copies of 3 or 4 sinks have room for: the
+# later ones keep their sinks in place)
+LAYOUTS = {"one document": [], "two documents": [30], "short documents": [130, 131, 133, 136, 200, 300],
+           "crowded block": list(range(2, 100, 2))}
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -159,18 +161,18 @@ def test_flex_copied_sinks_match_dense(window, sinks, layout):
 
 
 def test_flex_copied_sinks_fall_back_to_sinks_in_place():
-    """Sinks that a query block's copies have no room for stay in place: more documents in one query block than
-    128 // 4 sinks = 32, or more sinks than 128 (one document per row)."""
+    """More sinks than a block of copies has room for (130 > 128): the sinks stay in place, one document per row
+    and packed."""
     from xlstm_distill.kernels.flex import causal_swa_block_mask, swa_block_mask, swa_sinks_flex
 
     q, k, v = _qkv(T=400)
-    doc_start = _packed_starts(400, list(range(2, 80, 2)))  # 39 documents of 2 tokens in the first block
-    for mask, sinks, starts in ((swa_block_mask(doc_start, 16, 4, copy_sinks=True), 4, doc_start),
-                                (causal_swa_block_mask(400, 16, 130, torch.device("cpu"), copy_sinks=True), 130,
-                                 torch.zeros_like(doc_start))):
+    doc_start = _packed_starts(400, [300])
+    for mask, starts in ((swa_block_mask(doc_start, 16, 130, copy_sinks=True), doc_start),
+                         (causal_swa_block_mask(400, 16, 130, torch.device("cpu"), copy_sinks=True),
+                          torch.zeros_like(doc_start))):
         assert mask.sink_pos is None and mask.row_sinks == 0 and mask.block_mask.shape[-1] == 400
         out = swa_sinks_flex(q, k, v, mask, 0.3)
-        torch.testing.assert_close(out, dense_reference(q, k, v, starts, 16, sinks, 0.3), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out, dense_reference(q, k, v, starts, 16, 130, 0.3), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -10,8 +10,8 @@ inside the window and the document's first ``num_sinks`` tokens. Two masks of th
   Every key block then has a few query blocks, and the copies' gradients flow back to the sinks through the copy.
   The copies follow the T keys directly: for T not a multiple of 128 they straddle key blocks (still seen by their
   own query block only). Cost: keys and values of T + 128 * ceil(T / 128) tokens, kept for the backward (about twice
-  the SWA branch's K/V activations). Packed documents need a device-to-host read per forward (whether a block holds
-  more documents than its copies have room for, 128 // num_sinks; then the sinks stay in place).
+  the SWA branch's K/V activations). A query block has room for the sinks of 128 // num_sinks documents; the
+  sinks of any further document that starts in it stay in place, inside that block (no host read decides it).
 The mask depends on the documents of the batch, so it is built once per forward and shared by every layer (``mask``
 argument).
 """
@@ -46,10 +46,11 @@ def _num_blocks(T: int) -> int:
     return -(-T // BLOCK)
 
 
-def _sink_copies(doc_start: torch.Tensor, num_sinks: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """For each query block, a key block of copies of the sinks of its documents (at most BLOCK // num_sinks
-    documents start in or run into one block; else None: sinks in place). Returns each copy's source position and
-    document start, (B, NB * BLOCK) each, -1 on unused slots."""
+def _sink_copies(doc_start: torch.Tensor, num_sinks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For each query block, a key block of copies of the sinks of its first BLOCK // num_sinks documents. Returns
+    each copy's source position and document start, (B, NB * BLOCK) each, -1 on unused slots, and which tokens'
+    documents got no copies (B, T) (a later document of a crowded block: it starts in the block, so its sinks stay
+    in place there)."""
     B, T = doc_start.shape
     NB = _num_blocks(T)
     starts = torch.cat([doc_start, doc_start[:, -1:].expand(B, NB * BLOCK - T)], 1).view(B, NB, BLOCK)
@@ -57,10 +58,9 @@ def _sink_copies(doc_start: torch.Tensor, num_sinks: int) -> tuple[torch.Tensor,
     new_doc[..., 1:] = starts[..., 1:] != starts[..., :-1]  # the block's first token and each document start in it
     rank = new_doc.cumsum(-1) - 1  # (B, NB, BLOCK) the token's document's index within the block
     per_block = BLOCK // num_sinks
-    if int(rank[..., -1].max()) >= per_block:
-        return None
+    in_place = rank >= per_block
     docs = starts.new_full((B, NB, per_block + 1), -1)  # the last column takes the writes of the other tokens
-    docs.scatter_(-1, torch.where(new_doc, rank, per_block), starts)
+    docs.scatter_(-1, torch.where(new_doc & ~in_place, rank, per_block), starts)
     docs = docs[..., :per_block, None].expand(B, NB, per_block, num_sinks)  # (B, NB, documents, S)
     pos = docs + torch.arange(num_sinks, device=doc_start.device)
     own = pos.clamp(0, T - 1)
@@ -68,7 +68,7 @@ def _sink_copies(doc_start: torch.Tensor, num_sinks: int) -> tuple[torch.Tensor,
     pad = (0, BLOCK - per_block * num_sinks)  # has fewer sinks
     pos, docs = (torch.nn.functional.pad(torch.where(valid, x, -1).flatten(2), pad, value=-1).flatten(1)
                  for x in (pos, docs))
-    return pos, docs
+    return pos, docs, in_place.flatten(1)[:, :T]
 
 
 def _swa_mask(window: int, num_sinks: int, T: int, device: torch.device, doc_start: torch.Tensor | None,
@@ -76,8 +76,10 @@ def _swa_mask(window: int, num_sinks: int, T: int, device: torch.device, doc_sta
     """Causal, same document, inside the window or a sink (in place, or copied: ``copy_sinks``). ``doc_start``
     (B, T): each token's document start; None: every row is one document starting at 0 (the block mask then does
     not depend on the batch row, and its mask is arithmetic: no lookups in FlexAttention's inner loop)."""
-    copies = _sink_copies(doc_start, num_sinks) if copy_sinks and num_sinks and doc_start is not None else None
-    row_sinks = min(num_sinks, T) if copy_sinks and doc_start is None and num_sinks <= BLOCK else 0  # else in place
+    copy_sinks = copy_sinks and 0 < num_sinks <= BLOCK  # else in place
+    copies = _sink_copies(doc_start, num_sinks) if copy_sinks and doc_start is not None else None
+    sink_pos, sink_doc, sinks_in_place = copies or (None, None, None)
+    row_sinks = min(num_sinks, T) if copy_sinks and doc_start is None else 0
 
     def in_place(b, h, q_idx, kv_idx):
         if doc_start is None:  # constants: the CPU's compiled FlexAttention fails on captured tensors here
@@ -95,10 +97,12 @@ def _swa_mask(window: int, num_sinks: int, T: int, device: torch.device, doc_sta
 
     def document_copies(b, h, q_idx, kv_idx):
         start, slot, token = doc_start[b, q_idx], (kv_idx - T).clamp(min=0), kv_idx.clamp(max=T - 1)
-        in_window = (kv_idx <= q_idx) & (doc_start[b, token] == start) & (q_idx - kv_idx < window)
-        pos, doc = copies[0][b, slot], copies[1][b, slot]
-        sink = (slot // BLOCK == q_idx // BLOCK) & (pos >= 0) & (pos <= q_idx) & (doc == start)
-        return torch.where(kv_idx < T, in_window & (kv_idx - start >= num_sinks), sink)
+        near, is_sink = q_idx - kv_idx < window, kv_idx - start < num_sinks
+        in_doc = (kv_idx <= q_idx) & (doc_start[b, token] == start)
+        in_doc = in_doc & torch.where(sinks_in_place[b, q_idx], near | is_sink, near & ~is_sink)  # or copied
+        pos, doc = sink_pos[b, slot], sink_doc[b, slot]
+        copy = (slot // BLOCK == q_idx // BLOCK) & (pos >= 0) & (pos <= q_idx) & (doc == start)
+        return torch.where(kv_idx < T, in_doc, copy)
 
     mask_mod, keys = in_place, T
     if row_sinks or copies is not None:
@@ -108,7 +112,7 @@ def _swa_mask(window: int, num_sinks: int, T: int, device: torch.device, doc_sta
     with many_variants():
         block_mask = create_block_mask(mask_mod, B, None, T, keys, device=device, BLOCK_SIZE=BLOCK,
                                        _compile=device.type == "cuda")
-    return SWAMask(block_mask, row_sinks, None if copies is None else copies[0])
+    return SWAMask(block_mask, row_sinks, sink_pos)
 
 
 def swa_block_mask(doc_start: torch.Tensor, window: int, num_sinks: int, copy_sinks: bool = False) -> SWAMask:
