@@ -5,6 +5,8 @@ bf16 autocast as the stages train on CUDA.
     python benchmarks/gpu_check.py --out $OUT
     python benchmarks/gpu_check.py --out $OUT --memory-branch both   # the steps with the memory branch eager, then
                                                                      # through torch.compile (the default)
+    python benchmarks/gpu_check.py --out $OUT --sinks compare   # FlexAttention's sinks copied for rows of one document
+                                                                # (the default), for all rows, for none
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def kernel_checks() -> dict:
     return out
 
 
-def step_timing(batch_size: int, seq_len: int) -> dict:
+def step_timing(batch_size: int, seq_len: int, steps: int = 3) -> dict:
     torch.manual_seed(0)
     teacher = AutoModelForCausalLM.from_config(SMOLLM2).cuda().eval()
     for p in teacher.parameters():
@@ -66,19 +68,19 @@ def step_timing(batch_size: int, seq_len: int) -> dict:
     for name, step in (("stage1", make_align_step(student, teacher, torch.bfloat16)),):
         step(batch, 1.0)
         torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); t = time.perf_counter()
-        for _ in range(3):
+        for _ in range(steps):
             step(batch, 1.0)
         torch.cuda.synchronize()
-        res[name] = {"s_per_step": (time.perf_counter() - t) / 3, "peak_gb": torch.cuda.max_memory_allocated() / 2**30}
+        res[name] = {"s_per_step": (time.perf_counter() - t) / steps, "peak_gb": torch.cuda.max_memory_allocated() / 2**30}
     model = set_stage2_trainable(student, "full")
     step = make_distill_step(model, 0.9, 0.1, "renormalize", torch.bfloat16)
     tb = next(iter(OnlineTargets(teacher, [batch], k=256)))
     step(tb, 1.0)
     torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); t = time.perf_counter()
-    for _ in range(3):
+    for _ in range(steps):
         step(tb, 1.0)
     torch.cuda.synchronize()
-    res["stage2"] = {"s_per_step": (time.perf_counter() - t) / 3, "peak_gb": torch.cuda.max_memory_allocated() / 2**30}
+    res["stage2"] = {"s_per_step": (time.perf_counter() - t) / steps, "peak_gb": torch.cuda.max_memory_allocated() / 2**30}
     for r in res.values():
         r["tokens_per_s"] = batch_size * seq_len / r["s_per_step"]
     return res
@@ -89,13 +91,21 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--memory-branch", choices=("compiled", "eager", "both"), default="compiled",
                         help="the student's memory branch through torch.compile (the default), eager, or both in turn")
+    parser.add_argument("--sinks", choices=("rows", "all", "none", "compare"), default="rows",
+                        help="with gradients, FlexAttention's sinks copied per query block for rows of one document "
+                             "(the default; these steps' rows are packed), for all rows, for none, or each in turn")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps of each stage (after one untimed)")
     args = parser.parse_args()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "kernels": kernel_checks()}
-    for mode in ("eager", "compiled") if args.memory_branch == "both" else (args.memory_branch,):
-        attention.COMPILE_MEMORY = mode == "compiled"
-        key = "steps_b16_t1024" if args.memory_branch == "compiled" else f"steps_b16_t1024_{mode}_memory_branch"
-        result[key] = step_timing(16, 1024)
-        print(key, result[key], flush=True)
+    memory = ("eager", "compiled") if args.memory_branch == "both" else (args.memory_branch,)
+    sinks = ("rows", "all", "none") if args.sinks == "compare" else (args.sinks,)
+    for mode in memory:
+        for sink_mode in sinks:
+            attention.COMPILE_MEMORY, attention.COPY_SINKS = mode == "compiled", sink_mode
+            key = "steps_b16_t1024" + (f"_{mode}_memory_branch" if args.memory_branch == "both" else "") + (
+                f"_sinks_copied_{sink_mode}" if args.sinks == "compare" else "")
+            result[key] = step_timing(16, 1024, args.steps)
+            print(key, result[key], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_check.json").write_text(json.dumps(result, indent=2))
     json.dump(result, sys.stdout, indent=1)

@@ -1,7 +1,8 @@
 """The hybrid mixer's two kernels with and without session 9's change, and the whole mixer as of sessions 8-10 (issue 5).
 
 * FlexAttention (SWA + sinks): the sinks in place or copied per query block (kernels/flex.py); outputs and gradients
-  of the two compared.
+  of the two compared; one document per row and packed documents (32 to 2,047 tokens), whose block mask is built
+  per forward (timed too).
 * TFLA (mlstm_kernels): the backward computing the chunk states again, or keeping the forward's.
 * The whole mixer (`HybridAttention.mix`, Llama-3.1-8B heads, window 512, 4 sinks, backend auto) as of session 8
   (both old settings), session 9 (both changes, the memory branch eager) and as shipped (session 10: the memory
@@ -9,6 +10,7 @@
 
     python benchmarks/mixer_parts.py --out DIR     # CUDA only; writes DIR/mixer_parts.json, .md and .png
     python benchmarks/mixer_parts.py --out DIR --replot    # the plot again from DIR/mixer_parts.json
+    python benchmarks/mixer_parts.py --out DIR --parts flex --lengths 8192    # some parts, some lengths
 """
 
 from __future__ import annotations
@@ -72,16 +74,43 @@ def flex_inputs(T: int) -> list[torch.Tensor]:
     return [q, k, v]
 
 
+def packed_starts(T: int) -> torch.Tensor:
+    """(1, T) document starts of packed documents of 32 to 2,047 tokens (uniform, about 1K on average)."""
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(32, 2048, (T // 32,), generator=g)
+    starts = torch.cumsum(lengths, 0) - lengths
+    starts = starts[starts < T]
+    doc = torch.zeros(T, dtype=torch.long)
+    doc[starts] = 1
+    return starts[doc.cumsum(0) - 1].unsqueeze(0).cuda()
+
+
 def flex_rows(T: int) -> list[dict]:
+    """One document per row (the cached mask, then the same through the per-forward mask of packed rows), then packed
+    documents (their mask's build timed too)."""
     inputs = flex_inputs(T)
-    rows, outputs = [], {}
-    for copies in (False, True):
-        mask = flex.causal_swa_block_mask(T, WINDOW, SINKS, inputs[0].device, copy_sinks=copies)
-        attend = functools.partial(flex.swa_sinks_flex, mask=mask, scale=D**-0.5)
-        rows.append({"seq_len": T, "part": "FlexAttention", "variant": "copied sinks" if copies else "sinks in place",
-                     **timings(attend, inputs)})
-        outputs[copies] = outputs_and_grads(attend, inputs)
-    rows[-1]["rel_diff_out_dq_dk_dv"] = [round(_rel(a, b), 5) for a, b in zip(outputs[True], outputs[False])]
+    rows = []
+    doc_start = packed_starts(T)
+    layouts = {"one document": None, "one document, per-forward mask": torch.zeros_like(doc_start),
+               "packed documents": doc_start}
+    for layout, starts in layouts.items():
+        outputs = {}
+        for copies in (False, True):
+            if starts is None:
+                mask = flex.causal_swa_block_mask(T, WINDOW, SINKS, inputs[0].device, copy_sinks=copies)
+            else:
+                build = functools.partial(flex.swa_block_mask, starts, WINDOW, SINKS, copies)
+                mask = build()
+                rows.append({"seq_len": T, "part": "FlexAttention block mask", "variant": f"{layout}, "
+                             f"{'copied sinks' if copies else 'sinks in place'} (once per forward)",
+                             "fwd_ms": 1e3 * time_call(build, repeats=10, warmup=2)})
+            attend = functools.partial(flex.swa_sinks_flex, mask=mask, scale=D**-0.5)
+            variant = "copied sinks" if copies else "sinks in place"
+            rows.append({"seq_len": T, "part": "FlexAttention",
+                         "variant": variant if layout == "one document" else f"{layout}, {variant}",
+                         **timings(attend, inputs)})
+            outputs[copies] = outputs_and_grads(attend, inputs)
+        rows[-1]["rel_diff_out_dq_dk_dv"] = [round(_rel(a, b), 5) for a, b in zip(outputs[True], outputs[False])]
     return rows
 
 
@@ -149,12 +178,12 @@ def plot(rows: list[dict], path: Path) -> None:
 
     lengths = sorted({r["seq_len"] for r in rows})
     bars = max(sum(r["seq_len"] == T for r in rows) for T in lengths)
-    fig, axes = plt.subplots(1, len(lengths), figsize=(6 * len(lengths), max(4, 0.35 * bars)), squeeze=False)
+    fig, axes = plt.subplots(1, len(lengths), figsize=(9 * len(lengths), max(4, 0.45 * bars)), squeeze=False)
     axes = axes[0]
     for ax, T in zip(axes, lengths):
         here = [r for r in rows if r["seq_len"] == T]
         labels = [f"{r['part']}\n{r['variant']}" for r in here]
-        ax.barh(labels, [r["fwd_bwd_ms"] for r in here], color="tab:blue", label="forward + backward")
+        ax.barh(labels, [r.get("fwd_bwd_ms", 0) for r in here], color="tab:blue", label="forward + backward")
         ax.barh(labels, [r["fwd_ms"] for r in here], color="tab:orange", label="forward")
         ax.invert_yaxis()
         ax.set_xlabel("ms (one layer, 32 heads x 128, bf16, batch 1)")
@@ -170,15 +199,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--replot", action="store_true", help="only draw DIR/mixer_parts.png from its JSON")
+    parser.add_argument("--parts", default="flex,tfla,layer", help="which of flex, tfla, layer to time")
+    parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)), help="sequence lengths, comma-separated")
     args = parser.parse_args()
+    parts = {"flex": flex_rows, "tfla": tfla_rows, "layer": layer_rows}
+    chosen = [parts[name] for name in args.parts.split(",")]
     out = args.out
     if args.replot:
         plot(json.loads((out / "mixer_parts.json").read_text())["rows"], out / "mixer_parts.png")
         return
     rows = []
-    for T in LENGTHS:
+    for T in map(int, args.lengths.split(",")):
         torch._dynamo.reset()  # static kernels at each length, as the mixer benchmark
-        for part in (flex_rows, tfla_rows, layer_rows):
+        for part in chosen:
             new = part(T)
             rows += new
             print(*new, sep="\n", flush=True)

@@ -36,6 +36,25 @@ def test_tfla_pads_any_length_for_the_triton_kernel(S):
     assert _rel(out, ref[:, :, 64:]) < TOL[torch.float32]
 
 
+def test_tfla_continues_mixed_row_states_on_the_triton_kernel():
+    """A batch state where row 0 has seen 128 tokens and row 1 none (m = -inf): the Triton kernel continues each
+    row's own state (the empty row as from no state), outputs and final state as the native kernel's."""
+    from xlstm_distill.kernels.mlstm import MLSTMState, empty_state
+    from xlstm_distill.kernels.tfla import mlstm_tfla
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k = (torch.randn(2, 4, 384, 64, device="cuda", generator=g).softmax(-1) for _ in range(2))
+    v = torch.randn(2, 4, 384, 64, device="cuda", generator=g)
+    i, f = torch.randn(2, 4, 384, device="cuda", generator=g), torch.randn(2, 4, 384, device="cuda", generator=g) + 3
+    lf = torch.nn.functional.logsigmoid(f)
+    _, seen = mlstm_chunkwise(*(x[:, :, :128] for x in (q, k, v, i, lf)))
+    state = MLSTMState(*(torch.stack([a[0], b[1]]) for a, b in zip(seen, empty_state(2, 4, 64, 64, "cuda"))))
+    ref, ref_state = mlstm_chunkwise(*(x[:, :, 128:] for x in (q, k, v, i, lf)), state)
+    out, last = mlstm_tfla(*(x[:, :, 128:] for x in (q, k, v, i, f)), state)
+    errors = [_rel(out, ref)] + [_rel(a, b) for a, b in zip(last, ref_state)]
+    assert all(e < TOL[torch.float32] for e in errors), errors
+
+
 def _errors(out, grads, ref, ref_grads) -> dict[str, float]:
     return {"h": _rel(out, ref), **{f"d{n}": _rel(a, b) for n, a, b in zip("qkvif", grads, ref_grads)}}
 
@@ -122,7 +141,8 @@ def test_flex_forward_backward_matches_native(dtype, packed, copy_sinks):
 @pytest.mark.parametrize("packed", [True, False])
 def test_flex_copied_sinks_unaligned_short_documents(packed):
     """Training's mask (copied sinks) at a length that is not a multiple of 128, with documents shorter than the
-    sinks and documents across blocks: forward and backward as the native kernel (bf16)."""
+    sinks, documents across blocks and a block of 50 documents (more than its copies have room for: the later ones
+    keep their sinks in place): forward and backward as the native kernel (bf16)."""
     from xlstm_distill.kernels.flex import causal_swa_block_mask, swa_block_mask, swa_sinks_flex
 
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -131,7 +151,7 @@ def test_flex_copied_sinks_unaligned_short_documents(packed):
     k, v = (torch.randn(B, NKV, T, D, device="cuda", generator=g).bfloat16() for _ in range(2))
     doc_start = torch.zeros(B, T, dtype=torch.long, device="cuda")
     if packed:
-        for start in (130, 131, 133, 136, 300, 777):
+        for start in (130, 131, 133, 136, 300, *range(400, 500, 2), 777):
             doc_start[1, start:] = start
         mask = swa_block_mask(doc_start, 256, 4, copy_sinks=True)
     else:
@@ -199,11 +219,16 @@ def _student_run(model: torch.nn.Module, ids, docs, dtype: torch.dtype, autocast
     return logits.detach().float(), model.model.layers[0].self_attn.q_proj.weight.grad.float()
 
 
+@pytest.mark.parametrize("copy_sinks", ["rows", "all"])
 @pytest.mark.parametrize("mixer", ["mlstm_swa", "linear_swa"])
-def test_student_fast_backend_matches_native_forward_backward(mixer):
+def test_student_fast_backend_matches_native_forward_backward(mixer, copy_sinks, monkeypatch):
     """The whole student on CUDA, bf16: backend='tfla' (TFLA + FlexAttention, the memory branch through
     torch.compile) against backend='native' in float32 (the truth); logits and a q_proj gradient must be within the
-    tolerance or no worse than twice backend='native' in bf16. The second layer must not compile again."""
+    tolerance or no worse than twice backend='native' in bf16. The second layer must not compile again. The rows are
+    packed: FlexAttention's sinks in place (the default, "rows") or copied per query block ("all")."""
+    from xlstm_distill.modeling import attention
+
+    monkeypatch.setattr(attention, "COPY_SINKS", copy_sinks)
     native, fast, ids, docs = _student_pair(mixer)
     truth = _student_run(native, ids, docs, torch.float32)
     native_bf16 = _student_run(native, ids, docs, torch.bfloat16)

@@ -27,6 +27,10 @@ OUTPUT_GATE_BIAS = -3.0
 # On CUDA the memory branch and the mix run through torch.compile around the TFLA kernel (``memory_and_mix``), also
 # under autocast (the stages' default); False: eagerly (the benchmarks compare both).
 COMPILE_MEMORY = True
+# With gradients, FlexAttention reads the sinks from copies per query block (kernels/flex.py) where that measured
+# faster: "rows" (rows of one document; packed documents keep them in place, docs/decisions.md), "all" (packed too),
+# "none" (the benchmarks compare them).
+COPY_SINKS = "rows"
 
 
 class FeatureMap(nn.Module):
@@ -194,7 +198,8 @@ class HybridAttention(nn.Module):
             out = swa_sinks_attention_cached(q, layout.position, keys, values, key_pos, self.window, self.num_sinks, self.scaling)
         elif self._use_flex(q) and (q.is_cuda or not torch.is_grad_enabled()):  # no FlexAttention backward on CPU
             # with gradients the sinks are copied per query block (FlexAttention's backward; kernels/flex.py)
-            copies = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+            copies = COPY_SINKS == "all" or COPY_SINKS == "rows" and layout.single_document
+            copies = copies and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
             key = "block_mask_copies" if copies else "block_mask"
             if key not in layout.derived:
                 if layout.single_document:  # same mask for every row and every forward of this length
