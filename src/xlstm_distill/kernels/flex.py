@@ -5,8 +5,9 @@ inside the window and the document's first ``num_sinks`` tokens. Two masks of th
 - sinks in place: every query block also sees the key block holding its document's sinks. FlexAttention's backward
   computes a key block's gradient in one program per head, walking every query block that sees it; the sinks'
   block is seen by all of them, so that one program took most of the backward (docs/decisions.md);
-- copied sinks (for training, ``copy_sinks=True``): keys and values get one more key block per query block of 128
-  tokens, holding copies of the sinks of the documents in that query block, and only that query block sees it.
+- copied sinks (``copy_sinks=True``; training on rows of one document): keys and values get one more key block per
+  query block of 128 tokens, holding copies of the sinks of the documents in that query block, and only that query
+  block sees it.
   Every key block then has a few query blocks, and the copies' gradients flow back to the sinks through the copy.
   The copies follow the T keys directly: for T not a multiple of 128 they straddle key blocks (still seen by their
   own query block only). Cost: keys and values of T + 128 * ceil(T / 128) tokens, kept for the backward (about twice

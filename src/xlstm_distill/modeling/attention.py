@@ -197,7 +197,7 @@ class HybridAttention(nn.Module):
             key_pos = torch.cat([layout.cached_key_pos, layout.position], dim=1)  # (B, S + W + T)
             out = swa_sinks_attention_cached(q, layout.position, keys, values, key_pos, self.window, self.num_sinks, self.scaling)
         elif self._use_flex(q) and (q.is_cuda or not torch.is_grad_enabled()):  # no FlexAttention backward on CPU
-            # with gradients the sinks are copied per query block (FlexAttention's backward; kernels/flex.py)
+            # with gradients, rows of one document read their sinks from copies per query block (COPY_SINKS)
             copies = COPY_SINKS == "all" or COPY_SINKS == "rows" and layout.single_document
             copies = copies and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
             key = "block_mask_copies" if copies else "block_mask"
