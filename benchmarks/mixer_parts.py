@@ -96,16 +96,16 @@ def flex_rows(T: int) -> list[dict]:
     for layout, starts in layouts.items():
         outputs = {}
         for copies in (False, True):
+            variant = "copied sinks" if copies else "sinks in place"
             if starts is None:
                 mask = flex.causal_swa_block_mask(T, WINDOW, SINKS, inputs[0].device, copy_sinks=copies)
             else:
                 build = functools.partial(flex.swa_block_mask, starts, WINDOW, SINKS, copies)
                 mask = build()
-                rows.append({"seq_len": T, "part": "FlexAttention block mask", "variant": f"{layout}, "
-                             f"{'copied sinks' if copies else 'sinks in place'} (once per forward)",
+                rows.append({"seq_len": T, "part": "FlexAttention block mask",
+                             "variant": f"{layout}, {variant} (once per forward)",
                              "fwd_ms": 1e3 * time_call(build, repeats=10, warmup=2)})
             attend = functools.partial(flex.swa_sinks_flex, mask=mask, scale=D**-0.5)
-            variant = "copied sinks" if copies else "sinks in place"
             rows.append({"seq_len": T, "part": "FlexAttention",
                          "variant": variant if layout == "one document" else f"{layout}, {variant}",
                          **timings(attend, inputs)})
