@@ -55,6 +55,26 @@ def test_tfla_continues_mixed_row_states_on_the_triton_kernel():
     assert all(e < TOL[torch.float32] for e in errors), errors
 
 
+def test_tfla_compiles_with_fullgraph_on_the_triton_kernel():
+    """torch.compile(fullgraph=True) through the adapter on CUDA (bf16, kept chunk states, exact gradient, a
+    state): the custom operators' fake shapes match the Triton kernel's, and outputs and gradients are eager's."""
+    from xlstm_distill.kernels.tfla import mlstm_tfla
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k = (torch.randn(2, 4, 640, 64, device="cuda", generator=g).softmax(-1).bfloat16() for _ in range(2))
+    v = torch.randn(2, 4, 640, 64, device="cuda", generator=g).bfloat16()
+    i, f = torch.randn(2, 4, 640, device="cuda", generator=g), torch.randn(2, 4, 640, device="cuda", generator=g) + 3
+    _, state = mlstm_tfla(*(x[:, :, :128] for x in (q, k, v, i, f)))
+
+    def adapter(*x):
+        return mlstm_tfla(*x, state, chunk_size=128)[0]
+
+    inputs = [x[:, :, 128:] for x in (q, k, v, i, f)]
+    eager, compiled = _grads(adapter, inputs), _grads(torch.compile(adapter, fullgraph=True), inputs)
+    errors = _errors(*compiled, *eager)
+    assert all(e < 1e-2 for e in errors.values()), errors
+
+
 def _errors(out, grads, ref, ref_grads) -> dict[str, float]:
     return {"h": _rel(out, ref), **{f"d{n}": _rel(a, b) for n, a, b in zip("qkvif", grads, ref_grads)}}
 
@@ -241,6 +261,25 @@ def test_student_fast_backend_matches_native_forward_backward(mixer, copy_sinks,
     print(mixer, errors)
     assert fast_out < max(TOL[torch.bfloat16], 2 * native_out), errors
     assert fast_grad < max(5 * TOL[torch.bfloat16], 2 * native_grad), errors
+
+
+def test_student_compiles_as_one_graph_on_cuda():
+    """A user's torch.compile(model, fullgraph=True) (inductor) of the student on the fast backend: no graph break
+    (TFLA's custom operators, FlexAttention traced in), and a bf16 training step's logits and q_proj gradient no
+    further from the float32 native truth than twice the eager bf16 step (or the bf16 tolerance)."""
+    native, fast, ids, docs = _student_pair("mlstm_swa")
+    truth = _student_run(native, ids, docs, torch.float32)
+    eager = _student_run(fast, ids, docs, torch.bfloat16)
+    torch._dynamo.reset()
+    compiled = torch.compile(fast, fullgraph=True)
+    fast.zero_grad()
+    logits = compiled(ids, document_ids=docs).logits
+    logits.float().logsumexp(-1).mean().backward()
+    result = (logits.detach().float(), fast.model.layers[0].self_attn.q_proj.weight.grad.float())
+    errors = {name: [_rel(a, b) for a, b in zip(got, truth)] for name, got in (("compiled", result), ("eager", eager))}
+    print(errors)
+    for got, reference in zip(errors["compiled"], errors["eager"]):
+        assert got < max(TOL[torch.bfloat16], 2 * reference), errors
 
 
 def test_compiled_memory_branch_under_autocast_matches_eager(monkeypatch):

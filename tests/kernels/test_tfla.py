@@ -210,16 +210,9 @@ def test_long_inputs_run_in_groups_of_heads(monkeypatch):
         grads = torch.autograd.grad(out.square().sum(), (q, k, v, i, f))
         return out, last, grads
 
-    import mlstm_kernels.torch
-
     calls = []
-    get_kernel = mlstm_kernels.torch.get_mlstm_kernel
-
-    def counting(name):
-        kernel = get_kernel(name)
-        return lambda *args, **kwargs: calls.append(args[0].shape[:2]) or kernel(*args, **kwargs)
-
-    monkeypatch.setattr(mlstm_kernels.torch, "get_mlstm_kernel", counting)
+    call = tfla._call
+    monkeypatch.setattr(tfla, "_call", lambda args, *rest: calls.append(args[0].shape[:2]) or call(args, *rest))
     whole = run()
     assert calls == [(2, 3)]
     monkeypatch.setattr(tfla, "MAX_GRID_Z", 8)  # 64 / 16 = 4 chunks -> 2 rows per call
@@ -262,3 +255,46 @@ def test_cuda_length_rule_compiles_once_for_short_and_once_for_long_inputs():
             out = padded(torch.zeros(S))
         length, chunk = out.shape[-1], tfla.kernel_layout(S, 64, cuda=True)[0]
         assert length >= S and (length in (16, 32, 64) or (length % 128 == 0 and length % chunk == 0)), S
+
+
+@pytest.mark.parametrize("with_state", [False, True])
+def test_kernel_ops_pass_opcheck(with_state):
+    """The kernel's forward and backward as custom operators: schema, fake tensors (the shapes and strides
+    torch.compile traces with) and the autograd registration that pairs them, checked by torch.library.opcheck; the
+    gates are strided views, as the model passes them."""
+    q, k, v, i, f = _inputs(64)
+    i, f = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (i, f))  # (B, NH, S) with stride 1 over NH
+    q, k, v, i, f = (x.requires_grad_() for x in (q, k, v, i, f))
+    initial = [None, None, None]
+    if with_state:
+        _, state = mlstm_tfla(*(x[:, :, :16].detach() for x in (q, k, v, i, f)), chunk_size=16)
+        initial = [state.C, state.n, state.m.unsqueeze(-1)]
+    inputs = (q, k, v, i, f, *initial)
+    torch.library.opcheck(torch.ops.xlstm_distill.tfla_forward.default, (*inputs, 16, False))
+    with torch.no_grad():
+        h, n_out, m_out, C = torch.ops.xlstm_distill.tfla_forward(*inputs, 16, False)[:4]
+    dh = torch.randn(h.shape, generator=torch.Generator().manual_seed(1)).transpose(0, 1).contiguous().transpose(0, 1)
+    empty = q.new_empty(0)
+    backward = (dh, torch.zeros_like(C), *(x.detach() if x is not None else None for x in inputs), empty, empty,
+                empty, n_out, m_out, 16)
+    torch.library.opcheck(torch.ops.xlstm_distill.tfla_backward.default, backward)
+
+
+def test_tfla_compiles_with_fullgraph():
+    """torch.compile(fullgraph=True) through the adapter (the kernel is an opaque custom operator, no graph break):
+    outputs, final state and gradients as eager, with the exact gradient's extra value column and a state."""
+    q, k, v, i, f = _inputs(100)
+    _, state = mlstm_tfla(*(x[:, :, :16] for x in (q, k, v, i, f)), chunk_size=16)
+
+    def run(fn):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v, i, f)]
+        out, last = fn(*leaves)
+        return out, last, torch.autograd.grad(out.square().sum(), leaves)
+
+    def adapter(*x):
+        return mlstm_tfla(*x, state, chunk_size=32)
+
+    eager, compiled = run(adapter), run(torch.compile(adapter, fullgraph=True))
+    torch.testing.assert_close(compiled[0], eager[0])
+    for a, b in zip((*compiled[1], *compiled[2]), (*eager[1], *eager[2])):  # fused element-wise work: float32
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)                # rounding (seen: 1.8e-5)

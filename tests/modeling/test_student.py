@@ -233,3 +233,29 @@ def test_bad_forward_inputs_are_refused():
         student(ids, document_ids=torch.zeros(2, 5, dtype=torch.long))
     with pytest.raises(ValueError, match="exactly one of input_ids or inputs_embeds"):
         student()
+
+
+def test_student_compiles_as_one_graph_with_the_eager_results():
+    """A user's torch.compile(model, fullgraph=True) of the student (backend 'tfla': the TFLA kernel as custom
+    operators, FlexAttention without gradients): no graph break, and the logits (packed documents too) and a training
+    step's gradients equal eager's. CPU, backend aot_eager: dynamo's graph, the operators' fake shapes and strides and
+    AOT autograd are checked; inductor's kernels run in the CUDA tests."""
+    torch._dynamo.reset()
+    teacher = tiny_teacher(hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
+    model = xd.convert(teacher, xd.HybridConfig(mixer="mlstm_swa", window_size=16, num_sink_tokens=2, backend="tfla"))
+    perturb_new_parameters(model)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    ids = torch.randint(3, 100, (2, 48), generator=torch.Generator().manual_seed(0))
+    docs = torch.zeros_like(ids)
+    docs[1, 20:] = 1
+    with torch.no_grad():
+        for kwargs in ({}, {"document_ids": docs}):
+            torch.testing.assert_close(compiled(ids, **kwargs).logits, model(ids, **kwargs).logits)
+    grads = []
+    for fn in (model, compiled):
+        model.zero_grad()
+        fn(ids, document_ids=docs).logits.logsumexp(-1).mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    assert len(grads[0]) == len(grads[1]) > 0
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)

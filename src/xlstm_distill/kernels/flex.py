@@ -109,10 +109,11 @@ def _swa_mask(window: int, num_sinks: int, T: int, device: torch.device, doc_sta
     if row_sinks or copies is not None:
         mask_mod, keys = (row_copies if row_sinks else document_copies), T + _num_blocks(T) * BLOCK
     B = None if doc_start is None else doc_start.shape[0]
-    # compiled on CUDA: eager evaluation materializes all T x T mask values (hopeless at 64K+)
+    # compiled on CUDA: eager evaluation materializes all T x T mask values (hopeless at 64K+); inside a model that
+    # its user compiles, traced with it
     with many_variants():
         block_mask = create_block_mask(mask_mod, B, None, T, keys, device=device, BLOCK_SIZE=BLOCK,
-                                       _compile=device.type == "cuda")
+                                       _compile=device.type == "cuda" and not torch.compiler.is_compiling())
     return SWAMask(block_mask, row_sinks, sink_pos)
 
 
@@ -177,6 +178,8 @@ def swa_sinks_flex(
 ) -> torch.Tensor:
     """Returns (B, NH, T, DV) in the dtype of v. ``compiled``: through torch.compile (default: on CUDA; on CPU it
     compiles too, forward only, which the tests use to check the compiled path's variants)."""
+    if torch.compiler.is_compiling():  # traced into a model that its user compiles
+        return _attend(q, k, v, mask, scale, _KERNEL_OPTIONS)
     if q.is_cuda if compiled is None else compiled:
         with many_variants():
             return _compiled()(q, k, v, mask, scale, _KERNEL_OPTIONS)

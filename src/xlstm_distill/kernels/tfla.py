@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from typing import Optional
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -172,15 +173,141 @@ class _NormalizerGradient(torch.autograd.Function):
         return torch.cat([du, dw.to(du.dtype)], -1), None
 
 
-@torch.compiler.disable  # the kernel as it is; torch.compile (attention.memory_and_mix) fuses the work around it
 def _call(args: tuple[torch.Tensor, ...], initial: tuple[torch.Tensor, ...], chunk: int, keep_states: bool):
     """One kernel call: h (B, NH, S, DHV) and the last (C, n, m) with m as (B, NH). ``keep_states``: the forward's
-    chunk states are kept for the backward (CUDA; the CPU kernel always recomputes them)."""
-    from mlstm_kernels.torch import get_mlstm_kernel
-
-    kernel = get_mlstm_kernel(CUDA_KERNEL if args[0].is_cuda else CPU_KERNEL)
-    states = {} if not initial else dict(c_initial=initial[0], n_initial=initial[1], m_initial=initial[2].unsqueeze(-1))
-    if args[0].is_cuda:
-        states.update(CUDA_KERNEL_PARAMS, recompute_states_in_bw=not keep_states)
-    h, (C, n, m) = kernel(*args, return_last_states=True, chunk_size=chunk, eps=mlstm.EPS, **states)
+    chunk states are kept for the backward (CUDA; the CPU kernel always recomputes them). Under autocast q, k, v go
+    in as bf16 (what mlstm_kernels' own autograd function does; the gates stay float32)."""
+    q, k, v, i, f = args
+    if q.is_cuda and torch.is_autocast_enabled("cuda"):
+        q, k, v = (x.to(torch.bfloat16) for x in (q, k, v))
+    c0, n0, m0 = initial or (None, None, None)
+    out = torch.ops.xlstm_distill.tfla_forward(q, k, v, i, f, c0, n0, None if m0 is None else m0.unsqueeze(-1), chunk,
+                                               keep_states and q.is_cuda)
+    h, C, n, m = out[0], *out[3:6]
     return h, (C, n, m.squeeze(-1))
+
+
+def _same_dispatch_keys():
+    """mlstm_kernels compiles its gate helpers with torch.compile, and dynamo guards on the dispatch keys its inputs
+    carry. A custom operator with gradients runs below ADInplaceOrView (as autograd.Function.apply does), without
+    gradients (the backward operator, inference) above it: the helpers compiled again between forward and backward.
+    Both operators run their kernels below it."""
+    return torch._C._AutoDispatchBelowADInplaceOrView()
+
+
+# mlstm_kernels' chunkwise forward and backward as two custom operators (Triton TFLA on CUDA, its PyTorch twin on
+# CPU): torch.compile sees them as single ops with known output shapes (no graph break, also with fullgraph=True),
+# and the autograd registration below pairs them as mlstm_kernels' own autograd function does.
+@torch.library.custom_op("xlstm_distill::tfla_forward", mutates_args=())
+def _forward(
+    q: torch.Tensor,  # (B, NH, S, DHQK), already multiplied by DHQK^0.5
+    k: torch.Tensor,  # (B, NH, S, DHQK)
+    v: torch.Tensor,  # (B, NH, S, DHV)
+    i: torch.Tensor,  # (B, NH, S) float32
+    f: torch.Tensor,  # (B, NH, S) float32 forget gate pre-activations
+    c0: Optional[torch.Tensor],  # (B, NH, DHQK, DHV)
+    n0: Optional[torch.Tensor],  # (B, NH, DHQK)
+    m0: Optional[torch.Tensor],  # (B, NH, 1)
+    chunk: int,
+    keep_states: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor, torch.Tensor]:
+    """h (B, NH, S, DHV) in q's dtype; the per-token n and m that the backward reads (B, NH, S); the last C, n, m
+    (float32, m as (B, NH, 1)); the chunk states for the backward (float32; empty unless ``keep_states``)."""
+    q, k, v, i, f = (x.contiguous() for x in (q, k, v, i, f))
+    common = dict(matC_initial=c0, vecN_initial=n0, scaM_initial=m0, qk_scale=q.shape[-1] ** -0.5,
+                  return_last_states=True, chunk_size=chunk, eps=mlstm.EPS)
+    if q.is_cuda:
+        from mlstm_kernels.torch.chunkwise.triton_xl_chunk.fw import mlstm_chunkwise_fw
+
+        with _same_dispatch_keys():
+            h, n_out, m_out, last, kept = mlstm_chunkwise_fw(q, k, v, i, f, **common, return_all_states=keep_states,
+                                                             output_dtype=q.dtype, **CUDA_KERNEL_PARAMS)
+    else:
+        from mlstm_kernels.torch.chunkwise.native.fw import mlstm_chunkwise_fw
+
+        h, n_out, m_out, last, kept = mlstm_chunkwise_fw(q, k, v, i, f, **common)
+        n_out, m_out = n_out.float(), m_out.float()
+    kept = kept or tuple(q.new_empty(0, dtype=torch.float32) for _ in range(3))  # outputs may not alias
+    return (h.to(q.dtype).contiguous(), n_out.contiguous(), m_out.contiguous(),  # the fake's strides
+            *(x.float().contiguous() for x in last), *kept)
+
+
+@_forward.register_fake
+def _(q, k, v, i, f, c0, n0, m0, chunk, keep_states):
+    B, NH, S, DHQK = q.shape
+    f32 = dict(dtype=torch.float32, device=q.device)
+    per_token = q.new_empty(B, NH, S, dtype=q.dtype if q.is_cuda else torch.float32)
+    if keep_states:  # mlstm_kernels' rule: a state after each inter-chunk, saved every n-th one, and the initial one
+        from mlstm_kernels.triton.chunkwise.kernel_param_heuristics import get_xl_chunk_kernel_params
+
+        sizes = {key: CUDA_KERNEL_PARAMS[key] for key in ("chunk_size_inter", "chunk_size_intra", "siz_b_L_parallel",
+                                                          "siz_b_L_loop") if key in CUDA_KERNEL_PARAMS}
+        params = get_xl_chunk_kernel_params(sequence_length=S, target_chunk_size=chunk, **sizes)
+        saved = S // params.chunk_size_inter // params.save_states_every_nth_chunk + 1
+        kept = (q.new_empty(B, NH, saved * DHQK, v.shape[-1], **f32), q.new_empty(B, NH, saved * DHQK, **f32),
+                q.new_empty(B, NH, saved, **f32))
+    else:
+        kept = tuple(q.new_empty(0, **f32) for _ in range(3))
+    return (q.new_empty(B, NH, S, v.shape[-1]), per_token, per_token.clone(), q.new_empty(B, NH, DHQK, v.shape[-1], **f32),
+            q.new_empty(B, NH, DHQK, **f32), q.new_empty(B, NH, 1, **f32), *kept)
+
+
+@torch.library.custom_op("xlstm_distill::tfla_backward", mutates_args=())
+def _backward(
+    dh: torch.Tensor,  # (B, NH, S, DHV)
+    dC: torch.Tensor,  # (B, NH, DHQK, DHV) gradient of the last C
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor,
+    c0: Optional[torch.Tensor], n0: Optional[torch.Tensor], m0: Optional[torch.Tensor],
+    C_all: torch.Tensor, n_all: torch.Tensor, m_all: torch.Tensor,  # the forward's chunk states (empty: recompute)
+    n_out: torch.Tensor, m_out: torch.Tensor,  # (B, NH, S)
+    chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor]:
+    """Gradients of q, k, v, i, f (their dtypes) and of the initial C, n, m (empty without an initial state)."""
+    kept = (C_all, n_all, m_all) if C_all.numel() else (None, None, None)
+    dh = dh.contiguous()
+    scale = q.shape[-1] ** -0.5
+    if q.is_cuda:
+        from mlstm_kernels.torch.chunkwise.triton_xl_chunk.bw import mlstm_chunkwise_bw
+
+        with _same_dispatch_keys():
+            grads = mlstm_chunkwise_bw(q, k, v, i, f, c0, n0, m0, *kept, vecN_out=n_out, vecM_out=m_out,
+                                       matDeltaH_out=dh, matDeltaC_last=dC, qk_scale=scale, chunk_size=chunk,
+                                       eps=mlstm.EPS, **CUDA_KERNEL_PARAMS)
+    else:
+        from mlstm_kernels.torch.chunkwise.native.bw import mlstm_chunkwise_bw
+
+        grads = mlstm_chunkwise_bw(q, k, v, i, f, c0, n0, m0, *kept, vecN_out=n_out, vecM_out=m_out, matDeltaH=dh,
+                                   matDeltaC_last=dC, qk_scale=scale, CHUNK_SIZE=chunk, EPS=mlstm.EPS)
+    inputs = (q, k, v, i, f, c0, n0, m0)
+    return tuple(q.new_empty(0) if x is None or g is None else g.to(x.dtype).reshape(x.shape).contiguous()
+                 for g, x in zip(grads, inputs))
+
+
+@_backward.register_fake
+def _(dh, dC, q, k, v, i, f, c0, n0, m0, C_all, n_all, m_all, n_out, m_out, chunk):
+    return tuple(q.new_empty(0) if x is None else x.new_empty(x.shape) for x in (q, k, v, i, f, c0, n0, m0))
+
+
+def _setup_backward(ctx, inputs, output) -> None:
+    q, k, v, i, f, c0, n0, m0, chunk, _ = inputs
+    _, n_out, m_out, C, _, _, C_all, n_all, m_all = output
+    ctx.save_for_backward(q, k, v, i, f, c0, n0, m0, C_all, n_all, m_all, n_out, m_out, C)
+    ctx.chunk = chunk
+
+
+def _differentiate(ctx, dh, _n_out, _m_out, dC, *_):
+    *saved, C = ctx.saved_tensors
+    dC = torch.zeros_like(C) if dC is None else dC
+    grads = torch.ops.xlstm_distill.tfla_backward(dh, dC, *saved, ctx.chunk)
+    has_state = saved[5] is not None
+    return (*grads[:5], *(grads[5:] if has_state else (None,) * 3), None, None)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("The TFLA kernel's backward is first-order only (mlstm_kernels has no second derivative).")
+
+
+_forward.register_autograd(_differentiate, setup_context=_setup_backward)
+_backward.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
