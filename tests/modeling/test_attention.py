@@ -31,7 +31,7 @@ def _run(fn, inputs: list) -> list[torch.Tensor]:
 
 
 def test_compiled_memory_and_mix_matches_eager_and_compiles_once_for_all_layers():
-    """Through torch.compile (graph break at the TFLA kernel, here mlstm_kernels' PyTorch twin) the output, the final
+    """Through torch.compile (the TFLA kernel a custom operator, here mlstm_kernels' PyTorch twin) the output, the final
     state and all gradients equal the eager function's; a second layer (other weights, same shapes) reuses the
     compiled graphs (a recompile per layer would run past dynamo's recompile limit in a 32-layer model)."""
     torch._dynamo.reset()

@@ -289,9 +289,10 @@ def memory_and_mix(
 
 @functools.cache
 def _compiled_memory_and_mix():
-    """``memory_and_mix`` through torch.compile: the TFLA kernel itself stays as it is (``tfla._call`` is not traced);
-    the feature maps, GQA repeat, gate and mix work before and after it become a few fused kernels, forward and
-    backward. Static shapes for the first length, a symbolic length from the second (as FlexAttention, kernels/flex.py)."""
+    """``memory_and_mix`` through torch.compile: the TFLA kernel is one custom operator in the graph (the Triton
+    kernels as they are); the feature maps, GQA repeat, gate and mix work around it become a few fused kernels,
+    forward and backward. Static shapes for the first length, a symbolic length from the second (as FlexAttention,
+    kernels/flex.py)."""
     return torch.compile(memory_and_mix, dynamic=None)
 
 
