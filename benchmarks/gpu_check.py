@@ -5,6 +5,7 @@ bf16 autocast as the stages train on CUDA.
     python benchmarks/gpu_check.py --out $OUT
     python benchmarks/gpu_check.py --out $OUT --memory-branch both   # the steps with the memory branch eager, then
                                                                      # through torch.compile (the default)
+    python benchmarks/gpu_check.py --out $OUT --compile-model   # Stage II also with the whole student compiled
     python benchmarks/gpu_check.py --out $OUT --sinks compare   # FlexAttention's sinks copied for rows of one document
                                                                 # (the default), for all rows, for none
 """
@@ -54,7 +55,17 @@ def kernel_checks() -> dict:
     return out
 
 
-def step_timing(batch_size: int, seq_len: int, steps: int = 3) -> dict:
+def _time_steps(step, batch: dict, steps: int) -> dict:
+    """Seconds per step and peak GB of ``steps`` steps after one untimed one."""
+    step(batch, 1.0)
+    torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); t = time.perf_counter()
+    for _ in range(steps):
+        step(batch, 1.0)
+    torch.cuda.synchronize()
+    return {"s_per_step": (time.perf_counter() - t) / steps, "peak_gb": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def step_timing(batch_size: int, seq_len: int, steps: int = 3, compile_model: bool = False) -> dict:
     torch.manual_seed(0)
     teacher = AutoModelForCausalLM.from_config(SMOLLM2).cuda().eval()
     for p in teacher.parameters():
@@ -65,22 +76,15 @@ def step_timing(batch_size: int, seq_len: int, steps: int = 3) -> dict:
              "loss_mask": torch.ones(batch_size, seq_len, dtype=torch.bool)}
     res = {}
     set_stage1_trainable(student)
-    for name, step in (("stage1", make_align_step(student, teacher, torch.bfloat16)),):
-        step(batch, 1.0)
-        torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); t = time.perf_counter()
-        for _ in range(steps):
-            step(batch, 1.0)
-        torch.cuda.synchronize()
-        res[name] = {"s_per_step": (time.perf_counter() - t) / steps, "peak_gb": torch.cuda.max_memory_allocated() / 2**30}
+    res["stage1"] = _time_steps(make_align_step(student, teacher, torch.bfloat16), batch, steps)
     model = set_stage2_trainable(student, "full")
-    step = make_distill_step(model, 0.9, 0.1, "renormalize", torch.bfloat16)
     tb = next(iter(OnlineTargets(teacher, [batch], k=256)))
-    step(tb, 1.0)
-    torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); t = time.perf_counter()
-    for _ in range(steps):
-        step(tb, 1.0)
-    torch.cuda.synchronize()
-    res["stage2"] = {"s_per_step": (time.perf_counter() - t) / steps, "peak_gb": torch.cuda.max_memory_allocated() / 2**30}
+    res["stage2"] = _time_steps(make_distill_step(model, 0.9, 0.1, "renormalize", torch.bfloat16), tb, steps)
+    if compile_model:  # the whole student as one graph (a user's torch.compile(model, fullgraph=True))
+        t = time.perf_counter()
+        compiled = make_distill_step(torch.compile(model, fullgraph=True), 0.9, 0.1, "renormalize", torch.bfloat16)
+        compiled(tb, 0.0)
+        res["stage2_compiled_model"] = {**_time_steps(compiled, tb, steps), "compile_s": time.perf_counter() - t}
     for r in res.values():
         r["tokens_per_s"] = batch_size * seq_len / r["s_per_step"]
     return res
@@ -95,6 +99,8 @@ def main() -> None:
                         help="with gradients, FlexAttention's sinks copied per query block for rows of one document "
                              "(the default; these steps' rows are packed), for all rows, for none, or each in turn")
     parser.add_argument("--steps", type=int, default=3, help="timed steps of each stage (after one untimed)")
+    parser.add_argument("--compile-model", action="store_true",
+                        help="Stage II also with the whole student through torch.compile(fullgraph=True)")
     args = parser.parse_args()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "kernels": kernel_checks()}
     memory = ("eager", "compiled") if args.memory_branch == "both" else (args.memory_branch,)
@@ -104,7 +110,7 @@ def main() -> None:
             attention.COMPILE_MEMORY, attention.COPY_SINKS = mode == "compiled", sink_mode
             key = "steps_b16_t1024" + (f"_{mode}_memory_branch" if args.memory_branch == "both" else "") + (
                 f"_sinks_copied_{sink_mode}" if args.sinks == "compare" else "")
-            result[key] = step_timing(16, 1024, args.steps)
+            result[key] = step_timing(16, 1024, args.steps, args.compile_model)
             print(key, result[key], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_check.json").write_text(json.dumps(result, indent=2))

@@ -78,3 +78,26 @@ def test_checkpoints_resume_across_world_sizes(runs):
     assert _losses(root / "one-to-two") == pytest.approx(full, rel=2e-3)
     for src, dst in (("sharded", "two-to-one"), ("single", "one-to-two")):  # resumed: steps 1-2 were not re-run
         assert _rows(root / dst)[:2] == _rows(root / src)[:2]
+
+
+def test_compiled_student_forward_gives_the_eager_losses(runs, monkeypatch):
+    """distill.compile: Stage II through torch.compile(model) from the same Stage I and targets gives the same
+    losses as the eager run (CPU, backend aot_eager: the recipe's plumbing and the traced graph; inductor's kernels
+    are timed on CUDA by benchmarks/gpu_check.py --compile-model)."""
+    import torch
+
+    root = runs
+    calls = []
+    compile_ = torch.compile
+
+    def aot_eager(model, **kwargs):
+        calls.append(kwargs)
+        return compile_(model, backend="aot_eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", aot_eager)
+    tiny_recipe(root, "compiled", distill={**_distill(4), "compile": True})
+    for part in ("student-init", "stage1", "targets"):
+        shutil.copytree(root / "single" / part, root / "compiled" / part)
+    Pipeline(Recipe.load(root / "compiled.yaml")).distill()
+    assert calls == [{"fullgraph": True}]
+    assert _losses(root / "compiled") == pytest.approx(_losses(root / "single"), rel=1e-4)
