@@ -18,6 +18,9 @@ column as it does the others; the gradient of w then carries the normalizer's pa
 Cost: one more value column (docs/decisions.md has the timings). The kernel still holds m constant: exact up to
 eps (the function depends on m only through eps).
 
+The kernel's forward and backward are two custom operators (``torch.ops.xlstm_distill.tfla_forward`` /
+``tfla_backward``): torch.compile keeps each as one opaque call, so a whole student compiles with fullgraph=True.
+
 With gradients, the Triton kernel keeps the chunk states of its forward for the backward (``recompute_states_in_bw``
 off) instead of computing them again there: float32 (DHQK, DHV + 1) per chunk of 128 tokens and head, 137 MB per
 layer at 8K tokens and 32 heads of 128, 543 MB at 32K (docs/decisions.md has the timings; ``KEEP_CHUNK_STATES = False``
