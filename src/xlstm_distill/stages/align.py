@@ -8,13 +8,14 @@ By default only the new parameters (feature maps, gates) train; ``train_projecti
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 
 from xlstm_distill.modeling import HybridForCausalLM
-from xlstm_distill.modeling.cache import full_layout
+from xlstm_distill.modeling.cache import TokenLayout, full_layout
 from xlstm_distill.stages.common import autocast, teacher_forward
 
 
@@ -49,7 +50,7 @@ def set_stage1_trainable(student: HybridForCausalLM, train_projections: bool = F
 
 def layer_losses(
     student: HybridForCausalLM, teacher: torch.nn.Module, batch: dict[str, torch.Tensor],
-    autocast_dtype: torch.dtype | None = None, beyond_window_weight: float = 1.0,
+    autocast_dtype: torch.dtype | None = None, beyond_window_weight: float = 1.0, compiled: bool = False,
 ) -> Iterator[torch.Tensor]:
     """One teacher forward, then for every layer in turn the MSE of the student mixer on the teacher's input.
 
@@ -64,20 +65,42 @@ def layer_losses(
     weights = torch.ones(B, T, device=device)  # (B, T)
     if student.config.window_reach is not None and beyond_window_weight != 1.0:
         weights = torch.where(layout.position < student.config.window_reach, 1.0, beyond_window_weight)
+    mse = _compiled_mixer_mse() if compiled else mixer_mse
     for layer, rec in zip(student.model.layers, records):
         with autocast(device, autocast_dtype):
-            out, _ = layer.self_attn(hidden_states=rec["input"], position_embeddings=rec["rope"], layout=layout)
-        per_position = (out.float() - rec["output"].float()).pow(2).mean(-1)  # (B, T)
-        yield (per_position * weights).sum() / weights.sum()
+            loss = mse(layer.self_attn, rec["input"], rec["rope"], layout, rec["output"], weights)
+        yield loss  # outside autocast: the caller runs the backward
+
+
+def mixer_mse(
+    mixer: torch.nn.Module,
+    hidden: torch.Tensor,  # (B, T, HIDDEN) the teacher's attention input
+    rope: tuple[torch.Tensor, torch.Tensor],
+    layout: TokenLayout,
+    target: torch.Tensor,  # (B, T, HIDDEN) the teacher's attention output
+    weights: torch.Tensor,  # (B, T)
+) -> torch.Tensor:
+    """The weighted MSE of one student mixer on the teacher's input against the teacher's output (float32)."""
+    out, _ = mixer(hidden_states=hidden, position_embeddings=rope, layout=layout)
+    per_position = (out.float() - target.float()).pow(2).mean(-1)  # (B, T)
+    return (per_position * weights).sum() / weights.sum()
+
+
+@functools.cache
+def _compiled_mixer_mse():
+    """``mixer_mse`` through torch.compile. The layers' parameters are inputs of its graph, so one graph serves every
+    layer (and one more once the batch's block mask is built, which the first layer does)."""
+    return torch.compile(mixer_mse)
 
 
 def make_align_step(student: HybridForCausalLM, teacher: torch.nn.Module, autocast_dtype: torch.dtype | None = None,
-                    beyond_window_weight: float = 1.0):
-    """``step_fn`` for the trainer: per layer, MSE then backward right away (the memory of one layer)."""
+                    beyond_window_weight: float = 1.0, compiled: bool = False):
+    """``step_fn`` for the trainer: per layer, MSE then backward right away (the memory of one layer). ``compiled``:
+    each layer's mixer and MSE through torch.compile (one graph for all layers)."""
 
     def step(batch: dict[str, torch.Tensor], scale: float) -> dict[str, float]:
         metrics = {}
-        for idx, mse in enumerate(layer_losses(student, teacher, batch, autocast_dtype, beyond_window_weight)):
+        for idx, mse in enumerate(layer_losses(student, teacher, batch, autocast_dtype, beyond_window_weight, compiled)):
             (mse * scale).backward()
             metrics[f"layer_{idx:02d}_mse"] = mse.item()
         metrics["loss"] = sum(metrics.values())

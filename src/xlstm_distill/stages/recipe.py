@@ -45,7 +45,7 @@ class Recipe:
     teacher: str = "smollm2-135m"
     student: dict[str, Any] = field(default_factory=dict)  # HybridConfig mixer fields
     data: dict[str, Any] = field(default_factory=dict)
-    align: dict[str, Any] | None = None  # TrainConfig fields + batch_size, train_projections, beyond_window_weight
+    align: dict[str, Any] | None = None  # TrainConfig + batch_size, train_projections, beyond_window_weight, compile
     targets: dict[str, Any] = field(default_factory=dict)  # k, num_sequences, mode (offline|online), batch_size, dir
     distill: dict[str, Any] | None = None  # TrainConfig + batch_size, gamma, beta, topk_mode, train, lora_rank, compile
     evaluate: dict[str, Any] = field(default_factory=dict)  # held_out_sequences, batch_size; tasks, limit, shots
@@ -175,12 +175,12 @@ class Pipeline:
             raise ValueError("Stage I runs on one device (it is cheap); launch `align` without torchrun.")
         cfg = dict(cfg)
         batch_size, train_projections = cfg.pop("batch_size", 4), cfg.pop("train_projections", False)
-        beyond_window_weight = cfg.pop("beyond_window_weight", 1.0)
+        beyond_window_weight, compiled = cfg.pop("beyond_window_weight", 1.0), cfg.pop("compile", False)
         student = self.load_student(init)
         set_stage1_trainable(student, train_projections)
         teacher = self.teacher[0]
         if any(p.requires_grad for p in student.parameters()):
-            step = make_align_step(student, teacher, self.autocast, beyond_window_weight)
+            step = make_align_step(student, teacher, self.autocast, beyond_window_weight, compiled)
             Trainer(student, step, PackedBatches(self.packed(), batch_size), TrainConfig(seed=self.recipe.seed, **cfg),
                     path.parent, "stage1").fit()
         else:  # e.g. mixer=swa: no new parameters, the converted student is the Stage I model
