@@ -182,7 +182,7 @@ def test_flex_single_document_mask_is_cached_and_exact():
     """Unpadded, unpacked inputs use one cached block mask per length (broadcast over the batch)."""
     from xlstm_distill.kernels import flex, swa_sinks_attention
 
-    flex.causal_swa_block_mask.cache_clear()
+    flex._cached_swa_mask.cache_clear()
     student = xd.convert(tiny_teacher("llama"), xd.HybridConfig(mixer="swa", window_size=8, num_sink_tokens=2,
                                                                 backend="tfla"))
     native = xd.convert(tiny_teacher("llama"), xd.HybridConfig(mixer="swa", window_size=8, num_sink_tokens=2,
@@ -191,7 +191,7 @@ def test_flex_single_document_mask_is_cached_and_exact():
     with torch.no_grad():
         for _ in range(2):
             torch.testing.assert_close(student(ids).logits, native(ids).logits, atol=1e-4, rtol=1e-4)
-    info = flex.causal_swa_block_mask.cache_info()
+    info = flex._cached_swa_mask.cache_info()
     assert info.misses == 1 and info.hits == 1  # once per forward (shared by the layers), built once
     q, k, v = (torch.randn(3, 4, 40, 16) for _ in range(3))
     ref = swa_sinks_attention(q, k, v, torch.zeros(3, 40, dtype=torch.long), 8, 2, 0.25)

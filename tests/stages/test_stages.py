@@ -91,12 +91,12 @@ def test_compiled_stage1_step_matches_eager_with_one_graph_for_all_layers(monkey
     """align.compile: every layer's mixer + MSE through one compiled function (CPU, backend aot_eager): the same
     per-layer losses and gradients as eager, one graph for all layers, and a second step (other documents) compiles
     nothing new."""
+    from torch._dynamo.utils import counters
+
     from xlstm_distill.stages import align
 
     compile_ = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: compile_(fn, backend="aot_eager", **kwargs))
-    from torch._dynamo.utils import counters
-
     align._compiled_mixer_mse.cache_clear()
     torch._dynamo.reset()
     counters.clear()

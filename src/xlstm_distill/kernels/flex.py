@@ -117,17 +117,21 @@ def _swa_mask(window: int, num_sinks: int, T: int, device: torch.device, doc_sta
     return SWAMask(block_mask, row_sinks, sink_pos)
 
 
+_cached_swa_mask = functools.lru_cache(maxsize=32)(_swa_mask)  # one-document masks (no doc_start tensor)
+
+
 def swa_block_mask(doc_start: torch.Tensor, window: int, num_sinks: int, copy_sinks: bool = False) -> SWAMask:
     """Mask for (B, T) document starts (padding, packed documents): built once per forward."""
     return _swa_mask(window, num_sinks, doc_start.shape[1], doc_start.device, doc_start, copy_sinks)
 
 
-@functools.lru_cache(maxsize=32)
 def causal_swa_block_mask(seq_len: int, window: int, num_sinks: int, device: torch.device,
                           copy_sinks: bool = False) -> SWAMask:
     """Mask of one document per row (no padding, no packing), cached per (length, window, sinks, device, copies):
-    prefill and evaluation build it once per shape instead of once per forward."""
-    return _swa_mask(window, num_sinks, seq_len, device, None, copy_sinks)
+    prefill and evaluation build it once per shape instead of once per forward. Inside a model that its user
+    compiles it is traced with the model (dynamo does not trace through the cache)."""
+    build = _swa_mask if torch.compiler.is_compiling() else _cached_swa_mask
+    return build(window, num_sinks, seq_len, device, None, copy_sinks)
 
 
 def _attend(

@@ -203,9 +203,7 @@ class HybridAttention(nn.Module):
             key = "block_mask_copies" if copies else "block_mask"
             if key not in layout.derived:
                 if layout.single_document:  # same mask for every row and every forward of this length
-                    cached = flex.causal_swa_block_mask  # (uncached where a user's compiled model traces it)
-                    build = cached.__wrapped__ if torch.compiler.is_compiling() else cached
-                    mask = build(q.shape[2], self.window, self.num_sinks, q.device, copies)
+                    mask = flex.causal_swa_block_mask(q.shape[2], self.window, self.num_sinks, q.device, copies)
                 else:
                     mask = flex.swa_block_mask(layout.doc_start, self.window, self.num_sinks, copies)
                 layout.derived[key] = mask
