@@ -239,8 +239,9 @@ class Pipeline:
                                 world_size=self.dist.world_size,
                                 expect={k: meta[k] for k in ("tokenizer_hash", "k", "seq_len", "data")})
         train_cfg = TrainConfig(seed=self.recipe.seed, **{"schedule": "constant", "weight_decay": 0.1, **cfg})
-        # compile: the student's forward as one graph (docs/decisions.md: 1.58x Stage II tokens/s on an H100 after
-        # 210 s of compilation); one process: fullgraph, so that a graph break is an error, not a silent slowdown
+        # compile: the student's forward as one graph (docs/decisions.md: 1.58-1.59x Stage II tokens/s on an H100
+        # after about 190-210 s of compilation); one process: fullgraph, so that a graph break is an error, not a
+        # silent slowdown
         forward = torch.compile(model, fullgraph=self.dist.world_size == 1) if compile_model else model
         Trainer(model, make_distill_step(forward, gamma, beta, topk_mode, self.autocast), data, train_cfg,
                 path.parent, "stage2").fit()
