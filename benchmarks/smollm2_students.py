@@ -352,9 +352,93 @@ def _plot_curve(report: dict, budget: dict, path: Path) -> None:
     axes[1].plot([p[0] for p in pts], [p[2] for p in pts], "-o")
     axes[1].set_ylabel("average recovery (student / teacher)")
     for ax in axes:
-        ax.set_xlabel("training tokens (M): converted, after Stage I, after Stage II")
+        ax.set_xlabel("training tokens (M)")
         ax.grid(alpha=0.3)
-    fig.suptitle("mlstm_swa student of SmolLM2-135M-Instruct")
+    fig.suptitle("mlstm_swa student of SmolLM2-135M-Instruct: converted, after Stage I, after Stage II")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+@app.command()
+def curve(runs: list[Path] = typer.Argument(..., help="Result folders of runs of the recipe with different budgets "
+                                             "(results.json, budget.json, held_out_<mixer>.json; learning-curve/ "
+                                             "adds the converted and Stage I mlstm_swa student)."),
+          out: Path = typer.Option(..., help="Folder for learning_curves.png / .json / .md.")) -> None:
+    """The three students' learning curves across runs: alpha*, mean recovery, mlstm_swa's paired score difference to
+    each baseline and its held-out KL difference to each baseline, against training tokens (Stage I + II)."""
+    from xlstm_distill.metrics import mean_paired_difference
+
+    rows = []
+    for run in runs:
+        budget = json.loads((run / "budget.json").read_text())
+        tokens = {m: sum(budget.get(f"{m}/{s}", {}).get("tokens", 0) for s in ("stage1", "stage2")) for m in MIXERS}
+        stage1 = budget.get("mlstm_swa/stage1", {}).get("tokens", 0)
+        models = json.loads((run / "results.json").read_text())["comparison"]["models"]
+        extra = run / "learning-curve" / "results.json"
+        extra = json.loads(extra.read_text())["comparison"]["models"] if extra.exists() else {}
+        held = {m: json.loads((run / f"held_out_{m}.json").read_text())["rows"]["after Stage II"] for m in MIXERS}
+        for name, entry, tok in [*((m, models[m], tokens[m]) for m in MIXERS),
+                                 *((n, extra[n], t) for n, t in (("mlstm_swa-converted", 0), ("mlstm_swa-stage1", stage1))
+                                   if n in extra)]:
+            row = {"run": run.name, "model": name, "tokens": tok, "alpha_star": entry["critical_tolerance"],
+                   "mean_recovery": entry["mean_recovery"], "c0": entry["win_and_tie"]["0"]}
+            if name in MIXERS:
+                row.update(kl=held[name]["kl"], kl_beyond_window=held[name]["kl_beyond_window"])
+            if name == "mlstm_swa":
+                for b in ("linear_swa", "swa"):
+                    row[f"paired_vs_{b}"] = mean_paired_difference(entry["paired_vs_baselines"][b])
+                    row[f"kl_vs_{b}"] = held[name]["kl"] - held[b]["kl"]
+                    row[f"kl_beyond_window_vs_{b}"] = held[name]["kl_beyond_window"] - held[b]["kl_beyond_window"]
+            rows.append(row)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "learning_curves.json").write_text(json.dumps(rows, indent=1))
+    lines = ["| run | model | tokens (M) | C_0 | alpha* | mean recovery | held-out KL (beyond window) |", "|---" * 7 + "|"]
+    for r in rows:
+        kl = f"{r['kl']:.4f} ({r['kl_beyond_window']:.4f})" if "kl" in r else ""
+        lines.append(f"| {r['run']} | {r['model']} | {r['tokens'] / 1e6:.2f} | {r['c0']:.3f} | {r['alpha_star']:.3f} | "
+                     f"{r['mean_recovery']:.3f} | {kl} |")
+    (out / "learning_curves.md").write_text("\n".join(lines) + "\n")
+    _plot_curves(rows, out / "learning_curves.png")
+    print("\n".join(lines))
+
+
+def _plot_curves(rows: list[dict], path: Path) -> None:
+    """Four panels against training tokens: alpha* and mean recovery of every student; mlstm_swa minus each baseline
+    in paired score (+- 2 standard errors) and in held-out KL after Stage II."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    for mixer in MIXERS:
+        pts = sorted((r["tokens"] / 1e6, r) for r in rows if r["model"].split("-")[0] == mixer)
+        for ax, key in ((axes[0, 0], "alpha_star"), (axes[0, 1], "mean_recovery")):
+            ax.plot([t for t, _ in pts], [r[key] for _, r in pts], "-o", label=mixer)
+    mine = sorted((r["tokens"] / 1e6, r) for r in rows if r["model"] == "mlstm_swa")
+    for n, baseline in enumerate(("linear_swa", "swa")):
+        xs = [t + (n - 0.5) * 0.08 for t, _ in mine]  # side by side
+        diffs = [r[f"paired_vs_{baseline}"] for _, r in mine]
+        color = f"C{MIXERS.index(baseline)}"  # the baseline's colour in the panels above
+        axes[1, 0].errorbar(xs, [d["difference"] for d in diffs], yerr=[2 * d["stderr"] for d in diffs], fmt="-o",
+                            capsize=3, color=color, label=f"mlstm_swa - {baseline}")
+        for key, style in (("kl", "-o"), ("kl_beyond_window", "--s")):
+            axes[1, 1].plot(xs, [r[f"{key}_vs_{baseline}"] for _, r in mine], style, color=color,
+                            label=f"{'all tokens' if key == 'kl' else 'beyond the window'}, - {baseline}")
+    titles = (("alpha* (lower is better; 0 = lossless)", "alpha*"),
+              ("mean recovery on the six tasks", "student / teacher score"),
+              ("paired score difference, six tasks (+- 2 se)", "mlstm_swa - baseline"),
+              ("held-out KL after Stage II (below 0: mlstm_swa closer)", "mlstm_swa - baseline, nats / token"))
+    for ax, (title, ylabel) in zip(axes.flat, titles):
+        ax.set_title(title, fontsize=10)
+        ax.set_ylabel(ylabel)
+        ax.set_xlabel("training tokens of the student, Stage I + II (M)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in axes[1]:
+        ax.axhline(0, color="black", lw=0.8)
+    fig.suptitle("Three students of SmolLM2-135M-Instruct (window 64) at two budgets", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -189,3 +189,49 @@ def test_eval_command_records_the_whole_job_time(driver, tmp_path, monkeypatch):
     result = json.loads(out.read_text())
     assert result["models"] == {"m": {"eval_seconds": 1.0}} and 50 <= result["job_seconds"] < 60
     assert driver.eval_estimate() == result["job_seconds"]
+
+
+def _run_folder(root, name, stage1, stage2, kl, paired, extra=False):
+    """A result folder as `report` leaves it: budget, comparison (mlstm_swa paired against both baselines), held-out."""
+    run = root / name
+    run.mkdir()
+    budget = {f"{m}/stage2": {"tokens": stage2} for m in ("mlstm_swa", "linear_swa", "swa")}
+    budget.update({f"{m}/stage1": {"tokens": stage1} for m in ("mlstm_swa", "linear_swa")})
+    (run / "budget.json").write_text(json.dumps(budget))
+
+    def entry(alpha, recovery, **more):
+        return {"critical_tolerance": alpha, "mean_recovery": recovery, "win_and_tie": {"0": 0.5}, **more}
+
+    per_task = {t: {"difference": d, "stderr": 0.01, "documents": 100} for t, d in (("a", paired), ("b", paired + 0.02))}
+    models = {"mlstm_swa": entry(0.0, 1.01, paired_vs_baselines={"linear_swa": per_task, "swa": per_task}),
+              "linear_swa": entry(0.0, 1.0), "swa": entry(0.01, 0.98)}
+    (run / "results.json").write_text(json.dumps({"comparison": {"models": models}}))
+    if extra:
+        (run / "learning-curve").mkdir()
+        (run / "learning-curve" / "results.json").write_text(json.dumps(
+            {"comparison": {"models": {"mlstm_swa-converted": entry(0.02, 0.95), "mlstm_swa-stage1": entry(0.0, 0.99)}}}))
+    for m, value in kl.items():
+        (run / f"held_out_{m}.json").write_text(json.dumps(
+            {"rows": {"after Stage II": {"kl": value, "kl_beyond_window": value + 0.1}}}))
+    return run
+
+
+def test_curve_puts_every_run_and_student_on_one_token_axis(driver, tmp_path):
+    """`curve`: one row per student and run at its own tokens (swa: Stage II only), the intermediate mlstm_swa models
+    where a run has them, and mlstm_swa's differences to each baseline (paired scores, held-out KL)."""
+    short = _run_folder(tmp_path, "short", 100, 50, {"mlstm_swa": 0.40, "linear_swa": 0.42, "swa": 0.50}, 0.01)
+    long = _run_folder(tmp_path, "long", 300, 150, {"mlstm_swa": 0.30, "linear_swa": 0.29, "swa": 0.45}, -0.01,
+                       extra=True)
+    driver.curve([short, long], out=tmp_path / "curves")
+    rows = json.loads((tmp_path / "curves" / "learning_curves.json").read_text())
+    assert [(r["run"], r["model"], r["tokens"]) for r in rows] == [
+        ("short", "mlstm_swa", 150), ("short", "linear_swa", 150), ("short", "swa", 50),
+        ("long", "mlstm_swa", 450), ("long", "linear_swa", 450), ("long", "swa", 150),
+        ("long", "mlstm_swa-converted", 0), ("long", "mlstm_swa-stage1", 300)]
+    mine = rows[3]
+    assert mine["paired_vs_linear_swa"]["difference"] == pytest.approx(0.0)  # (-0.01 + 0.01) / 2
+    assert mine["paired_vs_swa"]["stderr"] == pytest.approx((2 * 0.01 ** 2) ** 0.5 / 2)
+    assert mine["kl_vs_linear_swa"] == pytest.approx(0.01) and mine["kl_beyond_window_vs_swa"] == pytest.approx(-0.15)
+    assert rows[6]["alpha_star"] == 0.02 and "kl" not in rows[6]
+    assert (tmp_path / "curves" / "learning_curves.png").stat().st_size > 0
+    assert (tmp_path / "curves" / "learning_curves.md").read_text().count("\n") == 2 + len(rows)

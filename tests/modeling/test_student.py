@@ -235,14 +235,16 @@ def test_bad_forward_inputs_are_refused():
         student()
 
 
-def test_student_compiles_as_one_graph_with_the_eager_results():
-    """A user's torch.compile(model, fullgraph=True) of the student (backend 'tfla': the TFLA kernel as custom
-    operators, FlexAttention without gradients): no graph break, and the logits (packed documents too) and a training
-    step's gradients equal eager's. CPU, backend aot_eager: dynamo's graph, the operators' fake shapes and strides and
-    AOT autograd are checked; inductor's kernels run in the CUDA tests."""
+@pytest.mark.parametrize("mixer,backend", [("mlstm_swa", "tfla"), ("linear_swa", "auto"), ("swa", "auto")])
+def test_student_compiles_as_one_graph_with_the_eager_results(mixer, backend):
+    """A user's torch.compile(model, fullgraph=True) of the student (mlstm_swa with backend 'tfla': the TFLA kernel as
+    custom operators, FlexAttention without gradients; the two baselines' native kernels): no graph break, and the
+    logits (packed documents too) and a training step's gradients equal eager's. CPU, backend aot_eager: dynamo's
+    graph, the operators' fake shapes and strides and AOT autograd are checked; inductor's kernels run in the CUDA
+    tests."""
     torch._dynamo.reset()
     teacher = tiny_teacher(hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
-    model = xd.convert(teacher, xd.HybridConfig(mixer="mlstm_swa", window_size=16, num_sink_tokens=2, backend="tfla"))
+    model = xd.convert(teacher, xd.HybridConfig(mixer=mixer, window_size=16, num_sink_tokens=2, backend=backend))
     perturb_new_parameters(model)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     ids = torch.randint(3, 100, (2, 48), generator=torch.Generator().manual_seed(0))

@@ -101,3 +101,21 @@ def test_compiled_student_forward_gives_the_eager_losses(runs, monkeypatch):
     Pipeline(Recipe.load(root / "compiled.yaml")).distill()
     assert calls == [{"fullgraph": True}]
     assert _losses(root / "compiled") == pytest.approx(_losses(root / "single"), rel=1e-4)
+
+
+def test_compiled_lora_student_gives_the_eager_losses(tmp_path, monkeypatch):
+    """distill.compile with train: lora: the peft-wrapped student compiles as one graph (fullgraph) and trains with
+    the eager LoRA run's losses (CPU, backend aot_eager)."""
+    import torch
+
+    lora = {**_distill(4), "train": "lora", "lora_rank": 4}
+    Pipeline(Recipe.load(tiny_recipe(tmp_path, "eager", distill=lora))).distill()
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: compile_(model, backend="aot_eager", **kwargs))
+    tiny_recipe(tmp_path, "compiled", distill={**lora, "compile": True})
+    for part in ("student-init", "stage1", "targets"):
+        shutil.copytree(tmp_path / "eager" / part, tmp_path / "compiled" / part)
+    Pipeline(Recipe.load(tmp_path / "compiled.yaml")).distill()
+    eager, compiled = _losses(tmp_path / "eager"), _losses(tmp_path / "compiled")
+    assert len(eager) == 4 and eager[-1] < eager[0]
+    assert compiled == pytest.approx(eager, rel=1e-4)

@@ -180,7 +180,8 @@ class HybridAttention(nn.Module):
         spec = MemorySpec(self.num_heads, self.gated_memory, not step and self._use_tfla(q), self.chunk_size)
         maps = (self.q_feature_map.weight, self.q_feature_map.bias, self.k_feature_map.weight, self.k_feature_map.bias)
         args = (q, k, v, gates, swa, maps, state, None if continues else layout.reset, spec)
-        if spec.tfla and q.is_cuda and COMPILE_MEMORY:
+        # its own compiled graph on CUDA; inside a compiled model it is traced with the model instead
+        if spec.tfla and q.is_cuda and COMPILE_MEMORY and not torch.compiler.is_compiling():
             with many_variants():
                 y, state = _compiled_memory_and_mix()(*args)
         else:
