@@ -3,7 +3,8 @@
 * FlexAttention (SWA + sinks): the sinks in place or copied per query block (kernels/flex.py); outputs and gradients
   of the two compared; one document per row and packed documents (32 to 2,047 tokens), whose block mask is built
   per forward (timed too).
-* TFLA (mlstm_kernels): the backward computing the chunk states again, or keeping the forward's.
+* TFLA (mlstm_kernels): the backward computing the chunk states again, or keeping the forward's; and, for scale,
+  mlstm_kernels' own backward (normalizer held constant: not the exact gradient, no extra value column).
 * The whole mixer (`HybridAttention.mix`, Llama-3.1-8B heads, window 512, 4 sinks, backend auto) as of session 8
   (both old settings), session 9 (both changes, the memory branch eager) and as shipped (session 10: the memory
   branch and the mix through torch.compile around the TFLA kernel), and causal SDPA (flash) for scale.
@@ -127,11 +128,13 @@ def tfla_inputs(T: int) -> list[torch.Tensor]:
 def tfla_rows(T: int) -> list[dict]:
     inputs = tfla_inputs(T)
     rows = []
-    for keep in (False, True):
+    for keep, exact in ((False, True), (True, True), (True, False)):
         tfla.KEEP_CHUNK_STATES = keep
         variant = "keep chunk states" if keep else "recompute chunk states"
-        rows.append({"seq_len": T, "part": "TFLA (exact gradient)", "variant": variant,
-                     **timings(lambda *x: tfla.mlstm_tfla(*x, chunk_size=128)[0], inputs)})
+        part = "TFLA (exact gradient)" if exact else "TFLA (normalizer held constant)"  # mlstm_kernels' own backward
+        rows.append({"seq_len": T, "part": part, "variant": variant,
+                     **timings(lambda *x: tfla.mlstm_tfla(*x, chunk_size=128, exact_backward=exact)[0], inputs)})
+    tfla.KEEP_CHUNK_STATES = True
     return rows
 
 
