@@ -375,12 +375,13 @@ def curve(runs: list[Path] = typer.Argument(..., help="Result folders of runs of
         tokens = {m: sum(budget.get(f"{m}/{s}", {}).get("tokens", 0) for s in ("stage1", "stage2")) for m in MIXERS}
         stage1 = budget.get("mlstm_swa/stage1", {}).get("tokens", 0)
         models = json.loads((run / "results.json").read_text())["comparison"]["models"]
-        extra = run / "learning-curve" / "results.json"
-        extra = json.loads(extra.read_text())["comparison"]["models"] if extra.exists() else {}
+        curve_file = run / "learning-curve" / "results.json"  # + the converted and Stage I student, where evaluated
+        intermediate = json.loads(curve_file.read_text())["comparison"]["models"] if curve_file.exists() else {}
         held = {m: json.loads((run / f"held_out_{m}.json").read_text())["rows"]["after Stage II"] for m in MIXERS}
-        for name, entry, tok in [*((m, models[m], tokens[m]) for m in MIXERS),
-                                 *((n, extra[n], t) for n, t in (("mlstm_swa-converted", 0), ("mlstm_swa-stage1", stage1))
-                                   if n in extra)]:
+        points = [(m, models[m], tokens[m]) for m in MIXERS]
+        for name, tok in (("mlstm_swa-converted", 0), ("mlstm_swa-stage1", stage1)):
+            points += [(name, intermediate[name], tok)] if name in intermediate else []
+        for name, entry, tok in points:
             row = {"run": run.name, "model": name, "tokens": tok, "alpha_star": entry["critical_tolerance"],
                    "mean_recovery": entry["mean_recovery"], "c0": entry["win_and_tie"]["0"]}
             if name in MIXERS:
@@ -393,10 +394,12 @@ def curve(runs: list[Path] = typer.Argument(..., help="Result folders of runs of
             rows.append(row)
     out.mkdir(parents=True, exist_ok=True)
     (out / "learning_curves.json").write_text(json.dumps(rows, indent=1))
-    lines = ["| run | model | tokens (M) | C_0 | alpha* | mean recovery | held-out KL (beyond window) |", "|---" * 7 + "|"]
+    lines = ["| run | model | tokens (M) | C_0 | alpha* | mean recovery | held-out KL (beyond window) |",
+             "|---" * 7 + "|"]
     for r in rows:
         kl = f"{r['kl']:.4f} ({r['kl_beyond_window']:.4f})" if "kl" in r else ""
-        lines.append(f"| {r['run']} | {r['model']} | {r['tokens'] / 1e6:.2f} | {r['c0']:.3f} | {r['alpha_star']:.3f} | "
+        alpha = "-" if r["alpha_star"] is None else f"{r['alpha_star']:.3f}"  # None: no benchmark scored
+        lines.append(f"| {r['run']} | {r['model']} | {r['tokens'] / 1e6:.2f} | {r['c0']:.3f} | {alpha} | "
                      f"{r['mean_recovery']:.3f} | {kl} |")
     (out / "learning_curves.md").write_text("\n".join(lines) + "\n")
     _plot_curves(rows, out / "learning_curves.png")
@@ -415,7 +418,8 @@ def _plot_curves(rows: list[dict], path: Path) -> None:
     for mixer in MIXERS:
         pts = sorted((r["tokens"] / 1e6, r) for r in rows if r["model"].split("-")[0] == mixer)
         for ax, key in ((axes[0, 0], "alpha_star"), (axes[0, 1], "mean_recovery")):
-            ax.plot([t for t, _ in pts], [r[key] for _, r in pts], "-o", label=mixer)
+            values = [float("nan") if r[key] is None else r[key] for _, r in pts]
+            ax.plot([t for t, _ in pts], values, "-o", label=mixer)
     mine = sorted((r["tokens"] / 1e6, r) for r in rows if r["model"] == "mlstm_swa")
     for n, baseline in enumerate(("linear_swa", "swa")):
         xs = [t + (n - 0.5) * 0.08 for t, _ in mine]  # side by side
