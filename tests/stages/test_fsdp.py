@@ -110,12 +110,14 @@ def test_compiled_lora_student_gives_the_eager_losses(tmp_path, monkeypatch):
 
     lora = {**_distill(4), "train": "lora", "lora_rank": 4}
     Pipeline(Recipe.load(tiny_recipe(tmp_path, "eager", distill=lora))).distill()
-    compile_ = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: compile_(model, backend="aot_eager", **kwargs))
+    compile_, wrapped = torch.compile, []
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: wrapped.append((type(model).__name__, kwargs))
+                        or compile_(model, backend="aot_eager", **kwargs))
     tiny_recipe(tmp_path, "compiled", distill={**lora, "compile": True})
     for part in ("student-init", "stage1", "targets"):
         shutil.copytree(tmp_path / "eager" / part, tmp_path / "compiled" / part)
     Pipeline(Recipe.load(tmp_path / "compiled.yaml")).distill()
+    assert wrapped == [("PeftModel", {"fullgraph": True})]  # the adapted model itself
     eager, compiled = _losses(tmp_path / "eager"), _losses(tmp_path / "compiled")
     assert len(eager) == 4 and eager[-1] < eager[0]
     assert compiled == pytest.approx(eager, rel=1e-4)
