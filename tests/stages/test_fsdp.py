@@ -80,44 +80,39 @@ def test_checkpoints_resume_across_world_sizes(runs):
         assert _rows(root / dst)[:2] == _rows(root / src)[:2]
 
 
+def _distill_compiled(root, src: str, name: str, distill: dict, monkeypatch) -> list[tuple[str, dict]]:
+    """Stage II with distill.compile of a recipe ``name`` that starts from run ``src``'s converted student, Stage I
+    and targets, through torch.compile's aot_eager backend (CPU). Returns each compile call's model type and
+    arguments."""
+    import torch
+
+    compile_, calls = torch.compile, []
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: calls.append((type(model).__name__, kwargs))
+                        or compile_(model, backend="aot_eager", **kwargs))
+    tiny_recipe(root, name, distill={**distill, "compile": True})
+    for part in ("student-init", "stage1", "targets"):
+        shutil.copytree(root / src / part, root / name / part)
+    Pipeline(Recipe.load(root / f"{name}.yaml")).distill()
+    return calls
+
+
 def test_compiled_student_forward_gives_the_eager_losses(runs, monkeypatch):
     """distill.compile: Stage II through torch.compile(model) from the same Stage I and targets gives the same
     losses as the eager run (CPU, backend aot_eager: the recipe's plumbing and the traced graph; inductor's kernels
     are timed on CUDA by benchmarks/gpu_check.py --compile-model)."""
-    import torch
-
     root = runs
-    calls = []
-    compile_ = torch.compile
-
-    def aot_eager(model, **kwargs):
-        calls.append(kwargs)
-        return compile_(model, backend="aot_eager", **kwargs)
-
-    monkeypatch.setattr(torch, "compile", aot_eager)
-    tiny_recipe(root, "compiled", distill={**_distill(4), "compile": True})
-    for part in ("student-init", "stage1", "targets"):
-        shutil.copytree(root / "single" / part, root / "compiled" / part)
-    Pipeline(Recipe.load(root / "compiled.yaml")).distill()
-    assert calls == [{"fullgraph": True}]
+    calls = _distill_compiled(root, "single", "compiled", _distill(4), monkeypatch)
+    assert calls == [("HybridForCausalLM", {"fullgraph": True})]
     assert _losses(root / "compiled") == pytest.approx(_losses(root / "single"), rel=1e-4)
 
 
 def test_compiled_lora_student_gives_the_eager_losses(tmp_path, monkeypatch):
     """distill.compile with train: lora: the peft-wrapped student compiles as one graph (fullgraph) and trains with
     the eager LoRA run's losses (CPU, backend aot_eager)."""
-    import torch
-
     lora = {**_distill(4), "train": "lora", "lora_rank": 4}
     Pipeline(Recipe.load(tiny_recipe(tmp_path, "eager", distill=lora))).distill()
-    compile_, wrapped = torch.compile, []
-    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: wrapped.append((type(model).__name__, kwargs))
-                        or compile_(model, backend="aot_eager", **kwargs))
-    tiny_recipe(tmp_path, "compiled", distill={**lora, "compile": True})
-    for part in ("student-init", "stage1", "targets"):
-        shutil.copytree(tmp_path / "eager" / part, tmp_path / "compiled" / part)
-    Pipeline(Recipe.load(tmp_path / "compiled.yaml")).distill()
-    assert wrapped == [("PeftModel", {"fullgraph": True})]  # the adapted model itself
+    calls = _distill_compiled(tmp_path, "eager", "compiled", lora, monkeypatch)
+    assert calls == [("PeftModel", {"fullgraph": True})]  # the adapted model itself
     eager, compiled = _losses(tmp_path / "eager"), _losses(tmp_path / "compiled")
     assert len(eager) == 4 and eager[-1] < eager[0]
     assert compiled == pytest.approx(eager, rel=1e-4)
