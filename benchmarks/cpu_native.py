@@ -1,4 +1,4 @@
-"""CPU benchmark of the native kernels and of the student vs the teacher (issue 2).
+"""CPU benchmark of the native kernels and of the student vs the teacher.
 
     python benchmarks/cpu_native.py [--out benchmarks/results/cpu-native] [--max-len 8192]
 

@@ -1,4 +1,4 @@
-"""Where a student decode step's GPU time goes (issue 5): the step as the benchmark runs it (CUDA graph, optionally
+"""Where a student decode step's GPU time goes: the step as the benchmark runs it (CUDA graph, optionally
 through torch.compile) after a prompt, its milliseconds, its kernel launches per step and its top kernels.
 
     python benchmarks/decode_profile.py --out DIR [--shape smollm2-135m] [--batch 1] [--compile]   # CUDA only

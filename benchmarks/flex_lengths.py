@@ -24,8 +24,8 @@ import torch
 from torch.nn.attention.flex_attention import flex_attention
 
 from xlstm_distill.benchmarks.report import time_call, write_results
-from xlstm_distill.kernels.flex import causal_swa_block_mask, swa_sinks_flex
-from xlstm_distill.kernels.swa import swa_sinks_attention
+from xlstm_distill.kernels.swa_flex import causal_swa_block_mask, swa_sinks_flex
+from xlstm_distill.kernels.swa_native import swa_sinks_attention
 
 NH, NKV, D, WINDOW, SINKS = 32, 8, 128, 512, 4  # Llama-3.1-8B heads, the default window and sinks
 LENGTHS = [173, 301, 455, 512, 618, 777, 901, 1024, 1250, 1501, 1733, 2048, 8192, 32768]

@@ -22,8 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import xlstm_distill as xd
-from xlstm_distill.kernels import mlstm_chunkwise, mlstm_recurrent, swa_sinks_attention
-from xlstm_distill.modeling import attention
+from xlstm_distill.kernels import KernelOptions, mlstm_chunkwise, mlstm_recurrent, swa_sinks_attention
 from xlstm_distill.stages.align import make_align_step, set_stage1_trainable
 from xlstm_distill.stages.distill import OnlineTargets, make_distill_step, set_stage2_trainable
 
@@ -74,12 +73,13 @@ def _time_compiled(step, batch: dict, steps: int) -> dict:
     return {**_time_steps(step, batch, steps), "compile_s": compile_s}
 
 
-def step_timing(batch_size: int, seq_len: int, steps: int = 3, compile_model: bool = False) -> dict:
+def step_timing(batch_size: int, seq_len: int, steps: int = 3, compile_model: bool = False,
+                kernels: KernelOptions | None = None) -> dict:
     torch.manual_seed(0)
     teacher = AutoModelForCausalLM.from_config(SMOLLM2).cuda().eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    student = xd.convert(teacher, xd.HybridConfig())
+    student = xd.convert(teacher, xd.HybridConfig(kernels=kernels))
     batch = {"input_ids": torch.randint(0, 49152, (batch_size, seq_len)),
              "document_ids": torch.zeros(batch_size, seq_len, dtype=torch.long),
              "loss_mask": torch.ones(batch_size, seq_len, dtype=torch.bool)}
@@ -117,10 +117,10 @@ def main() -> None:
     sinks = ("rows", "all", "none") if args.sinks == "compare" else (args.sinks,)
     for mode in memory:
         for sink_mode in sinks:
-            attention.COMPILE_MEMORY, attention.COPY_SINKS = mode == "compiled", sink_mode
+            kernels = KernelOptions(compile_memory=mode == "compiled", copy_sinks=sink_mode)
             key = "steps_b16_t1024" + (f"_{mode}_memory_branch" if args.memory_branch == "both" else "") + (
                 f"_sinks_copied_{sink_mode}" if args.sinks == "compare" else "")
-            result[key] = step_timing(16, 1024, args.steps, args.compile_model)
+            result[key] = step_timing(16, 1024, args.steps, args.compile_model, kernels)
             print(key, result[key], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_check.json").write_text(json.dumps(result, indent=2))

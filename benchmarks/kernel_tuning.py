@@ -1,10 +1,10 @@
-"""Launch settings of the mixer's two kernels on this GPU (issue 5): the TFLA mLSTM (mlstm_kernels' block sizes,
-warps, stages, chunk sizes; the exact gradient's normalizer column inside the value blocks or in a second, narrow
-call) and FlexAttention (SWA + sinks; block sizes, warps and stages of its forward and backward, and inductor's own
-max-autotune). Llama-3.1-8B heads (32 query / 8 key-value heads of 128), window 512, 4 sinks, bf16, batch 1.
-Each setting is checked against the default one (relative difference of the output and the gradients).
+"""Launch settings of the mixer's two kernels on this GPU, as kernel options: the TFLA mLSTM (``tfla_min_chunk``,
+``tfla_kernel_params``: mlstm_kernels' block sizes, warps, stages, chunk sizes) and FlexAttention
+(``flex_kernel_params``: block sizes, warps and stages of its forward and backward). Llama-3.1-8B heads (32 query /
+8 key-value heads of 128), window 512, 4 sinks, bf16, batch 1. Each setting is checked against the default one
+(relative difference of the output and the gradients).
 
-    python benchmarks/kernel_tuning.py --out DIR [--lengths 8192,32768] [--parts tfla,flex] [--max-autotune]   # CUDA
+    python benchmarks/kernel_tuning.py --out DIR [--lengths 8192,32768] [--parts tfla,flex]   # CUDA
 """
 
 from __future__ import annotations
@@ -19,11 +19,13 @@ from typing import Callable
 
 import torch
 
-from mixer_parts import D, SINKS, WINDOW, _rel, flex_inputs, outputs_and_grads, plot, tfla_inputs, timings
+from mixer_parts import D, SINKS, WINDOW, flex_inputs, outputs_and_grads, plot, rel_diff, tfla_inputs, timings
+from xlstm_distill import kernels
 from xlstm_distill.benchmarks.report import write_results
-from xlstm_distill.kernels import flex, tfla
+from xlstm_distill.kernels import KernelOptions
+from xlstm_distill.kernels.compiling import many_variants
 
-TFLA_SETTINGS = {  # name: (chunk, CUDA_KERNEL_PARAMS)
+TFLA_SETTINGS = {  # name: (tfla_min_chunk, tfla_kernel_params)
     "default (chunk 128)": (128, {}),
     "chunk 256": (256, {}),
     "chunk 256, inter 256": (256, dict(chunk_size_inter=256, chunk_size_intra=256, siz_b_L_parallel=64,
@@ -60,43 +62,23 @@ FLEX_SETTINGS = {  # name: kernel options (fwd_* / bwd_*: that pass only)
 }
 
 
-def tfla_split(q, k, v, i, f):
-    """The exact gradient with the normalizer column in a second kernel call of 16 value columns (all ones; the
-    first is used) instead of a 129th column of the main call, which doubles the Triton kernel's value blocks."""
-    B, H, S, DHQK = q.shape
-    chunk, pad = tfla.kernel_layout(S, 128, True)
-    assert pad == 0, "the probe takes lengths the kernel takes as they are"
-    scaled = q * DHQK**0.5
-    h, _ = tfla._call((scaled, k, v, i, f), (), chunk, True)
-    w, _ = tfla._call((scaled, k, v.new_ones(B, H, S, 16), i, f), (), chunk, True)
-    h = torch.cat([h, w[..., :1]], -1)
-    return tfla._add_normalizer_gradient(h, tfla._stabilizer(i, f, None)).to(v.dtype)
-
-
 def tfla_rows(T: int) -> list[dict]:
     inputs, rows, reference = tfla_inputs(T), [], None
-    variants = [(name, chunk, params, False) for name, (chunk, params) in TFLA_SETTINGS.items()]
-    variants += [("normalizer in a 2nd call", 128, {}, True)]
-    defaults = tfla.CUDA_MIN_CHUNK, tfla.CUDA_KERNEL_PARAMS
-    for name, chunk, params, split in variants:
-        tfla.CUDA_MIN_CHUNK, tfla.CUDA_KERNEL_PARAMS = chunk, params
-        fn = tfla_split if split else (lambda *x: tfla.mlstm_tfla(*x, chunk_size=chunk)[0])
+    for name, (chunk, params) in TFLA_SETTINGS.items():
+        options = KernelOptions(mlstm="tfla", tfla_min_chunk=chunk, tfla_kernel_params=params)
         rows.append({"seq_len": T, "part": "TFLA (exact gradient)", "variant": name})
-        reference = measure(rows[-1], fn, inputs, reference)
-    tfla.CUDA_MIN_CHUNK, tfla.CUDA_KERNEL_PARAMS = defaults
+        reference = measure(rows[-1], lambda *x, o=options: kernels.mlstm(*x, chunk_size=64, options=o)[0], inputs,
+                            reference)
     return rows
 
 
-def flex_rows(T: int, max_autotune: bool = False) -> list[dict]:
+def flex_rows(T: int) -> list[dict]:
     inputs, rows, reference = flex_inputs(T), [], None
-    mask = flex.causal_swa_block_mask(T, WINDOW, SINKS, inputs[0].device, copy_sinks=True)
-    variants = [(name, flex._compiled(), options) for name, options in FLEX_SETTINGS.items()]
-    if max_autotune:  # minutes of compiling: inductor times its own list of configurations
-        autotuned = torch.compile(flex._attend, dynamic=False, mode="max-autotune-no-cudagraphs")
-        variants += [("inductor max-autotune", autotuned, {})]
-    for name, compiled, options in variants:
-        fn = functools.partial(compiled, mask=mask, scale=D**-0.5,
-                               kernel_options={**flex._KERNEL_OPTIONS, **options})
+    starts = torch.zeros(1, T, dtype=torch.long, device="cuda")
+    for name, params in FLEX_SETTINGS.items():
+        options = KernelOptions(swa="flex", flex_kernel_params=params)
+        fn = functools.partial(kernels.swa, doc_start=starts, window=WINDOW, num_sinks=SINKS, scale=D**-0.5,
+                               single_document=True, memo={}, options=options)
         rows.append({"seq_len": T, "part": "FlexAttention (copied sinks)", "variant": name})
         reference = measure(rows[-1], fn, inputs, reference)
     return rows
@@ -107,11 +89,11 @@ def measure(row: dict, fn: Callable[..., torch.Tensor], inputs: list[torch.Tenso
     """Times one setting into ``row`` and compares its output and gradients with ``reference`` (the first setting's,
     returned); a setting that fails (an invalid launch) is recorded in the row and the sweep goes on."""
     try:
-        with flex.many_variants():  # every setting is one more compiled variant
+        with many_variants():  # every setting is one more compiled variant
             row.update(timings(fn, inputs))
             outputs = outputs_and_grads(fn, inputs)
         reference = reference or outputs
-        row["rel_diff_out_grads"] = [round(_rel(a, b), 5) for a, b in zip(outputs, reference)]
+        row["rel_diff_out_grads"] = [round(rel_diff(a, b), 5) for a, b in zip(outputs, reference)]
     except Exception as error:
         row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
         traceback.print_exc()
@@ -124,9 +106,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--lengths", default="8192,32768")
     parser.add_argument("--parts", default="tfla,flex")
-    parser.add_argument("--max-autotune", action="store_true", help="also FlexAttention through inductor's max-autotune")
     args = parser.parse_args()
-    parts = {"tfla": tfla_rows, "flex": functools.partial(flex_rows, max_autotune=args.max_autotune)}
+    parts = {"tfla": tfla_rows, "flex": flex_rows}
     command = "python benchmarks/kernel_tuning.py " + shlex.join(sys.argv[1:])
     rows = []
     for T in (int(x) for x in args.lengths.split(",")):

@@ -1,13 +1,13 @@
-"""The hybrid mixer's two kernels with and without session 9's change, and the whole mixer as of sessions 8-10 (issue 5).
+"""Where the hybrid mixer's time goes on a GPU, part by part, under the kernel options that change it.
 
-* FlexAttention (SWA + sinks): the sinks in place or copied per query block (kernels/flex.py); outputs and gradients
+* FlexAttention (SWA + sinks): the sinks in place or copied per query block (``copy_sinks``); outputs and gradients
   of the two compared; one document per row and packed documents (32 to 2,047 tokens), whose block mask is built
   per forward (timed too).
-* TFLA (mlstm_kernels): the backward computing the chunk states again, or keeping the forward's; and, for scale,
-  mlstm_kernels' own backward (normalizer held constant: not the exact gradient, no extra value column).
-* The whole mixer (`HybridAttention.mix`, Llama-3.1-8B heads, window 512, 4 sinks, backend auto) as of session 8
-  (both old settings), session 9 (both changes, the memory branch eager) and as shipped (session 10: the memory
-  branch and the mix through torch.compile around the TFLA kernel), and causal SDPA (flash) for scale.
+* TFLA (mlstm_kernels): the backward computing the chunk states again, or keeping the forward's
+  (``keep_chunk_states``); and, for scale, mlstm_kernels' own backward (``exact_gradient=False``: the normalizer
+  held constant, no extra value column).
+* The whole mixer (`HybridAttention.mix`, Llama-3.1-8B heads, window 512, 4 sinks) with those switches off, on, and
+  with the memory branch compiled (``compile_memory``: the defaults), and causal SDPA (flash) for scale.
 
     python benchmarks/mixer_parts.py --out DIR     # CUDA only; writes DIR/mixer_parts.json, .md and .png
     python benchmarks/mixer_parts.py --out DIR --replot    # the plot again from DIR/mixer_parts.json
@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
 import shlex
@@ -28,10 +27,12 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from xlstm_distill.benchmarks.mixer import _inputs, _mix, hybrid_layer
+from xlstm_distill import kernels
+from xlstm_distill.benchmarks.mixer import hybrid_layer, mix_once, mixer_inputs
 from xlstm_distill.benchmarks.report import time_call, write_results
-from xlstm_distill.kernels import flex, tfla
-from xlstm_distill.modeling import HybridConfig, attention
+from xlstm_distill.kernels import KernelOptions
+from xlstm_distill.kernels.swa_flex import swa_block_mask
+from xlstm_distill.modeling import HybridConfig
 from xlstm_distill.modeling.cache import full_layout
 
 NH, NKV, D, WINDOW, SINKS = 32, 8, 128, 512, 4
@@ -55,7 +56,7 @@ def timings(fn: Callable[..., torch.Tensor], inputs: list[torch.Tensor]) -> dict
             "fwd_bwd_ms": 1e3 * time_call(fwd_bwd, repeats=10, warmup=2)}
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
@@ -87,31 +88,34 @@ def packed_starts(T: int) -> torch.Tensor:
 
 
 def flex_rows(T: int) -> list[dict]:
-    """One document per row (the cached mask, then the same through the per-forward mask of packed rows), then packed
-    documents (their mask's build timed too)."""
+    """SWA + sinks through FlexAttention with the sinks in place or copied per query block: one document per row
+    (the mask cached per length), the same rows through the per-forward mask of packed rows, and packed documents
+    (whose mask is built per forward: timed too). Outputs and gradients of the two placements compared."""
     inputs = flex_inputs(T)
     rows = []
     doc_start = packed_starts(T)
-    layouts = {"one document": None, "one document, per-forward mask": torch.zeros_like(doc_start),
-               "packed documents": doc_start}
-    for layout, starts in layouts.items():
+    layouts = {"one document": (torch.zeros_like(doc_start), True),
+               "one document, per-forward mask": (torch.zeros_like(doc_start), False),
+               "packed documents": (doc_start, False)}
+    for layout, (starts, single) in layouts.items():
         outputs = {}
-        for copies in (False, True):
-            variant = "copied sinks" if copies else "sinks in place"
-            if starts is None:
-                mask = flex.causal_swa_block_mask(T, WINDOW, SINKS, inputs[0].device, copy_sinks=copies)
-            else:
-                build = functools.partial(flex.swa_block_mask, starts, WINDOW, SINKS, copies)
-                mask = build()
+        for copy_sinks in ("none", "all"):
+            options = KernelOptions(swa="flex", copy_sinks=copy_sinks)
+            variant = "copied sinks" if copy_sinks == "all" else "sinks in place"
+            if not single:
+                build = functools.partial(swa_block_mask, starts, WINDOW, SINKS, copy_sinks == "all")
+                build()
                 rows.append({"seq_len": T, "part": "FlexAttention block mask",
                              "variant": f"{layout}, {variant} (once per forward)",
                              "fwd_ms": 1e3 * time_call(build, repeats=10, warmup=2)})
-            attend = functools.partial(flex.swa_sinks_flex, mask=mask, scale=D**-0.5)
+            memo: dict = {}  # the mask is built by the first call and reused: the attention alone is timed
+            attend = functools.partial(kernels.swa, doc_start=starts, window=WINDOW, num_sinks=SINKS, scale=D**-0.5,
+                                       single_document=single, memo=memo, options=options)
             rows.append({"seq_len": T, "part": "FlexAttention",
                          "variant": variant if layout == "one document" else f"{layout}, {variant}",
                          **timings(attend, inputs)})
-            outputs[copies] = outputs_and_grads(attend, inputs)
-        rows[-1]["rel_diff_out_dq_dk_dv"] = [round(_rel(a, b), 5) for a, b in zip(outputs[True], outputs[False])]
+            outputs[copy_sinks] = outputs_and_grads(attend, inputs)
+        rows[-1]["rel_diff_out_dq_dk_dv"] = [round(rel_diff(a, b), 5) for a, b in zip(outputs["all"], outputs["none"])]
     return rows
 
 
@@ -126,47 +130,40 @@ def tfla_inputs(T: int) -> list[torch.Tensor]:
 
 
 def tfla_rows(T: int) -> list[dict]:
+    """The mLSTM through TFLA: the backward from kept chunk states or computing them again, and (for scale)
+    mlstm_kernels' own backward, which holds the normalizer constant (not the exact gradient)."""
     inputs = tfla_inputs(T)
-    rows, shipped = [], tfla.KEEP_CHUNK_STATES
+    rows = []
     for keep, exact in ((False, True), (True, True), (True, False)):
-        tfla.KEEP_CHUNK_STATES = keep
+        options = KernelOptions(mlstm="tfla", keep_chunk_states=keep, exact_gradient=exact)
         variant = "keep chunk states" if keep else "recompute chunk states"
-        part = "TFLA (exact gradient)" if exact else "TFLA (normalizer held constant)"  # mlstm_kernels' own backward
+        part = "TFLA (exact gradient)" if exact else "TFLA (normalizer held constant)"
         rows.append({"seq_len": T, "part": part, "variant": variant,
-                     **timings(lambda *x: tfla.mlstm_tfla(*x, chunk_size=128, exact_backward=exact)[0], inputs)})
-    tfla.KEEP_CHUNK_STATES = shipped
+                     **timings(lambda *x: kernels.mlstm(*x, chunk_size=128, options=options)[0], inputs)})
     return rows
 
 
-@contextlib.contextmanager
-def package_as_of(session: int):
-    """The package's settings before a change: session 8 (sinks in place, TFLA recomputing its chunk states, the
-    memory branch eager), session 9 (memory branch eager), 10 (as shipped: the memory branch compiled)."""
-    package_mask = flex.causal_swa_block_mask
-
-    def in_place(seq_len: int, window: int, num_sinks: int, device: torch.device, copy_sinks: bool = False):
-        return package_mask(seq_len, window, num_sinks, device, False)
-
-    if session < 9:
-        flex.causal_swa_block_mask, tfla.KEEP_CHUNK_STATES = in_place, False
-    attention.COMPILE_MEMORY = session >= 10
-    try:
-        yield
-    finally:
-        flex.causal_swa_block_mask, tfla.KEEP_CHUNK_STATES, attention.COMPILE_MEMORY = package_mask, True, True
+# the whole mixer under three sets of kernel options: each switch's effect, from all off to the defaults
+LAYER_VARIANTS = {
+    "sinks in place, chunk states recomputed, memory branch eager":
+        KernelOptions(copy_sinks="none", keep_chunk_states=False, compile_memory=False),
+    "copied sinks, chunk states kept, memory branch eager": KernelOptions(compile_memory=False),
+    "defaults (+ memory branch compiled)": KernelOptions(),
+}
 
 
 def layer_rows(T: int) -> list[dict]:
-    student = HybridConfig(mixer="mlstm_swa", window_size=WINDOW, num_sink_tokens=SINKS, backend="auto")
+    """The whole mixer (``HybridAttention.mix``, Llama-3.1-8B heads) under each of ``LAYER_VARIANTS``, and causal
+    SDPA (flash) for scale."""
+    student = HybridConfig(mixer="mlstm_swa", window_size=WINDOW, num_sink_tokens=SINKS)
     layer = hybrid_layer(NH, NKV, D, student, torch.device("cuda"), torch.bfloat16)
-    inputs = _inputs(layer, 1, T, torch.device("cuda"), torch.bfloat16)
+    inputs = mixer_inputs(layer, 1, T, torch.device("cuda"), torch.bfloat16)
     layout = full_layout(1, T, torch.device("cuda"))
     rows = []
-    for name, session in (("session 8: sinks in place, recompute, eager", 8), ("session 9: copied sinks, keep states", 9),
-                          ("session 10: + compiled memory branch", 10)):
-        with package_as_of(session):
-            rows.append({"seq_len": T, "part": "whole mixer", "variant": name,
-                         **timings(lambda *x: _mix(layer, layout, *x), inputs)})
+    for name, options in LAYER_VARIANTS.items():
+        layer.config.kernels = options
+        rows.append({"seq_len": T, "part": "whole mixer", "variant": name,
+                     **timings(lambda *x: mix_once(layer, layout, *x), inputs)})
     sdpa = functools.partial(F.scaled_dot_product_attention, is_causal=True, enable_gqa=True)
     rows.append({"seq_len": T, "part": "causal SDPA", "variant": "flash", **timings(sdpa, inputs[:3])})
     return rows

@@ -1,4 +1,4 @@
-"""Issue 7: Stage II under torchrun + FSDP2 on N GPUs against 1 GPU, for the same global batch.
+"""Stage II under torchrun + FSDP2 on N GPUs against 1 GPU, for the same global batch.
 
 One recipe (a random-weight Llama teacher of a given shape, the SmolLM2 tokenizer, the offline corpora) is distilled
 four times from the same Stage I model and the same targets:

@@ -1,4 +1,4 @@
-"""Issue 6 on one GPU: distill SmolLM2-135M-Instruct into three students side by side, then evaluate them.
+"""On one GPU: distill SmolLM2-135M-Instruct into three students side by side, then evaluate them.
 
 Every stage is an ``xlstm-distill`` command on recipes/smollm2-135m-students.yaml (one run per mixer; the teacher
 targets are shared); this script only schedules them on one GPU within a wall-clock deadline. Run it again to
@@ -36,8 +36,8 @@ LIMITS = {"xd_piqa": 500, "xd_arc_easy": 500, "xd_arc_challenge": 300, "xd_hella
 TOKENS_PER_STEP = 16 * 1024  # both stages: 16 sequences of 1,024 tokens per optimizer step
 MAX_EVALS = [2]  # evaluations at a time, --max-evals (each holds batch x length x vocabulary float32 logits)
 # an evaluation's eval_seconds leave out the process start, imports and lm-eval's task building: files written before
-# the whole job's time was recorded (job_seconds) get this margin (session 6 lost a call to an evaluation started with
-# about 420 s left against a 393-s estimate)
+# the whole job's time was recorded (job_seconds) get this margin (an evaluation started with about 420 s left
+# against a 393-s estimate did not finish in time)
 STARTUP_MARGIN = 60.0
 STARTED = time.time()  # this process's start (the eval command records its whole time)
 app = typer.Typer(add_completion=False)

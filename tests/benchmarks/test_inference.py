@@ -157,7 +157,7 @@ def test_hybrid_swa_mixer_with_full_window_equals_causal_attention():
     """The benchmarked mixer is the model's: SWA with a window covering the sequence is causal attention."""
     layer = mixer.hybrid_layer(4, 2, 16, xd.HybridConfig(mixer="swa", window_size=64, num_sink_tokens=0),
                                torch.device("cpu"), torch.float32)
-    q, k, v, gates = mixer._inputs(layer, 2, 48, torch.device("cpu"), torch.float32)
+    q, k, v, gates = mixer.mixer_inputs(layer, 2, 48, torch.device("cpu"), torch.float32)
     from xlstm_distill.modeling.cache import full_layout
 
     out = layer.mix(q, k, v, gates, full_layout(2, 48, torch.device("cpu")))

@@ -1,4 +1,4 @@
-"""The issue-7 driver (benchmarks/multi_gpu.py) on CPU: 2 gloo processes against 1, and resumes across world sizes."""
+"""The multi-GPU driver (benchmarks/multi_gpu.py) on CPU: 2 gloo processes against 1, and resumes across world sizes."""
 
 import json
 import subprocess

@@ -103,8 +103,9 @@ def test_marker_jobs_are_marked_done_only_on_success(driver, tmp_path, monkeypat
 
 
 def test_report_evaluations_go_first_and_evaluations_respect_slots_and_deadline(driver, tmp_path):
-    """Session 3 lost the mlstm_swa Stage II evaluation to the Stage I one: intermediate models now wait until the
-    report's evaluations have started; at most MAX_EVALS run and none starts that the deadline would cut off."""
+    """Intermediate models (Stage I) wait until the report's evaluations have started, so that the final students'
+    evaluations are never the ones a deadline cuts off; at most MAX_EVALS run and none starts that the deadline would
+    cut off."""
     (tmp_path / "eval" / "teacher.json").write_text(
         json.dumps({"models": {"teacher": {"eval_seconds": 80}}, "job_seconds": 100}))
     jobs = {j.name: j for j in driver.jobs("teacher.gguf", 60)}

@@ -91,7 +91,7 @@ def test_cli_commands(tokenizer, tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from xlstm_distill.evaluation.commands import evaluate, merge
+    from xlstm_distill.cli.evaluate import evaluate, merge
 
     app = typer.Typer()
     app.command()(evaluate)

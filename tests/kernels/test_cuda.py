@@ -1,10 +1,10 @@
 """CUDA paths (backend='tfla': Triton TFLA mLSTM, compiled FlexAttention) against the native kernels, forward and
-backward, fp32 and bf16. Skipped without a CUDA GPU; run on the lent GPU (issue 5)."""
+backward, fp32 and bf16. Skipped without a CUDA GPU."""
 
 import pytest
 import torch
 
-from xlstm_distill.kernels import mlstm_chunkwise, swa_sinks_attention
+from xlstm_distill.kernels import KernelOptions, mlstm_chunkwise, swa_sinks_attention
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 TOL = {torch.float32: 3e-3, torch.bfloat16: 2e-2}  # relative error (norm); Triton's fp32 dots use TF32 (seen: 1.4e-3)
@@ -24,7 +24,7 @@ def _grads(fn, inputs):
 @pytest.mark.parametrize("S", [1, 12, 100, 200])
 def test_tfla_pads_any_length_for_the_triton_kernel(S):
     """Lengths the Triton kernel does not take itself (it needs 16, 32, 64 or a multiple of 128), with a state."""
-    from xlstm_distill.kernels.tfla import mlstm_tfla
+    from xlstm_distill.kernels.mlstm_tfla import mlstm_tfla
 
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k = (torch.randn(2, 4, S + 64, 64, device="cuda", generator=g).softmax(-1) for _ in range(2))
@@ -39,8 +39,8 @@ def test_tfla_pads_any_length_for_the_triton_kernel(S):
 def test_tfla_continues_mixed_row_states_on_the_triton_kernel():
     """A batch state where row 0 has seen 128 tokens and row 1 none (m = -inf): the Triton kernel continues each
     row's own state (the empty row as from no state), outputs and final state as the native kernel's."""
-    from xlstm_distill.kernels.mlstm import MLSTMState, empty_state
-    from xlstm_distill.kernels.tfla import mlstm_tfla
+    from xlstm_distill.kernels.mlstm_native import MLSTMState, empty_state
+    from xlstm_distill.kernels.mlstm_tfla import mlstm_tfla
 
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k = (torch.randn(2, 4, 384, 64, device="cuda", generator=g).softmax(-1) for _ in range(2))
@@ -58,7 +58,7 @@ def test_tfla_continues_mixed_row_states_on_the_triton_kernel():
 def test_tfla_compiles_with_fullgraph_on_the_triton_kernel():
     """torch.compile(fullgraph=True) through the adapter on CUDA (bf16, kept chunk states, exact gradient, a
     state): the custom operators' fake shapes match the Triton kernel's, and outputs and gradients are eager's."""
-    from xlstm_distill.kernels.tfla import mlstm_tfla
+    from xlstm_distill.kernels.mlstm_tfla import mlstm_tfla
 
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k = (torch.randn(2, 4, 640, 64, device="cuda", generator=g).softmax(-1).bfloat16() for _ in range(2))
@@ -82,12 +82,12 @@ def _errors(out, grads, ref, ref_grads) -> dict[str, float]:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_tfla_forward_and_exact_backward_match_native(dtype):
     """TFLA is our mLSTM, forward and (through the adapter's extra value column) backward: the native kernel's
-    autograd in float32 is the truth. With ``exact_backward=False`` the backward is mlstm_kernels' own, which treats
+    autograd in float32 is the truth. With ``exact_gradient=False`` the backward is mlstm_kernels' own, which treats
     the normalizer max(|q n|, exp(-m)) as a constant: its reference is the PyTorch version of that backward
     (`chunkwise--native_custbw`), and it is far from the truth on dq (tests/kernels/test_tfla.py)."""
     from mlstm_kernels.torch import get_mlstm_kernel
 
-    from xlstm_distill.kernels.tfla import mlstm_tfla
+    from xlstm_distill.kernels.mlstm_tfla import mlstm_tfla
 
     g = torch.Generator(device="cuda").manual_seed(0)
     B, NH, S, D = 2, 4, 512, 64
@@ -96,7 +96,7 @@ def test_tfla_forward_and_exact_backward_match_native(dtype):
     i, f = torch.randn(B, NH, S, device="cuda", generator=g), torch.randn(B, NH, S, device="cuda", generator=g) + 3
     custbw = get_mlstm_kernel("chunkwise--native_custbw")
     exact = _grads(lambda q, k, v, i, f: mlstm_tfla(q, k, v, i, f)[0], [q, k, v, i, f])
-    own = _grads(lambda q, k, v, i, f: mlstm_tfla(q, k, v, i, f, exact_backward=False)[0], [q, k, v, i, f])
+    own = _grads(lambda q, k, v, i, f: mlstm_tfla(q, k, v, i, f, options=KernelOptions(exact_gradient=False))[0], [q, k, v, i, f])
     truth = _grads(lambda q, k, v, i, f: mlstm_chunkwise(q.float(), k.float(), v.float(), i,
                                                          torch.nn.functional.logsigmoid(f))[0], [q, k, v, i, f])
     reference = _grads(lambda q, k, v, i, f: custbw(q.float() * D**0.5, k.float(), v.float(), i, f, chunk_size=64),
@@ -109,10 +109,10 @@ def test_tfla_forward_and_exact_backward_match_native(dtype):
     assert errors["own vs truth"]["dq"] > 0.1, errors
 
 
-def test_tfla_kept_chunk_states_give_the_recomputed_gradients(monkeypatch):
+def test_tfla_kept_chunk_states_give_the_recomputed_gradients():
     """The backward from the forward's chunk states (the default) and from states computed again: the same
     gradients, also from an initial state (bf16 inputs, float32 gates)."""
-    from xlstm_distill.kernels import tfla
+    from xlstm_distill.kernels import mlstm_tfla as tfla
 
     g = torch.Generator(device="cuda").manual_seed(0)
     B, NH, S, D = 2, 4, 1024, 64
@@ -122,8 +122,9 @@ def test_tfla_kept_chunk_states_give_the_recomputed_gradients(monkeypatch):
     _, state = tfla.mlstm_tfla(*(x[:, :, :256] for x in (q, k, v, i, f)))
     results = {}
     for keep in (True, False):
-        monkeypatch.setattr(tfla, "KEEP_CHUNK_STATES", keep)
-        results[keep] = _grads(lambda q, k, v, i, f: tfla.mlstm_tfla(q, k, v, i, f, state, chunk_size=128)[0],
+        options = KernelOptions(keep_chunk_states=keep)
+        results[keep] = _grads(lambda q, k, v, i, f: tfla.mlstm_tfla(q, k, v, i, f, state, chunk_size=128,
+                                                                     options=options)[0],
                                [x[:, :, 256:] for x in (q, k, v, i, f)])
     (out, grads), (ref, ref_grads) = results[True], results[False]
     errors = _errors(out, grads, ref, ref_grads)
@@ -136,7 +137,7 @@ def test_tfla_kept_chunk_states_give_the_recomputed_gradients(monkeypatch):
 def test_flex_forward_backward_matches_native(dtype, packed, copy_sinks):
     """FlexAttention forward and backward as the native kernel, for packed documents (sinks per document) and one
     document per row (the cached mask), with the sinks copied per query block (training's mask) or in place."""
-    from xlstm_distill.kernels.flex import causal_swa_block_mask, swa_block_mask, swa_sinks_flex
+    from xlstm_distill.kernels.swa_flex import causal_swa_block_mask, swa_block_mask, swa_sinks_flex
 
     g = torch.Generator(device="cuda").manual_seed(0)
     B, NH, NKV, T, D = 2, 8, 2, 2048, 64
@@ -163,7 +164,7 @@ def test_flex_copied_sinks_unaligned_short_documents(packed):
     """Training's mask (copied sinks) at a length that is not a multiple of 128, with documents shorter than the
     sinks, documents across blocks and a block of 50 documents (more than its copies have room for: the later ones
     keep their sinks in place): forward and backward as the native kernel (bf16)."""
-    from xlstm_distill.kernels.flex import causal_swa_block_mask, swa_block_mask, swa_sinks_flex
+    from xlstm_distill.kernels.swa_flex import causal_swa_block_mask, swa_block_mask, swa_sinks_flex
 
     g = torch.Generator(device="cuda").manual_seed(0)
     B, NH, NKV, T, D = 2, 8, 2, 1000, 64
@@ -192,7 +193,7 @@ def test_flex_serves_many_lengths_and_windows_compiled(training_mask):
     error; past it FlexAttention would run unfused, 8 x 64K x 64K float32 scores at 64K = 128 GiB) and matches the
     native kernel, including a short query (inductor's decoding-kernel range) after the symbolic-length kernel.
     ``training_mask``: the calls with gradients use copied sinks, as the layer does in training."""
-    from xlstm_distill.kernels.flex import causal_swa_block_mask, swa_sinks_flex
+    from xlstm_distill.kernels.swa_flex import causal_swa_block_mask, swa_sinks_flex
 
     torch._dynamo.reset()
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -241,15 +242,13 @@ def _student_run(model: torch.nn.Module, ids, docs, dtype: torch.dtype, autocast
 
 @pytest.mark.parametrize("copy_sinks", ["rows", "all"])
 @pytest.mark.parametrize("mixer", ["mlstm_swa", "linear_swa"])
-def test_student_fast_backend_matches_native_forward_backward(mixer, copy_sinks, monkeypatch):
+def test_student_fast_backend_matches_native_forward_backward(mixer, copy_sinks):
     """The whole student on CUDA, bf16: backend='tfla' (TFLA + FlexAttention, the memory branch through
     torch.compile) against backend='native' in float32 (the truth); logits and a q_proj gradient must be within the
     tolerance or no worse than twice backend='native' in bf16. The second layer must not compile again. The rows are
     packed: FlexAttention's sinks in place (the default, "rows") or copied per query block ("all")."""
-    from xlstm_distill.modeling import attention
-
-    monkeypatch.setattr(attention, "COPY_SINKS", copy_sinks)
     native, fast, ids, docs = _student_pair(mixer)
+    fast.config.kernels = fast.config.kernels.replace(copy_sinks=copy_sinks)
     truth = _student_run(native, ids, docs, torch.float32)
     native_bf16 = _student_run(native, ids, docs, torch.bfloat16)
     torch._dynamo.reset()  # the compiled memory branch and FlexAttention: one graph each serves both layers
@@ -288,18 +287,16 @@ def test_student_compiles_as_one_graph_on_cuda():
         assert got < max(TOL[torch.bfloat16], 2 * reference), errors
 
 
-def test_compiled_memory_branch_under_autocast_matches_eager(monkeypatch):
+def test_compiled_memory_branch_under_autocast_matches_eager():
     """A training step under bf16 autocast with float32 weights (the stages' default on CUDA): backend 'tfla' with
     the memory branch through torch.compile against the same step with the branch eager, both against the float32
     native step (the truth): the compiled step no further from it than twice the eager one (or the bf16
     tolerance), and the second layer compiles nothing new."""
-    from xlstm_distill.modeling import attention
-
     native, fast, ids, docs = _student_pair("mlstm_swa")
     truth = _student_run(native, ids, docs, torch.float32)
-    monkeypatch.setattr(attention, "COMPILE_MEMORY", False)
+    fast.config.kernels = fast.config.kernels.replace(compile_memory=False)
     eager = _student_run(fast, ids, docs, torch.float32, autocast=True)
-    monkeypatch.setattr(attention, "COMPILE_MEMORY", True)
+    fast.config.kernels = fast.config.kernels.replace(compile_memory=True)
     torch._dynamo.reset()
     with torch._dynamo.config.patch(error_on_recompile=True):
         compiled = _student_run(fast, ids, docs, torch.float32, autocast=True)
@@ -321,7 +318,7 @@ def test_compiled_memory_branch_matches_eager_at_many_lengths():
     torch._dynamo.reset()
     g = torch.Generator(device="cuda").manual_seed(0)
     NH, NKV, D = 4, 2, 64
-    spec = MemorySpec(NH, True, True, 64)
+    spec = MemorySpec(NH, gated=True, step=False, chunk_size=64, options=KernelOptions(mlstm="tfla"))
     for T in (12, 40, 100, 200, 333):
         q = torch.randn(1, NH, T, D, device="cuda", generator=g)
         k, v = (torch.randn(1, NKV, T, D, device="cuda", generator=g) for _ in "kv")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from xlstm_distill.kernels.mlstm import (
+from xlstm_distill.kernels.mlstm_native import (
     MLSTMState,
     mlstm_chunkwise,
     mlstm_parallel,

@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from xlstm_distill.kernels.swa import swa_sinks_attention, swa_sinks_attention_cached
+from xlstm_distill.kernels.swa_native import swa_sinks_attention, swa_sinks_attention_cached
 
 
 needs_cpu_flex_compile = pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
@@ -75,7 +75,7 @@ def test_cached_compiled_matches_dense():
 
 @pytest.mark.parametrize("window,sinks", [(8, 4), (5, 0), (100, 2)])
 def test_flex_attention_matches_dense(window, sinks):
-    from xlstm_distill.kernels.flex import swa_block_mask, swa_sinks_flex
+    from xlstm_distill.kernels.swa_flex import swa_block_mask, swa_sinks_flex
 
     q, k, v = _qkv(T=70)
     doc_start = torch.zeros(2, 70, dtype=torch.long)
@@ -90,7 +90,7 @@ def test_compiled_flex_attention_serves_many_variants():
     and lengths: more compiled variants than dynamo's default recompile limit of 8. With hitting the limit made an
     error, every call must stay compiled (past the limit FlexAttention would run unfused: T x T scores) and match the
     native kernel."""
-    from xlstm_distill.kernels.flex import causal_swa_block_mask, swa_sinks_flex
+    from xlstm_distill.kernels.swa_flex import causal_swa_block_mask, swa_sinks_flex
 
     torch._dynamo.reset()
     g = torch.Generator().manual_seed(0)
@@ -109,7 +109,7 @@ def test_compiled_flex_attention_serves_many_variants():
 def test_compiled_flex_attention_compiles_twice_for_all_lengths():
     """Prompts of many lengths: the first length compiles with static shapes, the second with a symbolic length
     that serves all later ones (with dynamic=False every length would compile again)."""
-    from xlstm_distill.kernels.flex import causal_swa_block_mask, swa_sinks_flex
+    from xlstm_distill.kernels.swa_flex import causal_swa_block_mask, swa_sinks_flex
 
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
@@ -142,7 +142,7 @@ LAYOUTS = {"one document": [], "two documents": [30], "short documents": [130, 1
 def test_flex_copied_sinks_match_dense(window, sinks, layout):
     """Training's mask on the CPU (eager): each query block of 128 tokens sees copies of its documents' sinks after
     the keys, the sinks in place are out of the window part. Same function as the dense definition."""
-    from xlstm_distill.kernels.flex import BLOCK, causal_swa_block_mask, swa_block_mask, swa_sinks_flex
+    from xlstm_distill.kernels.swa_flex import BLOCK, causal_swa_block_mask, swa_block_mask, swa_sinks_flex
 
     T = 400
     q, k, v = _qkv(T=T)
@@ -163,7 +163,7 @@ def test_flex_copied_sinks_match_dense(window, sinks, layout):
 def test_flex_copied_sinks_fall_back_to_sinks_in_place():
     """More sinks than a block of copies has room for (130 > 128): the sinks stay in place, one document per row
     and packed."""
-    from xlstm_distill.kernels.flex import causal_swa_block_mask, swa_block_mask, swa_sinks_flex
+    from xlstm_distill.kernels.swa_flex import causal_swa_block_mask, swa_block_mask, swa_sinks_flex
 
     q, k, v = _qkv(T=400)
     doc_start = _packed_starts(400, [300])
@@ -182,7 +182,7 @@ def test_flex_copied_sinks_gradient(monkeypatch, layout):
     dense definition."""
     from torch.nn.attention.flex_attention import create_mask
 
-    from xlstm_distill.kernels import flex
+    from xlstm_distill.kernels import swa_flex as flex
 
     def dense_flex(q, k, v, block_mask, scale, enable_gqa, kernel_options):
         G = q.shape[1] // k.shape[1]

@@ -9,9 +9,9 @@ import torch
 
 import xlstm_distill as xd
 from helpers import perturb_new_parameters, tiny_teacher
-from xlstm_distill.kernels import mlstm_chunkwise
-from xlstm_distill.kernels import tfla
-from xlstm_distill.kernels.tfla import mlstm_tfla
+from xlstm_distill.kernels import KernelOptions, mlstm_chunkwise
+from xlstm_distill.kernels import mlstm_tfla as tfla
+from xlstm_distill.kernels.mlstm_tfla import mlstm_tfla
 
 
 def _inputs(S, seed=0):
@@ -38,7 +38,7 @@ def test_tfla_matches_native_with_and_without_state(S):
 def test_tfla_continues_a_state_with_rows_that_have_no_token_yet():
     """A batch state where row 0 has seen tokens and row 1 none (m = -inf, e.g. a row of padding only): each row
     continues its own state, outputs and final state as the native kernel's (the empty row as from no state)."""
-    from xlstm_distill.kernels.mlstm import empty_state
+    from xlstm_distill.kernels.mlstm_native import empty_state
 
     q, k, v, i, f = _inputs(48)
     lf = torch.nn.functional.logsigmoid(f)
@@ -125,7 +125,7 @@ def test_exact_backward_is_autograd_near_the_normalizers_kink(monkeypatch, eps, 
     """Float64: the exact-backward path against the native kernel's autograd, on inputs with tokens near the kink
     and with a large stabilizer. Without eps all five gradients agree to rounding; with it q, k and v still do, and
     the gates' gradients differ only by eps's dependence on the stabilizer m, which the kernel holds constant."""
-    from xlstm_distill.kernels import mlstm
+    from xlstm_distill.kernels import mlstm_native as mlstm
 
     monkeypatch.setattr(mlstm, "EPS", eps)  # both kernels read it
     inputs = [x.requires_grad_() for x in _wide_inputs(256, input_gate_offset)]
@@ -168,7 +168,7 @@ def test_normalizer_branch_is_decided_at_the_kink_of_each_token():
     """The |q n| branch is |w| >= 1 / (1 + eps exp(m)), not |w| close to 1: a token just below the kink (w = 0.998,
     m = 0) gets no normalizer term; a token with a large stabilizer (m = 12: eps exp(m) = 0.16, kink 0.86) whose
     w = 0.99 is on the |q n| branch and gets d out / d w = -u sign(w). The forward value is u either way."""
-    from xlstm_distill.kernels.tfla import _add_normalizer_gradient
+    from xlstm_distill.kernels.mlstm_tfla import _add_normalizer_gradient
 
     u, w = torch.tensor([2.0, 3.0], dtype=torch.float64), torch.tensor([0.998, -0.99], dtype=torch.float64)
     h = torch.stack([u, w], -1)[None, None].requires_grad_()  # (1, 1, 2, DHV + 1 = 2)
@@ -180,7 +180,7 @@ def test_normalizer_branch_is_decided_at_the_kink_of_each_token():
 
 def test_flex_single_document_mask_is_cached_and_exact():
     """Unpadded, unpacked inputs use one cached block mask per length (broadcast over the batch)."""
-    from xlstm_distill.kernels import flex, swa_sinks_attention
+    from xlstm_distill.kernels import swa_flex as flex, swa_sinks_attention
 
     flex._cached_swa_mask.cache_clear()
     student = xd.convert(tiny_teacher("llama"), xd.HybridConfig(mixer="swa", window_size=8, num_sink_tokens=2,
@@ -225,14 +225,14 @@ def test_long_inputs_run_in_groups_of_heads(monkeypatch):
 
 def test_mlstm_kernels_backward_treats_the_normalizer_as_a_constant():
     """mlstm_kernels' own custom backward (the one its Triton TFLA kernel implements; `chunkwise--native_custbw` is
-    its PyTorch version; ``exact_backward=False``) does not differentiate the normalizer max(|q n|, exp(-m)): dv
+    its PyTorch version; ``exact_gradient=False``) does not differentiate the normalizer max(|q n|, exp(-m)): dv
     equals exact autograd (the normalizer does not depend on v), dq, dk and the gates' gradients do not. This is why
     the adapter adds the extra value column by default (docs/decisions.md)."""
     inputs = [x.requires_grad_() for x in _inputs(128)]
     q, k, v, i, f = inputs
     lf = torch.nn.functional.logsigmoid(f)
     exact = torch.autograd.grad(mlstm_chunkwise(q, k, v, i, lf, chunk_size=16)[0].square().sum(), inputs)
-    out = mlstm_tfla(q, k, v, i, f, exact_backward=False)[0]
+    out = mlstm_tfla(q, k, v, i, f, options=KernelOptions(exact_gradient=False))[0]
     torch.testing.assert_close(out, mlstm_tfla(q, k, v, i, f)[0])  # the same forward
     custom = torch.autograd.grad(out.square().sum(), inputs)
     rel = [float((a - b).norm() / b.norm()) for a, b in zip(custom, exact)]
@@ -270,13 +270,13 @@ def test_kernel_ops_pass_opcheck(with_state):
         _, state = mlstm_tfla(*(x[:, :, :16].detach() for x in (q, k, v, i, f)), chunk_size=16)
         initial = [state.C, state.n, state.m.unsqueeze(-1)]
     inputs = (q, k, v, i, f, *initial)
-    torch.library.opcheck(torch.ops.xlstm_distill.tfla_forward.default, (*inputs, 16, False))
+    torch.library.opcheck(torch.ops.xlstm_distill.tfla_forward.default, (*inputs, 16, False, "{}"))
     with torch.no_grad():
-        h, n_out, m_out, C = torch.ops.xlstm_distill.tfla_forward(*inputs, 16, False)[:4]
+        h, n_out, m_out, C = torch.ops.xlstm_distill.tfla_forward(*inputs, 16, False, "{}")[:4]
     dh = torch.randn(h.shape, generator=torch.Generator().manual_seed(1)).transpose(0, 1).contiguous().transpose(0, 1)
     empty = q.new_empty(0)
     backward = (dh, torch.zeros_like(C), *(x.detach() if x is not None else None for x in inputs), empty, empty,
-                empty, n_out, m_out, 16)
+                empty, n_out, m_out, 16, "{}")
     torch.library.opcheck(torch.ops.xlstm_distill.tfla_backward.default, backward)
 
 

@@ -2,9 +2,11 @@
 
 import torch
 
+from xlstm_distill.kernels import KernelOptions
 from xlstm_distill.modeling.attention import MemorySpec, _compiled_memory_and_mix, memory_and_mix
 
 B, NH, NKV, T, D = 2, 4, 2, 160, 16
+TFLA = KernelOptions(mlstm="tfla")  # on CPU: mlstm_kernels' PyTorch twin, as a custom operator
 
 
 def _inputs(seed: int, T: int = T) -> list:
@@ -24,7 +26,7 @@ def _inputs(seed: int, T: int = T) -> list:
 def _run(fn, inputs: list) -> list[torch.Tensor]:
     """Output, final state and the gradients of every leaf under a fixed random output gradient."""
     q, k, v, gates, swa, *maps, reset = inputs
-    y, state = fn(q, k, v, gates, swa, tuple(maps), None, reset, MemorySpec(NH, True, True, 64))
+    y, state = fn(q, k, v, gates, swa, tuple(maps), None, reset, MemorySpec(NH, gated=True, step=False, chunk_size=64, options=TFLA))
     cotangent = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
     grads = torch.autograd.grad((y * cotangent).sum(), inputs[:-1])
     return [y.detach(), *state, *grads]

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from helpers import tiny_recipe
-from xlstm_distill.stages.recipe import Pipeline, Recipe
+from xlstm_distill.stages import Pipeline, Recipe
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from helpers import tiny_recipe
-from xlstm_distill.stages.recipe import Pipeline, Recipe
+from xlstm_distill.stages import Pipeline, Recipe, RunContext
 
 
 def test_run_with_experts_and_report(tmp_path):
@@ -40,15 +40,62 @@ def test_run_with_experts_and_report(tmp_path):
 
 def test_recipe_errors(tmp_path):
     path = tiny_recipe(tmp_path, "bad", colour="blue")
-    with pytest.raises(ValueError, match="unknown recipe keys \\['colour'\\]"):
+    with pytest.raises(ValueError, match="unknown key\\(s\\) colour; valid keys of recipe: name, out_dir"):
         Recipe.load(path)
     path = tiny_recipe(tmp_path, "ok")
     with pytest.raises(ValueError, match="section.key=value"):
         Recipe.load(path, ["distill.steps"])
-    recipe = Recipe.load(path, ["distill.steps=7", "data.weights={a: 1.0, zzz: 1.0}"])
-    assert recipe.distill["steps"] == 7
+    recipe = Recipe.load(path, ["distill.steps=7", "data.weights={a: 1.0, zzz: 1.0}", "distill.lr=1e-5"])
+    assert recipe.distill.steps == 7 and recipe.distill.lr == 1e-5 and isinstance(recipe.distill.lr, float)
     with pytest.raises(ValueError, match="unknown sources \\['zzz'\\]"):
-        Pipeline(recipe).sources(held_out=False)
+        RunContext(recipe).sources(held_out=False)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("distill.stepz=5", "distill: unknown key\\(s\\) stepz; valid keys of distill: steps, lr, min_lr"),
+    ("align.beyond_window=2", "align: unknown key\\(s\\) beyond_window; valid keys of align: .*beyond_window_weight"),
+    ("student.windw=8", "student: unknown key\\(s\\) windw; valid keys of student: mixer, window_size"),
+    ("student.kernels.copysinks=none", "kernels: unknown key\\(s\\) copysinks; valid keys of kernels: mlstm, swa"),
+    ("student.kernels.copy_sinks=some", "kernels.copy_sinks='some': choose one of rows, all, none"),
+    ("student.mixer=mamba", "mixer='mamba' is not supported"),
+    ("distill.steps=many", "distill.steps must be a number, got 'many'"),
+    ("distill.steps=2.5", "distill.steps must be an integer, got 2.5"),
+    ("distill.compile=1", "distill.compile must be true or false, got 1"),
+    ("distill.topk_mode=top", "distill.topk_mode='top': choose one of renormalize, residual"),
+    ("targets.mode=later", "targets.mode='later': choose one of offline, online"),
+    ("evaluate.tasks=xd_piqa", "evaluate.tasks must be a list, got 'xd_piqa'"),
+    ("experts.domains={}", "experts.domains must name at least one expert"),
+])
+def test_bad_recipe_values_are_refused_at_load_naming_the_key(tmp_path, override, message):
+    """Every key is checked when the recipe is read (before any stage runs): an unknown key names itself and the
+    valid keys of its section; a bad value names the key and what it must be."""
+    path = tiny_recipe(tmp_path, "ok")
+    with pytest.raises(ValueError, match=message):
+        Recipe.load(path, [override])
+
+
+def test_recipe_defaults_live_in_the_sections(tmp_path):
+    """A recipe that leaves keys out gets the sections' defaults (Stage II: constant schedule, weight decay 0.1),
+    and student kernel options reach the student's config."""
+    path = tiny_recipe(tmp_path, "ok", distill={"steps": 3}, targets=None, evaluate=None)
+    recipe = Recipe.load(path, ["student.kernels.copy_sinks=none", "student.backend=native"])
+    assert (recipe.distill.schedule, recipe.distill.weight_decay, recipe.distill.gamma) == ("constant", 0.1, 0.9)
+    assert (recipe.targets.k, recipe.evaluate.held_out_sequences, recipe.align.schedule) == (256, 8, "cosine")
+    config = recipe.student_config()
+    assert (config.kernels.copy_sinks, config.kernels.mlstm, config.backend) == ("none", "native", "native")
+
+
+def test_recipe_reference_is_current():
+    """docs/recipes.md is the generated reference of every recipe key (regenerate: python -m
+    xlstm_distill.stages.recipe > docs/recipes.md); every key has a meaning."""
+    from pathlib import Path
+
+    from xlstm_distill.stages.recipe import recipe_reference
+
+    text = recipe_reference()
+    assert (Path(__file__).parents[2] / "docs" / "recipes.md").read_text() == text
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    assert len(rows) > 50 and all(not line.rstrip().endswith("|  |") for line in rows), rows
 
 
 def test_swa_student_skips_stage1_and_students_share_targets(tmp_path):

@@ -30,7 +30,9 @@ def hybrid_layer(num_heads: int, num_kv_heads: int, head_dim: int, student: Hybr
     return HybridAttention(LlamaAttention(teacher, 0), config, 0).to(device=device, dtype=dtype)
 
 
-def _inputs(layer: HybridAttention, batch: int, seq_len: int, device: torch.device, dtype: torch.dtype):
+def mixer_inputs(layer: HybridAttention, batch: int, seq_len: int, device: torch.device,
+                 dtype: torch.dtype) -> list[torch.Tensor]:
+    """Random q (B, NH, S, DH), k, v (B, NKV, S, DH) and gate pre-activations (B, G*NH, S) for ``layer``."""
     H, KV, D = layer.num_heads, layer.num_kv_heads, layer.head_dim
     q = torch.randn(batch, H, seq_len, D, device=device, dtype=dtype)  # (B, NH, S, DH)
     k, v = (torch.randn(batch, KV, seq_len, D, device=device, dtype=dtype) for _ in range(2))  # (B, NKV, S, DH)
@@ -38,9 +40,9 @@ def _inputs(layer: HybridAttention, batch: int, seq_len: int, device: torch.devi
     return [q, k, v, gates]
 
 
-def _mix(layer: HybridAttention, layout, *inputs: torch.Tensor) -> torch.Tensor:
+def mix_once(layer: HybridAttention, layout, *inputs: torch.Tensor) -> torch.Tensor:
     """One hybrid mixer call; the per-forward objects (block mask) are rebuilt, as in the model."""
-    layout.derived.clear()
+    layout.memo.clear()
     return layer.mix(*inputs, layout)
 
 
@@ -50,26 +52,27 @@ def mixer_point(layer: HybridAttention, batch: int, seq_len: int, repeats: int =
     kernels (docs/decisions.md)."""
     torch._dynamo.reset()
     param = next(layer.parameters())
-    inputs = _inputs(layer, batch, seq_len, param.device, param.dtype)
+    inputs = mixer_inputs(layer, batch, seq_len, param.device, param.dtype)
     layout = full_layout(batch, seq_len, param.device)
 
     def hybrid(q, k, v, gates):
-        return _mix(layer, layout, q, k, v, gates)
+        return mix_once(layer, layout, q, k, v, gates)
 
     def hybrid_native(q, k, v, gates):  # backend 'native' (pure PyTorch), next to the layer's own (auto: TFLA +
         # FlexAttention on CUDA) for the forward + backward of training
-        backend, layer.backend = layer.backend, "native"
+        options = layer.config.kernels
+        layer.config.kernels = options.replace(mlstm="native", swa="native")
         try:
             return hybrid(q, k, v, gates)
         finally:
-            layer.backend = backend
+            layer.config.kernels = options
 
     def sdpa(q, k, v, gates):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
 
     row = {"seq_len": seq_len, "batch": batch}
     variants = [("hybrid", hybrid, True), ("sdpa", sdpa, True)]  # (name, function, also time the forward alone)
-    if layer.backend != "native" and param.is_cuda:
+    if layer.config.backend != "native" and param.is_cuda:
         variants.insert(1, ("hybrid_native", hybrid_native, False))
     for name, fn, time_forward in variants:
         leaves = [x.detach().requires_grad_() for x in inputs]
@@ -103,15 +106,15 @@ def profile_mixer(layer: HybridAttention, batch: int, seq_len: int, path: Path, 
 
     torch._dynamo.reset()
     param = next(layer.parameters())
-    leaves = [x.requires_grad_() for x in _inputs(layer, batch, seq_len, param.device, param.dtype)]
+    leaves = [x.requires_grad_() for x in mixer_inputs(layer, batch, seq_len, param.device, param.dtype)]
     layout = full_layout(batch, seq_len, param.device)
 
     def forward() -> None:
         with torch.no_grad():
-            _mix(layer, layout, *leaves)
+            mix_once(layer, layout, *leaves)
 
     def forward_backward() -> None:
-        _mix(layer, layout, *leaves).sum().backward()
+        mix_once(layer, layout, *leaves).sum().backward()
 
     tables = []
     for title, step in (("forward (no gradients)", forward), ("forward + backward", forward_backward)):

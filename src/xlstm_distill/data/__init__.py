@@ -5,9 +5,11 @@ from xlstm_distill.data.encoding import encode_chat, encode_text
 from xlstm_distill.data.offline import DOMAINS, build_offline_corpora, offline_sources
 from xlstm_distill.data.packing import PackedDataset, collate
 from xlstm_distill.data.sources import SUPPORTED_EXTENSIONS, Source
+from xlstm_distill.data.split import HELD_OUT_EVERY, held_out_split
 
 __all__ = [
     "DOMAINS",
+    "HELD_OUT_EVERY",
     "NGramIndex",
     "PackedDataset",
     "SUPPORTED_EXTENSIONS",
@@ -18,5 +20,6 @@ __all__ = [
     "encode_chat",
     "encode_text",
     "eval_items",
+    "held_out_split",
     "offline_sources",
 ]

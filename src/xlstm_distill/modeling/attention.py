@@ -1,36 +1,30 @@
-"""The student's sequence mixer: teacher q/k/v/o projections + SWA with sinks and/or mLSTM, mixed per head."""
+"""The student's sequence mixer: teacher q/k/v/o projections + SWA with sinks and/or mLSTM, mixed per head.
+
+The mixer asks ``xlstm_distill.kernels`` for operations (``swa``, ``mlstm``, their cached / step forms); which
+implementation runs them is the config's ``kernels`` (:class:`~xlstm_distill.kernels.KernelOptions`).
+"""
 
 from __future__ import annotations
 
 import functools
-import logging
 import sys
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from xlstm_distill.kernels import mlstm_chunkwise, mlstm_recurrent_step, swa_sinks_attention, swa_sinks_attention_cached
-from xlstm_distill.kernels import flex, tfla
+from xlstm_distill import kernels
 from xlstm_distill.kernels.compiling import many_variants
-from xlstm_distill.kernels.mlstm import MLSTMState
-from xlstm_distill.modeling.cache import HybridCache, TokenLayout
+from xlstm_distill.kernels.mlstm_native import MLSTMState
+from xlstm_distill.kernels.options import KernelOptions
+from xlstm_distill.modeling.cache import HybridCache, LayerCache, TokenLayout
 from xlstm_distill.modeling.configuration import HybridConfig
 from xlstm_distill.modeling.families import qk_norm_of
-
-logger = logging.getLogger(__name__)
 
 # Initial gate biases (see docs/decisions.md): input gates start neutral, forget gates as HybridConfig.forget_gate_bias
 # says, and the output gate starts near the SWA branch (sigmoid(-3) = 0.047), which alone reproduces the teacher
 # inside the window.
 OUTPUT_GATE_BIAS = -3.0
-# On CUDA the memory branch and the mix run through torch.compile around the TFLA kernel (``memory_and_mix``), also
-# under autocast (the stages' default); False: eagerly (the benchmarks compare both).
-COMPILE_MEMORY = True
-# With gradients, FlexAttention reads the sinks from copies per query block (kernels/flex.py) where that measured
-# faster: "rows" (rows of one document; packed documents keep them in place, docs/decisions.md), "all" (packed too),
-# "none" (the benchmarks compare them).
-COPY_SINKS = "rows"
 
 
 class FeatureMap(nn.Module):
@@ -93,12 +87,13 @@ class HybridAttention(nn.Module):
     def __init__(self, teacher_attn: nn.Module, config: HybridConfig, layer_idx: int) -> None:
         super().__init__()
         teacher = config.get_teacher_config()
+        self.config = config  # the kernel options are read from it at every call (settable after construction)
         self.layer_idx = layer_idx
         self.mixer = config.mixer
         self.window, self.num_sinks, self.chunk_size = config.window_size, config.num_sink_tokens, config.chunk_size
-        self.backend = config.backend
-        if self.backend == "tfla" and not tfla.AVAILABLE:
-            raise ImportError("backend='tfla' needs mlstm_kernels: pip install 'xlstm-distill[gpu]' (or use backend='native').")
+        if config.kernels.mlstm == "tfla" and not kernels.registry.MLSTM_KERNELS_AVAILABLE:
+            raise ImportError("kernels.mlstm='tfla' (backend='tfla') needs mlstm_kernels: "
+                              "pip install 'xlstm-distill[gpu]' (or use backend='native').")
         self.num_heads = teacher.num_attention_heads
         self.num_kv_heads = getattr(teacher, "num_key_value_heads", None) or self.num_heads
         self.head_dim = teacher_attn.head_dim
@@ -121,6 +116,10 @@ class HybridAttention(nn.Module):
         if self.num_gates:
             gate_in = (H + 2 * self.num_kv_heads) * D  # concatenated q, k, v head activations
             self.gate_proj = GateProjection(gate_in, H, self.gated_memory, output_gate, config.forget_gate_bias)
+
+    @property
+    def options(self) -> KernelOptions:
+        return self.config.kernels
 
     def new_parameter_names(self) -> list[str]:
         """Names (relative to this module) of the parameters the teacher does not have."""
@@ -168,71 +167,43 @@ class HybridAttention(nn.Module):
         v: torch.Tensor,  # (B, NKV, T, DH)
         gates: torch.Tensor | None,  # (B, G*NH, T) gate pre-activations
         layout: TokenLayout,
-        cache: dict | None = None,
+        cache: LayerCache | None = None,
     ) -> torch.Tensor:
         """The sequence mixer alone (what replaces softmax attention). Returns (B, NH, T, DH)."""
         swa = self._swa(q, k, v, layout, cache) if self.uses_swa else None
         if not self.uses_memory:
             return swa
         continues = cache is not None and layout.continues_cache
-        state = cache.get("state") if continues else None
-        step = state is not None and q.shape[2] == 1  # one decode step: the recurrent form (no kernel to choose)
-        spec = MemorySpec(self.num_heads, self.gated_memory, not step and self._use_tfla(q), self.chunk_size)
+        state = cache.memory if continues else None
+        options = self.options
+        step = state is not None and q.shape[2] == 1  # one decode step: the recurrent form
+        spec = MemorySpec(self.num_heads, self.gated_memory, step, self.chunk_size, options)
         maps = (self.q_feature_map.weight, self.q_feature_map.bias, self.k_feature_map.weight, self.k_feature_map.bias)
         args = (q, k, v, gates, swa, maps, state, None if continues else layout.reset, spec)
-        # its own compiled graph on CUDA; inside a compiled model it is traced with the model instead
-        if spec.tfla and q.is_cuda and COMPILE_MEMORY and not torch.compiler.is_compiling():
+        # its own compiled graph on CUDA around the TFLA kernel; inside a compiled model it is traced with the model
+        tfla = not step and kernels.choose_kernel("mlstm", options, q.device, gated=self.gated_memory) == "tfla"
+        if tfla and q.is_cuda and options.compile_memory and not torch.compiler.is_compiling():
             with many_variants():
                 y, state = _compiled_memory_and_mix()(*args)
         else:
             y, state = memory_and_mix(*args)
         if cache is not None:
-            cache["state"] = MLSTMState(*state)
+            cache.update_memory(state)
         return y
 
-    def _swa(self, q, k, v, layout: TokenLayout, cache: dict | None) -> torch.Tensor:
+    def _swa(self, q, k, v, layout: TokenLayout, cache: LayerCache | None) -> torch.Tensor:
         """Sliding-window + sinks branch; fills / reads the sink and ring-buffer K/V of ``cache``."""
+        window = dict(window=self.window, num_sinks=self.num_sinks, scale=self.scaling, options=self.options)
         if cache is not None and layout.continues_cache:
-            keys = torch.cat([cache["sink_k"], cache["ring_k"], k], dim=2)
-            values = torch.cat([cache["sink_v"], cache["ring_v"], v], dim=2)
+            keys, values = cache.window_keys(k, v)
             key_pos = torch.cat([layout.cached_key_pos, layout.position], dim=1)  # (B, S + W + T)
-            out = swa_sinks_attention_cached(q, layout.position, keys, values, key_pos, self.window, self.num_sinks, self.scaling)
-        elif self._use_flex(q) and (q.is_cuda or not torch.is_grad_enabled()):  # no FlexAttention backward on CPU
-            # with gradients, rows of one document read their sinks from copies per query block (COPY_SINKS)
-            copies = COPY_SINKS == "all" or COPY_SINKS == "rows" and layout.single_document
-            copies = copies and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-            key = "block_mask_copies" if copies else "block_mask"
-            if key not in layout.derived:
-                if layout.single_document:  # same mask for every row and every forward of this length
-                    mask = flex.causal_swa_block_mask(q.shape[2], self.window, self.num_sinks, q.device, copies)
-                else:
-                    mask = flex.swa_block_mask(layout.doc_start, self.window, self.num_sinks, copies)
-                layout.derived[key] = mask
-            out = flex.swa_sinks_flex(q, k, v, layout.derived[key], self.scaling)
+            out = kernels.swa_cached(q, layout.position, keys, values, key_pos, **window)
         else:
-            out = swa_sinks_attention(q, k, v, layout.doc_start, self.window, self.num_sinks, self.scaling)
+            out = kernels.swa(q, k, v, layout.doc_start, single_document=layout.single_document, memo=layout.memo,
+                              **window)
         if cache is not None:
-            _write_kv(cache, k, v, layout.write)
+            cache.write_window(k, v, layout.write)
         return out
-
-    def _use_flex(self, q: torch.Tensor) -> bool:
-        """FlexAttention for the SWA branch: backend ``tfla``, or ``auto`` on CUDA (forward and backward checked
-        against the native kernel on an H100)."""
-        return self.backend == "tfla" or (self.backend == "auto" and q.is_cuda)
-
-    def _use_tfla(self, q: torch.Tensor) -> bool:
-        """TFLA for the mLSTM branch: backend ``tfla``, or ``auto`` on CUDA when mlstm_kernels is installed (training
-        too: the adapter's extra value column makes its gradient exact, docs/decisions.md)."""
-        if not self.gated_memory or self.backend == "native":
-            return False
-        if self.backend == "tfla":
-            return True
-        if not q.is_cuda:
-            return False
-        if not tfla.AVAILABLE:
-            _log_once("backend='auto': mlstm_kernels is not installed, the mLSTM runs on the native kernel.")
-            return False
-        return True
 
 
 class MemorySpec(NamedTuple):
@@ -240,8 +211,9 @@ class MemorySpec(NamedTuple):
 
     num_heads: int
     gated: bool  # mLSTM (input / forget gates, max normalizer) or plain linear attention (sum normalizer)
-    tfla: bool  # the chunkwise kernel of mlstm_kernels (else the native one)
+    step: bool  # one recurrent decoding step (T = 1, continuing a state)
     chunk_size: int
+    options: KernelOptions
 
 
 def memory_and_mix(
@@ -264,20 +236,13 @@ def memory_and_mix(
     group = H // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     fq, fk = feature_map(q, *maps[:2]), feature_map(k, *maps[2:])  # (B, NH, T, DF)
-    if spec.gated:
-        i, lf = gates[:, :H].float(), nn.functional.logsigmoid(gates[:, H:2 * H].float())  # (B, NH, T)
-        normalizer = "max"
+    i, f = (gates[:, :H], gates[:, H:2 * H]) if spec.gated else (None, None)  # (B, NH, T) pre-activations
+    if spec.step:
+        h, state = kernels.mlstm_step(fq[:, :, 0], fk[:, :, 0], v[:, :, 0], None if i is None else i[..., 0],
+                                      None if f is None else f[..., 0], state, options=spec.options)
+        h = h.unsqueeze(2)
     else:
-        i = lf = torch.zeros(fq.shape[:3], device=q.device)
-        normalizer = "sum"
-    if state is not None and q.shape[2] == 1:
-        h, state = mlstm_recurrent_step(fq[:, :, 0], fk[:, :, 0], v[:, :, 0], i[..., 0], lf[..., 0], state, normalizer)
-        h = h.unsqueeze(2).to(v.dtype)
-    elif spec.tfla:
-        h, state = tfla.mlstm_tfla(fq, fk, v, i, gates[:, H:2 * H], state, spec.chunk_size, reset)
-        h = h.to(v.dtype)
-    else:
-        h, state = mlstm_chunkwise(fq, fk, v, i, lf, state, reset, normalizer, spec.chunk_size)
+        h, state = kernels.mlstm(fq, fk, v, i, f, state, reset, chunk_size=spec.chunk_size, options=spec.options)
     if swa is None:
         return h, state
     # (B, NH, T, 1); under autocast q (after RoPE) may be float32 while the branches are 16-bit
@@ -291,24 +256,5 @@ def _compiled_memory_and_mix():
     """``memory_and_mix`` through torch.compile: the TFLA kernel is one custom operator in the graph (the Triton
     kernels as they are); the feature maps, GQA repeat, gate and mix work around it become a few fused kernels,
     forward and backward. Static shapes for the first length, a symbolic length from the second (as FlexAttention,
-    kernels/flex.py)."""
+    kernels/swa_flex.py)."""
     return torch.compile(memory_and_mix, dynamic=None)
-
-
-@functools.cache
-def _log_once(message: str) -> None:
-    logger.info(message)
-
-
-def _write_kv(cache: dict, k: torch.Tensor, v: torch.Tensor, write) -> None:
-    """Store this forward's sink and window K/V in the cache (allocating it on first use)."""
-    B, KV, _, D = k.shape
-    if "sink_k" not in cache:
-        S, W = write.sink_src.shape[1], write.ring_src.shape[1]
-        for name, n in (("sink_k", S), ("sink_v", S), ("ring_k", W), ("ring_v", W)):
-            cache[name] = k.new_zeros(B, KV, n, D)
-    for kind, src, from_new in (("sink", write.sink_src, write.sink_from_new), ("ring", write.ring_src, write.ring_from_new)):
-        idx = src[:, None, :, None].expand(B, KV, src.shape[1], D)
-        keep = from_new[:, None, :, None]
-        cache[f"{kind}_k"] = torch.where(keep, torch.gather(k, 2, idx), cache[f"{kind}_k"])
-        cache[f"{kind}_v"] = torch.where(keep, torch.gather(v, 2, idx), cache[f"{kind}_v"])

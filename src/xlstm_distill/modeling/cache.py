@@ -5,19 +5,20 @@ value and document id is a *document*. Nothing crosses a document boundary: atte
 query's document, the recurrent state is reset at its first token, and sinks are its first tokens. Positions
 (RoPE, window, sinks) count from the document start, as transformers does for left padding.
 
-The cache keeps, per layer, the mLSTM state (C, n, m), the K/V of the current document's sink tokens and a
-ring buffer of the last W tokens' K/V: its size does not depend on how many tokens were generated.
+The cache keeps, per layer (:class:`LayerCache`), the mLSTM state (C, n, m), the K/V of the current document's sink
+tokens and a ring buffer of the last W tokens' K/V: its size does not depend on how many tokens were generated.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from xlstm_distill.kernels.mlstm import MLSTMState
+from xlstm_distill.kernels.mlstm_native import MLSTMState
 
 # transformers 5.24 renamed the cache argument and output field `past_key_values` to `cache` (the old names still work,
 # with a deprecation warning): the student takes both and uses the installed version's name itself.
@@ -57,7 +58,7 @@ class TokenLayout:
     single_document: bool = False  # known without looking at the data: one document per row, no padding
     write: CacheWrite | None = None  # set when a cache is to be filled
     cached_key_pos: torch.Tensor | None = None  # (B, S + W) positions of the cached sink + ring K/V, -1 = empty
-    derived: dict[str, Any] = field(default_factory=dict)  # per-forward objects shared by all layers (block mask)
+    memo: dict[Any, Any] = field(default_factory=dict)  # per-forward objects the layers share (a block mask)
 
 
 def _slot_plan(length: torch.Tensor, pos0: torch.Tensor, offset: torch.Tensor, window: int, sinks: int,
@@ -108,17 +109,76 @@ def full_layout(
     return TokenLayout(idx - doc_start, doc_start, boundary, continues_cache=False, single_document=single)
 
 
+@dataclass
+class LayerCache:
+    """One layer's part of the cache: the recurrent state and the window's keys and values (each None until the
+    first forward writes it, and for a mixer without that branch)."""
+
+    memory: MLSTMState | None = None  # C (B, NH, DHQK, DHV), n (B, NH, DHQK), m (B, NH), float32
+    sink_k: torch.Tensor | None = None  # (B, NKV, S, DH) K of the current document's sink tokens
+    sink_v: torch.Tensor | None = None  # (B, NKV, S, DH)
+    ring_k: torch.Tensor | None = None  # (B, NKV, W, DH) K of the last W tokens, slot = position mod W
+    ring_v: torch.Tensor | None = None  # (B, NKV, W, DH)
+
+    WINDOW_FIELDS: ClassVar[tuple[str, ...]] = ("sink_k", "sink_v", "ring_k", "ring_v")
+
+    def window_keys(
+        self,
+        k: torch.Tensor,  # (B, NKV, T, DH) this forward's keys
+        v: torch.Tensor,  # (B, NKV, T, DH)
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # (B, NKV, S + W + T, DH) each
+        """The cached sink and ring keys and values followed by this forward's (positions: ``layout.cached_key_pos``
+        then ``layout.position``)."""
+        return torch.cat([self.sink_k, self.ring_k, k], dim=2), torch.cat([self.sink_v, self.ring_v, v], dim=2)
+
+    def write_window(self, k: torch.Tensor, v: torch.Tensor, write: CacheWrite) -> None:
+        """Store this forward's sink and window K/V (``write`` says which slot takes which token); allocates the
+        buffers on first use."""
+        B, KV, _, D = k.shape
+        if self.sink_k is None:
+            S, W = write.sink_src.shape[1], write.ring_src.shape[1]
+            self.sink_k, self.sink_v = k.new_zeros(B, KV, S, D), k.new_zeros(B, KV, S, D)
+            self.ring_k, self.ring_v = k.new_zeros(B, KV, W, D), k.new_zeros(B, KV, W, D)
+        for kind, src, from_new in (("sink", write.sink_src, write.sink_from_new),
+                                    ("ring", write.ring_src, write.ring_from_new)):
+            idx = src[:, None, :, None].expand(B, KV, src.shape[1], D)
+            keep = from_new[:, None, :, None]
+            for name, x in ((f"{kind}_k", k), (f"{kind}_v", v)):
+                setattr(self, name, torch.where(keep, torch.gather(x, 2, idx), getattr(self, name)))
+
+    def update_memory(self, state: MLSTMState) -> None:
+        self.memory = MLSTMState(*state)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The layer's tensors in a fixed order: C, n, m, then sink K/V and ring K/V (those that exist)."""
+        out = list(self.memory) if self.memory is not None else []
+        return out + [getattr(self, name) for name in self.WINDOW_FIELDS if getattr(self, name) is not None]
+
+    def set_tensors(self, tensors: Iterator[torch.Tensor]) -> None:
+        """Inverse of :meth:`tensors`: take this layer's tensors from ``tensors`` in the same order."""
+        if self.memory is not None:
+            self.memory = MLSTMState(next(tensors), next(tensors), next(tensors))
+        for name in self.WINDOW_FIELDS:
+            if getattr(self, name) is not None:
+                setattr(self, name, next(tensors))
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep batch rows ``rows`` (B',) in this order (beam search)."""
+        self.set_tensors(iter([t.index_select(0, rows.to(t.device)) for t in self.tensors()]))
+
+
 class HybridCache:
-    """Constant-size decoding state: per layer (C, n, m), sink K/V and a ring buffer of the window's K/V."""
+    """Constant-size decoding state: per layer a :class:`LayerCache` (the recurrent state, the sink K/V and a ring
+    buffer of the window's K/V), plus the positions those slots hold, shared by the layers."""
 
     def __init__(self, num_layers: int, window: int, num_sinks: int) -> None:
         self.window = window
         self.num_sinks = num_sinks
-        self.layers: list[dict[str, torch.Tensor | MLSTMState]] = [{} for _ in range(num_layers)]
+        self.layers: list[LayerCache] = [LayerCache() for _ in range(num_layers)]
         self.seen_tokens = 0  # input positions consumed so far (padding included)
         self.doc_length: torch.Tensor | None = None  # (B,) tokens of the current document
-        self.sink_pos: torch.Tensor | None = None  # (B, S)
-        self.ring_pos: torch.Tensor | None = None  # (B, W)
+        self.sink_pos: torch.Tensor | None = None  # (B, S) position held by each sink slot, -1 = empty
+        self.ring_pos: torch.Tensor | None = None  # (B, W) position held by each ring slot, -1 = empty
 
     @property
     def is_empty(self) -> bool:
@@ -169,21 +229,14 @@ class HybridCache:
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Select batch rows (beam search)."""
-        def pick(x):
-            return MLSTMState(*(pick(t) for t in x)) if isinstance(x, MLSTMState) else x.index_select(0, beam_idx.to(x.device))
         for layer in self.layers:
-            for key, value in layer.items():
-                layer[key] = pick(value)
-        self.doc_length, self.sink_pos, self.ring_pos = (pick(x) for x in (self.doc_length, self.sink_pos, self.ring_pos))
+            layer.select(beam_idx)
+        self.doc_length, self.sink_pos, self.ring_pos = (
+            x.index_select(0, beam_idx.to(x.device)) for x in (self.doc_length, self.sink_pos, self.ring_pos))
 
     def tensors(self) -> list[torch.Tensor]:
-        """Every tensor of the cache in a fixed order (layers' K/V and states, then the bookkeeping)."""
-        out = []
-        for layer in self.layers:
-            for key in sorted(layer):
-                value = layer[key]
-                out.extend(value if isinstance(value, MLSTMState) else (value,))
-        return out + [self.doc_length, self.sink_pos, self.ring_pos]
+        """Every tensor of the cache in a fixed order (each layer's, then the bookkeeping)."""
+        return [t for layer in self.layers for t in layer.tensors()] + [self.doc_length, self.sink_pos, self.ring_pos]
 
     def set_tensors(self, tensors: list[torch.Tensor]) -> None:
         """Inverse of :meth:`tensors`: point the cache at ``tensors`` (same order, shapes and dtypes)."""
@@ -192,8 +245,7 @@ class HybridCache:
             raise ValueError("set_tensors needs the tensors of this cache's layout (same count, shapes and dtypes).")
         it = iter(tensors)
         for layer in self.layers:
-            for key in sorted(layer):
-                layer[key] = MLSTMState(*(next(it) for _ in range(3))) if isinstance(layer[key], MLSTMState) else next(it)
+            layer.set_tensors(it)
         self.doc_length, self.sink_pos, self.ring_pos = next(it), next(it), next(it)
 
     def nbytes(self) -> int:

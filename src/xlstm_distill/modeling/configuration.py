@@ -7,10 +7,13 @@ from typing import Any
 
 from transformers import AutoConfig, PreTrainedConfig
 
+from xlstm_distill.kernels.options import KernelOptions
+
 MIXERS = ("mlstm_swa", "mlstm", "swa", "linear_swa", "linear")
-BACKENDS = ("auto", "native", "tfla")
+# ``backend`` is a shorthand for the two kernel choices of ``kernels`` (mLSTM, SWA)
+BACKENDS = {"auto": ("auto", "auto"), "native": ("native", "native"), "tfla": ("tfla", "flex")}
 # The student's own settings (everything except the teacher architecture).
-MIXER_FIELDS = ("mixer", "window_size", "num_sink_tokens", "feature_dim", "chunk_size", "backend", "forget_gate_bias")
+MIXER_FIELDS = ("mixer", "window_size", "num_sink_tokens", "feature_dim", "chunk_size", "forget_gate_bias", "kernels")
 # Attributes mirrored from the teacher config so that generation utilities find them on the student config.
 MIRRORED = (
     "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -30,12 +33,14 @@ class HybridConfig(PreTrainedConfig):
         feature_dim: output size of the per-head feature map phi (default: the teacher's head dimension).
         chunk_size: chunk length of the native chunkwise mLSTM kernel (TFLA on CUDA uses the next power of two,
             at least 128).
-        backend: ``native`` (pure PyTorch, CPU or GPU), ``tfla`` (mLSTM through `mlstm_kernels`: Triton TFLA on
-            CUDA, its PyTorch reference on CPU; SWA through FlexAttention, compiled on CUDA; needs
-            ``pip install 'xlstm-distill[gpu]'``; exact gradient) or ``auto`` (on CUDA: FlexAttention always, TFLA
-            when `mlstm_kernels` is installed, for training too; native otherwise).
         forget_gate_bias: initial forget-gate biases of the mLSTM mixers, spread linearly over the heads from the
             first value to the second (default 3..6: sigmoid 0.95..0.998, memories of about 20 to 400 tokens).
+        kernels: which implementation runs each kernel and how (:class:`~xlstm_distill.kernels.KernelOptions`, or a
+            mapping of its fields); saved with the model.
+        backend: shorthand for the kernel choices, applied over ``kernels``: ``auto`` (on CUDA: FlexAttention, and
+            TFLA when `mlstm_kernels` is installed; native PyTorch elsewhere), ``native`` (pure PyTorch, CPU or GPU)
+            or ``tfla`` (mLSTM through `mlstm_kernels`: Triton TFLA on CUDA, its PyTorch twin on CPU; SWA through
+            FlexAttention; needs ``pip install 'xlstm-distill[gpu]'``).
         teacher_config: the teacher's ``config.to_dict()``; filled in by :func:`xlstm_distill.convert`.
         teacher_name: where the teacher came from (hub id, folder, GGUF or embedded name).
     """
@@ -49,16 +54,20 @@ class HybridConfig(PreTrainedConfig):
         num_sink_tokens: int = 4,
         feature_dim: int | None = None,
         chunk_size: int = 64,
-        backend: str = "auto",
         forget_gate_bias: tuple[float, float] | list[float] = (3.0, 6.0),
+        kernels: KernelOptions | dict[str, Any] | None = None,
+        backend: str | None = None,
         teacher_config: dict[str, Any] | None = None,
         teacher_name: str | None = None,
         **kwargs: Any,
     ) -> None:
         if mixer not in MIXERS:
             raise ValueError(f"mixer={mixer!r} is not supported; choose one of {', '.join(MIXERS)}.")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend={backend!r} is not supported; choose one of {', '.join(BACKENDS)}.")
+        kernels = KernelOptions.of(kernels)
+        if backend is not None:
+            if backend not in BACKENDS:
+                raise ValueError(f"backend={backend!r} is not supported; choose one of {', '.join(BACKENDS)}.")
+            kernels = kernels.replace(mlstm=BACKENDS[backend][0], swa=BACKENDS[backend][1])
         for name, value, low in (("window_size", window_size, 1), ("num_sink_tokens", num_sink_tokens, 0),
                                  ("chunk_size", chunk_size, 1), ("feature_dim", feature_dim or 1, 1)):
             if not isinstance(value, int) or value < low:
@@ -73,8 +82,8 @@ class HybridConfig(PreTrainedConfig):
         self.num_sink_tokens = num_sink_tokens
         self.feature_dim = feature_dim
         self.chunk_size = chunk_size
-        self.backend = backend
         self.forget_gate_bias = [float(b) for b in forget_gate_bias]
+        self.kernels = kernels
         self.teacher_config = teacher_config
         self.teacher_name = teacher_name
         if teacher_config is not None:
@@ -83,6 +92,23 @@ class HybridConfig(PreTrainedConfig):
                     kwargs[key] = teacher_config[key]
             kwargs.setdefault("tie_word_embeddings", teacher_config.get("tie_word_embeddings", False))
         super().__init__(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out["kernels"] = self.kernels.to_dict()
+        return out
+
+    @property
+    def backend(self) -> str:
+        """The ``backend`` shorthand that the kernel choices correspond to (``custom`` if none does)."""
+        pair = (self.kernels.mlstm, self.kernels.swa)
+        return next((name for name, choice in BACKENDS.items() if choice == pair), "custom")
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        if value not in BACKENDS:
+            raise ValueError(f"backend={value!r} is not supported; choose one of {', '.join(BACKENDS)}.")
+        self.kernels = self.kernels.replace(mlstm=BACKENDS[value][0], swa=BACKENDS[value][1])
 
     @property
     def uses_swa(self) -> bool:

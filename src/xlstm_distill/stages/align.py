@@ -9,14 +9,45 @@ By default only the new parameters (feature maps, gates) train; ``train_projecti
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
 from xlstm_distill.modeling import HybridForCausalLM
 from xlstm_distill.modeling.cache import TokenLayout, full_layout
-from xlstm_distill.stages.common import autocast, teacher_forward
+from xlstm_distill.stages import convert
+from xlstm_distill.stages.common import PackedBatches, autocast, teacher_forward
+from xlstm_distill.stages.context import RunContext, console
+from xlstm_distill.stages.trainer import Trainer
+
+
+def run(ctx: RunContext) -> Path:
+    """``out_dir/stage1/model`` (made once; training resumes from its checkpoints). Without an ``align`` section the
+    converted student is passed on."""
+    init = convert.run(ctx)
+    cfg = ctx.recipe.align
+    path = ctx.stage1_dir
+    if cfg is None:
+        return init
+    if (path / "config.json").exists():
+        return path
+    if ctx.dist.world_size > 1:
+        raise ValueError("Stage I runs on one device (it is cheap); launch `align` without torchrun.")
+    student = ctx.load_student(init)
+    set_stage1_trainable(student, cfg.train_projections)
+    if any(p.requires_grad for p in student.parameters()):
+        step = make_align_step(student, ctx.teacher, ctx.autocast, cfg.beyond_window_weight, cfg.compile)
+        data = PackedBatches(ctx.packed(), cfg.batch_size)
+        Trainer(student, step, data, cfg, path.parent, "stage1", seed=ctx.recipe.seed).fit()
+    else:  # e.g. mixer=swa: no new parameters, the converted student is the Stage I model
+        console.print(f"[yellow]Stage I skipped[/]: the {student.config.mixer} student has no new parameters to align")
+    ctx.save_student(student, path)
+    mse = layer_mse(student, ctx.teacher, ctx.held_out_batches()[:1])
+    (path.parent / "held_out_layer_mse.json").write_text(json.dumps(mse))
+    return path
 
 
 @contextmanager

@@ -12,16 +12,50 @@ outside the top k (the paper does not say; see docs/decisions.md):
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch.nn import functional as F
 
-from xlstm_distill.stages.common import autocast, masked_mean, next_token_targets, student_forward, teacher_forward
-from xlstm_distill.stages.targets import topk_logprobs
+from xlstm_distill.stages import align, targets
+from xlstm_distill.stages.common import (PackedBatches, autocast, masked_mean, next_token_targets, student_forward,
+                                         teacher_forward)
+from xlstm_distill.stages.context import RunContext
+from xlstm_distill.stages.recipe import TOPK_MODES, TRAIN_MODES
+from xlstm_distill.stages.targets import TargetShards, topk_logprobs
+from xlstm_distill.stages.trainer import Trainer
 
-TOPK_MODES = ("renormalize", "residual")
-TRAIN_MODES = ("full", "mixer", "lora")
+
+def run(ctx: RunContext, stage1: Path | None = None) -> Path:
+    """``out_dir/stage2/model`` from ``stage1`` (default: this recipe's Stage I model, made first if missing; under
+    torchrun it must exist). Training resumes from its checkpoints; under torchrun the student is sharded (FSDP2)."""
+    cfg = ctx.recipe.distill
+    if cfg is None:
+        raise ValueError("The recipe has no `distill` section: add one (e.g. distill: {steps: 100}) to run Stage II.")
+    if stage1 is None:
+        stage1 = align.run(ctx) if ctx.dist.world_size == 1 else (
+            ctx.stage1_dir if ctx.recipe.align is not None else ctx.converted_dir)
+    target_dir = targets.run(ctx)
+    path = ctx.stage2_dir
+    if (path / "config.json").exists():
+        return path
+    if not (stage1 / "config.json").exists():
+        raise FileNotFoundError(f"{stage1} does not exist: run `xlstm-distill align` first.")
+    model = ctx.dist.shard(set_stage2_trainable(ctx.load_student(stage1), cfg.train, cfg.lora_rank))
+    if target_dir is None:
+        data = OnlineTargets(ctx.teacher, PackedBatches(ctx.packed(), cfg.batch_size), ctx.recipe.targets.k)
+    else:
+        meta = ctx.target_meta()
+        data = TargetShards(target_dir, cfg.batch_size, seed=ctx.recipe.seed, rank=ctx.dist.rank,
+                            world_size=ctx.dist.world_size, expect=meta)
+    # compile: the student's forward as one graph (docs/decisions.md); one process: fullgraph, so that a graph
+    # break is an error, not a silent slowdown
+    forward = torch.compile(model, fullgraph=ctx.dist.world_size == 1) if cfg.compile else model
+    step = make_distill_step(forward, cfg.gamma, cfg.beta, cfg.topk_mode, ctx.autocast)
+    Trainer(model, step, data, cfg, path.parent, "stage2", seed=ctx.recipe.seed).fit()
+    ctx.save_student(model, path)
+    return path
 
 
 def sparse_kl(

@@ -1,375 +1,293 @@
-"""YAML recipes: one file describes an experiment; each stage is one entry point that reads it.
+"""YAML recipes: one file describes an experiment, in typed sections whose defaults all live here.
 
-    xlstm-distill run recipes/demo-cpu.yaml      # convert -> align -> targets -> distill -> evaluate
-    xlstm-distill align | targets | distill | report RECIPE.yaml    # one stage at a time
+    name: demo                 # the recipe's top-level keys: Recipe below
+    out_dir: runs/demo
+    student: {mixer: mlstm_swa, window_size: 512, kernels: {copy_sinks: rows}}   # HybridConfig's settings
+    data: {offline_corpora: runs/corpora, seq_len: 1024}                         # DataSection
+    align: {steps: 2000, lr: 1.0e-2}                                             # AlignSection (absent: no Stage I)
+    targets: {k: 256, num_sequences: 8192}                                       # TargetsSection
+    distill: {steps: 4000, lr: 1.0e-5}                                           # DistillSection (absent: no Stage II)
+    evaluate: {tasks: [xd_piqa]}                                                 # EvaluateSection
+    experts: {domains: {math: {math: 1.0}, code: {code: 1.0}}}                   # ExpertsSection (Stage III)
 
-Every stage writes under ``out_dir`` and is skipped when its output is complete, so re-running a recipe after an
-interruption continues where it stopped (training stages resume from their last checkpoint).
+Unknown keys are refused at load time, naming the key and the valid keys of its section; ``--set section.key=value``
+overrides go through the same check. ``docs/recipes.md`` is generated from these classes
+(:func:`recipe_reference`).
 """
 
 from __future__ import annotations
 
-import copy
-import hashlib
-import json
-import os
-from dataclasses import dataclass, field, fields, replace
+import dataclasses
+import inspect
+import re
+import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
-from rich.console import Console
-from rich.table import Table
 
-from xlstm_distill.data import PackedDataset, Source, build_offline_corpora, offline_sources
-from xlstm_distill.modeling import HybridConfig, HybridForCausalLM, convert
-from xlstm_distill.stages.align import layer_mse, make_align_step, set_stage1_trainable
-from xlstm_distill.stages.common import PackedBatches, autocast, compare_to_teacher
-from xlstm_distill.stages.distill import OnlineTargets, make_distill_step, set_stage2_trainable
-from xlstm_distill.stages.distributed import Distributed
-from xlstm_distill.stages.targets import TargetShards, bytes_per_token, tokenizer_hash, write_targets
-from xlstm_distill.stages.trainer import TrainConfig, Trainer, is_main_process
-from xlstm_distill.teacher import load_teacher
+from xlstm_distill.kernels.options import KernelOptions
+from xlstm_distill.modeling.configuration import BACKENDS, MIXER_FIELDS, HybridConfig
+from xlstm_distill.settings import from_mapping, setting, type_name
+from xlstm_distill.stages.trainer import TrainConfig
+from xlstm_distill.teacher import DEFAULT_TEACHER
 
-console = Console(stderr=True)
-HELD_OUT_EVERY = 50  # one document in 50 (by content hash) is held out from training
+TOPK_MODES = ("renormalize", "residual")
+TRAIN_MODES = ("full", "mixer", "lora")
+TARGET_MODES = ("offline", "online")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass
+class DataSection:
+    """Training text: the offline corpora or your own sources, and the packed sequence length."""
+
+    offline_corpora: str | None = setting(None, "Folder of the offline corpora (chat, code, prose, math), built there "
+                                                "on first use (`xlstm-distill data offline`). Either this or `sources`.")
+    max_mb_per_domain: float = setting(32.0, "Size cap of each offline corpus when it is built (MB).")
+    sources: list[dict[str, Any]] = setting([], "Your own sources: a list of `xlstm_distill.data.Source` arguments "
+                                                "(`path`, `name`, `weight`, `field`, `messages_field`, `loss_on`, ...; "
+                                                "docs/data.md).")
+    weights: dict[str, float] | None = setting(None, "Mixture weights by source or corpus name; only the named ones "
+                                                     "are used (default: all, weight 1).")
+    loss_on: str = setting("all", "Offline chat corpus: train on `all` tokens or on `assistant` turns only.")
+    seq_len: int = setting(512, "Tokens per packed training sequence (documents are kept apart inside it).")
+
+    def __post_init__(self) -> None:
+        if (self.offline_corpora is None) == (not self.sources):
+            raise ValueError("data: give either offline_corpora (a folder) or sources (a list), not both or neither.")
+        _check_choice("data.loss_on", self.loss_on, ("all", "assistant"))
+        _check_positive("data.seq_len", self.seq_len)
+
+
+@dataclass
+class AlignSection(TrainConfig):
+    """Stage I: layer-wise alignment of the student's mixers to the teacher's attention outputs."""
+
+    lr: float = setting(1e-3, "Peak learning rate.")
+    batch_size: int = setting(4, "Sequences per step (one process).")
+    train_projections: bool = setting(False, "Also train the teacher's q/k/v/o projections (else only the new "
+                                             "feature maps and gates).")
+    beyond_window_weight: float = setting(1.0, "Weight of the positions past the window's reach in the MSE (1: "
+                                               "plain MSE).")
+    compile: bool = setting(False, "Run each layer's mixer and loss through torch.compile (one graph for all "
+                                   "layers).")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_positive("align.batch_size", self.batch_size)
+
+
+@dataclass
+class TargetsSection:
+    """The teacher's top-k next-token distribution for Stage II."""
+
+    k: int = setting(256, "Teacher log-probabilities kept per position (6k + 9 bytes per token on disk).")
+    num_sequences: int = setting(64, "Packed sequences to compute targets for.")
+    batch_size: int = setting(4, "Sequences per teacher forward.")
+    mode: str = setting("offline", "`offline`: computed once into checksummed shards; `online`: the teacher runs "
+                                   "alongside Stage II (no disk).")
+    dir: str | None = setting(None, "Where the shards go (default `out_dir/targets`); recipes with the same data "
+                                    "and teacher can share one folder.")
+
+    def __post_init__(self) -> None:
+        _check_choice("targets.mode", self.mode, TARGET_MODES)
+        for name in ("k", "num_sequences", "batch_size"):
+            _check_positive(f"targets.{name}", getattr(self, name))
+
+
+@dataclass
+class DistillSection(TrainConfig):
+    """Stage II: end-to-end distillation, gamma * CE + beta * KL(teacher top-k || student)."""
+
+    schedule: str = setting("constant", "`cosine` (warm-up, cosine to min_lr) or `constant` (warm-up, then lr).")
+    weight_decay: float = setting(0.1, "AdamW weight decay (not on biases and norms).")
+    batch_size: int = setting(4, "Sequences per step and process (global batch: x processes x grad_accum).")
+    gamma: float = setting(0.9, "Weight of the cross-entropy on the data.")
+    beta: float = setting(0.1, "Weight of the KL to the teacher's top-k distribution.")
+    topk_mode: str = setting("renormalize", "`renormalize`: both distributions restricted to the teacher's top k; "
+                                            "`residual`: the rest of the mass as one extra bucket.")
+    train: str = setting("full", "`full` fine-tuning, `mixer` (new parameters only) or `lora` (peft adapters on "
+                                 "q/k/v/o + the new parameters).")
+    lora_rank: int = setting(8, "LoRA rank for `train: lora`.")
+    compile: bool = setting(False, "Run the student's forward through torch.compile as one graph.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_choice("distill.topk_mode", self.topk_mode, TOPK_MODES)
+        _check_choice("distill.train", self.train, TRAIN_MODES)
+        _check_positive("distill.batch_size", self.batch_size)
+
+
+@dataclass
+class EvaluateSection:
+    """What the report measures: held-out next-token metrics, then benchmarks through lm-evaluation-harness."""
+
+    held_out_sequences: int = setting(8, "Held-out sequences for perplexity and KL to the teacher.")
+    batch_size: int = setting(2, "Batch size of the held-out forward and of lm-eval.")
+    tasks: list[str] = setting([], "lm-eval tasks for teacher and final student (e.g. xd_piqa; `xlstm-distill "
+                                   "evaluate --help`); empty: no benchmark step.")
+    limit: int | float | None = setting(None, "Documents per task (or a fraction < 1); none: all.")
+    shots: int | dict[str, int] | None = setting(None, "Few-shot examples: one number for all tasks or a mapping "
+                                                       "task -> number (default: the paper's counts).")
+
+
+@dataclass
+class ExpertsSection:
+    """Stage III: domain experts distilled from the same Stage I model, merged linearly."""
+
+    domains: dict[str, dict[str, float]] = setting({}, "Expert name -> data weights (the `data.weights` it trains "
+                                                       "on).")
+    merge_weights: dict[str, float] | None = setting(None, "Expert name -> merge weight (normalized to sum 1; "
+                                                           "default uniform).")
+
+    def __post_init__(self) -> None:
+        if not self.domains:
+            raise ValueError("experts.domains must name at least one expert: {name: {corpus: weight}}.")
+        if self.merge_weights is not None and set(self.merge_weights) != set(self.domains):
+            raise ValueError(f"experts.merge_weights must have one weight per expert ({', '.join(self.domains)}), "
+                             f"got {', '.join(self.merge_weights)}.")
 
 
 @dataclass
 class Recipe:
-    """An experiment: teacher, student mixer, data, and the settings of every stage (see recipes/*.yaml)."""
+    """An experiment: the teacher, the student's settings, the data and every stage's settings."""
 
-    name: str
-    out_dir: str
-    teacher: str = "smollm2-135m"
-    student: dict[str, Any] = field(default_factory=dict)  # HybridConfig mixer fields
-    data: dict[str, Any] = field(default_factory=dict)
-    align: dict[str, Any] | None = None  # TrainConfig + batch_size, train_projections, beyond_window_weight, compile
-    targets: dict[str, Any] = field(default_factory=dict)  # k, num_sequences, mode (offline|online), batch_size, dir
-    distill: dict[str, Any] | None = None  # TrainConfig + batch_size, gamma, beta, topk_mode, train, lora_rank, compile
-    evaluate: dict[str, Any] = field(default_factory=dict)  # held_out_sequences, batch_size; tasks, limit, shots
-    experts: dict[str, Any] | None = None  # Stage III: {domains: {name: data weights}, merge_weights: {name: w}}
-    seed: int = 0
-    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; or fp32 / bf16
+    name: str = setting(..., "Name shown in reports.")
+    out_dir: str = setting(..., "Folder for every stage's output (each stage resumes from it).")
+    teacher: str = setting(DEFAULT_TEACHER, "Embedded name, .gguf file, local folder or hub id.")
+    seed: int = setting(0, "Seed of data order, initialization and the held-out split's shuffling.")
+    precision: str = setting("auto", "`auto` (bf16 autocast on CUDA, float32 on CPU), `fp32` or `bf16`.")
+    student: dict[str, Any] = setting({}, "The student's settings: HybridConfig's arguments (table below).")
+    data: DataSection = setting(..., "Training text (DataSection).")
+    align: AlignSection | None = setting(None, "Stage I settings; absent: the converted student goes to Stage II.")
+    targets: TargetsSection = setting(None, "Stage II's teacher targets (TargetsSection).")
+    distill: DistillSection | None = setting(None, "Stage II settings; absent: no Stage II.")
+    evaluate: EvaluateSection = setting(None, "The report's measurements (EvaluateSection).")
+    experts: ExpertsSection | None = setting(None, "Stage III settings; absent: no experts.")
+
+    def __post_init__(self) -> None:
+        _check_choice("precision", self.precision, PRECISIONS)
+        self.targets = self.targets or TargetsSection()
+        self.evaluate = self.evaluate or EvaluateSection()
+        unknown = sorted(set(self.student) - set(student_keys()))
+        if unknown:
+            raise ValueError(f"student: unknown key(s) {', '.join(unknown)}; valid keys of student: "
+                             f"{', '.join(student_keys())}.")
+        HybridConfig(**self.student)  # validates every value (kernels included) now, not at the first stage
 
     @classmethod
     def load(cls, path: str | Path, overrides: list[str] | None = None) -> Recipe:
-        """Read a recipe; ``overrides`` like ``distill.steps=200`` or ``out_dir=runs/x`` replace single values."""
-        raw = yaml.safe_load(Path(path).read_text())
+        """Read a recipe; ``overrides`` like ``distill.steps=200`` or ``student.kernels.copy_sinks=none`` replace
+        single values (YAML syntax). Raises ValueError naming any unknown key and the valid keys of its section."""
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: a recipe is a mapping of sections, got {type(raw).__name__}.")
         for item in overrides or []:
             key, sep, value = item.partition("=")
-            if not sep:
+            if not sep or not key:
                 raise ValueError(f"Override {item!r} must look like section.key=value.")
             *parents, leaf = key.split(".")
             node = raw
             for part in parents:
                 node = node.setdefault(part, {})
+                if node is None or not isinstance(node, dict):
+                    raise ValueError(f"Override {item!r}: {part} is not a section.")
             node[leaf] = yaml.safe_load(value)
-        known = {f.name for f in fields(cls)}
-        unknown = set(raw) - known
-        if unknown:
-            raise ValueError(f"{path}: unknown recipe keys {sorted(unknown)}; allowed: {sorted(known)}.")
-        return cls(**raw)
+        try:
+            return from_mapping(cls, raw, "recipe")
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
 
     @property
     def out(self) -> Path:
         return Path(self.out_dir)
 
-
-class Pipeline:
-    """Runs the stages of one recipe, sharing the loaded teacher and data between them."""
-
-    def __init__(self, recipe: Recipe) -> None:
-        self.recipe = recipe
-        self.dist = Distributed.from_env()
-        self.device = self.dist.device
-        self.autocast = torch.bfloat16 if recipe.precision == "bf16" or (
-            recipe.precision == "auto" and self.device.type == "cuda") else None
-        recipe.out.mkdir(parents=True, exist_ok=True)
-        self._teacher = None
-
-    # -- shared pieces -------------------------------------------------------------------------------------------
-    @property
-    def teacher(self):
-        if self._teacher is None:
-            with console.status(f"loading teacher {self.recipe.teacher}"):
-                model, tokenizer = load_teacher(self.recipe.teacher, device=self.device)
-            for p in model.parameters():
-                p.requires_grad_(False)
-            self._teacher = (model, tokenizer)
-        return self._teacher
-
-    def sources(self, held_out: bool) -> list[Source]:
-        """Training (or held-out) sources: one document in HELD_OUT_EVERY, chosen by content hash, is held out."""
-        data = self.recipe.data
-        if "offline_corpora" in data:
-            folder = Path(data["offline_corpora"])
-            if not (folder / "manifest.json").exists() and is_main_process():
-                build_offline_corpora(folder, max_bytes_per_domain=int(data.get("max_mb_per_domain", 32) * 1e6),
-                                      seed=self.recipe.seed)
-            self.dist.barrier()
-            base = offline_sources(folder, data.get("weights"), loss_on=data.get("loss_on", "all"))
-        else:
-            base = [Source(**spec) for spec in data["sources"]]
-            if data.get("weights"):  # keep (and reweight) the named sources only
-                missing = set(data["weights"]) - {src.name for src in base}
-                if missing:
-                    raise ValueError(f"data.weights names unknown sources {sorted(missing)}; give sources a `name`.")
-                base = [replace(src, weight=data["weights"][src.name]) for src in base if src.name in data["weights"]]
-        return [_split(src, held_out) for src in base]
-
-    def packed(self, held_out: bool = False, rank: int | None = None, world_size: int | None = None) -> PackedDataset:
-        tokenizer = self.teacher[1]
-        seed = self.recipe.seed + (1 if held_out else 0)
-        return PackedDataset(self.sources(held_out), tokenizer, self.recipe.data.get("seq_len", 512), seed=seed,
-                             rank=self.dist.rank if rank is None else rank,
-                             world_size=self.dist.world_size if world_size is None else world_size)
-
-    def held_out_batches(self) -> list[dict[str, torch.Tensor]]:
-        cfg = self.recipe.evaluate
-        n, bs = cfg.get("held_out_sequences", 8), cfg.get("batch_size", 2)
-        batches = self.packed(held_out=True, rank=0, world_size=1).iter_batches(bs)
-        return [next(batches) for _ in range(max(1, n // bs))]
-
     def student_config(self) -> HybridConfig:
-        return HybridConfig(**self.recipe.student)
-
-    def load_student(self, path: Path) -> HybridForCausalLM:
-        return HybridForCausalLM.from_pretrained(path, dtype=torch.float32).to(self.device)
-
-    def _save(self, model: torch.nn.Module, path: Path) -> None:
-        """Save a (possibly sharded / peft-wrapped) student as a plain transformers folder + tokenizer."""
-        state = self.dist.full_state_dict(model)
-        if is_main_process():
-            if hasattr(model, "merge_and_unload"):  # LoRA: fold the adapters into the weights
-                model = model.merge_and_unload()
-                state = None
-            tmp = path.with_name(path.name + ".tmp")
-            model.save_pretrained(tmp, state_dict=state)
-            self.teacher[1].save_pretrained(tmp)
-            os.replace(tmp, path)
-        self.dist.barrier()
-
-    # -- stages --------------------------------------------------------------------------------------------------
-    def convert(self) -> Path:
-        path = self.recipe.out / "student-init"
-        if not (path / "config.json").exists() and is_main_process():
-            teacher, tokenizer = self.teacher
-            student = convert(teacher, self.student_config())
-            student.save_pretrained(path)
-            tokenizer.save_pretrained(path)
-            console.print(f"[green]converted[/] {self.recipe.teacher} -> {path}")
-        self.dist.barrier()
-        return path
-
-    def align(self) -> Path:
-        init = self.convert()
-        cfg = self.recipe.align
-        path = self.recipe.out / "stage1" / "model"
-        if cfg is None:
-            return init
-        if (path / "config.json").exists():
-            return path
-        if self.dist.world_size > 1:
-            raise ValueError("Stage I runs on one device (it is cheap); launch `align` without torchrun.")
-        cfg = dict(cfg)
-        batch_size, train_projections = cfg.pop("batch_size", 4), cfg.pop("train_projections", False)
-        beyond_window_weight, compiled = cfg.pop("beyond_window_weight", 1.0), cfg.pop("compile", False)
-        student = self.load_student(init)
-        set_stage1_trainable(student, train_projections)
-        teacher = self.teacher[0]
-        if any(p.requires_grad for p in student.parameters()):
-            step = make_align_step(student, teacher, self.autocast, beyond_window_weight, compiled)
-            Trainer(student, step, PackedBatches(self.packed(), batch_size), TrainConfig(seed=self.recipe.seed, **cfg),
-                    path.parent, "stage1").fit()
-        else:  # e.g. mixer=swa: no new parameters, the converted student is the Stage I model
-            console.print(f"[yellow]Stage I skipped[/]: the {self.recipe.student.get('mixer')} student has no new "
-                          "parameters to align")
-        self._save(student, path)
-        mse = layer_mse(student, teacher, self.held_out_batches()[:1])
-        (path.parent / "held_out_layer_mse.json").write_text(json.dumps(mse))
-        return path
-
-    def target_meta(self) -> dict[str, Any]:
-        return {"tokenizer_hash": tokenizer_hash(self.teacher[1]), "k": self.recipe.targets.get("k", 256),
-                "seq_len": self.recipe.data.get("seq_len", 512), "data": _fingerprint(self.recipe.data, self.recipe.seed)}
-
-    def targets(self) -> Path | None:
-        cfg = self.recipe.targets
-        if cfg.get("mode", "offline") == "online":
-            return None
-        path = Path(cfg["dir"]) if cfg.get("dir") else self.recipe.out / "targets"  # dir: shared by several recipes
-        meta = self.target_meta()
-        manifest = path / "manifest.json"
-        if manifest.exists() and json.loads(manifest.read_text())["complete"]:
-            return path
-        if self.dist.world_size > 1:
-            raise FileNotFoundError(f"Targets in {path} are missing or incomplete: run `xlstm-distill targets` "
-                                    "(one process) before launching `distill` under torchrun.")
-        n = cfg.get("num_sequences", 64)
-        need = n * meta["seq_len"] * bytes_per_token(meta["k"])
-        console.print(f"teacher top-{meta['k']} targets for {n} x {meta['seq_len']} tokens: {need / 1e6:.1f} MB on disk")
-        batches = self.packed(rank=0, world_size=1).iter_batches(cfg.get("batch_size", 4))
-        write_targets(self.teacher[0], batches, path, k=meta["k"], num_sequences=n, teacher_name=self.recipe.teacher,
-                      tok_hash=meta["tokenizer_hash"], seq_len=meta["seq_len"], extra={"data": meta["data"]})
-        return path
-
-    def distill(self, stage1: Path | None = None) -> Path:
-        """Stage II from ``stage1`` (default: this recipe's Stage I model, made first if missing)."""
-        if stage1 is None:
-            stage1 = self.align() if self.dist.world_size == 1 else self.recipe.out / "stage1" / "model"
-        target_dir = self.targets()
-        cfg = dict(self.recipe.distill or {})
-        path = self.recipe.out / "stage2" / "model"
-        if (path / "config.json").exists():
-            return path
-        batch_size, gamma, beta = cfg.pop("batch_size", 4), cfg.pop("gamma", 0.9), cfg.pop("beta", 0.1)
-        topk_mode, mode, lora_rank = cfg.pop("topk_mode", "renormalize"), cfg.pop("train", "full"), cfg.pop("lora_rank", 8)
-        compile_model = cfg.pop("compile", False)
-        if not (stage1 / "config.json").exists():
-            raise FileNotFoundError(f"{stage1} does not exist: run `xlstm-distill align` first.")
-        model = set_stage2_trainable(self.load_student(stage1), mode, lora_rank)
-        model = self.dist.shard(model)
-        if target_dir is None:
-            data = OnlineTargets(self.teacher[0], PackedBatches(self.packed(), batch_size), self.recipe.targets.get("k", 256))
-        else:
-            meta = self.target_meta()
-            data = TargetShards(target_dir, batch_size, seed=self.recipe.seed, rank=self.dist.rank,
-                                world_size=self.dist.world_size,
-                                expect={k: meta[k] for k in ("tokenizer_hash", "k", "seq_len", "data")})
-        train_cfg = TrainConfig(seed=self.recipe.seed, **{"schedule": "constant", "weight_decay": 0.1, **cfg})
-        # compile: the student's forward as one graph (docs/decisions.md: 1.58-1.59x Stage II tokens/s on an H100
-        # after about 190-210 s of compilation); one process: fullgraph, so that a graph break is an error, not a
-        # silent slowdown
-        forward = torch.compile(model, fullgraph=self.dist.world_size == 1) if compile_model else model
-        Trainer(model, make_distill_step(forward, gamma, beta, topk_mode, self.autocast), data, train_cfg,
-                path.parent, "stage2").fit()
-        self._save(model, path)
-        return path
-
-    def report(self) -> dict[str, dict[str, float]]:
-        """Held-out perplexity and KL(teacher || student) of every model the recipe produced, as a table."""
-        if not is_main_process():
-            return {}
-        teacher = self.teacher[0]
-        batches = self.held_out_batches()
-        rows: dict[str, dict[str, float]] = {}
-        for label, path in (("converted (untrained)", self.recipe.out / "student-init"),
-                            ("after Stage I", self.recipe.out / "stage1" / "model"),
-                            ("after Stage II", self.recipe.out / "stage2" / "model"),
-                            ("merged experts (Stage III)", self.recipe.out / "merged")):
-            if (path / "config.json").exists():
-                with autocast(self.device, self.autocast):
-                    rows[label] = compare_to_teacher(self.load_student(path).eval(), teacher, batches)
-        if not rows:
-            raise FileNotFoundError(f"No student under {self.recipe.out}: run the recipe's stages first.")
-        first = next(iter(rows.values()))
-        split = "kl_beyond_window" in first  # a windowed student: KL inside / beyond the window's reach
-        table = Table(title=f"{self.recipe.name}: held-out next-token metrics ({int(first['tokens'])} tokens)")
-        columns = ["model", "perplexity", "KL(teacher || model)"]
-        columns += ["KL in window", f"KL beyond window ({int(first['tokens_beyond_window'])} tokens)"] if split else []
-        for col in columns:
-            table.add_column(col, justify="right" if col != "model" else "left")
-        teacher_row = [f"teacher ({self.recipe.teacher})", f"{first['teacher_ppl']:.2f}", "0"]
-        table.add_row(*teacher_row, *(["0", "0"] if split else []))
-        for label, r in rows.items():
-            parts = [f"{r['kl_in_window']:.4f}", f"{r['kl_beyond_window']:.4f}"] if split else []
-            table.add_row(label, f"{r['student_ppl']:.2f}", f"{r['kl']:.4f}", *parts)
-        Console().print(table)
-        out = self.recipe.out / "report"
-        out.mkdir(exist_ok=True)
-        (out / "held_out.json").write_text(json.dumps({"teacher": self.recipe.teacher, "rows": rows}, indent=2))
-        _plot_report(rows, out / "held_out.png")
-        return rows
-
-    def experts(self) -> Path | None:
-        """Stage III: one Stage II expert per domain from the same Stage I model, then their linear merge (Eq. 14)."""
-        cfg = self.recipe.experts
-        if not cfg:
-            return None
-        from xlstm_distill.merging import merge
-
-        stage1 = self.align()
-        paths = []
-        for name, weights in cfg["domains"].items():
-            recipe = copy.deepcopy(self.recipe)
-            recipe.out_dir = str(self.recipe.out / "experts" / name)
-            recipe.data["weights"] = weights
-            expert = Pipeline(recipe)
-            expert._teacher = self._teacher
-            paths.append(expert.distill(stage1=stage1))
-            self._teacher = expert._teacher
-        merge_weights = cfg.get("merge_weights")
-        weights = [merge_weights[name] for name in cfg["domains"]] if merge_weights else None
-        out = self.recipe.out / "merged"
-        if not (out / "config.json").exists() and is_main_process():
-            merge(paths, weights, out)
-        self.dist.barrier()
-        return out
-
-    def benchmarks(self) -> Path | None:
-        """Teacher vs the final student on real benchmarks (lm-evaluation-harness), if the recipe lists ``tasks``."""
-        cfg = self.recipe.evaluate
-        if not cfg.get("tasks") or not is_main_process():
-            return None
-        from xlstm_distill.evaluation import evaluate_models, write_report
-
-        final = next(p for p in (self.recipe.out / "stage2" / "model", self.recipe.out / "stage1" / "model",
-                                 self.recipe.out / "student-init") if (p / "config.json").exists())
-        out = self.recipe.out / "report" / "benchmarks"
-        models = {"teacher": self.teacher, "student": str(final)}
-        if (self.recipe.out / "merged" / "config.json").exists():  # Stage III: merged experts vs the generalist
-            models["merged"] = str(self.recipe.out / "merged")
-        results = evaluate_models(models, tasks=cfg["tasks"], num_fewshot=cfg.get("shots"), limit=cfg.get("limit"),
-                                  batch_size=cfg.get("batch_size", 4), output_dir=out)
-        files = write_report(results, "teacher", out)
-        Console().print(files["markdown"].read_text())
-        return out
-
-    def run(self) -> None:
-        if self.dist.world_size > 1:
-            raise ValueError("`run` chains all stages on one device; under torchrun launch `distill` alone.")
-        self.align()
-        if self.recipe.distill is not None:
-            self.distill()
-        self.experts()
-        self.report()
-        self.benchmarks()
+        return HybridConfig(**self.student)
 
 
-def _split(source: Source, held_out: bool) -> Source:
-    """A view of ``source`` holding only its held-out (or only its training) documents."""
-    def records():
-        for _, record in source.records(seed=0):
-            digest = hashlib.sha1(json.dumps(record, sort_keys=True, default=str).encode()).digest()
-            if (int.from_bytes(digest[:4], "little") % HELD_OUT_EVERY == 0) == held_out:
-                yield record
-    records.__name__ = f"{source.name}:{'held_out' if held_out else 'train'}"
-    return Source(records, weight=source.weight, name=records.__name__, field=source.field,
-                  messages_field=source.messages_field, loss_on=source.loss_on)
+SECTIONS = {"data": DataSection, "align": AlignSection, "targets": TargetsSection, "distill": DistillSection,
+            "evaluate": EvaluateSection, "experts": ExpertsSection}
 
 
-def _fingerprint(data: dict[str, Any], seed: int) -> str:
-    return hashlib.sha256(json.dumps([data, seed], sort_keys=True, default=str).encode()).hexdigest()[:16]
+def student_keys() -> tuple[str, ...]:
+    """The keys of a recipe's ``student`` section: HybridConfig's settings (``backend`` a shorthand of ``kernels``)."""
+    return (*MIXER_FIELDS, "backend")
 
 
-def _plot_report(rows: dict[str, dict[str, float]], path: Path) -> None:
-    import matplotlib
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r}: choose one of {', '.join(choices)}.")
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    labels = list(rows)
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    axes[0].bar(labels, [r["student_ppl"] for r in rows.values()], color="tab:blue")
-    axes[0].axhline(next(iter(rows.values()))["teacher_ppl"], color="k", ls="--", label="teacher")
-    axes[0].set_ylabel("held-out perplexity")
-    axes[0].legend()
-    axes[1].bar(labels, [r["kl"] for r in rows.values()], color="tab:orange")
-    axes[1].set_ylabel("KL(teacher || student)")
-    for ax in axes:
-        ax.tick_params(axis="x", labelrotation=15, labelsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def _check_positive(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+
+
+# -- the reference (docs/recipes.md) -----------------------------------------------------------------------------
+def recipe_reference() -> str:
+    """Markdown reference of every recipe key: its type, default and meaning (``docs/recipes.md``)."""
+    lines = ["# Recipe reference", "",
+             "A recipe is a YAML file with the sections below (`xlstm-distill run RECIPE.yaml`; any value can be "
+             "overridden with `--set section.key=value`). Unknown keys are refused, naming the valid ones. This page "
+             "is generated from the typed recipe classes in `xlstm_distill/stages/recipe.py` (`make docs`).", ""]
+    lines += _table("Top level", Recipe)
+    lines += _student_table()
+    lines += _table("student.kernels", KernelOptions, "Kernel choices and switches (saved with the model; "
+                    "`xlstm_distill.kernels.KernelOptions`). None of them changes what the student computes.")
+    for key, cls in SECTIONS.items():
+        lines += _table(key, cls, inspect.getdoc(cls).splitlines()[0])
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _table(title: str, cls: type, intro: str | None = None) -> list[str]:
+    hints = typing.get_type_hints(cls)
+    lines = [f"## `{title}`" if title != "Top level" else "## Top level", ""]
+    if intro:
+        lines += [intro, ""]
+    lines += ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        shown = "required" if default is ... else f"`{yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}`"
+        if f.name in SECTIONS and default is None and not typing.get_args(hints[f.name]):
+            shown = "defaults"
+        lines.append(f"| `{f.name}` | {type_name(hints[f.name])} | {shown} | {_cell(f.metadata.get('doc', ''))} |")
+    return lines + [""]
+
+
+def _student_table() -> list[str]:
+    """HybridConfig's settings: defaults from its signature, meanings from its docstring's Args section."""
+    params = inspect.signature(HybridConfig.__init__).parameters
+    docs = _docstring_args(inspect.getdoc(HybridConfig))
+    lines = ["## `student`", "", "The student's settings (`xlstm_distill.HybridConfig`).", "",
+             "| key | default | meaning |", "|---|---|---|"]
+    for name in student_keys():
+        default = params[name].default
+        shown = "see below" if name == "kernels" else f"`{yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}`"
+        lines.append(f"| `{name}` | {shown} | {_cell(docs.get(name, ''))} |")
+    return lines + ["", f"`backend` is one of {', '.join(f'`{b}`' for b in BACKENDS)}.", ""]
+
+
+def _cell(text: str) -> str:
+    """Text for a markdown table cell: Sphinx roles dropped, pipes escaped."""
+    text = re.sub(r":\w+:`~?([^`]+)`", lambda m: f"`{m.group(1).split('.')[-1]}`", text)
+    return text.replace("|", "\\|")
+
+
+def _docstring_args(doc: str) -> dict[str, str]:
+    """``name: text`` entries of a Google-style Args section, continuation lines joined."""
+    out, current = {}, None
+    for line in doc.split("Args:", 1)[-1].splitlines():
+        match = re.match(r"^\s{4}(\w+): (.*)$", line)
+        if match:
+            current = match.group(1)
+            out[current] = match.group(2).strip()
+        elif current and line.startswith(" " * 8):
+            out[current] += " " + line.strip()
+        elif line.strip() and not line.startswith(" "):
+            break
+    return {k: v.replace("``", "`") for k, v in out.items()}
+

@@ -17,7 +17,7 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -25,10 +25,40 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from xlstm_distill.checksums import sha256
 from xlstm_distill.stages.common import teacher_forward
+
+if TYPE_CHECKING:
+    from xlstm_distill.stages.context import RunContext
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
+
+
+def run(ctx: RunContext) -> Path | None:
+    """The teacher's top-k targets for Stage II in ``targets.dir`` (default ``out_dir/targets``), made once and
+    resumed at a shard; None with ``targets.mode: online`` (the teacher then runs alongside Stage II)."""
+    from xlstm_distill.stages.context import console
+
+    cfg = ctx.recipe.targets
+    if cfg.mode == "online":
+        return None
+    path = ctx.targets_dir
+    manifest = path / MANIFEST
+    if manifest.exists() and json.loads(manifest.read_text())["complete"]:
+        return path
+    if ctx.dist.world_size > 1:
+        raise FileNotFoundError(f"Targets in {path} are missing or incomplete: run `xlstm-distill targets` "
+                                "(one process) before launching `distill` under torchrun.")
+    meta = ctx.target_meta()
+    need = cfg.num_sequences * meta["seq_len"] * bytes_per_token(meta["k"])
+    console.print(f"teacher top-{meta['k']} targets for {cfg.num_sequences} x {meta['seq_len']} tokens: "
+                  f"{need / 1e6:.1f} MB on disk")
+    batches = ctx.packed(rank=0, world_size=1).iter_batches(cfg.batch_size)
+    write_targets(ctx.teacher, batches, path, k=meta["k"], num_sequences=cfg.num_sequences,
+                  teacher_name=ctx.recipe.teacher, tok_hash=meta["tokenizer_hash"], seq_len=meta["seq_len"],
+                  extra={"data": meta["data"]})
+    return path
 
 
 def bytes_per_token(k: int) -> int:
@@ -47,14 +77,6 @@ def topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
     logp = torch.log_softmax(logits.float(), dim=-1)
     values, ids = logp.topk(k, dim=-1)
     return ids.to(torch.int32), values.to(torch.float16)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @torch.no_grad()
@@ -102,7 +124,7 @@ def write_targets(
             name = f"shard_{len(manifest['shards']):05d}.safetensors"
             save_file(tensors, str(out_dir / f".{name}.tmp"))
             os.replace(out_dir / f".{name}.tmp", out_dir / name)
-            manifest["shards"].append({"file": name, "num_sequences": keep, "sha256": _sha256(out_dir / name)})
+            manifest["shards"].append({"file": name, "num_sequences": keep, "sha256": sha256(out_dir / name)})
             done += keep
             buffer = {}
             _write_json(manifest_path, manifest)
@@ -164,7 +186,7 @@ class TargetShards:
         if not file.is_file():
             raise TargetMismatchError(f"Target shard {file} is missing.")
         if info["file"] not in self._verified:
-            if _sha256(file) != info["sha256"]:
+            if sha256(file) != info["sha256"]:
                 raise TargetMismatchError(f"Target shard {file} is corrupt (checksum mismatch): delete it and regenerate.")
             self._verified.add(info["file"])
         try:

@@ -24,6 +24,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from tqdm.auto import tqdm
 
+from xlstm_distill.settings import setting
+
 
 class ResumableData(Protocol):
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]: ...
@@ -33,21 +35,20 @@ class ResumableData(Protocol):
 
 @dataclass
 class TrainConfig:
-    """Optimization settings shared by the stages (YAML recipes fill these)."""
+    """Optimization settings shared by the stages (a recipe's ``align`` and ``distill`` sections extend these)."""
 
-    steps: int = 100
-    lr: float = 1e-3
-    min_lr: float = 1e-5
-    warmup_steps: int = 10
-    schedule: str = "cosine"  # cosine (warm-up, cosine to min_lr) or constant (warm-up, then lr)
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0
-    grad_accum: int = 1
-    log_every: int = 1
-    checkpoint_every: int = 50
-    keep_checkpoints: int = 2
-    seed: int = 0
+    steps: int = setting(100, "Optimizer steps.")
+    lr: float = setting(1e-3, "Peak learning rate.")
+    min_lr: float = setting(1e-5, "Final learning rate of the cosine schedule.")
+    warmup_steps: int = setting(10, "Steps of linear warm-up from 0 to lr.")
+    schedule: str = setting("cosine", "`cosine` (warm-up, cosine to min_lr) or `constant` (warm-up, then lr).")
+    weight_decay: float = setting(0.0, "AdamW weight decay (not on biases and norms).")
+    betas: tuple[float, float] = setting((0.9, 0.95), "AdamW betas.")
+    grad_clip: float = setting(1.0, "Largest gradient norm (clipped above).")
+    grad_accum: int = setting(1, "Batches accumulated into one optimizer step.")
+    log_every: int = setting(1, "Steps between rows of metrics.jsonl / TensorBoard.")
+    checkpoint_every: int = setting(50, "Steps between checkpoints (and one at the end).")
+    keep_checkpoints: int = setting(2, "Checkpoints kept (older ones are deleted).")
 
     def __post_init__(self) -> None:
         if self.schedule not in ("cosine", "constant"):
@@ -84,8 +85,9 @@ class Trainer:
         cfg: TrainConfig,
         out_dir: Path,
         name: str = "train",
+        seed: int = 0,
     ) -> None:
-        self.model, self.step_fn, self.data, self.cfg = model, step_fn, data, cfg
+        self.model, self.step_fn, self.data, self.cfg, self.seed = model, step_fn, data, cfg, seed
         self.out_dir, self.name = Path(out_dir), name
         self.ckpt_dir = self.out_dir / "checkpoints"
         params = [p for p in model.parameters() if p.requires_grad]
@@ -126,7 +128,7 @@ class Trainer:
         torch.save({"data": self.data.state_dict(), "rng": _rng_state()}, tmp / f"local_{rank}.pt")
         _barrier()
         if is_main_process():
-            (tmp / "trainer.json").write_text(json.dumps({"step": self.step, "config": asdict(self.cfg)}))
+            (tmp / "trainer.json").write_text(json.dumps({"step": self.step, "seed": self.seed, "config": asdict(self.cfg)}))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             pointer_tmp = self.ckpt_dir / ".latest.tmp"
@@ -167,7 +169,7 @@ class Trainer:
         if (ckpt := self.latest_checkpoint()) is not None:
             self.load_checkpoint(ckpt)
         else:
-            torch.manual_seed(cfg.seed)
+            torch.manual_seed(self.seed)
         main = is_main_process()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.out_dir / "metrics.jsonl"

@@ -16,9 +16,15 @@ padding runs and packed documents are kept apart. All math runs in float32; outp
 from __future__ import annotations
 
 import math
-from typing import Literal, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import torch
+from torch.nn.functional import logsigmoid
+
+from xlstm_distill.kernels.registry import register_kernel
+
+if TYPE_CHECKING:
+    from xlstm_distill.kernels.options import KernelOptions
 
 Normalizer = Literal["max", "sum"]
 EPS = 1e-6
@@ -226,3 +232,32 @@ def mlstm_chunkwise(
     )
     h = h.reshape(B, NH, NC * L, DHV)[:, :, :S]
     return h.to(out_dtype), MLSTMState(C, n, m)
+
+
+def _log_gates(i: torch.Tensor | None, f: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Normalizer]:
+    """Input gates and log forget gates (float32) from the operations' pre-activations; no gates (None): linear
+    attention, i = lf = 0 with the sum normalizer. ``like`` (B, NH, S) or (B, NH) gives the shape."""
+    if i is None:
+        zeros = torch.zeros(like.shape, device=like.device)
+        return zeros, zeros, "sum"
+    return i.float(), logsigmoid(f.float()), "max"
+
+
+# The registered implementations (xlstm_distill.kernels.ops has the signatures).
+@register_kernel("mlstm", "native")
+def _native(q, k, v, i, f, state, reset, chunk_size: int, options: KernelOptions):
+    i, lf, normalizer = _log_gates(i, f, q[..., 0])
+    return mlstm_chunkwise(q, k, v, i, lf, state, reset, normalizer, chunk_size)
+
+
+@register_kernel("mlstm", "recurrent")
+def _recurrent(q, k, v, i, f, state, reset, chunk_size: int, options: KernelOptions):
+    i, lf, normalizer = _log_gates(i, f, q[..., 0])
+    return mlstm_recurrent(q, k, v, i, lf, state, reset, normalizer)
+
+
+@register_kernel("mlstm_step", "native")
+def _native_step(q, k, v, i, f, state, options: KernelOptions):
+    i, lf, normalizer = _log_gates(i, f, q[..., 0])
+    h, state = mlstm_recurrent_step(q, k, v, i, lf, state, normalizer)
+    return h.to(v.dtype), state

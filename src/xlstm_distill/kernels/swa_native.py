@@ -8,7 +8,14 @@ Softmax runs in float32; outputs have the dtype of v.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+from xlstm_distill.kernels.registry import register_kernel
+
+if TYPE_CHECKING:
+    from xlstm_distill.kernels.options import KernelOptions
 
 
 def _softmax_attend(
@@ -95,3 +102,16 @@ def swa_sinks_attention_cached(
         scores = torch.einsum("bhgtd,bhkd->bhgtk", q, k) * scale
         out = torch.einsum("bhgtk,bhkd->bhgtd", _softmax_attend(scores, mask[:, None, None]), v)
     return out.reshape(B, NH, T, -1).to(dtype)
+
+
+# The registered implementations (xlstm_distill.kernels.ops has the signatures).
+@register_kernel("swa", "native")
+def _native(q, k, v, doc_start, window: int, num_sinks: int, scale: float, single_document: bool, memo: dict,
+            options: KernelOptions) -> torch.Tensor:
+    return swa_sinks_attention(q, k, v, doc_start, window, num_sinks, scale)
+
+
+@register_kernel("swa_cached", "native")
+def _native_cached(q, q_pos, k, v, k_pos, window: int, num_sinks: int, scale: float,
+                   options: KernelOptions) -> torch.Tensor:
+    return swa_sinks_attention_cached(q, q_pos, k, v, k_pos, window, num_sinks, scale)

@@ -1,6 +1,6 @@
 """SWA + sinks through PyTorch's FlexAttention (compiled on CUDA; eager reference on CPU, used by the tests).
 
-Same function as :func:`xlstm_distill.kernels.swa.swa_sinks_attention`: a query sees the keys of its own document
+Same function as :func:`xlstm_distill.kernels.swa_native.swa_sinks_attention`: a query sees the keys of its own document
 inside the window and the document's first ``num_sinks`` tokens. Two masks of the same function:
 - sinks in place: every query block also sees the key block holding its document's sinks. FlexAttention's backward
   computes a key block's gradient in one program per head, walking every query block that sees it; the sinks'
@@ -21,13 +21,17 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from xlstm_distill.kernels.compiling import many_variants
-from xlstm_distill.kernels.swa import gather_tokens
+from xlstm_distill.kernels.registry import register_kernel
+from xlstm_distill.kernels.swa_native import gather_tokens
+
+if TYPE_CHECKING:
+    from xlstm_distill.kernels.options import KernelOptions
 
 BLOCK = 128  # FlexAttention's block-mask granularity (its default), the query blocks that get their own sink copies
 
@@ -169,7 +173,7 @@ def _compiled():
 
 # Inductor picks its FlexAttention decoding kernel for queries shorter than 128 tokens, and has no config of it for a
 # symbolic length (NoValidChoicesError on the H100, torch 2.11); one-token decode steps do not come here.
-_KERNEL_OPTIONS = {"FORCE_USE_FLEX_ATTENTION": True}
+FORCED_KERNEL_OPTIONS = {"FORCE_USE_FLEX_ATTENTION": True}
 
 
 def swa_sinks_flex(
@@ -179,14 +183,34 @@ def swa_sinks_flex(
     mask: SWAMask,
     scale: float,
     compiled: bool | None = None,
+    kernel_options: dict | None = None,
 ) -> torch.Tensor:
     """Returns (B, NH, T, DV) in the dtype of v. ``compiled``: through torch.compile (default: on CUDA; on CPU it
-    compiles too, forward only, which the tests use to check the compiled path's variants)."""
+    compiles too, forward only, which the tests use to check the compiled path's variants). ``kernel_options``:
+    FlexAttention's launch settings (block sizes, warps, stages)."""
+    options = {**FORCED_KERNEL_OPTIONS, **(kernel_options or {})}
     if torch.compiler.is_compiling():  # traced into a model that its user compiles
-        return _attend(q, k, v, mask, scale, _KERNEL_OPTIONS)
+        return _attend(q, k, v, mask, scale, options)
     if q.is_cuda if compiled is None else compiled:
         with many_variants():
-            return _compiled()(q, k, v, mask, scale, _KERNEL_OPTIONS)
+            return _compiled()(q, k, v, mask, scale, options)
     with warnings.catch_warnings():  # eager FlexAttention warns that it is not compiled: intended on CPU
         warnings.simplefilter("ignore")
-        return _attend(q, k, v, mask, scale, None)
+        return _attend(q, k, v, mask, scale, kernel_options or None)
+
+
+@register_kernel("swa", "flex")
+def _flex(q, k, v, doc_start, window: int, num_sinks: int, scale: float, single_document: bool, memo: dict,
+          options: KernelOptions) -> torch.Tensor:
+    """The registered implementation: the block mask is built once per forward (``memo``, shared by the layers) or,
+    for one document per row, once per length. With gradients, rows of one document (``copy_sinks='rows'``; packed
+    rows too with ``'all'``) read their sinks from copies per query block."""
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    copies = needs_grad and (options.copy_sinks == "all" or options.copy_sinks == "rows" and single_document)
+    key = ("flex_block_mask", window, num_sinks, copies)
+    if key not in memo:
+        if single_document:  # the same mask for every row and every forward of this length
+            memo[key] = causal_swa_block_mask(q.shape[2], window, num_sinks, q.device, copies)
+        else:
+            memo[key] = swa_block_mask(doc_start, window, num_sinks, copies)
+    return swa_sinks_flex(q, k, v, memo[key], scale, kernel_options=options.flex_kernel_params)

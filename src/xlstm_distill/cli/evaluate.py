@@ -1,4 +1,4 @@
-"""Typer commands ``evaluate`` and ``merge`` (registered on the main ``xlstm-distill`` app in ``cli.py``)."""
+"""``xlstm-distill evaluate`` (teacher, students and baselines through lm-evaluation-harness) and ``merge``."""
 
 from __future__ import annotations
 
@@ -8,43 +8,10 @@ from typing import Annotated, Optional
 
 import typer
 
+from xlstm_distill.cli.common import fail as _fail
+from xlstm_distill.cli.common import parse_assignments, split_commas as _split_commas, torch_dtype as _torch_dtype
 from xlstm_distill.evaluation.harness import DEFAULT_TASKS
-
-__all__ = ["evaluate", "merge", "parse_assignments"]
-
-
-def _fail(message: str) -> typer.Exit:
-    typer.secho(f"Error: {message}", err=True, fg=typer.colors.RED)
-    return typer.Exit(code=1)
-
-
-def _split_commas(values: list[str] | None) -> list[str]:
-    return [v.strip() for value in values or [] for v in value.split(",") if v.strip()]
-
-
-def parse_assignments(values: list[str] | None, option: str) -> dict[str, str]:
-    """``["a=1", "b=2"]`` (or ``["a=1,b=2"]``) -> ``{"a": "1", "b": "2"}`` with a clear error otherwise."""
-    out: dict[str, str] = {}
-    for item in _split_commas(values):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip() or not value.strip():
-            raise typer.BadParameter(f"expected NAME=VALUE, got {item!r}", param_hint=option)
-        out[key.strip()] = value.strip()
-    return out
-
-
-def _torch_dtype(name: str | None, device: str):
-    import torch
-
-    if name is None or name == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    try:
-        dtype = getattr(torch, name)
-    except AttributeError:
-        dtype = None
-    if not isinstance(dtype, torch.dtype):
-        raise typer.BadParameter(f"unknown dtype {name!r} (use float32, bfloat16 or float16)", param_hint="--dtype")
-    return dtype
+from xlstm_distill.teacher import DEFAULT_TEACHER
 
 
 def evaluate(
@@ -54,7 +21,7 @@ def evaluate(
     ],
     teacher: Annotated[
         str, typer.Option("--teacher", help="Teacher: embedded name (smollm2-135m), .gguf file, folder or hub id.")
-    ] = "smollm2-135m",
+    ] = DEFAULT_TEACHER,
     tasks: Annotated[
         Optional[list[str]],
         typer.Option(
@@ -225,3 +192,8 @@ def merge(
     info = json.loads((folder / "merge_info.json").read_text())
     lambdas = ", ".join(f"{w:.4g}" for w in info["normalized_weights"])
     typer.echo(f"Merged {len(experts)} experts with weights [{lambdas}] into {folder}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command(help="Teacher vs student(s) on benchmarks (lm-evaluation-harness): recovery, Win-and-Tie, alpha*.")(evaluate)
+    app.command(help="Stage III: linear weight merge of expert students (Eq. 14).")(merge)

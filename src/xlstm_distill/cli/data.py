@@ -1,4 +1,4 @@
-"""``xlstm-distill data ...`` commands (mounted by the main CLI)."""
+"""``xlstm-distill data offline``: the offline training corpora (mounted by the main CLI as ``data``)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`xlstm-distill bench`: inference benchmark (teacher vs student) and the single-mixer benchmark."""
+"""``xlstm-distill bench``: inference benchmark (teacher vs student) and the single-mixer benchmark."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from rich.console import Console
 
 from xlstm_distill.benchmarks import inference, mixer
 from xlstm_distill.benchmarks.report import write_results
+from xlstm_distill.cli.common import KERNEL_HELP, kernel_options, student_default
 from xlstm_distill.modeling import HybridConfig
 
 console = Console(stderr=True)
@@ -50,11 +51,12 @@ def bench(
     models: str = typer.Option("teacher,student", help="Which models to time, in this order (e.g. 'student')."),
     reuse: Path | None = typer.Option(None, help="inference.json of an earlier run on the same kind of device: its "
                                       "rows of the points not timed now are kept (marked 'reused')."),
-    window: int = typer.Option(512),
-    sinks: int = typer.Option(4),
-    backend: str = typer.Option("auto", help="Student backend: auto, native or tfla."),
+    window: int = typer.Option(student_default("window_size"), help="The student's window."),
+    sinks: int = typer.Option(student_default("num_sink_tokens"), help="The student's sink tokens."),
+    backend: str | None = typer.Option(None, help="Student kernel shorthand: auto (default), native or tfla."),
+    kernel: list[str] | None = typer.Option(None, "--kernel", help=KERNEL_HELP),
     dtype: str = typer.Option("bfloat16"),
-    device: str = typer.Option("cuda" if torch.cuda.is_available() else "cpu"),
+    device: str | None = typer.Option(None, help="cuda, cuda:1, cpu (default: cuda if available)."),
 ) -> None:
     """Teacher vs student: prefill tokens/s and time to first token, decode tokens/s and latency, peak memory."""
     if dtype not in DTYPES:
@@ -63,8 +65,9 @@ def bench(
         raise typer.BadParameter("--flat-steps decodes at the largest of --decode-batches: give at least one batch size")
     if student_prefill < 0:
         raise typer.BadParameter(f"--student-prefill takes a token count >= 0 (0 = the whole context), got {student_prefill}")
-    torch_dtype, dev = DTYPES[dtype], torch.device(device)
-    student = HybridConfig(window_size=window, num_sink_tokens=sinks, backend=backend)
+    torch_dtype = DTYPES[dtype]
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    student = HybridConfig(window_size=window, num_sink_tokens=sinks, kernels=kernel_options(kernel, backend))
     command = "xlstm-distill bench " + shlex.join(sys.argv[2:])
     torch._dynamo.config.cache_size_limit = 64  # --compile-decode: one compiled decode step per point (static shapes)
     names = [m.strip() for m in models.split(",") if m.strip()]
@@ -127,3 +130,7 @@ def _checkpoint_models(name: str, student: HybridConfig, device: torch.device, d
         return _teacher(name, dtype).to(device)
 
     return {"teacher": teacher, "student": lambda: convert(teacher(), student).eval()}
+
+
+def register(app: typer.Typer) -> None:
+    app.command(help="Inference benchmark: teacher vs student prefill / TTFT, decode tokens/s, memory (JSON, md, PNG).")(bench)

@@ -1,6 +1,6 @@
 """mLSTM through NX-AI's `mlstm_kernels` (optional extra ``xlstm-distill[gpu]``): TFLA Triton kernels on CUDA.
 
-Same function as :func:`xlstm_distill.kernels.mlstm.mlstm_chunkwise` (tested against it), with three adaptations:
+Same function as :func:`xlstm_distill.kernels.mlstm_native.mlstm_chunkwise` (tested against it), with three adaptations:
 - `mlstm_kernels` scales q by DHQK^-0.5 internally; our feature maps own the scale, so q is multiplied back.
 - it takes the forget gate *pre-activation* (logsigmoid inside), and float32 gates (bf16 gates crash Triton 3.6).
 - it needs a length divisible by the chunk size: the tail is padded with tokens that write nothing (input gate -30)
@@ -23,32 +23,30 @@ The kernel's forward and backward are two custom operators (``torch.ops.xlstm_di
 
 With gradients, the Triton kernel keeps the chunk states of its forward for the backward (``recompute_states_in_bw``
 off) instead of computing them again there: float32 (DHQK, DHV + 1) per chunk of 128 tokens and head, 137 MB per
-layer at 8K tokens and 32 heads of 128, 543 MB at 32K (docs/decisions.md has the timings; ``KEEP_CHUNK_STATES = False``
-trades the time back for the memory).
+layer at 8K tokens and 32 heads of 128, 543 MB at 32K (docs/decisions.md has the timings;
+``KernelOptions(keep_chunk_states=False)`` trades the time back for the memory).
+
+The settings of :class:`~xlstm_distill.kernels.options.KernelOptions` that apply here: ``keep_chunk_states``,
+``exact_gradient``, ``tfla_min_chunk`` and ``tfla_kernel_params``.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import json
 import math
 from typing import Optional
 
 import torch
 from torch.autograd.function import once_differentiable
 
-from xlstm_distill.kernels import mlstm
-from xlstm_distill.kernels.mlstm import MLSTMState
+from xlstm_distill.kernels import mlstm_native as mlstm
+from xlstm_distill.kernels.mlstm_native import MLSTMState
+from xlstm_distill.kernels.options import KernelOptions
+from xlstm_distill.kernels.registry import MLSTM_KERNELS_AVAILABLE, register_kernel
 
-CUDA_KERNEL = "chunkwise--triton_xl_chunk"
-CPU_KERNEL = "chunkwise--native_custbw"  # the same algorithm and custom backward in PyTorch: tests the adapter on CPU
-CUDA_MIN_CHUNK = 128  # the same function at any chunk size; 128 took 12% less time than 64 (fwd+bwd, 8K, H100)
 PAD_INPUT_GATE, PAD_FORGET_GATE = -30.0, 30.0
 RESET_FORGET_GATE = -100.0
-KEEP_CHUNK_STATES = True  # with gradients: keep the forward's chunk states for the backward (False: recompute them)
 MAX_GRID_Z = 65_535  # CUDA's limit on a launch grid's third dimension
-# more arguments of the Triton kernel (block sizes, warps, stages; mlstm_kernels' heuristics where absent), as
-# benchmarks/kernel_tuning.py measured them on an H100 (docs/decisions.md)
-CUDA_KERNEL_PARAMS: dict[str, int] = {}
 # relative error of the kernel's w = q n / (normalizer + eps): a token is on the |q n| branch where |w| reaches the
 # kink's value 1 / (1 + eps exp(m)) within it. A wider band gives exp(-m)-branch tokens that close to the kink the
 # other branch's gradient (measured on CPU: one such token 4e-5 below the kink put 2-5% error into the whole dq), a narrower
@@ -58,7 +56,8 @@ W_ERROR = {torch.float64: 1e-6, torch.float32: 1e-6, torch.bfloat16: 1e-2, torch
 W_ERROR_TF32 = 3e-3
 
 
-AVAILABLE = importlib.util.find_spec("mlstm_kernels") is not None  # a constant: torch.compile does not trace find_spec
+AVAILABLE = MLSTM_KERNELS_AVAILABLE
+DEFAULT_OPTIONS = KernelOptions()
 
 
 def mlstm_tfla(
@@ -70,20 +69,23 @@ def mlstm_tfla(
     state: MLSTMState | None = None,
     chunk_size: int = 64,
     reset: torch.Tensor | None = None,  # (B, S) bool, True at the first token of a document
-    exact_backward: bool = True,
+    options: KernelOptions = DEFAULT_OPTIONS,
 ) -> tuple[torch.Tensor, MLSTMState]:
-    """Chunkwise mLSTM via `mlstm_kernels`. Returns h (B, NH, S, DHV) and the final state. ``exact_backward=False``
-    keeps mlstm_kernels' own backward (normalizer held constant) and skips the extra value column."""
+    """Chunkwise mLSTM via `mlstm_kernels`. Returns h (B, NH, S, DHV) in q's dtype and the final state.
+    ``options.exact_gradient=False`` keeps mlstm_kernels' own backward (normalizer held constant) and skips the extra
+    value column."""
     B, NH, S, DHQK = q.shape
     DHV = v.shape[-1]
-    keep_states = KEEP_CHUNK_STATES and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, i, f))
+    keep_states = options.keep_chunk_states and torch.is_grad_enabled() and any(
+        x.requires_grad for x in (q, k, v, i, f))
     # dv is exact without it: the extra column is for the gradients of q, k and the gates
-    augment = exact_backward and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, i, f))
+    augment = options.exact_gradient and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, i, f))
     if augment:  # (B, NH, S, DHV + 1): the last output column is q n / normalizer, C's last column is n
         v = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], -1)
         if state is not None:
             state = MLSTMState(torch.cat([state.C, state.n.unsqueeze(-1)], -1), state.n, state.m)
-    chunk, pad = kernel_layout(S, chunk_size, q.is_cuda)
+    chunk, pad = kernel_layout(S, chunk_size, q.is_cuda, options.tfla_min_chunk)
+    params = options.tfla_params_json()
     i, f = i.float(), f.float()
     if reset is not None:
         f = torch.where(reset[:, None, :], RESET_FORGET_GATE, f)
@@ -95,10 +97,11 @@ def mlstm_tfla(
     initial = () if state is None else _kernel_state(state)
     rows = max(1, MAX_GRID_Z // max(1, (S + pad) // chunk))  # (B * NH) rows per call
     if rows >= B * NH:
-        h, last = _call(kernel_args, initial, chunk, keep_states)
+        h, last = _call(kernel_args, initial, chunk, keep_states, params)
     else:  # heads in groups that fit the launch grid
         flat = [x.flatten(0, 1).unsqueeze(1) for x in (*kernel_args, *initial)]  # (B * NH, 1, ...)
-        parts = [_call(group[:5], group[5:], chunk, keep_states) for group in zip(*(x.split(rows) for x in flat))]
+        parts = [_call(group[:5], group[5:], chunk, keep_states, params)
+                 for group in zip(*(x.split(rows) for x in flat))]
         h = torch.cat([p[0] for p in parts]).view(B, NH, S + pad, -1)
         last = tuple(torch.cat([p[1][n] for p in parts]).view(B, NH, *parts[0][1][n].shape[2:]) for n in range(3))
     C, n, m = last
@@ -119,13 +122,14 @@ def _kernel_state(state: MLSTMState) -> tuple[torch.Tensor, torch.Tensor, torch.
             torch.where(started, state.m, 0.0))
 
 
-def kernel_layout(S: int, chunk_size: int, cuda: bool) -> tuple[int, int]:
+def kernel_layout(S: int, chunk_size: int, cuda: bool, min_chunk: int = DEFAULT_OPTIONS.tfla_min_chunk) -> tuple[int, int]:
     """The kernel's chunk size and the padding S needs. The Triton kernel takes S in {16, 32, 64} or a multiple of
-    128, chunks a power of two (at least ``CUDA_MIN_CHUNK``); short inputs are all padded to 64, so that under
-    torch.compile (``attention.memory_and_mix``) one symbolic length serves every short input (a rule on S's bits, a
-    power of two per input, compiled each short length anew). The CPU kernel takes chunks of at most S tokens."""
+    128, chunks a power of two (at least ``min_chunk``: 128 took 12% less time than 64, fwd+bwd at 8K on an H100);
+    short inputs are all padded to 64, so that under torch.compile (``attention.memory_and_mix``) one symbolic length
+    serves every short input (a rule on S's bits, a power of two per input, compiled each short length anew). The CPU
+    kernel takes chunks of at most S tokens."""
     if cuda:
-        chunk = max(CUDA_MIN_CHUNK, 1 << (chunk_size - 1).bit_length())
+        chunk = max(min_chunk, 1 << (chunk_size - 1).bit_length())
         return chunk, (64 - S if S <= 64 else -S % math.lcm(128, chunk))
     chunk = min(chunk_size, S)
     return chunk, -S % chunk
@@ -176,16 +180,18 @@ class _NormalizerGradient(torch.autograd.Function):
         return torch.cat([du, dw.to(du.dtype)], -1), None
 
 
-def _call(args: tuple[torch.Tensor, ...], initial: tuple[torch.Tensor, ...], chunk: int, keep_states: bool):
+def _call(args: tuple[torch.Tensor, ...], initial: tuple[torch.Tensor, ...], chunk: int, keep_states: bool,
+          params: str):
     """One kernel call: h (B, NH, S, DHV) and the last (C, n, m) with m as (B, NH). ``keep_states``: the forward's
-    chunk states are kept for the backward (CUDA; the CPU kernel always recomputes them). Under autocast q, k, v go
-    in as bf16 (what mlstm_kernels' own autograd function does; the gates stay float32)."""
+    chunk states are kept for the backward (CUDA; the CPU kernel always recomputes them); ``params``: the Triton
+    launch settings as JSON. Under autocast q, k, v go in as bf16 (what mlstm_kernels' own autograd function does;
+    the gates stay float32)."""
     q, k, v, i, f = args
     if q.is_cuda and torch.is_autocast_enabled("cuda"):
         q, k, v = (x.to(torch.bfloat16) for x in (q, k, v))
     c0, n0, m0 = initial or (None, None, None)
     out = torch.ops.xlstm_distill.tfla_forward(q, k, v, i, f, c0, n0, None if m0 is None else m0.unsqueeze(-1), chunk,
-                                               keep_states and q.is_cuda)
+                                               keep_states and q.is_cuda, params)
     h, C, n, m = out[0], *out[3:6]
     return h, (C, n, m.squeeze(-1))
 
@@ -213,6 +219,7 @@ def _forward(
     m0: Optional[torch.Tensor],  # (B, NH, 1)
     chunk: int,
     keep_states: bool,
+    params: str,  # the Triton kernel's launch settings, JSON
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor, torch.Tensor]:
     """h (B, NH, S, DHV) in q's dtype; the per-token n and m that the backward reads (B, NH, S); the last C, n, m
@@ -225,7 +232,7 @@ def _forward(
 
         with _same_dispatch_keys():
             h, n_out, m_out, last, kept = mlstm_chunkwise_fw(q, k, v, i, f, **common, return_all_states=keep_states,
-                                                             output_dtype=q.dtype, **CUDA_KERNEL_PARAMS)
+                                                             output_dtype=q.dtype, **json.loads(params))
     else:
         from mlstm_kernels.torch.chunkwise.native.fw import mlstm_chunkwise_fw
 
@@ -237,15 +244,16 @@ def _forward(
 
 
 @_forward.register_fake
-def _(q, k, v, i, f, c0, n0, m0, chunk, keep_states):
+def _(q, k, v, i, f, c0, n0, m0, chunk, keep_states, params):
     B, NH, S, DHQK = q.shape
     f32 = dict(dtype=torch.float32, device=q.device)
     per_token = q.new_empty(B, NH, S, dtype=q.dtype if q.is_cuda else torch.float32)
     if keep_states:  # mlstm_kernels' rule: a state after each inter-chunk, saved every n-th one, and the initial one
         from mlstm_kernels.triton.chunkwise.kernel_param_heuristics import get_xl_chunk_kernel_params
 
-        sizes = {key: CUDA_KERNEL_PARAMS[key] for key in ("chunk_size_inter", "chunk_size_intra", "siz_b_L_parallel",
-                                                          "siz_b_L_loop") if key in CUDA_KERNEL_PARAMS}
+        launch = json.loads(params)
+        sizes = {key: launch[key] for key in ("chunk_size_inter", "chunk_size_intra", "siz_b_L_parallel",
+                                              "siz_b_L_loop") if key in launch}
         params = get_xl_chunk_kernel_params(sequence_length=S, target_chunk_size=chunk, **sizes)
         saved = S // params.chunk_size_inter // params.save_states_every_nth_chunk + 1
         kept = (q.new_empty(B, NH, saved * DHQK, v.shape[-1], **f32), q.new_empty(B, NH, saved * DHQK, **f32),
@@ -265,6 +273,7 @@ def _backward(
     C_all: torch.Tensor, n_all: torch.Tensor, m_all: torch.Tensor,  # the forward's chunk states (empty: recompute)
     n_out: torch.Tensor, m_out: torch.Tensor,  # (B, NH, S)
     chunk: int,
+    params: str,  # the Triton kernel's launch settings, JSON
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor]:
     """Gradients of q, k, v, i, f (their dtypes) and of the initial C, n, m (empty without an initial state)."""
@@ -277,7 +286,7 @@ def _backward(
         with _same_dispatch_keys():
             grads = mlstm_chunkwise_bw(q, k, v, i, f, c0, n0, m0, *kept, vecN_out=n_out, vecM_out=m_out,
                                        matDeltaH_out=dh, matDeltaC_last=dC, qk_scale=scale, chunk_size=chunk,
-                                       eps=mlstm.EPS, **CUDA_KERNEL_PARAMS)
+                                       eps=mlstm.EPS, **json.loads(params))
     else:
         from mlstm_kernels.torch.chunkwise.native.bw import mlstm_chunkwise_bw
 
@@ -289,23 +298,23 @@ def _backward(
 
 
 @_backward.register_fake
-def _(dh, dC, q, k, v, i, f, c0, n0, m0, C_all, n_all, m_all, n_out, m_out, chunk):
+def _(dh, dC, q, k, v, i, f, c0, n0, m0, C_all, n_all, m_all, n_out, m_out, chunk, params):
     return tuple(q.new_empty(0) if x is None else x.new_empty(x.shape) for x in (q, k, v, i, f, c0, n0, m0))
 
 
 def _setup_backward(ctx, inputs, output) -> None:
-    q, k, v, i, f, c0, n0, m0, chunk, _ = inputs
+    q, k, v, i, f, c0, n0, m0, chunk, _, params = inputs
     _, n_out, m_out, C, _, _, C_all, n_all, m_all = output
     ctx.save_for_backward(q, k, v, i, f, c0, n0, m0, C_all, n_all, m_all, n_out, m_out, C)
-    ctx.chunk = chunk
+    ctx.chunk, ctx.params = chunk, params
 
 
 def _differentiate(ctx, dh, _n_out, _m_out, dC, *_):
     *saved, C = ctx.saved_tensors
     dC = torch.zeros_like(C) if dC is None else dC
-    grads = torch.ops.xlstm_distill.tfla_backward(dh, dC, *saved, ctx.chunk)
+    grads = torch.ops.xlstm_distill.tfla_backward(dh, dC, *saved, ctx.chunk, ctx.params)
     has_state = saved[5] is not None
-    return (*grads[:5], *(grads[5:] if has_state else (None,) * 3), None, None)
+    return (*grads[:5], *(grads[5:] if has_state else (None,) * 3), None, None, None)
 
 
 def _no_double_backward(ctx, *grads):
@@ -314,3 +323,10 @@ def _no_double_backward(ctx, *grads):
 
 _forward.register_autograd(_differentiate, setup_context=_setup_backward)
 _backward.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+# The registered implementation (xlstm_distill.kernels.ops has the signature).
+@register_kernel("mlstm", "tfla")
+def _tfla(q, k, v, i, f, state, reset, chunk_size: int, options: KernelOptions):
+    h, state = mlstm_tfla(q, k, v, i, f, state, chunk_size, reset, options)
+    return h.to(v.dtype), state

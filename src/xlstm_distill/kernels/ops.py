@@ -1,0 +1,85 @@
+"""The mixer's operations, as the model calls them: each picks its implementation (``registry.choose_kernel``) and
+calls it with the same arguments. Every implementation of an operation has this signature (see the registry)."""
+
+from __future__ import annotations
+
+import torch
+
+from xlstm_distill.kernels.mlstm_native import MLSTMState
+from xlstm_distill.kernels.options import KernelOptions
+from xlstm_distill.kernels.registry import choose_kernel, get_kernel
+
+DEFAULT_OPTIONS = KernelOptions()
+
+
+def mlstm(
+    q: torch.Tensor,  # (B, NH, S, DHQK) feature-mapped queries
+    k: torch.Tensor,  # (B, NH, S, DHQK) feature-mapped keys
+    v: torch.Tensor,  # (B, NH, S, DHV)
+    i: torch.Tensor | None,  # (B, NH, S) input gate pre-activations; None: no gates (plain linear attention)
+    f: torch.Tensor | None,  # (B, NH, S) forget gate pre-activations (logsigmoid is applied inside)
+    state: MLSTMState | None = None,  # the state to continue from (None: empty)
+    reset: torch.Tensor | None = None,  # (B, S) bool, True at each document's first token
+    *,
+    chunk_size: int = 64,
+    options: KernelOptions = DEFAULT_OPTIONS,
+) -> tuple[torch.Tensor, MLSTMState]:
+    """The recurrent memory over a sequence: the stabilized mLSTM with the normalizer max(|q.n|, exp(-m)) + eps, or
+    without gates (``i = f = None``) linear attention with the normalizer q.n + eps. Returns h (B, NH, S, DHV) in v's
+    dtype and the state after the last token (float32)."""
+    name = choose_kernel("mlstm", options, q.device, gated=i is not None)
+    return get_kernel("mlstm", name)(q, k, v, i, f, state, reset, chunk_size, options)
+
+
+def mlstm_step(
+    q: torch.Tensor,  # (B, NH, DHQK)
+    k: torch.Tensor,  # (B, NH, DHQK)
+    v: torch.Tensor,  # (B, NH, DHV)
+    i: torch.Tensor | None,  # (B, NH) input gate pre-activations; None: no gates
+    f: torch.Tensor | None,  # (B, NH) forget gate pre-activations
+    state: MLSTMState,
+    *,
+    options: KernelOptions = DEFAULT_OPTIONS,
+) -> tuple[torch.Tensor, MLSTMState]:
+    """One decoding step of :func:`mlstm`. Returns h (B, NH, DHV) in v's dtype and the new state."""
+    name = choose_kernel("mlstm_step", options, q.device, gated=i is not None)
+    return get_kernel("mlstm_step", name)(q, k, v, i, f, state, options)
+
+
+def swa(
+    q: torch.Tensor,  # (B, NH, T, D)
+    k: torch.Tensor,  # (B, NKV, T, D)
+    v: torch.Tensor,  # (B, NKV, T, DV)
+    doc_start: torch.Tensor,  # (B, T) index of the first token of each token's document
+    *,
+    window: int,
+    num_sinks: int,
+    scale: float,
+    single_document: bool = False,  # known without reading doc_start: one document per row, starting at 0
+    memo: dict | None = None,  # per-forward objects shared by the layers (a block mask), filled on first use
+    options: KernelOptions = DEFAULT_OPTIONS,
+) -> torch.Tensor:
+    """Sliding-window attention with sink tokens: a query sees the keys of its own document inside the window (itself
+    and the ``window - 1`` before it) and the document's first ``num_sinks`` tokens. GQA: query head h reads key head
+    h // (NH // NKV). Returns (B, NH, T, DV) in v's dtype."""
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    name = choose_kernel("swa", options, q.device, needs_grad=needs_grad)
+    return get_kernel("swa", name)(q, k, v, doc_start, window, num_sinks, scale, single_document,
+                                   {} if memo is None else memo, options)
+
+
+def swa_cached(
+    q: torch.Tensor,  # (B, NH, T, D) new queries
+    q_pos: torch.Tensor,  # (B, T) their positions in the document
+    k: torch.Tensor,  # (B, NKV, K, D) cached sinks + ring buffer + new keys
+    v: torch.Tensor,  # (B, NKV, K, DV)
+    k_pos: torch.Tensor,  # (B, K) key positions in the same document, -1 for empty slots
+    *,
+    window: int,
+    num_sinks: int,
+    scale: float,
+    options: KernelOptions = DEFAULT_OPTIONS,
+) -> torch.Tensor:
+    """:func:`swa` of a few new tokens over an explicit key set (decoding from the cache). Returns (B, NH, T, DV)."""
+    name = choose_kernel("swa_cached", options, q.device)
+    return get_kernel("swa_cached", name)(q, q_pos, k, v, k_pos, window, num_sinks, scale, options)

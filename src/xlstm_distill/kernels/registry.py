@@ -1,0 +1,101 @@
+"""The kernel registry: implementations of each operation by name, and the one place that picks one for a device.
+
+Operations (every implementation of one takes the same arguments; see ``xlstm_distill.kernels.ops``):
+
+    mlstm        chunkwise / parallel mLSTM over a sequence (training, prefill)      native, tfla, recurrent
+    mlstm_step   one recurrent decoding step                                          native
+    swa          sliding window + sinks over a sequence (training, prefill)          native, flex
+    swa_cached   sliding window + sinks of a few new tokens over cached keys          native
+
+Implementations register themselves with :func:`register_kernel` when their module is imported (the package's
+``__init__`` imports them all); :func:`choose_kernel` resolves ``auto`` and the device rules of
+:class:`~xlstm_distill.kernels.options.KernelOptions`.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from xlstm_distill.kernels.options import KernelOptions
+
+logger = logging.getLogger(__name__)
+
+OPERATIONS = ("mlstm", "mlstm_step", "swa", "swa_cached")
+_REGISTRY: dict[str, dict[str, Callable]] = {op: {} for op in OPERATIONS}
+# a constant: torch.compile does not trace find_spec
+MLSTM_KERNELS_AVAILABLE = importlib.util.find_spec("mlstm_kernels") is not None
+
+
+def register_kernel(op: str, name: str) -> Callable[[Callable], Callable]:
+    """Decorator: register ``fn`` as the implementation ``name`` of operation ``op``."""
+    if op not in _REGISTRY:
+        raise ValueError(f"Unknown kernel operation {op!r}; operations: {', '.join(OPERATIONS)}.")
+
+    def add(fn: Callable) -> Callable:
+        _REGISTRY[op][name] = fn
+        return fn
+
+    return add
+
+
+def kernel_names(op: str) -> tuple[str, ...]:
+    """The registered implementations of ``op``."""
+    return tuple(_REGISTRY[op])
+
+
+def get_kernel(op: str, name: str) -> Callable:
+    """The implementation ``name`` of operation ``op`` (a clear error for an unknown one)."""
+    if op not in _REGISTRY:
+        raise ValueError(f"Unknown kernel operation {op!r}; operations: {', '.join(OPERATIONS)}.")
+    if name not in _REGISTRY[op]:
+        raise ValueError(f"No {op} kernel named {name!r}; registered: {', '.join(_REGISTRY[op])}.")
+    return _REGISTRY[op][name]
+
+
+def choose_kernel(op: str, options: KernelOptions, device: torch.device, *, gated: bool = True,
+                  needs_grad: bool = False) -> str:
+    """The implementation that runs ``op`` on ``device`` under ``options``:
+
+    - ``mlstm``: ``auto`` is ``tfla`` on CUDA when mlstm_kernels is installed, else ``native``; an ungated memory
+      (plain linear attention, ``gated=False``) always runs ``native`` unless ``recurrent`` is asked for (TFLA has
+      only the mLSTM's gates and normalizer).
+    - ``swa``: ``auto`` is ``flex`` on CUDA, else ``native``; ``flex`` on CPU runs only without gradients
+      (FlexAttention has no CPU backward), ``native`` otherwise.
+    - ``mlstm_step``, ``swa_cached``: ``native`` (the decode step is compiled and graphed as a whole).
+    """
+    cuda = device.type == "cuda"
+    if op == "mlstm":
+        name = options.mlstm
+        if name == "auto":
+            name = "tfla" if cuda and MLSTM_KERNELS_AVAILABLE else "native"
+            if cuda and not MLSTM_KERNELS_AVAILABLE and not torch.compiler.is_compiling():
+                _log_once("kernels.mlstm='auto': mlstm_kernels is not installed, the mLSTM runs on the native kernel "
+                          "(pip install 'xlstm-distill[gpu]').")
+        if name == "tfla" and not gated:
+            name = "native"
+        if name == "tfla" and not MLSTM_KERNELS_AVAILABLE:
+            raise ImportError("kernels.mlstm='tfla' needs mlstm_kernels: pip install 'xlstm-distill[gpu]' "
+                              "(or use 'native').")
+        return name
+    if op == "swa":
+        name = options.swa
+        if name == "auto":
+            name = "flex" if cuda else "native"
+        if name == "flex" and not cuda and needs_grad:
+            name = "native"
+        return name
+    if op in ("mlstm_step", "swa_cached"):
+        return "native"
+    raise ValueError(f"Unknown kernel operation {op!r}; operations: {', '.join(OPERATIONS)}.")
+
+
+@functools.cache
+def _log_once(message: str) -> None:
+    logger.info(message)

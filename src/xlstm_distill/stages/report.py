@@ -1,0 +1,72 @@
+"""The held-out report: perplexity and KL(teacher || student) of every student the recipe produced, on documents no
+stage trained on; for a windowed student the KL also split inside / beyond the window's reach."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from xlstm_distill.stages.common import autocast, compare_to_teacher
+from xlstm_distill.stages.context import RunContext
+from xlstm_distill.stages.trainer import is_main_process
+
+
+def run(ctx: RunContext) -> dict[str, dict[str, float]]:
+    """Prints the table; writes ``report/held_out.json`` and ``report/held_out.png``. Returns the rows by model."""
+    if not is_main_process():
+        return {}
+    students = ctx.students()
+    if not students:
+        raise FileNotFoundError(f"No student under {ctx.out}: run the recipe's stages first.")
+    batches = ctx.held_out_batches()
+    rows: dict[str, dict[str, float]] = {}
+    for label, path in students.items():
+        with autocast(ctx.device, ctx.autocast):
+            rows[label] = compare_to_teacher(ctx.load_student(path).eval(), ctx.teacher, batches)
+    Console().print(_table(ctx.recipe.name, ctx.recipe.teacher, rows))
+    out = ctx.report_dir
+    out.mkdir(exist_ok=True)
+    (out / "held_out.json").write_text(json.dumps({"teacher": ctx.recipe.teacher, "rows": rows}, indent=2))
+    plot(rows, out / "held_out.png")
+    return rows
+
+
+def _table(name: str, teacher: str, rows: dict[str, dict[str, float]]) -> Table:
+    first = next(iter(rows.values()))
+    split = "kl_beyond_window" in first  # a windowed student: KL inside / beyond the window's reach
+    table = Table(title=f"{name}: held-out next-token metrics ({int(first['tokens'])} tokens)")
+    columns = ["model", "perplexity", "KL(teacher || model)"]
+    columns += ["KL in window", f"KL beyond window ({int(first['tokens_beyond_window'])} tokens)"] if split else []
+    for col in columns:
+        table.add_column(col, justify="right" if col != "model" else "left")
+    table.add_row(f"teacher ({teacher})", f"{first['teacher_ppl']:.2f}", "0", *(["0", "0"] if split else []))
+    for label, r in rows.items():
+        parts = [f"{r['kl_in_window']:.4f}", f"{r['kl_beyond_window']:.4f}"] if split else []
+        table.add_row(label, f"{r['student_ppl']:.2f}", f"{r['kl']:.4f}", *parts)
+    return table
+
+
+def plot(rows: dict[str, dict[str, float]], path: Path) -> None:
+    """Held-out perplexity (teacher dashed) and KL to the teacher of each model, inside / beyond the window where
+    the student has one."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(rows)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    axes[0].bar(labels, [r["student_ppl"] for r in rows.values()], color="tab:blue")
+    axes[0].axhline(next(iter(rows.values()))["teacher_ppl"], color="k", ls="--", label="teacher")
+    axes[0].set_ylabel("held-out perplexity")
+    axes[0].legend()
+    axes[1].bar(labels, [r["kl"] for r in rows.values()], color="tab:orange")
+    axes[1].set_ylabel("KL(teacher || student)")
+    for ax in axes:
+        ax.tick_params(axis="x", labelrotation=15, labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
