@@ -64,8 +64,10 @@ def write_recipe(root: Path, name: str, teacher: Path, corpora: Path, shape: str
                     dict(max_mb_per_domain=1, weights={"math": 1.0}) if shape == "tiny" else dict(max_mb_per_domain=8))),
                 align=dict(steps=2, batch_size=2, lr=1e-2, warmup_steps=1),
                 targets=dict(k=256 if shape != "tiny" else 8, num_sequences=steps * 16, batch_size=16),
-                distill=dict(steps=steps, batch_size=batch, grad_accum=1, lr=1e-4, warmup_steps=2,
-                             checkpoint_every=steps // 2),
+                # CE + KL: a loss well above float rounding even where the random student matches its teacher, so
+                # that one and two processes compare in relative terms
+                distill=dict(steps=steps, batch_size=batch, grad_accum=1, lr=1e-4, warmup_steps=2, gamma=0.9,
+                             beta=0.1, checkpoint_every=steps // 2),
                 evaluate=dict(held_out_sequences=2, batch_size=2))
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))

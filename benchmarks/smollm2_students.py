@@ -33,7 +33,7 @@ TASKS = ["xd_piqa", "xd_arc_easy", "xd_arc_challenge", "xd_hellaswag", "xd_winog
 # documents per task (MMLU: per subject, 57 subjects); the paper's shot counts
 LIMITS = {"xd_piqa": 500, "xd_arc_easy": 500, "xd_arc_challenge": 300, "xd_hellaswag": 300, "xd_winogrande": 500,
           "xd_mmlu": 10, "xd_lambada": 500}
-TOKENS_PER_STEP = 16 * 1024  # both stages: 16 sequences of 1,024 tokens per optimizer step
+TOKENS_PER_STEP = 4 * 4096  # both stages: 4 sequences of 4,096 tokens per optimizer step (the recipe)
 MAX_EVALS = [2]  # evaluations at a time, --max-evals (each holds batch x length x vocabulary float32 logits)
 # an evaluation's eval_seconds leave out the process start, imports and lm-eval's task building: files written before
 # the whole job's time was recorded (job_seconds) get this margin (an evaluation started with about 420 s left
@@ -59,6 +59,10 @@ class Job:
 TRAINED = list(MIXERS)  # --mixers: the students trained (and evaluated) by this run; the others' evaluations reused
 OVERRIDES: list[str] = []  # --set values for every stage (smoke tests: tiny steps and sequences)
 EVAL_LIMIT: list[str] = []  # --limit for every evaluation (smoke tests)
+BENCHMARKS = [True]  # --no-benchmarks: no lm-eval evaluations (training, held-out reports and long context only)
+# long context, once every student is trained: RULER by length and KL by position, teacher and students together
+LONG = {"ruler": "niah_single_1,niah_multikey_2,niah_multikey_3", "ruler_lengths": "1k,2k,4k,8k", "ruler_samples": "20",
+        "corpora": "runs/corpora", "position_length": "8192", "position_documents": "8", "position_bucket": "512"}
 
 
 def _cli(stage: str, mixer: str, teacher: str, *extra: str) -> list[str]:
@@ -73,11 +77,30 @@ def _eval_job(name: str, model: str, needs: list[Path]) -> Job:
     return Job(f"eval-{name}", [sys.executable, __file__, "eval", name, model, str(out), *limit], out, needs)
 
 
+def _long_job(teacher: str) -> Job:
+    """RULER accuracy by context length and KL / perplexity by position for the teacher and every trained student in
+    one process (one figure each): ``xlstm-distill evaluate --ruler ... --positions ...`` into ROOT/long/."""
+    stage2 = {m: ROOT / m / "stage2" / "model" for m in TRAINED}
+    students = [arg for m, path in stage2.items() for arg in ("--student", f"{m}={path}")]
+    options = [arg for key, value in LONG.items() if value
+               for arg in (f"--{key.replace('_', '-')}" if key != "corpora" else "--positions", value)]
+    return Job("long", [sys.executable, "-m", "xlstm_distill.cli", "evaluate", "--teacher", teacher, *students,
+                        *options, "--output-dir", str(ROOT / "long")],
+               ROOT / "long" / ("long_context.json" if LONG["ruler"] else "by_position.json"),
+               [p / "config.json" for p in stage2.values()])
+
+
 def _targets_done() -> Path:
     return ROOT / "targets" / "complete"
 
 
 def jobs(teacher: str, distill_steps: int) -> list[Job]:
+    """Every job of a run; without benchmarks (``--no-benchmarks``) the lm-eval evaluations are left out."""
+    out = _jobs(teacher, distill_steps)
+    return out if BENCHMARKS[0] else [j for j in out if not j.name.startswith("eval-")]
+
+
+def _jobs(teacher: str, distill_steps: int) -> list[Job]:
     stage1 = {m: ROOT / m / "stage1" / "model" / "config.json" for m in TRAINED}
     stage2 = {m: ROOT / m / "stage2" / "model" / "config.json" for m in TRAINED}
     out = [
@@ -90,6 +113,8 @@ def jobs(teacher: str, distill_steps: int) -> list[Job]:
                        [stage1[m], _targets_done()]))
         out.append(_eval_job(m, str(stage2[m].parent), [stage2[m]]))
         out.append(Job(f"report-{m}", _cli("report", m, teacher), ROOT / m / "report" / "held_out.json", [stage2[m]]))
+    if LONG["ruler"] or LONG["corpora"]:
+        out.append(_long_job(teacher))
     if "mlstm_swa" in TRAINED:
         init, mid = ROOT / "mlstm_swa" / "student-init", ROOT / "mlstm_swa" / "stage1" / "model"
         out.append(_eval_job("mlstm_swa-converted", str(init), [init / "tokenizer_config.json"]))  # saved last
@@ -187,9 +212,17 @@ def run(teacher: str = typer.Option(...), deadline: float = typer.Option(540.0, 
         reuse_evals: Path | None = typer.Option(None, help="Folder of earlier evaluations with the same settings: "
                                                 "the teacher's and the converted student's (no training: the "
                                                 "same models) are taken from it instead of being re-run, and those "
-                                                "of the students not in --mixers.")) -> None:
+                                                "of the students not in --mixers."),
+        ruler_samples: int = typer.Option(20, help="RULER samples per task and length (0: no RULER)."),
+        long_corpora: str = typer.Option("runs/corpora", help="Offline corpora whose held-out long documents give "
+                                         "KL by position ('': none)."),
+        long_length: int = typer.Option(8192, help="Tokens of each long document (KL by position)."),
+        benchmarks: bool = typer.Option(True, help="Evaluate teacher and students on the understanding tasks.")) -> None:
     """Run / continue all stages and evaluations until done or the deadline; then write the report if complete."""
     OVERRIDES.extend(overrides)
+    BENCHMARKS[0] = benchmarks
+    LONG.update(ruler="" if ruler_samples < 1 else LONG["ruler"], ruler_samples=str(ruler_samples),
+                corpora=long_corpora, position_length=str(long_length))
     MAX_EVALS[0] = max_evals
     if max_evals < 1:
         raise typer.BadParameter(f"--max-evals must be at least 1, got {max_evals}")

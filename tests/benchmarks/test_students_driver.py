@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "smollm2_students.py"
+LONG_DEFAULTS = dict(ruler_samples=20, long_corpora="runs/corpora", long_length=8192, benchmarks=True)
 
 
 @pytest.fixture()
@@ -83,7 +84,7 @@ def test_untrained_models_reuse_earlier_evaluations(driver, tmp_path, monkeypatc
     started = []
     monkeypatch.setattr(driver, "_start", lambda job: started.append(job.name))
     settings = dict(teacher="t.gguf", deadline=0.0, distill_steps="60", overrides=[], eval_limit=None,
-                    reuse_evals=earlier, max_evals=2)
+                    reuse_evals=earlier, max_evals=2, **LONG_DEFAULTS)
     driver.run(**settings, mixers="mlstm_swa,linear_swa,swa")
     assert sorted(p.name for p in (tmp_path / "eval").glob("*.json")) == ["mlstm_swa-converted.json", "teacher.json"]
     assert started == []  # deadline 0: nothing starts
@@ -98,7 +99,7 @@ def test_marker_jobs_are_marked_done_only_on_success(driver, tmp_path, monkeypat
         driver.Job("ok", [sys.executable, "-c", "pass"], ok, marker=True),
         driver.Job("bad", [sys.executable, "-c", "raise SystemExit(3)"], bad, marker=True)])
     driver.run(teacher="t.gguf", deadline=60.0, distill_steps="60", overrides=[], eval_limit=None, reuse_evals=None,
-               max_evals=2, mixers="swa")
+               max_evals=2, mixers="swa", **LONG_DEFAULTS)
     assert ok.exists() and not bad.exists()
 
 
@@ -136,9 +137,21 @@ def test_mixers_subset_trains_only_those_students(driver, monkeypatch):
     monkeypatch.setattr(driver, "TRAINED", ["mlstm_swa"])
     names = {j.name for j in driver.jobs("teacher.gguf", 60)}
     assert names == {"targets", "eval-teacher", "align-mlstm_swa", "distill-mlstm_swa", "eval-mlstm_swa",
-                     "report-mlstm_swa", "eval-mlstm_swa-converted", "eval-mlstm_swa-stage1"}
+                     "report-mlstm_swa", "eval-mlstm_swa-converted", "eval-mlstm_swa-stage1", "long"}
     monkeypatch.setattr(driver, "TRAINED", ["swa"])
     assert not any("mlstm_swa" in j.name for j in driver.jobs("teacher.gguf", 60))
+
+
+def test_long_context_job_evaluates_every_student_with_the_teacher(driver, monkeypatch):
+    """One `xlstm-distill evaluate` for the teacher and all trained students (RULER and KL by position in one figure
+    each), after every Stage II; --no-benchmarks leaves the lm-eval evaluations out."""
+    long = next(j for j in driver.jobs("teacher.gguf", 60) if j.name == "long")
+    command = " ".join(long.cmd)
+    assert "evaluate --teacher teacher.gguf" in command and "--ruler niah_single_1" in command
+    assert all(f"--student {m}=" in command for m in driver.MIXERS) and "--positions runs/corpora" in command
+    assert len(long.needs) == 3 and long.done.name == "long_context.json"
+    monkeypatch.setattr(driver, "BENCHMARKS", [False])
+    assert not any(j.name.startswith("eval-") for j in driver.jobs("teacher.gguf", 60))
 
 
 def test_unknown_mixer_is_refused():

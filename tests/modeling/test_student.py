@@ -124,6 +124,17 @@ def test_save_load_round_trip(tmp_path, family):
         assert torch.equal(student(ids).logits, loaded(ids).logits)
 
 
+def test_loading_in_bfloat16_casts_every_parameter(tmp_path):
+    # the teacher's layers are built from its own config, which records the dtype it was saved in (float32)
+    student = student_of("mlstm_swa")
+    student.config.teacher_config["dtype"] = "float32"
+    student.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        assert loaded(tokens(1, 20)).logits.dtype == torch.bfloat16
+
+
 def test_tied_embeddings_survive_save_load(tmp_path):
     teacher = tiny_teacher("llama", tie_word_embeddings=True)
     student = xd.convert(teacher, xd.HybridConfig(**SMALL))

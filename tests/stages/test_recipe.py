@@ -13,7 +13,8 @@ from xlstm_distill.stages import Pipeline, Recipe, RunContext
 
 def test_run_with_experts_and_report(tmp_path):
     experts = {"domains": {"a": {"a": 1.0}, "b": {"b": 1.0}}, "merge_weights": {"a": 3, "b": 1}}
-    path = tiny_recipe(tmp_path, "run", experts=experts)
+    evaluate = {"held_out_sequences": 2, "batch_size": 2, "long_documents": 2, "long_length": 16}
+    path = tiny_recipe(tmp_path, "run", experts=experts, evaluate=evaluate)
     Pipeline(Recipe.load(path)).run()
     out = tmp_path / "run"
     for part in ("student-init", "stage1/model", "stage2/model", "experts/a/stage2/model", "experts/b/stage2/model", "merged"):
@@ -31,6 +32,11 @@ def test_run_with_experts_and_report(tmp_path):
     assert set(report) == {"converted (untrained)", "after Stage I", "after Stage II", "merged experts (Stage III)"}
     assert all({"kl_in_window", "kl_beyond_window", "tokens_beyond_window"} <= set(r) for r in report.values())
     assert (out / "report" / "held_out.png").stat().st_size > 0
+    by_position = json.loads((out / "report" / "by_position.json").read_text())  # long held-out documents
+    assert (by_position["documents"], by_position["bucket"]) == (2, 8) and set(by_position["rows"]) == set(report)
+    assert by_position["rows"]["after Stage II"]["tokens"] == [16.0, 14.0]
+    gates = json.loads((out / "report" / "output_gates.json").read_text())
+    assert len(gates["after Stage I"]["beyond"]) == 2  # layers x heads
 
     # re-running a finished recipe does no training again
     mtime = (out / "stage2" / "model" / "model.safetensors").stat().st_mtime
@@ -75,11 +81,13 @@ def test_bad_recipe_values_are_refused_at_load_naming_the_key(tmp_path, override
 
 
 def test_recipe_defaults_live_in_the_sections(tmp_path):
-    """A recipe that leaves keys out gets the sections' defaults (Stage II: constant schedule, weight decay 0.1),
+    """A recipe that leaves keys out gets the sections' defaults (Stage II: constant schedule, weight decay 0.1, KL
+    to the teacher only with the tail as one bucket),
     and student kernel options reach the student's config."""
     path = tiny_recipe(tmp_path, "ok", distill={"steps": 3}, targets=None, evaluate=None)
     recipe = Recipe.load(path, ["student.kernels.copy_sinks=none", "student.backend=native"])
-    assert (recipe.distill.schedule, recipe.distill.weight_decay, recipe.distill.gamma) == ("constant", 0.1, 0.9)
+    assert (recipe.distill.schedule, recipe.distill.weight_decay) == ("constant", 0.1)
+    assert (recipe.distill.gamma, recipe.distill.beta, recipe.distill.topk_mode) == (0.0, 1.0, "residual")
     assert (recipe.targets.k, recipe.evaluate.held_out_sequences, recipe.align.schedule) == (256, 8, "cosine")
     config = recipe.student_config()
     assert (config.kernels.copy_sinks, config.kernels.mlstm, config.backend) == ("none", "native", "native")
@@ -112,3 +120,23 @@ def test_swa_student_skips_stage1_and_students_share_targets(tmp_path):
     stage1 = load_file(str(tmp_path / "swa" / "stage1" / "model" / "model.safetensors"))
     assert init.keys() == stage1.keys() and all(torch.equal(init[k], stage1[k]) for k in init)
     assert json.loads((tmp_path / "shared-targets" / "manifest.json").read_text())["complete"]
+
+
+def test_targets_on_the_teachers_own_text(tmp_path):
+    """targets.text: teacher: Stage II reads the teacher's sampled continuations of each corpus sequence's first
+    tokens (one document per row, every token a target); the manifest records it, and Stage II trains on it."""
+    from safetensors.torch import load_file
+
+    path = tiny_recipe(tmp_path, "teacher-text", targets=dict(k=8, num_sequences=8, batch_size=4, text="teacher",
+                                                              prompt_tokens=8))
+    recipe = Recipe.load(path)
+    ctx = RunContext(recipe)
+    corpus = next(ctx.packed(rank=0, world_size=1).iter_batches(4))["input_ids"]
+    Pipeline(recipe).distill()
+    manifest = json.loads((tmp_path / "teacher-text" / "targets" / "manifest.json").read_text())
+    assert manifest["text"] == "teacher:8:1.0" and manifest["complete"]
+    shard = load_file(str(tmp_path / "teacher-text" / "targets" / manifest["shards"][0]["file"]))
+    assert shard["input_ids"].shape == (8, 64) and shard["loss_mask"].all() and not shard["document_ids"].any()
+    assert torch.equal(shard["input_ids"][:4, :8], corpus[:, :8].int())  # the corpus prompts
+    assert not torch.equal(shard["input_ids"][:4, 8:], corpus[:, 8:].int())  # the teacher's continuations
+    assert (tmp_path / "teacher-text" / "stage2" / "model" / "config.json").exists()

@@ -302,3 +302,36 @@ def test_target_reader_resumes_on_another_world_size(tmp_path, num_sequences):
         TargetShards(tmp_path / "t", batch_size=2, seed=3, rank=0, world_size=2).load_state_dict(one.state_dict())
     with pytest.raises(ValueError, match="older xlstm-distill"):
         one.load_state_dict({"epoch": 0, "position": 1, "seed": 3, "world_size": 1})
+
+
+def test_scheduled_window_dropout_shortens_the_window_on_a_falling_share_of_batches():
+    """Stage I's window dropout: deterministic in (seed, step, batch), a share that falls linearly from the rate to 0,
+    the shortened window during the step only (the model keeps its own), and the step's metrics say which was used."""
+    from xlstm_distill.stages.align import WindowDropout, make_align_step, window_of
+
+    dropout = WindowDropout(rate=1.0, window=4, steps=10, seed=0)
+    assert dropout.window_at(0, 0, 16) == 4 and dropout.window_at(10, 0, 16) == 16
+    assert WindowDropout(1.0, None, 10).window_at(0, 0, 16) == 4  # a quarter by default
+    share = [sum(WindowDropout(0.8, 4, 100, seed).window_at(s, 0, 16) == 4 for seed in range(200)) / 200
+             for s in (0, 50, 99)]
+    assert abs(share[0] - 0.8) < 0.1 and abs(share[1] - 0.4) < 0.1 and share[2] < 0.05
+    assert [dropout.window_at(3, c, 16) for c in range(4)] == [dropout.window_at(3, c, 16) for c in range(4)]
+
+    teacher = tiny_teacher()
+    student = xd.convert(teacher, xd.HybridConfig(window_size=8, num_sink_tokens=2, chunk_size=16))
+    set_stage1_trainable(student)
+    batch = SyntheticPacks().make(0)
+    step = make_align_step(student, teacher, dropout=WindowDropout(1.0, 2, 10))
+    shortened = step(batch, 1.0, 0)
+    assert shortened["window"] == 2.0 and student.model.layers[0].self_attn.window == 8
+    with window_of(student, 2):
+        assert all(layer.self_attn.window == 2 for layer in student.model.layers)
+        reference = sum(layer_losses_values(student, teacher, batch))
+    assert abs(shortened["loss"] - reference) < 1e-5
+    assert step(batch, 1.0, 10)["window"] == 8.0  # the schedule has reached 0
+
+
+def layer_losses_values(student, teacher, batch):
+    from xlstm_distill.stages.align import layer_losses
+
+    return [mse.item() for mse in layer_losses(student, teacher, batch)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Annotated, Optional
@@ -70,6 +71,22 @@ def evaluate(
     dtype: Annotated[
         Optional[str], typer.Option(help="Weights dtype for every model (default bfloat16 on GPU, float32 on CPU).")
     ] = None,
+    ruler: Annotated[
+        Optional[list[str]],
+        typer.Option("--ruler", help="Long context: RULER tasks built offline (niah_single_1, niah_multikey_2, "
+                     "niah_multikey_3; comma-separated or repeated): accuracy by context length for every model. "
+                     "Without --tasks, only these run."),
+    ] = None,
+    ruler_lengths: Annotated[str, typer.Option(help="Context lengths of the RULER tasks.")] = "1k,2k,4k,8k",
+    ruler_samples: Annotated[int, typer.Option(help="RULER samples per task and length.")] = 50,
+    positions: Annotated[
+        Optional[Path],
+        typer.Option("--positions", help="Long context: an offline corpora folder or a data file whose held-out long "
+                     "documents give KL to the teacher and perplexity by position, every student."),
+    ] = None,
+    position_length: Annotated[int, typer.Option(help="Tokens per long document.")] = 8192,
+    position_documents: Annotated[int, typer.Option(help="Long documents to use.")] = 8,
+    position_bucket: Annotated[int, typer.Option(help="Width of the position buckets (tokens).")] = 512,
 ) -> None:
     """Evaluate the teacher, the student(s) and baselines with identical lm-eval settings and write a report
     (results.json, report.md, win_and_tie.png): recovery rates, C_0, C_0.01, C_0.05 and alpha*."""
@@ -80,7 +97,8 @@ def evaluate(
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = _torch_dtype(dtype, device)
-    task_list = _split_commas(tasks) or list(DEFAULT_TASKS)
+    ruler_tasks = _split_commas(ruler)
+    task_list = _split_commas(tasks) or ([] if ruler_tasks or positions else list(DEFAULT_TASKS))
     try:
         shot_overrides = {k: int(v) for k, v in parse_assignments(shots, "--shots").items()}
     except ValueError as err:
@@ -92,6 +110,7 @@ def evaluate(
     models: dict = {}
     teacher_key = teacher
 
+    @functools.cache  # loaded once for every part of the evaluation
     def teacher_loader():
         from xlstm_distill import load_teacher
 
@@ -118,12 +137,19 @@ def evaluate(
             baseline_names.append(key)
 
     try:
+        if positions is not None:
+            _positions(models, teacher_key, positions, position_length, position_documents, position_bucket,
+                       output_dir)
+        if ruler_tasks:
+            _ruler(models, teacher_key, ruler_tasks, _sizes(ruler_lengths), ruler_samples, bs, device, output_dir)
+        if not task_list:
+            return
         results = evaluate_models(
             models, task_list, num_fewshot=shot_overrides or None, limit=lim, batch_size=bs, max_length=max_length,
             apply_chat_template=chat_template, output_dir=output_dir, metrics=metrics or None,
             max_gen_toks=max_gen_toks, device=device, cache_dir=cache_dir, log_samples=log_samples,
         )
-    except (ValueError, FileNotFoundError, OSError) as err:
+    except (ValueError, FileNotFoundError, OSError, ImportError) as err:
         raise _fail(str(err)) from None
     if external:
         results = {**results, "models": dict(results["models"])}
@@ -134,6 +160,48 @@ def evaluate(
     paths = write_report(results, teacher_key, output_dir, baselines=baseline_names or None)
     _print_summary(paths["json"])
     typer.echo(f"Report: {paths['markdown']}  plot: {paths['plot']}  data: {paths['json']}")
+
+
+def _sizes(text: str) -> list[int]:
+    """'1k,4k,32768' -> [1024, 4096, 32768]."""
+    try:
+        return [int(float(s[:-1]) * 1024) if s.lower().endswith("k") else int(s) for s in _split_commas([text])]
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated sizes such as 1k,4k,8k, got {text!r}") from None
+
+
+def _ruler(models: dict, teacher_key: str, tasks: list[str], lengths: list[int], samples: int, batch_size,
+           device: str, output_dir: Path) -> None:
+    """RULER accuracy by context length for every model (long_context.json, .md, .png)."""
+    from xlstm_distill.evaluation.long_context import ruler_scores, write_long_context
+
+    teacher = models[teacher_key]()
+    loaded = {name: teacher if name == teacher_key else spec for name, spec in models.items()}
+    scores = ruler_scores(loaded, teacher[1], tasks, lengths, samples, batch_size if isinstance(batch_size, int) else 8,
+                          device=device)
+    files = write_long_context(scores, output_dir)
+    typer.echo(files["markdown"].read_text())
+
+
+def _positions(models: dict, teacher_key: str, data: Path, length: int, count: int, bucket: int,
+               output_dir: Path) -> None:
+    """KL to the teacher and perplexity by position on the held-out long documents of ``data`` (by_position.*)."""
+    from xlstm_distill.data import Source, held_out_split, long_documents, offline_sources
+    from xlstm_distill.evaluation.long_context import by_position, write_by_position
+
+    sources = offline_sources(data) if (data / "manifest.json").exists() else [Source(data)]
+    teacher, tokenizer = models[teacher_key]()
+    documents = long_documents([held_out_split(s, held_out=True) for s in sources], tokenizer, length, count)
+    if not documents:
+        raise ValueError(f"No held-out document of {data} has {length} tokens: lower --position-length.")
+    rows = {}
+    for name, loader in models.items():
+        if name != teacher_key:
+            student = loader()[0]
+            rows[name] = by_position(student, teacher, documents, bucket)
+            del student
+    files = write_by_position(rows, output_dir, len(documents), length, bucket, None)
+    typer.echo(files["markdown"].read_text())
 
 
 def _unique(name: str, taken) -> str:

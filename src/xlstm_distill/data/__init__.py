@@ -1,6 +1,7 @@
 """Training data: sources, tokenization, document-aware packing, mixtures, offline corpora, decontamination."""
 
 from xlstm_distill.data.decontam import NGramIndex, decontaminate, eval_items
+from xlstm_distill.data.documents import long_documents
 from xlstm_distill.data.encoding import encode_chat, encode_text
 from xlstm_distill.data.offline import DOMAINS, build_offline_corpora, offline_sources
 from xlstm_distill.data.packing import PackedDataset, collate
@@ -21,5 +22,6 @@ __all__ = [
     "encode_text",
     "eval_items",
     "held_out_split",
+    "long_documents",
     "offline_sources",
 ]

@@ -44,7 +44,8 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         super().__init__(config)
         teacher_config = config.get_teacher_config()
         qk_norm_of(teacher_config.model_type)
-        self.model = AutoModel.from_config(teacher_config)
+        # the dtype the student is built in (from_pretrained's dtype=...), not the one the teacher's config records
+        self.model = AutoModel.from_config(teacher_config, dtype=torch.get_default_dtype())
         self.lm_head = nn.Linear(teacher_config.hidden_size, teacher_config.vocab_size, bias=False)
         for idx, layer in enumerate(self.model.layers):
             layer.self_attn = HybridAttention(layer.self_attn, config, idx)

@@ -8,10 +8,13 @@ By default only the new parameters (feature maps, gates) train; ``train_projecti
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import random
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,7 +42,8 @@ def run(ctx: RunContext) -> Path:
     student = ctx.load_student(init)
     set_stage1_trainable(student, cfg.train_projections)
     if any(p.requires_grad for p in student.parameters()):
-        step = make_align_step(student, ctx.teacher, ctx.autocast, cfg.beyond_window_weight, cfg.compile)
+        step = make_align_step(student, ctx.teacher, ctx.autocast, cfg.beyond_window_weight, cfg.compile,
+                               WindowDropout(cfg.window_dropout, cfg.dropout_window, cfg.steps, ctx.recipe.seed))
         data = PackedBatches(ctx.packed(), cfg.batch_size)
         Trainer(student, step, data, cfg, path.parent, "stage1", seed=ctx.recipe.seed).fit()
     else:  # e.g. mixer=swa: no new parameters, the converted student is the Stage I model
@@ -124,17 +128,62 @@ def _compiled_mixer_mse():
     return torch.compile(mixer_mse)
 
 
-def make_align_step(student: HybridForCausalLM, teacher: torch.nn.Module, autocast_dtype: torch.dtype | None = None,
-                    beyond_window_weight: float = 1.0, compiled: bool = False):
-    """``step_fn`` for the trainer: per layer, MSE then backward right away (the memory of one layer). ``compiled``:
-    each layer's mixer and MSE through torch.compile (one graph for all layers)."""
+@dataclass
+class WindowDropout:
+    """Scheduled window dropout: at optimizer step s, a batch is aligned with the student's window shortened to
+    ``window`` tokens with probability ``rate * (1 - s / steps)`` (deterministic in seed and step), so that the memory
+    must carry what the shortened window no longer sees, while the last steps tune the mix for the full window."""
 
-    def step(batch: dict[str, torch.Tensor], scale: float) -> dict[str, float]:
+    rate: float = 0.0
+    window: int | None = None  # None: a quarter of the student's window
+    steps: int = 1
+    seed: int = 0
+
+    def window_at(self, step: int, call: int, full: int) -> int:
+        """The window for the ``call``-th batch of optimizer step ``step``."""
+        p = self.rate * max(0.0, 1.0 - step / self.steps)
+        if p <= 0 or random.Random(f"{self.seed}/{step}/{call}").random() >= p:
+            return full
+        return self.window or max(1, full // 4)
+
+
+@contextmanager
+def window_of(student: HybridForCausalLM, window: int) -> Iterator[None]:
+    """Every mixer with sliding-window size ``window`` for the duration (the config keeps its own)."""
+    mixers = [layer.self_attn for layer in student.model.layers]
+    saved = [m.window for m in mixers]
+    for m in mixers:
+        m.window = window
+    try:
+        yield
+    finally:
+        for m, w in zip(mixers, saved):
+            m.window = w
+
+
+def make_align_step(student: HybridForCausalLM, teacher: torch.nn.Module, autocast_dtype: torch.dtype | None = None,
+                    beyond_window_weight: float = 1.0, compiled: bool = False,
+                    dropout: WindowDropout | None = None):
+    """``step_fn`` for the trainer: per layer, MSE then backward right away (the memory of one layer). ``compiled``:
+    each layer's mixer and MSE through torch.compile (one graph for all layers). ``dropout``: scheduled window
+    dropout (:class:`WindowDropout`)."""
+    dropout = dropout or WindowDropout()
+    calls = {"step": -1, "n": 0}  # batches seen in the current optimizer step (gradient accumulation)
+
+    def step(batch: dict[str, torch.Tensor], scale: float, step: int = 0) -> dict[str, float]:
+        calls["n"] = calls["n"] + 1 if calls["step"] == step else 0
+        calls["step"] = step
+        full = student.config.window_size
+        window = dropout.window_at(step, calls["n"], full) if student.config.uses_swa else full
         metrics = {}
-        for idx, mse in enumerate(layer_losses(student, teacher, batch, autocast_dtype, beyond_window_weight, compiled)):
-            (mse * scale).backward()
-            metrics[f"layer_{idx:02d}_mse"] = mse.item()
+        with window_of(student, window) if window != full else contextlib.nullcontext():
+            for idx, mse in enumerate(layer_losses(student, teacher, batch, autocast_dtype, beyond_window_weight,
+                                                   compiled)):
+                (mse * scale).backward()
+                metrics[f"layer_{idx:02d}_mse"] = mse.item()
         metrics["loss"] = sum(metrics.values())
+        if dropout.rate:
+            metrics["window"] = float(window)
         return metrics
 
     return step

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from xlstm_distill.data import PackedDataset, Source, build_offline_corpora, held_out_split, offline_sources
+from xlstm_distill.data import (PackedDataset, Source, build_offline_corpora, held_out_split, long_documents,
+                                offline_sources)
 from xlstm_distill.modeling import HybridConfig, HybridForCausalLM
 from xlstm_distill.stages.distributed import Distributed
 from xlstm_distill.stages.recipe import Recipe
@@ -28,14 +29,16 @@ console = Console(stderr=True)
 class RunContext:
     """One recipe's run: shared objects, built on first use."""
 
-    def __init__(self, recipe: Recipe, dist: Distributed | None = None) -> None:
+    def __init__(self, recipe: Recipe, dist: Distributed | None = None,
+                 teacher: tuple[torch.nn.Module, Any] | None = None) -> None:
+        """``teacher``: an already loaded (model, tokenizer) of the recipe's teacher, shared with another run."""
         self.recipe = recipe
         self.dist = dist or Distributed.from_env()
         self.device = self.dist.device
         self.autocast = torch.bfloat16 if recipe.precision == "bf16" or (
             recipe.precision == "auto" and self.device.type == "cuda") else None
         recipe.out.mkdir(parents=True, exist_ok=True)
-        self._teacher: tuple[Any, Any] | None = None
+        self._teacher: tuple[Any, Any] | None = teacher
 
     # -- folders -------------------------------------------------------------------------------------------------
     @property
@@ -75,13 +78,14 @@ class RunContext:
     # -- teacher ---------------------------------------------------------------------------------------------------
     @property
     def teacher(self) -> torch.nn.Module:
-        return self._teacher_and_tokenizer()[0]
+        return self.teacher_and_tokenizer()[0]
 
     @property
     def tokenizer(self):
-        return self._teacher_and_tokenizer()[1]
+        return self.teacher_and_tokenizer()[1]
 
-    def _teacher_and_tokenizer(self) -> tuple[Any, Any]:
+    def teacher_and_tokenizer(self) -> tuple[Any, Any]:
+        """The recipe's teacher (frozen, on the run's device) and its tokenizer, loaded on first use."""
         if self._teacher is None:
             with console.status(f"loading teacher {self.recipe.teacher}"):
                 model, tokenizer = load_teacher(self.recipe.teacher, device=self.device)
@@ -122,12 +126,19 @@ class RunContext:
         batches = self.packed(held_out=True, rank=0, world_size=1).iter_batches(cfg.batch_size)
         return [next(batches) for _ in range(max(1, cfg.held_out_sequences // cfg.batch_size))]
 
+    def long_held_out_documents(self) -> list[torch.Tensor]:
+        """``evaluate.long_documents`` held-out documents of ``evaluate.long_length`` tokens (1-D tensors)."""
+        cfg = self.recipe.evaluate
+        return long_documents(self.sources(held_out=True), self.tokenizer, cfg.long_length, cfg.long_documents)
+
     def target_meta(self) -> dict[str, Any]:
         """What Stage II's targets must have been made with (their manifest is checked against it)."""
         data = dataclasses.asdict(self.recipe.data)
         fingerprint = hashlib.sha256(json.dumps([data, self.recipe.seed], sort_keys=True, default=str).encode())
-        return {"tokenizer_hash": tokenizer_hash(self.tokenizer), "k": self.recipe.targets.k,
-                "seq_len": self.recipe.data.seq_len, "data": fingerprint.hexdigest()[:16]}
+        cfg = self.recipe.targets
+        text = cfg.text if cfg.text == "corpus" else f"teacher:{cfg.prompt_tokens}:{cfg.temperature}"
+        return {"tokenizer_hash": tokenizer_hash(self.tokenizer), "k": cfg.k, "seq_len": self.recipe.data.seq_len,
+                "data": fingerprint.hexdigest()[:16], "text": text}
 
     # -- students ----------------------------------------------------------------------------------------------------
     def student_config(self) -> HybridConfig:
@@ -157,6 +168,4 @@ class RunContext:
         recipe.out_dir = str(self.out / "experts" / name)
         recipe.data.weights = dict(weights)
         recipe.targets.dir = None  # each expert's own targets
-        expert = RunContext(recipe, self.dist)
-        expert._teacher = self._teacher_and_tokenizer()
-        return expert
+        return RunContext(recipe, self.dist, teacher=self.teacher_and_tokenizer())

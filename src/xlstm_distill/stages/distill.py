@@ -123,7 +123,7 @@ def make_distill_step(model: torch.nn.Module, gamma: float, beta: float, topk_mo
     """``step_fn`` for the trainer: student forward, KD loss, backward."""
     device = next(model.parameters()).device
 
-    def step(batch: dict[str, torch.Tensor], scale: float) -> dict[str, float]:
+    def step(batch: dict[str, torch.Tensor], scale: float, step: int = 0) -> dict[str, float]:
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast(device, autocast_dtype):
             logits = student_forward(model, batch)

@@ -36,6 +36,7 @@ from xlstm_distill.teacher import DEFAULT_TEACHER
 TOPK_MODES = ("renormalize", "residual")
 TRAIN_MODES = ("full", "mixer", "lora")
 TARGET_MODES = ("offline", "online")
+TARGET_TEXTS = ("corpus", "teacher")
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -65,7 +66,7 @@ class DataSection:
 class AlignSection(TrainConfig):
     """Stage I: layer-wise alignment of the student's mixers to the teacher's attention outputs."""
 
-    lr: float = setting(1e-3, "Peak learning rate.")
+    lr: float = setting(3e-3, "Peak learning rate.")
     batch_size: int = setting(4, "Sequences per step (one process).")
     train_projections: bool = setting(False, "Also train the teacher's q/k/v/o projections (else only the new "
                                              "feature maps and gates).")
@@ -73,10 +74,16 @@ class AlignSection(TrainConfig):
                                                "plain MSE).")
     compile: bool = setting(False, "Run each layer's mixer and loss through torch.compile (one graph for all "
                                    "layers).")
+    window_dropout: float = setting(0.0, "Scheduled window dropout: probability, falling linearly to 0 at the last "
+                                         "step, that a batch is aligned with the window shortened to `dropout_window` "
+                                         "(the memory must carry the rest).")
+    dropout_window: int | None = setting(None, "The shortened window (default: a quarter of the student's).")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_positive("align.batch_size", self.batch_size)
+        if not 0.0 <= self.window_dropout <= 1.0:
+            raise ValueError(f"align.window_dropout must be in [0, 1], got {self.window_dropout!r}.")
 
 
 @dataclass
@@ -90,9 +97,16 @@ class TargetsSection:
                                    "alongside Stage II (no disk).")
     dir: str | None = setting(None, "Where the shards go (default `out_dir/targets`); recipes with the same data "
                                     "and teacher can share one folder.")
+    text: str = setting("corpus", "What Stage II reads: `corpus` (the data's packed sequences) or `teacher` (the "
+                                  "teacher's own continuations of each sequence's first `prompt_tokens` tokens).")
+    prompt_tokens: int = setting(32, "`text: teacher`: tokens of each corpus sequence that prompt the teacher.")
+    temperature: float = setting(1.0, "`text: teacher`: sampling temperature of the teacher's continuations.")
 
     def __post_init__(self) -> None:
         _check_choice("targets.mode", self.mode, TARGET_MODES)
+        _check_choice("targets.text", self.text, TARGET_TEXTS)
+        if self.text == "teacher" and self.mode == "online":
+            raise ValueError("targets.text: teacher needs targets.mode: offline (the samples are made once).")
         for name in ("k", "num_sequences", "batch_size"):
             _check_positive(f"targets.{name}", getattr(self, name))
 
@@ -104,9 +118,9 @@ class DistillSection(TrainConfig):
     schedule: str = setting("constant", "`cosine` (warm-up, cosine to min_lr) or `constant` (warm-up, then lr).")
     weight_decay: float = setting(0.1, "AdamW weight decay (not on biases and norms).")
     batch_size: int = setting(4, "Sequences per step and process (global batch: x processes x grad_accum).")
-    gamma: float = setting(0.9, "Weight of the cross-entropy on the data.")
-    beta: float = setting(0.1, "Weight of the KL to the teacher's top-k distribution.")
-    topk_mode: str = setting("renormalize", "`renormalize`: both distributions restricted to the teacher's top k; "
+    gamma: float = setting(0.0, "Weight of the cross-entropy on the data (the paper: 0.9).")
+    beta: float = setting(1.0, "Weight of the KL to the teacher's top-k distribution (the paper: 0.1).")
+    topk_mode: str = setting("residual", "`renormalize`: both distributions restricted to the teacher's top k; "
                                             "`residual`: the rest of the mass as one extra bucket.")
     train: str = setting("full", "`full` fine-tuning, `mixer` (new parameters only) or `lora` (peft adapters on "
                                  "q/k/v/o + the new parameters).")
@@ -131,6 +145,24 @@ class EvaluateSection:
     limit: int | float | None = setting(None, "Documents per task (or a fraction < 1); none: all.")
     shots: int | dict[str, int] | None = setting(None, "Few-shot examples: one number for all tasks or a mapping "
                                                        "task -> number (default: the paper's counts).")
+    long_documents: int = setting(0, "Held-out documents of at least `long_length` tokens for KL and perplexity by "
+                                     "position (0: none).")
+    long_length: int = setting(8192, "Tokens of each long held-out document.")
+    position_bucket: int | None = setting(None, "Width of the position buckets (default: the student's window).")
+    ruler_tasks: list[str] = setting([], "RULER needle-in-a-haystack tasks for teacher and students (niah_single_1, "
+                                         "niah_multikey_2, niah_multikey_3); empty: none.")
+    ruler_lengths: list[int] = setting([1024, 2048, 4096, 8192], "Context lengths of the RULER tasks.")
+    ruler_samples: int = setting(50, "RULER samples per task and length.")
+
+    def __post_init__(self) -> None:
+        from xlstm_distill.evaluation.long_context import RULER_TASKS
+
+        unknown = sorted(set(self.ruler_tasks) - set(RULER_TASKS))
+        if unknown:
+            raise ValueError(f"evaluate.ruler_tasks: {', '.join(unknown)} is not a RULER task that builds its data "
+                             f"offline; choose from {', '.join(RULER_TASKS)}.")
+        _check_positive("evaluate.ruler_samples", self.ruler_samples)
+        _check_positive("evaluate.long_length", self.long_length)
 
 
 @dataclass

@@ -1,14 +1,17 @@
 """The held-out report: perplexity and KL(teacher || student) of every student the recipe produced, on documents no
-stage trained on; for a windowed student the KL also split inside / beyond the window's reach."""
+stage trained on; for a windowed student the KL also split inside / beyond the window's reach; with
+``evaluate.long_documents``, the same by position on long held-out documents (``report/by_position.*``)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.table import Table
 
+from xlstm_distill.evaluation.long_context import by_position, output_gates, plot_output_gates, write_by_position
 from xlstm_distill.stages.common import autocast, compare_to_teacher
 from xlstm_distill.stages.context import RunContext
 from xlstm_distill.stages.trainer import is_main_process
@@ -31,6 +34,39 @@ def run(ctx: RunContext) -> dict[str, dict[str, float]]:
     out.mkdir(exist_ok=True)
     (out / "held_out.json").write_text(json.dumps({"teacher": ctx.recipe.teacher, "rows": rows}, indent=2))
     plot(rows, out / "held_out.png")
+    if ctx.recipe.evaluate.long_documents:
+        position_report(ctx, students, out)
+    return rows
+
+
+def position_report(ctx: RunContext, students: dict[str, Path], out: Path) -> dict[str, dict[str, list[float]]]:
+    """KL to the teacher and perplexity by position on long held-out documents, every student in one table and one
+    plot (``by_position.json``, ``.md``, ``.png``)."""
+    cfg = ctx.recipe.evaluate
+    documents = ctx.long_held_out_documents()
+    if not documents:
+        raise ValueError(f"No held-out document has {cfg.long_length} tokens: lower evaluate.long_length or give "
+                         "longer documents.")
+    window = ctx.student_config().window_size if ctx.student_config().uses_swa else None
+    bucket = cfg.position_bucket or window or cfg.long_length // 16
+    rows, gates = {}, {}
+    for label, path in students.items():
+        student = ctx.load_student(path).eval()
+        with autocast(ctx.device, ctx.autocast):
+            rows[label] = by_position(student, ctx.teacher, documents, bucket)
+            if window is not None:
+                gates[label] = output_gates(student, documents, student.config.window_reach)
+    files = write_by_position(rows, out, len(documents), cfg.long_length, bucket, window)
+    Console().print(files["markdown"].read_text())
+    gates = {label: values for label, values in gates.items() if values}
+    if gates:  # does the mix use the memory? (the output gate is the memory's share)
+        (out / "output_gates.json").write_text(json.dumps(gates, indent=2))
+        plot_output_gates(gates, out / "output_gates.png")
+        for label, values in gates.items():
+            beyond = torch.tensor(values["beyond"])
+            Console().print(f"{label}: mean output gate beyond the window {beyond.mean():.3f} (inside "
+                            f"{torch.tensor(values['inside']).mean():.3f}); heads above 0.5: "
+                            f"{int((beyond > 0.5).sum())} of {beyond.numel()}")
     return rows
 
 

@@ -55,10 +55,34 @@ def run(ctx: RunContext) -> Path | None:
     console.print(f"teacher top-{meta['k']} targets for {cfg.num_sequences} x {meta['seq_len']} tokens: "
                   f"{need / 1e6:.1f} MB on disk")
     batches = ctx.packed(rank=0, world_size=1).iter_batches(cfg.batch_size)
+    if cfg.text == "teacher":
+        batches = teacher_text(ctx.teacher, batches, cfg.prompt_tokens, cfg.temperature, ctx.recipe.seed)
     write_targets(ctx.teacher, batches, path, k=meta["k"], num_sequences=cfg.num_sequences,
                   teacher_name=ctx.recipe.teacher, tok_hash=meta["tokenizer_hash"], seq_len=meta["seq_len"],
-                  extra={"data": meta["data"]})
+                  extra={"data": meta["data"], "text": meta["text"]})
     return path
+
+
+@torch.no_grad()
+def teacher_text(teacher: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]], prompt_tokens: int,
+                 temperature: float, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches of the teacher's own text: each row of ``batches`` (B, T) is replaced by the teacher's sampled
+    continuation of its first ``prompt_tokens`` tokens to T tokens (one document per row, every token a target).
+    Distillation data whose distribution is the teacher's."""
+    device = next(teacher.parameters()).device
+    torch.manual_seed(seed)
+    pad = teacher.generation_config.pad_token_id or teacher.generation_config.eos_token_id or 0
+    if isinstance(pad, list):
+        pad = pad[0]
+    for batch in batches:
+        ids = batch["input_ids"].to(device)  # (B, T)
+        B, T = ids.shape
+        new = T - prompt_tokens
+        out = teacher.generate(ids[:, :prompt_tokens], attention_mask=torch.ones_like(ids[:, :prompt_tokens]),
+                               max_new_tokens=new, min_new_tokens=new, do_sample=True, temperature=temperature,
+                               top_k=0, top_p=1.0, pad_token_id=pad)
+        yield {"input_ids": out.cpu(), "document_ids": torch.zeros(B, T, dtype=torch.long),
+               "loss_mask": torch.ones(B, T, dtype=torch.bool)}
 
 
 def bytes_per_token(k: int) -> int:

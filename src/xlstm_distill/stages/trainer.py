@@ -1,7 +1,8 @@
 """One small training loop for every stage: optimizer, schedule, accumulation, clipping, atomic checkpoints, exact
 resume, progress bar, JSONL + TensorBoard metrics, and FSDP2 when launched with torchrun.
 
-A stage supplies a ``step_fn(batch, scale) -> metrics`` that runs forward and ``backward`` on ``loss * scale``
+A stage supplies a ``step_fn(batch, scale, step) -> metrics`` that runs forward and ``backward`` on ``loss * scale``
+(``step``: the optimizer step it contributes to, for schedules)
 (Stage I back-propagates layer by layer, so the loop does not own the backward call), and a data object with
 ``__next__``-able batches plus ``state_dict`` / ``load_state_dict`` (its resume position).
 """
@@ -80,7 +81,7 @@ class Trainer:
     def __init__(
         self,
         model: torch.nn.Module,
-        step_fn: Callable[[dict[str, torch.Tensor], float], dict[str, float]],
+        step_fn: Callable[[dict[str, torch.Tensor], float, int], dict[str, float]],
         data: ResumableData,
         cfg: TrainConfig,
         out_dir: Path,
@@ -192,7 +193,7 @@ class Trainer:
             for _ in range(cfg.grad_accum):
                 batch = self._next_batch()
                 tokens += batch["input_ids"].numel()
-                for key, value in self.step_fn(batch, 1.0 / cfg.grad_accum).items():
+                for key, value in self.step_fn(batch, 1.0 / cfg.grad_accum, self.step).items():
                     sums[key] = sums.get(key, 0.0) + value / cfg.grad_accum
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 [p for p in self.model.parameters() if p.requires_grad], cfg.grad_clip)

@@ -1,0 +1,332 @@
+"""Long-context evaluation: lm-evaluation-harness's RULER needle-in-a-haystack tasks at several context lengths,
+and held-out KL / perplexity to the teacher by position on long documents.
+
+RULER: the tasks that build their haystack locally (``niah_single_1``: a repeated-sentence haystack with one
+needle; ``niah_multikey_2`` / ``niah_multikey_3``: haystacks of needle-like lines), sized by the tokenizer of the
+model under test to each length in ``lengths`` (lm-eval's ``max_seq_lengths`` metadata). Fully offline: the tasks'
+import-time download of nltk's sentence-splitter data is answered by a small copy shipped with this package (the
+tasks above never split sentences). A task makes 500 samples per length; the first ``samples`` of each length are
+evaluated, the same documents for every model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+
+log = logging.getLogger(__name__)
+
+RULER_TASKS = ("niah_single_1", "niah_multikey_2", "niah_multikey_3")
+RULER_LENGTHS = (1024, 2048, 4096, 8192)
+NLTK_DATA = Path(__file__).with_name("nltk_data")
+
+
+@contextlib.contextmanager
+def offline_ruler() -> Iterator[None]:
+    """nltk finds the shipped punkt_tab (no download at import), and the datasets library stays offline."""
+    saved = {k: os.environ.get(k) for k in ("NLTK_DATA", "HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")}
+    os.environ.update(NLTK_DATA=str(NLTK_DATA), HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    try:
+        import nltk
+
+        if str(NLTK_DATA) not in nltk.data.path:
+            nltk.data.path.insert(0, str(NLTK_DATA))
+    except ImportError:
+        pass
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _missing_dependencies() -> list[str]:
+    import importlib.util
+
+    return [name for name in ("wonderwords", "nltk") if importlib.util.find_spec(name) is None]
+
+
+class RulerTasks:
+    """RULER tasks built once for a tokenizer and a set of lengths (the same documents for every model)."""
+
+    def __init__(self, tokenizer: Any, tasks: Sequence[str] = RULER_TASKS, lengths: Sequence[int] = RULER_LENGTHS,
+                 samples: int = 50) -> None:
+        missing = _missing_dependencies()
+        if missing:
+            raise ImportError(f"The RULER tasks need {', '.join(missing)}: pip install wonderwords nltk "
+                              "(or pip install 'lm-eval[ruler]').")
+        unknown = sorted(set(tasks) - set(RULER_TASKS))
+        if unknown:
+            raise ValueError(f"{', '.join(unknown)}: not a RULER task that builds its data offline; "
+                             f"choose from {', '.join(RULER_TASKS)}.")
+        if samples < 1 or any(int(n) < 256 for n in lengths):
+            raise ValueError(f"RULER needs samples >= 1 and lengths >= 256, got {samples} and {list(lengths)}.")
+        from lm_eval.tasks import TaskManager
+
+        self.lengths, self.samples = [int(n) for n in lengths], samples
+        self._dir = tempfile.TemporaryDirectory()
+        tokenizer.save_pretrained(self._dir.name)  # the tasks load the tokenizer by name
+        with offline_ruler():
+            manager = TaskManager(metadata={"max_seq_lengths": self.lengths, "tokenizer": self._dir.name})
+            self.tasks = manager.load(list(tasks))["tasks"]
+        self.names = list(tasks)
+        # the first `samples` documents of each length, by index in each task's test set
+        self.indices: dict[str, list[int]] = {}
+        for name in self.names:
+            docs = list(self.tasks[name].test_docs())
+            by_length: dict[int, list[int]] = {n: [] for n in self.lengths}
+            for index, doc in enumerate(docs):
+                if len(by_length[doc["max_length"]]) < samples:
+                    by_length[doc["max_length"]].append(index)
+            self.indices[name] = [i for n in self.lengths for i in by_length[n]]
+
+    def score(self, model: torch.nn.Module, tokenizer: Any, batch_size: int = 8) -> dict[str, dict[int, float]]:
+        """{task: {length: accuracy}} (RULER's string match: the share of the needle values in the answer)."""
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks.ruler.common_utils import postprocess_pred, string_match_all
+
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max(self.lengths))
+        with offline_ruler():
+            raw = lm_eval.simple_evaluate(model=lm, tasks=[self.tasks[n] for n in self.names], samples=self.indices,
+                                          log_samples=True, random_seed=0, numpy_random_seed=1234,
+                                          torch_random_seed=1234, fewshot_random_seed=1234)
+        out: dict[str, dict[int, float]] = {}
+        for name in self.names:
+            per_length: dict[int, list[float]] = {n: [] for n in self.lengths}
+            for sample in raw["samples"][name]:
+                pred = postprocess_pred([r[0] if isinstance(r, list) else r for r in sample["filtered_resps"]])
+                per_length[sample["doc"]["max_length"]].append(string_match_all(pred, [sample["doc"]["outputs"]]))
+            out[name] = {n: sum(v) / len(v) for n, v in per_length.items() if v}
+        return out
+
+
+def ruler_scores(models: Mapping[str, Any], tokenizer: Any, tasks: Sequence[str] = RULER_TASKS,
+                 lengths: Sequence[int] = RULER_LENGTHS, samples: int = 50, batch_size: int = 8,
+                 device: str | None = None) -> dict[str, Any]:
+    """RULER accuracy of every model by task and length. ``models``: ``{name: spec}`` as for
+    :func:`xlstm_distill.evaluation.evaluate_models` (a loaded ``(model, tokenizer)``, a reference or a loader);
+    loaded from references one at a time. ``tokenizer`` sizes the haystacks (the teacher's: students share it).
+    Returns ``{"settings", "models": {name: {task: {length: accuracy}}}, "seconds": {name: s}}``."""
+    from xlstm_distill.evaluation.harness import load_model
+
+    built = RulerTasks(tokenizer, tasks, lengths, samples)
+    out: dict[str, Any] = {"settings": {"tasks": built.names, "lengths": built.lengths, "samples": built.samples,
+                                        "batch_size": batch_size}, "models": {}, "seconds": {}}
+    for name, spec in models.items():
+        start = time.perf_counter()
+        loaded_here = not isinstance(spec, tuple)
+        if callable(spec):
+            model, tok = spec()
+        elif loaded_here:
+            model, tok = load_model(spec, device=device)
+        else:
+            model, tok = spec
+        log.info("RULER: %s", name)
+        out["models"][name] = built.score(model, tok, batch_size)
+        out["seconds"][name] = round(time.perf_counter() - start, 1)
+        if loaded_here:
+            del model, tok
+            gc.collect()
+    return out
+
+
+def write_long_context(results: Mapping[str, Any], out_dir: str | os.PathLike) -> dict[str, Path]:
+    """``long_context.json``, ``long_context.md`` (accuracy per task and length, every model) and
+    ``long_context.png`` (accuracy against length) in ``out_dir``."""
+    import json
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = results["settings"]
+    lengths = settings["lengths"]
+    lines = [f"RULER accuracy ({settings['samples']} samples per task and length; lm-evaluation-harness tasks built "
+             "offline, string match of the needle values).", "",
+             "| task | model | " + " | ".join(f"{n:,}" for n in lengths) + " |", "|---|---|" + "---|" * len(lengths)]
+    for task in settings["tasks"]:
+        for name, scores in results["models"].items():
+            cells = [f"{scores[task][n]:.3f}" if n in scores[task] else "" for n in lengths]
+            lines.append(f"| {task} | {name} | " + " | ".join(cells) + " |")
+    paths = {"json": out / "long_context.json", "markdown": out / "long_context.md", "plot": out / "long_context.png"}
+    paths["json"].write_text(json.dumps(results, indent=2))
+    paths["markdown"].write_text("\n".join(lines) + "\n")
+    plot_ruler(results, paths["plot"])
+    return paths
+
+
+# ------------------------------------------------------------------------------------- KL and perplexity by position
+
+
+@torch.no_grad()
+def by_position(student: torch.nn.Module, teacher: torch.nn.Module, documents: Sequence[torch.Tensor],
+                bucket: int) -> dict[str, list[float]]:
+    """Next-token KL(teacher || student) and both models' cross-entropy, averaged per position bucket of ``bucket``
+    tokens over ``documents`` (1-D token tensors, one forward each, positions from the document's start).
+    Returns ``{"start": [...], "kl": [...], "student_ce": [...], "teacher_ce": [...], "tokens": [...]}``."""
+    device = next(student.parameters()).device
+    length = max(len(d) for d in documents)
+    n = -(-(length - 1) // bucket)
+    sums = {key: torch.zeros(n, dtype=torch.float64) for key in ("kl", "student_ce", "teacher_ce", "tokens")}
+    for doc in documents:
+        ids = doc.to(device)[None]  # (1, T)
+        logp_t = F.log_softmax(teacher(ids, use_cache=False).logits[0, :-1].float(), -1)  # (T-1, V)
+        logp_s = F.log_softmax(student(ids).logits[0, :-1].float(), -1)
+        target = ids[0, 1:, None]
+        values = {"kl": (logp_t.exp() * (logp_t - logp_s)).sum(-1), "student_ce": -logp_s.gather(-1, target)[:, 0],
+                  "teacher_ce": -logp_t.gather(-1, target)[:, 0], "tokens": torch.ones(len(target), device=device)}
+        index = torch.arange(len(target), device=device) // bucket
+        for key, value in values.items():
+            sums[key].index_add_(0, index.cpu(), value.double().cpu())
+    tokens = sums["tokens"].clamp(min=1)
+    return {"start": [i * bucket for i in range(n)], "kl": (sums["kl"] / tokens).tolist(),
+            "student_ce": (sums["student_ce"] / tokens).tolist(),
+            "teacher_ce": (sums["teacher_ce"] / tokens).tolist(), "tokens": sums["tokens"].tolist()}
+
+
+@torch.no_grad()
+def output_gates(student: torch.nn.Module, documents: Sequence[torch.Tensor], reach: int) -> dict[str, list]:
+    """How much each head uses its memory: the output gate o (the memory's share of the mix) of every layer and
+    head, averaged over the tokens of ``documents`` inside the window's reach (positions < ``reach``) and beyond it.
+    Returns ``{"inside": [[...] per head] per layer, "beyond": ...}``; empty for a mixer without an output gate."""
+    layers = [layer.self_attn for layer in student.model.layers]
+    if not layers or not hasattr(layers[0], "gate_proj") or not layers[0].gate_proj.output_gate:
+        return {}
+    device = next(student.parameters()).device
+    sums = {part: torch.zeros(len(layers), layers[0].num_heads, dtype=torch.float64) for part in ("inside", "beyond")}
+    counts = {"inside": 0, "beyond": 0}
+    captured: list[torch.Tensor] = []
+    hooks = [mixer.gate_proj.register_forward_hook(lambda m, args, out: captured.append(out)) for mixer in layers]
+    try:
+        for doc in documents:
+            captured.clear()
+            student(doc.to(device)[None])
+            inside = torch.arange(len(doc), device=device) < reach  # (T,)
+            for index, (mixer, gates) in enumerate(zip(layers, captured)):
+                o = torch.sigmoid(gates[0, :, -mixer.num_heads:].float())  # (T, NH)
+                for part, where in (("inside", inside), ("beyond", ~inside)):
+                    sums[part][index] += o[where].sum(0).double().cpu()
+            counts["inside"] += int(inside.sum())
+            counts["beyond"] += int((~inside).sum())
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {part: (sums[part] / max(counts[part], 1)).tolist() for part in sums} | {"tokens": counts}
+
+
+def plot_output_gates(gates: Mapping[str, Mapping[str, list]], path: Path) -> None:
+    """Heat maps (layers x heads) of the mean output gate beyond the window, one per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(gates), figsize=(3.2 * len(gates) + 0.8, 4.2), squeeze=False)
+    for ax, (name, values) in zip(axes[0], gates.items()):
+        image = ax.imshow(values["beyond"], vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        ax.set_title(f"{name}\nmean output gate beyond the window", fontsize=8)
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+    fig.colorbar(image, ax=axes[0].tolist(), label="o (memory's share)")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def perplexity(ce: Sequence[float]) -> list[float]:
+    return [math.exp(x) for x in ce]
+
+
+def write_by_position(rows: Mapping[str, Mapping[str, list[float]]], out_dir: str | os.PathLike, documents: int,
+                      length: int, bucket: int, window: int | None) -> dict[str, Path]:
+    """``by_position.json``, ``by_position.md`` (KL and perplexity per bucket, every model; the teacher's perplexity)
+    and ``by_position.png`` in ``out_dir``."""
+    import json
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    labels = list(rows)
+    first = rows[labels[0]]
+    lines = [f"KL(teacher || model) and perplexity by position: {documents} held-out documents of {length} tokens, "
+             f"buckets of {bucket}" + (f", window {window}" if window else "") + ".", "",
+             "| positions | teacher ppl | " + " | ".join(f"{label} KL | {label} ppl" for label in labels) + " |",
+             "|---|---|" + "---|---|" * len(labels)]
+    for i, start in enumerate(first["start"]):
+        cells = [f"{rows[label]['kl'][i]:.4f} | {perplexity(rows[label]['student_ce'])[i]:.2f}" for label in labels]
+        lines.append(f"| {start}-{start + bucket - 1} | {perplexity(first['teacher_ce'])[i]:.2f} | "
+                     + " | ".join(cells) + " |")
+    paths = {"json": out / "by_position.json", "markdown": out / "by_position.md", "plot": out / "by_position.png"}
+    paths["json"].write_text(json.dumps({"documents": documents, "length": length, "bucket": bucket,
+                                         "window": window, "rows": rows}, indent=2))
+    paths["markdown"].write_text("\n".join(lines) + "\n")
+    plot_by_position(rows, paths["plot"], window)
+    return paths
+
+
+# ------------------------------------------------------------------------------------------------------------ plots
+
+
+def plot_ruler(results: Mapping[str, Any], path: Path) -> None:
+    """Accuracy against context length, one panel per task, teacher and every student in each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = results["settings"]["tasks"]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for name, scores in results["models"].items():
+            points = sorted((int(n), acc) for n, acc in scores[task].items())
+            ax.plot(*zip(*points), "--o" if name == "teacher" else "-o", label=name, markersize=4)
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_title(task)
+        ax.set_xlabel("context length (tokens)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f"accuracy ({results['settings']['samples']} samples per length)")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_by_position(rows: Mapping[str, Mapping[str, list[float]]], path: Path, window: int | None = None) -> None:
+    """KL to the teacher (left) and perplexity (right) against position, every model in one figure; the teacher's
+    perplexity dashed; the window's reach as a vertical line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    first = next(iter(rows.values()))
+    for name, row in rows.items():
+        mid = [s + (row["start"][1] - row["start"][0]) / 2 if len(row["start"]) > 1 else s for s in row["start"]]
+        left.plot(mid, row["kl"], "-o", label=name, markersize=3)
+        right.plot(mid, perplexity(row["student_ce"]), "-o", label=name, markersize=3)
+    mid = [s + (first["start"][1] - first["start"][0]) / 2 if len(first["start"]) > 1 else s for s in first["start"]]
+    right.plot(mid, perplexity(first["teacher_ce"]), "k--", label="teacher")
+    for ax, label in ((left, "KL(teacher || model)"), (right, "perplexity")):
+        if window:
+            ax.axvline(window, color="gray", lw=0.8, ls=":")
+        ax.set_xlabel("position in the document (tokens)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    right.set_yscale("log")
+    left.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,98 @@
+"""Long-context evaluation: RULER tasks built offline with the model's tokenizer and scored per length; KL and
+perplexity by position against simple truths (a student that is the teacher inside its window)."""
+
+import pytest
+import torch
+
+import xlstm_distill as xd
+from helpers import tiny_recipe, tiny_teacher
+from xlstm_distill.evaluation.long_context import RulerTasks, by_position, ruler_scores, write_by_position, write_long_context
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("ruler")
+    tiny_recipe(root, "unused")  # a folder with the SmolLM2 tokenizer
+    return AutoTokenizer.from_pretrained(root / "teacher")
+
+
+@pytest.fixture(scope="module")
+def tasks(tokenizer):
+    return RulerTasks(tokenizer, ["niah_single_1", "niah_multikey_2"], [512, 1024], samples=2)
+
+
+def test_ruler_tasks_are_built_offline_and_scored_per_length(tokenizer, tasks, monkeypatch):
+    """The tasks build their haystacks offline at each length (prompts within the length), the first `samples`
+    documents of each length are evaluated, and the score is RULER's string match per length: answering with the
+    needles scores 1, a wrong answer 0 (generation replaced by an oracle that is right on every second document)."""
+    from lm_eval.models.huggingface import HFLM
+
+    for name in tasks.names:
+        docs = list(tasks.tasks[name].test_docs())
+        chosen = [docs[i] for i in tasks.indices[name]]
+        assert [d["max_length"] for d in chosen] == [512, 512, 1024, 1024]
+        assert all(len(tokenizer(d["input"]).input_ids) <= d["max_length"] for d in chosen)
+
+    def oracle(self, requests, disable_tqdm=False):
+        return [" ".join(r.doc["outputs"]) if r.doc["index"] % 2 == 0 else " nothing" for r in requests]
+
+    monkeypatch.setattr(HFLM, "generate_until", oracle)
+    model = tiny_teacher("llama", vocab_size=len(tokenizer))
+    scores = tasks.score(model, tokenizer, batch_size=2)
+    assert scores == {name: {512: 0.5, 1024: 0.5} for name in tasks.names}
+
+
+def test_ruler_scores_runs_every_model_and_writes_the_report(tokenizer, tasks, tmp_path, monkeypatch):
+    from lm_eval.models.huggingface import HFLM
+
+    from xlstm_distill.evaluation import long_context
+
+    monkeypatch.setattr(long_context, "RulerTasks", lambda *args: tasks)  # built once for the module
+    monkeypatch.setattr(HFLM, "generate_until", lambda self, requests, disable_tqdm=False: [
+        " ".join(r.doc["outputs"]) for r in requests])
+    teacher = tiny_teacher("llama", vocab_size=len(tokenizer))
+    student = xd.convert(teacher, xd.HybridConfig(window_size=16, num_sink_tokens=2))
+    results = ruler_scores({"teacher": (teacher, tokenizer), "student": (student, tokenizer)}, tokenizer)
+    perfect = {name: {512: 1.0, 1024: 1.0} for name in tasks.names}
+    assert results["models"] == {"teacher": perfect, "student": perfect}
+    files = write_long_context(results, tmp_path)
+    assert "| niah_multikey_2 | student | 1.000 | 1.000 |" in files["markdown"].read_text()
+    assert files["plot"].stat().st_size > 0
+    with pytest.raises(ValueError, match="niah_single_2: not a RULER task that builds its data offline"):
+        RulerTasks(tokenizer, ["niah_single_2"])
+
+
+def test_by_position_is_zero_where_the_student_sees_what_the_teacher_sees(tmp_path):
+    """A window covering the document: KL 0 everywhere and the teacher's perplexity. A window of 8 + 2 sinks: KL 0
+    in the first bucket (every prefix inside the window), positive beyond it."""
+    teacher = tiny_teacher("llama")
+    g = torch.Generator().manual_seed(0)
+    documents = [torch.randint(3, 128, (48,), generator=g) for _ in range(3)]
+    full = xd.convert(teacher, xd.HybridConfig(mixer="swa", window_size=64, num_sink_tokens=0))
+    narrow = xd.convert(teacher, xd.HybridConfig(mixer="swa", window_size=8, num_sink_tokens=2))
+    rows = {"full": by_position(full, teacher, documents, bucket=8), "narrow": by_position(narrow, teacher, documents, 8)}
+    assert rows["full"]["start"] == [0, 8, 16, 24, 32, 40] and rows["full"]["tokens"][-1] == 3 * 7
+    assert max(rows["full"]["kl"]) < 1e-6
+    torch.testing.assert_close(rows["full"]["student_ce"], rows["full"]["teacher_ce"])
+    assert rows["narrow"]["kl"][0] < 1e-6 and min(rows["narrow"]["kl"][2:]) > 1e-3
+    files = write_by_position(rows, tmp_path, 3, 48, 8, 8)
+    assert "| 16-23 |" in files["markdown"].read_text() and files["plot"].stat().st_size > 0
+
+
+def test_output_gates_report_the_memorys_share_per_layer_and_head(tmp_path):
+    """A converted student's output gates are their initial value sigmoid(-3) everywhere (zero weights); a mixer
+    without an output gate reports nothing; the heat map is drawn."""
+    from xlstm_distill.evaluation.long_context import output_gates, plot_output_gates
+
+    teacher = tiny_teacher("llama")
+    documents = [torch.randint(3, 128, (30,), generator=torch.Generator().manual_seed(0))]
+    student = xd.convert(teacher, xd.HybridConfig(window_size=8, num_sink_tokens=2))
+    gates = output_gates(student, documents, reach=10)
+    assert gates["tokens"] == {"inside": 10, "beyond": 20}
+    start = torch.sigmoid(torch.tensor(-3.0)).item()
+    torch.testing.assert_close(torch.tensor(gates["beyond"]), torch.full((2, 4), start), atol=1e-6, rtol=1e-6)
+    assert output_gates(xd.convert(teacher, xd.HybridConfig(mixer="swa")), documents, 10) == {}
+    plot_output_gates({"student": gates}, tmp_path / "gates.png")
+    assert (tmp_path / "gates.png").stat().st_size > 0
