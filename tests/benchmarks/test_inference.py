@@ -42,9 +42,9 @@ def test_student_prefill_zero_prefills_the_context_and_memory_run_uses_the_timed
     built = []
     decoder = inference.StaticDecoder
 
-    def recording(model, cache, use_graph=None, compile=False):
+    def recording(model, cache, use_graph=None, compile=False, **kwargs):
         built.append((cache.seen_tokens, compile))
-        return decoder(model, cache, use_graph, compile)
+        return decoder(model, cache, use_graph, compile, **kwargs)
 
     monkeypatch.setattr(inference, "StaticDecoder", recording)
     student = inference.random_models(tiny_teacher().config, SETTINGS["student"], torch.device("cpu"), torch.float32)
@@ -52,6 +52,26 @@ def test_student_prefill_zero_prefills_the_context_and_memory_run_uses_the_timed
     rows = inference.run_bench({"student": student["student"]}, settings)
     assert [r["prefilled"] for r in rows if r["measure"] == "decode"] == [40]
     assert built == [(40, True), (4096, True)] and len([r for r in rows if r["measure"] == "memory"]) == 8
+
+
+def test_full_attention_heads_prefill_the_context_and_their_cache_grows_with_it():
+    """A student keeping half of its KV heads: its decode points prefill the whole context, and the cache grows by
+    those heads' K/V (2 of 4 KV heads, head_dim 16, float32) plus one position per token."""
+    from xlstm_distill.cli.bench import _full_heads
+
+    config = tiny_teacher().config
+    heads = inference.spread_full_heads(2, 2, 0.5)
+    assert heads == [[0, 0], [1, 0]] and len(inference.spread_full_heads(32, 8, 0.05)) == 13
+    assert _full_heads("0:1,1:0", config) == [[0, 1], [1, 0]] and _full_heads("0.5", config) == heads
+    student = xd.HybridConfig(window_size=8, num_sink_tokens=2, full_attention_heads=heads)
+    models = inference.random_models(config, student, torch.device("cpu"), torch.float32)
+    settings = inference.BenchSettings(**{**SETTINGS, "contexts": [], "decode_contexts": [24, 40], "flat_steps": 0,
+                                          "student": student})
+    rows = {r["context"]: r for r in inference.run_bench({"student": models["student"]}, settings)}
+    assert [rows[c]["prefilled"] for c in (24, 40)] == [24, 40] and all(r["status"] == "ok" for r in rows.values())
+    per_token = 2 * (2 * 2 * 16 * 4 + 8)  # batch 2 x (K and V of 2 heads + the slot's position)
+    grown = (rows[40]["cache_gb"] - rows[24]["cache_gb"]) * 2**30
+    assert abs(grown - 16 * per_token) < 1
 
 
 def test_failed_points_are_recorded_and_larger_contexts_skipped(monkeypatch):

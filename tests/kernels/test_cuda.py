@@ -212,14 +212,15 @@ def test_flex_serves_many_lengths_and_windows_compiled(training_mask):
                 assert _rel(out.detach(), ref) < TOL[torch.bfloat16], (window, T)
 
 
-def _student_pair(mixer: str):
+def _student_pair(mixer: str, **config):
     """A tiny student on the native kernels (gates perturbed) and the same weights on backend 'tfla', and a batch of
     packed documents (TFLA resets through the forget gate)."""
     import xlstm_distill as xd
     from helpers import perturb_new_parameters, tiny_teacher
 
     teacher = tiny_teacher(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
-    native = xd.convert(teacher, xd.HybridConfig(mixer=mixer, window_size=64, num_sink_tokens=4, backend="native"))
+    native = xd.convert(teacher, xd.HybridConfig(mixer=mixer, window_size=64, num_sink_tokens=4, backend="native",
+                                                 **config))
     perturb_new_parameters(native)
     fast = xd.HybridForCausalLM(xd.HybridConfig.from_dict({**native.config.to_dict(), "backend": "tfla"}))
     fast.load_state_dict(native.state_dict())
@@ -260,6 +261,30 @@ def test_student_fast_backend_matches_native_forward_backward(mixer, copy_sinks)
     print(mixer, errors)
     assert fast_out < max(TOL[torch.bfloat16], 2 * native_out), errors
     assert fast_grad < max(5 * TOL[torch.bfloat16], 2 * native_grad), errors
+
+
+def test_mixed_student_fast_backend_matches_native_and_graph_decodes():
+    """Full-attention heads on CUDA: one KV head of layer 0 and all of layer 1 kept. The fast backend (TFLA +
+    FlexAttention on the other heads, SDPA on the kept ones) against the float32 native truth, forward and backward;
+    then greedy decoding through the CUDA-graph step equals the eager step."""
+    from xlstm_distill.modeling.decode import greedy_generate
+
+    native, fast, ids, docs = _student_pair("mlstm_swa", full_attention_heads=[[0, 1]], full_attention_layers=[1])
+    truth = _student_run(native, ids, docs, torch.float32)
+    native_bf16 = _student_run(native, ids, docs, torch.bfloat16)
+    torch._dynamo.reset()
+    fast_bf16 = _student_run(fast, ids, docs, torch.bfloat16)
+    errors = {name: [_rel(a, b) for a, b in zip(result, truth)] for name, result in
+              (("tfla", fast_bf16), ("native bf16", native_bf16))}
+    print(errors)
+    assert errors["tfla"][0] < max(TOL[torch.bfloat16], 2 * errors["native bf16"][0]), errors
+    assert errors["tfla"][1] < max(5 * TOL[torch.bfloat16], 2 * errors["native bf16"][1]), errors
+    fast.float().eval()
+    with torch.no_grad():
+        prompt = ids[:, :200]
+        graphed = greedy_generate(fast, prompt, 40, use_graph=True)
+        eager = greedy_generate(fast, prompt, 40, use_graph=False)
+    assert torch.equal(graphed, eager)
 
 
 def test_student_compiles_as_one_graph_on_cuda():

@@ -45,18 +45,25 @@ def test_small_window_differs_from_teacher(family):
 def test_cached_decoding_matches_full_forward(mixer):
     """Prefill, a multi-token chunk, then single tokens: same logits as one forward (T > window + sinks). The cache
     goes in under both of transformers' names (`past_key_values`, and `cache` since 5.24)."""
-    from xlstm_distill.modeling.cache import cache_of
-
     student = student_of(mixer)
     ids = tokens(2, 30)
     with torch.no_grad():
         full = student(ids).logits
+    torch.testing.assert_close(cached_logits(student, ids), full, atol=1e-4, rtol=1e-4)
+
+
+def cached_logits(student, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of ``ids`` (B, 30) through the cache: a 10-token prefill, an 11-token chunk, then single tokens (the
+    cache passed under both of transformers' names)."""
+    from xlstm_distill.modeling.cache import cache_of
+
+    with torch.no_grad():
         out = student(ids[:, :10], use_cache=True)
         cache, pieces = cache_of(out), [out.logits]
         pieces.append(student(ids[:, 10:21], past_key_values=cache, use_cache=True).logits)
-        for t in range(21, 30):
+        for t in range(21, ids.shape[1]):
             pieces.append(student(ids[:, t:t + 1], cache=cache, use_cache=True).logits)
-    torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-4, rtol=1e-4)
+    return torch.cat(pieces, 1)
 
 
 @pytest.mark.parametrize("mixer", MIXERS)

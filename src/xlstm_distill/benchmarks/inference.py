@@ -8,7 +8,8 @@
   whole length, so the step time at cache length L is the cost of every token of a generation that ends at L.
   The cache values do not change the cost, so the teacher's cache is not filled by a prefill.
   Student: a real prefill of ``min(C, student_prefill)`` tokens (all C with ``student_prefill=0``; the state has its
-  final size once the window is full, so its cost does not depend on C), then
+  final size once the window is full, so its cost does not depend on C; a student with full-attention heads
+  prefills all C, since those heads' keys and values grow with it), then
   :class:`~xlstm_distill.modeling.decode.StaticDecoder`; the row records the tokens prefilled (``prefilled``).
 - Memory: peak allocated GPU memory of each point; ``flat_steps`` decodes that many student tokens and records the
   allocated memory along the way (it must not grow).
@@ -56,6 +57,16 @@ def shape_config(name: str) -> PreTrainedConfig:
         raise ValueError(f"Unknown shape {name!r}; choose one of {', '.join(SHAPES)} (or pass --model for a checkpoint).")
     fields = dict(SHAPES[name])
     return AutoConfig.for_model(fields.pop("model_type"), **fields)
+
+
+def spread_full_heads(num_layers: int, num_kv_heads: int, fraction: float) -> list[list[int]]:
+    """``round(fraction x layers x KV heads)`` full-attention heads spread evenly over the layers (for speed and
+    memory any heads cost the same): ``[[layer, kv_head], ...]``."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"the fraction of KV heads must be in [0, 1], got {fraction}")
+    total = num_layers * num_kv_heads
+    count = 0 if fraction == 0 else max(1, round(fraction * total))
+    return sorted([i * total // count // num_kv_heads, i * total // count % num_kv_heads] for i in range(count))
 
 
 STUDENT_PREFILL = 4096  # default prompt tokens of the student's decode points (its state is full-size by then)
@@ -179,9 +190,12 @@ def _decode_point(model: torch.nn.Module, name: str, batch: int, context: int, s
                                  settings.compile_decode)
     else:
         prefilled = min(context, settings.student_prefill or context)
+        if model.config.keeps_full_attention:  # its full-attention heads read every token: fill them all
+            prefilled = context
         prompt = torch.randint(model.config.vocab_size, (batch, prefilled), device=device)
         cache = cache_of(model(input_ids=prompt, use_cache=True, logits_to_keep=1))
-        decoder = StaticDecoder(model, cache, use_graph, settings.compile_decode)
+        decoder = StaticDecoder(model, cache, use_graph, settings.compile_decode,
+                                max_new_tokens=settings.decode_steps + 1)
     token = torch.randint(model.config.vocab_size, (batch, 1), device=device)
     decoder.step(token)
     sync()
@@ -206,7 +220,7 @@ def flat_memory(model: torch.nn.Module, batch: int, steps: int, settings: BenchS
     prompt = torch.randint(model.config.vocab_size, (batch, settings.student_prefill or STUDENT_PREFILL),
                            device=device)
     decoder = StaticDecoder(model, cache_of(model(input_ids=prompt, use_cache=True, logits_to_keep=1)),
-                            settings.use_graph, settings.compile_decode)
+                            settings.use_graph, settings.compile_decode, max_new_tokens=steps)
     token = prompt[:, -1:]
     every = max(steps // 8, 1)
     for i in tqdm(range(1, steps + 1), desc="student decode (memory)", unit="tok"):

@@ -1,7 +1,7 @@
 """Command line: ``xlstm-distill COMMAND``. One module per command group:
 
     model.py      convert, generate
-    recipe.py     run, align, targets, distill, experts, report (a recipe's stages)
+    recipe.py     run, align, targets, distill, experts, report, select-heads (a recipe's stages)
     data.py       data offline
     evaluate.py   evaluate, merge
     bench.py      bench

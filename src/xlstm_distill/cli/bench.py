@@ -51,6 +51,8 @@ def bench(
     models: str = typer.Option("teacher,student", help="Which models to time, in this order (e.g. 'student')."),
     reuse: Path | None = typer.Option(None, help="inference.json of an earlier run on the same kind of device: its "
                                       "rows of the points not timed now are kept (marked 'reused')."),
+    full_heads: str = typer.Option("", help="KV heads of the student that keep full attention: a fraction of all of "
+                                   "them spread evenly over the layers (e.g. 0.05) or layer:head pairs (e.g. 0:1,5:0)."),
     window: int = typer.Option(student_default("window_size"), help="The student's window."),
     sinks: int = typer.Option(student_default("num_sink_tokens"), help="The student's sink tokens."),
     backend: str | None = typer.Option(None, help="Student kernel shorthand: auto (default), native or tfla."),
@@ -68,6 +70,9 @@ def bench(
     torch_dtype = DTYPES[dtype]
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     student = HybridConfig(window_size=window, num_sink_tokens=sinks, kernels=kernel_options(kernel, backend))
+    if full_heads:
+        config = inference.shape_config(shape) if model is None else _teacher(model, torch_dtype).config
+        student.full_attention_heads = _full_heads(full_heads, config)
     command = "xlstm-distill bench " + shlex.join(sys.argv[2:])
     torch._dynamo.config.cache_size_limit = 64  # --compile-decode: one compiled decode step per point (static shapes)
     names = [m.strip() for m in models.split(",") if m.strip()]
@@ -115,6 +120,17 @@ def bench(
 
     save(inference.run_bench({name: factories[name] for name in names}, settings, on_row=save))
     console.print(f"[green]results[/] in {out}/inference.md and {out}/speedup.md")
+
+
+def _full_heads(text: str, config) -> list[list[int]]:
+    """``--full-heads``: a fraction (spread over the layers) or ``layer:head`` pairs."""
+    layers, heads = config.num_hidden_layers, config.num_key_value_heads or config.num_attention_heads
+    try:
+        if ":" not in text:
+            return inference.spread_full_heads(layers, heads, float(text))
+        return [[int(x) for x in pair.split(":")] for pair in text.split(",") if pair.strip()]
+    except ValueError as err:
+        raise typer.BadParameter(f"--full-heads takes a fraction in [0, 1] or layer:head pairs; got {text!r} ({err})")
 
 
 def _teacher(name: str, dtype: torch.dtype) -> torch.nn.Module:

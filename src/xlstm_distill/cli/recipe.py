@@ -1,7 +1,9 @@
-"""The stages of a recipe: ``xlstm-distill run | align | targets | distill | experts | report RECIPE.yaml``."""
+"""The stages of a recipe: ``xlstm-distill run | align | targets | distill | experts | report | select-heads
+RECIPE.yaml``."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
@@ -40,3 +42,31 @@ def _stage_command(method: str, help: str):
 def register(app: typer.Typer) -> None:
     for name, (method, help) in STAGES.items():
         app.command(name=name, help=help)(_stage_command(method, help))
+    app.command(name="select-heads")(select_heads)
+
+
+def select_heads(
+    recipe: Path = RECIPE,
+    budget: float = typer.Option(0.05, help="Fraction of all KV heads that keep full attention."),
+    probe: str = typer.Option("retrieval", help="`retrieval` (synthetic key-value probes) or `text` (training text "
+                              "past the window)."),
+    samples: int = typer.Option(16, help="Calibration sequences."),
+    length: int | None = typer.Option(None, help="Tokens per calibration sequence (default: the recipe's seq_len)."),
+    overrides: list[str] | None = OVERRIDES,
+) -> None:
+    """Choose the KV heads that keep the teacher's full attention: score every head of the converted student on a
+    calibration set, keep the best BUDGET of them (written into out_dir/student-init; scores and heat map in
+    out_dir/select_heads/)."""
+    from xlstm_distill.stages import Pipeline, Recipe
+
+    settings = [f"select_heads.budget={budget}", f"select_heads.probe={probe}", f"select_heads.samples={samples}"]
+    if length is not None:
+        settings.append(f"select_heads.length={length}")
+    try:
+        loaded = Recipe.load(recipe, [*(overrides or []), *settings])
+    except ValueError as err:
+        raise fail(str(err)) from None
+    path = Pipeline(loaded).convert()
+    chosen = json.loads((path / "config.json").read_text())["full_attention_heads"]
+    typer.echo(f"{len(chosen)} KV heads keep full attention in {path}: {chosen}\n"
+               f"In a recipe: student: {{full_attention_heads: {chosen}}} (or keep the select_heads section).")

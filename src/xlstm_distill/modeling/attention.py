@@ -11,6 +11,7 @@ import sys
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from xlstm_distill import kernels
@@ -116,6 +117,18 @@ class HybridAttention(nn.Module):
         if self.num_gates:
             gate_in = (H + 2 * self.num_kv_heads) * D  # concatenated q, k, v head activations
             self.gate_proj = GateProjection(gate_in, H, self.gated_memory, output_gate, config.forget_gate_bias)
+        # Heads that keep the teacher's full attention (a KV head and the query heads of its GQA group). Their mixer
+        # parameters stay (unused), so that every student of one teacher has the same parameters.
+        self.set_full_heads(config.kept_kv_heads(layer_idx))
+
+    def set_full_heads(self, kept: tuple[int, ...]) -> None:
+        """The KV heads (with their query groups) that run the teacher's full attention instead of the mixer; the
+        model's config is the record (``HybridForCausalLM.set_full_attention`` sets both)."""
+        group = self.num_heads // self.num_kv_heads
+        self.all_heads_full = len(set(kept)) == self.num_kv_heads
+        # maximal runs of consecutive heads, (start, stop, kept): slices, no index tensors (compile- and graph-safe)
+        self.kv_runs = _runs([h in kept for h in range(self.num_kv_heads)])
+        self.q_runs = _runs([h // group in kept for h in range(self.num_heads)])
 
     @property
     def options(self) -> KernelOptions:
@@ -150,15 +163,52 @@ class HybridAttention(nn.Module):
         B, T, _ = hidden_states.shape
         H, KV, D = self.num_heads, self.num_kv_heads, self.head_dim
         q, k, v = self.project(hidden_states)
-        gates = self.gate_proj(torch.cat([q, k, v], dim=-1)).transpose(1, 2) if self.num_gates else None  # (B, G*NH, T)
+        gates = None
+        if self.num_gates and not self.all_heads_full:
+            gates = self.gate_proj(torch.cat([q, k, v], dim=-1)).transpose(1, 2)  # (B, G*NH, T)
         q = q.view(B, T, H, D).transpose(1, 2)  # (B, NH, T, DH)
         k = k.view(B, T, KV, D).transpose(1, 2)  # (B, NKV, T, DH)
         v = v.view(B, T, KV, D).transpose(1, 2)  # (B, NKV, T, DH)
         cos, sin = position_embeddings
         q, k = self.apply_rope(q, k, cos, sin)
         layer_cache = past_key_values.layers[self.layer_idx] if past_key_values is not None else None
-        y = self.mix(q, k, v, gates, layout, layer_cache)
+        if self.all_heads_full:
+            y = self.full_attention(q, k, v, layout, layer_cache)
+        else:
+            y = self.mix(q, k, v, gates, layout, layer_cache)
+            if len(self.q_runs) > 1:  # some heads are kept: their outputs replace the mixer's
+                full = self.full_attention(_take(q, self.q_runs), _take(k, self.kv_runs), _take(v, self.kv_runs),
+                                           layout, layer_cache).to(y.dtype)
+                y = _merge(y, full, self.q_runs)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D)), None
+
+    def full_attention(
+        self,
+        q: torch.Tensor,  # (B, NHF, T, DH) the kept query heads, after RoPE
+        k: torch.Tensor,  # (B, NKVF, T, DH) the kept KV heads, after RoPE
+        v: torch.Tensor,  # (B, NKVF, T, DH)
+        layout: TokenLayout,
+        cache: LayerCache | None = None,
+    ) -> torch.Tensor:  # (B, NHF, T, DH)
+        """The teacher's softmax attention over the whole prefix of each token's document; with a cache, the kept
+        heads' keys and values are appended to it and a continuing forward attends to everything it holds."""
+        gqa = dict(enable_gqa=True) if q.shape[1] != k.shape[1] else {}
+        if cache is not None:
+            keys, values, key_pos = cache.write_full(k, v, layout)  # (B, NKVF, L, DH), (B, L)
+            if layout.continues_cache:
+                mask = (key_pos[:, None, :] >= 0) & (key_pos[:, None, :] <= layout.position[:, :, None])  # (B, T, L)
+                return F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask[:, None],
+                                                      scale=self.scaling, **gqa)
+        if layout.single_document:
+            return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), is_causal=True, scale=self.scaling,
+                                                  **gqa)
+        if "document_mask" not in layout.memo:  # shared by the layers of one forward
+            T = q.shape[2]
+            j = torch.arange(T, device=q.device)
+            layout.memo["document_mask"] = ((j[None, None, :] >= layout.doc_start[:, :, None])
+                                            & (j[None, None, :] <= j[None, :, None]))[:, None]  # (B, 1, T, T)
+        return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=layout.memo["document_mask"],
+                                              scale=self.scaling, **gqa)
 
     def mix(
         self,
@@ -204,6 +254,34 @@ class HybridAttention(nn.Module):
         if cache is not None:
             cache.write_window(k, v, layout.write)
         return out
+
+
+def _runs(kept: list[bool]) -> tuple[tuple[int, int, bool], ...]:
+    """Maximal runs of equal flags: ((start, stop, flag), ...) covering every index."""
+    runs, start = [], 0
+    for i in range(1, len(kept) + 1):
+        if i == len(kept) or kept[i] != kept[start]:
+            runs.append((start, i, kept[start]))
+            start = i
+    return tuple(runs)
+
+
+def _take(x: torch.Tensor, runs: tuple[tuple[int, int, bool], ...]) -> torch.Tensor:  # (B, N, T, D) -> (B, NF, T, D)
+    """The heads of the kept runs."""
+    parts = [x[:, a:b] for a, b, kept in runs if kept]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def _merge(
+    mixed: torch.Tensor,  # (B, NH, T, DH) the mixer's output for every head
+    full: torch.Tensor,  # (B, NHF, T, DH) full attention of the kept heads
+    runs: tuple[tuple[int, int, bool], ...],
+) -> torch.Tensor:  # (B, NH, T, DH)
+    parts, offset = [], 0
+    for a, b, kept in runs:
+        parts.append(full[:, offset:offset + b - a] if kept else mixed[:, a:b])
+        offset += (b - a) if kept else 0
+    return torch.cat(parts, dim=1)
 
 
 class MemorySpec(NamedTuple):

@@ -7,6 +7,8 @@ query's document, the recurrent state is reset at its first token, and sinks are
 
 The cache keeps, per layer (:class:`LayerCache`), the mLSTM state (C, n, m), the K/V of the current document's sink
 tokens and a ring buffer of the last W tokens' K/V: its size does not depend on how many tokens were generated.
+Only heads that keep the teacher's full attention (``HybridConfig.full_attention_heads`` / ``_layers``) add keys
+and values that grow with the context (:class:`FullWrite`).
 """
 
 from __future__ import annotations
@@ -48,6 +50,16 @@ class CacheWrite:
 
 
 @dataclass
+class FullWrite:
+    """Where the kept full-attention heads' K/V of this forward go: one slot per input token (padding included), the
+    same slots in every row and layer; slots of tokens outside the row's current document hold position -1."""
+
+    slots: torch.Tensor  # (T,) long, the slots this forward writes
+    key_pos: torch.Tensor  # (B, CAP) document position held by every slot after the write, -1 = empty
+    capacity: int  # slots allocated (CAP)
+
+
+@dataclass
 class TokenLayout:
     """How the tokens of one forward call are arranged in documents."""
 
@@ -58,6 +70,7 @@ class TokenLayout:
     single_document: bool = False  # known without looking at the data: one document per row, no padding
     write: CacheWrite | None = None  # set when a cache is to be filled
     cached_key_pos: torch.Tensor | None = None  # (B, S + W) positions of the cached sink + ring K/V, -1 = empty
+    full: FullWrite | None = None  # set when the cache keeps full-attention heads
     memo: dict[Any, Any] = field(default_factory=dict)  # per-forward objects the layers share (a block mask)
 
 
@@ -119,8 +132,11 @@ class LayerCache:
     sink_v: torch.Tensor | None = None  # (B, NKV, S, DH)
     ring_k: torch.Tensor | None = None  # (B, NKV, W, DH) K of the last W tokens, slot = position mod W
     ring_v: torch.Tensor | None = None  # (B, NKV, W, DH)
+    full_k: torch.Tensor | None = None  # (B, NKVF, CAP, DH) K of the kept full-attention heads, slot = input index
+    full_v: torch.Tensor | None = None  # (B, NKVF, CAP, DH)
 
     WINDOW_FIELDS: ClassVar[tuple[str, ...]] = ("sink_k", "sink_v", "ring_k", "ring_v")
+    FULL_FIELDS: ClassVar[tuple[str, ...]] = ("full_k", "full_v")
 
     def window_keys(
         self,
@@ -146,19 +162,48 @@ class LayerCache:
             for name, x in ((f"{kind}_k", k), (f"{kind}_v", v)):
                 setattr(self, name, torch.where(keep, torch.gather(x, 2, idx), getattr(self, name)))
 
+    def write_full(
+        self,
+        k: torch.Tensor,  # (B, NKVF, T, DH) this forward's keys of the kept heads
+        v: torch.Tensor,  # (B, NKVF, T, DH)
+        layout: TokenLayout,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # (B, NKVF, CAP, DH) K, V; (B, CAP) positions
+        """Store the kept heads' K/V in their slots (in place: a decode step writes one slot) and return everything
+        the cache holds for them."""
+        full = layout.full
+        for name, x in (("full_k", k), ("full_v", v)):
+            buffer = getattr(self, name)
+            if buffer is None or buffer.shape[2] < full.capacity:  # allocate, or grow for a longer context
+                grown = x.new_zeros(*x.shape[:2], full.capacity, x.shape[3])
+                if buffer is not None:
+                    grown[:, :, :buffer.shape[2]] = buffer
+                setattr(self, name, grown)
+            getattr(self, name).index_copy_(2, full.slots, x.to(getattr(self, name).dtype))
+        return self.full_k, self.full_v, full.key_pos
+
+    def resize_full(self, capacity: int) -> None:
+        """Grow the full-attention buffers to ``capacity`` slots (before a static decoder captures its step)."""
+        for name in self.FULL_FIELDS:
+            buffer = getattr(self, name)
+            if buffer is not None and buffer.shape[2] < capacity:
+                grown = buffer.new_zeros(*buffer.shape[:2], capacity, buffer.shape[3])
+                grown[:, :, :buffer.shape[2]] = buffer
+                setattr(self, name, grown)
+
     def update_memory(self, state: MLSTMState) -> None:
         self.memory = MLSTMState(*state)
 
     def tensors(self) -> list[torch.Tensor]:
-        """The layer's tensors in a fixed order: C, n, m, then sink K/V and ring K/V (those that exist)."""
+        """The layer's tensors in a fixed order: C, n, m, then sink K/V, ring K/V and full K/V (those that exist)."""
         out = list(self.memory) if self.memory is not None else []
-        return out + [getattr(self, name) for name in self.WINDOW_FIELDS if getattr(self, name) is not None]
+        return out + [getattr(self, name) for name in self.WINDOW_FIELDS + self.FULL_FIELDS
+                      if getattr(self, name) is not None]
 
     def set_tensors(self, tensors: Iterator[torch.Tensor]) -> None:
         """Inverse of :meth:`tensors`: take this layer's tensors from ``tensors`` in the same order."""
         if self.memory is not None:
             self.memory = MLSTMState(next(tensors), next(tensors), next(tensors))
-        for name in self.WINDOW_FIELDS:
+        for name in self.WINDOW_FIELDS + self.FULL_FIELDS:
             if getattr(self, name) is not None:
                 setattr(self, name, next(tensors))
 
@@ -169,11 +214,15 @@ class LayerCache:
 
 class HybridCache:
     """Constant-size decoding state: per layer a :class:`LayerCache` (the recurrent state, the sink K/V and a ring
-    buffer of the window's K/V), plus the positions those slots hold, shared by the layers."""
+    buffer of the window's K/V), plus the positions those slots hold, shared by the layers. With ``keeps_full``
+    (heads that keep full attention) also the kept heads' K/V of every token, which grow with the context."""
 
-    def __init__(self, num_layers: int, window: int, num_sinks: int) -> None:
+    def __init__(self, num_layers: int, window: int, num_sinks: int, keeps_full: bool = False) -> None:
         self.window = window
         self.num_sinks = num_sinks
+        self.keeps_full = keeps_full
+        self.full_pos: torch.Tensor | None = None  # (B, CAP) document position held by each full slot, -1 = empty
+        self.full_len: torch.Tensor | None = None  # (1,) full slots written so far (a tensor: static decode steps)
         self.layers: list[LayerCache] = [LayerCache() for _ in range(num_layers)]
         self.seen_tokens = 0  # input positions consumed so far (padding included)
         self.doc_length: torch.Tensor | None = None  # (B,) tokens of the current document
@@ -205,6 +254,9 @@ class HybridCache:
             start = layout.doc_start[:, -1]
             length = seq_len - start
             layout.write = _slot_plan(length, torch.zeros_like(length), start, self.window, self.num_sinks, None, None)
+            if self.keeps_full:  # only the row's last document stays visible to later tokens
+                in_last = torch.arange(seq_len, device=device)[None, :] >= start[:, None]
+                layout.full = self._full_write(torch.where(in_last, layout.position, -1), seq_len)
             return layout
         if document_ids is not None or (attention_mask is not None and not bool(attention_mask.all())):
             raise ValueError(
@@ -219,12 +271,43 @@ class HybridCache:
                            self.sink_pos, self.ring_pos)
         no_reset = torch.zeros(batch_size, seq_len, dtype=torch.bool, device=device)
         cached_key_pos = torch.cat([self.sink_pos, self.ring_pos], dim=1)
-        return TokenLayout(position, position, no_reset, continues_cache=True, write=write, cached_key_pos=cached_key_pos)
+        full = self._full_write(position, seq_len) if self.keeps_full else None
+        return TokenLayout(position, position, no_reset, continues_cache=True, write=write, cached_key_pos=cached_key_pos,
+                           full=full)
+
+    def _full_write(self, new_pos: torch.Tensor, seq_len: int) -> FullWrite:
+        """Slots and positions of the kept heads' K/V after this forward (``new_pos``: (B, T) position of each new
+        token, -1 for tokens no later token may see); grows the slots when the context outgrows them."""
+        if self.full_len is None:
+            self.full_len = torch.zeros(1, dtype=torch.long, device=new_pos.device)
+            self.full_pos = new_pos.new_full((new_pos.shape[0], 0), -1)
+        needed = self.seen_tokens + seq_len  # a static decode step keeps seen_tokens at 0: no growth inside a graph
+        if needed > self.full_pos.shape[1]:
+            self.reserve(needed)
+        slots = self.full_len + torch.arange(seq_len, device=new_pos.device)  # (T,)
+        return FullWrite(slots, self.full_pos.index_copy(1, slots, new_pos), self.full_pos.shape[1])
+
+    def reserve(self, capacity: int) -> None:
+        """Room for ``capacity`` input tokens in the full-attention heads' K/V (a static decoder reserves what it will
+        generate before capturing its step)."""
+        if not self.keeps_full or self.full_pos is None or capacity <= self.full_pos.shape[1]:
+            return
+        pad = self.full_pos.new_full((self.full_pos.shape[0], capacity - self.full_pos.shape[1]), -1)
+        self.full_pos = torch.cat([self.full_pos, pad], dim=1)
+        for layer in self.layers:
+            layer.resize_full(capacity)
+
+    @property
+    def full_capacity(self) -> int:
+        """Input tokens the full-attention heads' K/V have room for (0 without such heads)."""
+        return 0 if self.full_pos is None else self.full_pos.shape[1]
 
     def commit(self, layout: TokenLayout, seq_len: int) -> None:
         """Advance the bookkeeping after every layer has written its part of ``layout.write``."""
         write = layout.write
         self.doc_length, self.sink_pos, self.ring_pos = write.doc_length, write.sink_pos, write.ring_pos
+        if layout.full is not None:
+            self.full_pos, self.full_len = layout.full.key_pos, self.full_len + seq_len
         self.seen_tokens += seq_len
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -233,10 +316,16 @@ class HybridCache:
             layer.select(beam_idx)
         self.doc_length, self.sink_pos, self.ring_pos = (
             x.index_select(0, beam_idx.to(x.device)) for x in (self.doc_length, self.sink_pos, self.ring_pos))
+        if self.full_pos is not None:
+            self.full_pos = self.full_pos.index_select(0, beam_idx.to(self.full_pos.device))
+
+    def _bookkeeping(self) -> list[torch.Tensor]:
+        full = [self.full_pos, self.full_len] if self.full_pos is not None else []
+        return [self.doc_length, self.sink_pos, self.ring_pos] + full
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor of the cache in a fixed order (each layer's, then the bookkeeping)."""
-        return [t for layer in self.layers for t in layer.tensors()] + [self.doc_length, self.sink_pos, self.ring_pos]
+        return [t for layer in self.layers for t in layer.tensors()] + self._bookkeeping()
 
     def set_tensors(self, tensors: list[torch.Tensor]) -> None:
         """Inverse of :meth:`tensors`: point the cache at ``tensors`` (same order, shapes and dtypes)."""
@@ -247,6 +336,8 @@ class HybridCache:
         for layer in self.layers:
             layer.set_tensors(it)
         self.doc_length, self.sink_pos, self.ring_pos = next(it), next(it), next(it)
+        if self.full_pos is not None:
+            self.full_pos, self.full_len = next(it), next(it)
 
     def nbytes(self) -> int:
         """Bytes held by the cache tensors (constant once the first forward has filled it)."""

@@ -13,7 +13,8 @@ MIXERS = ("mlstm_swa", "mlstm", "swa", "linear_swa", "linear")
 # ``backend`` is a shorthand for the two kernel choices of ``kernels`` (mLSTM, SWA)
 BACKENDS = {"auto": ("auto", "auto"), "native": ("native", "native"), "tfla": ("tfla", "flex")}
 # The student's own settings (everything except the teacher architecture).
-MIXER_FIELDS = ("mixer", "window_size", "num_sink_tokens", "feature_dim", "chunk_size", "forget_gate_bias", "kernels")
+MIXER_FIELDS = ("mixer", "window_size", "num_sink_tokens", "feature_dim", "chunk_size", "forget_gate_bias", "kernels",
+                "full_attention_layers", "full_attention_heads")
 # Attributes mirrored from the teacher config so that generation utilities find them on the student config.
 MIRRORED = (
     "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -35,6 +36,10 @@ class HybridConfig(PreTrainedConfig):
             at least 128).
         forget_gate_bias: initial forget-gate biases of the mLSTM mixers, spread linearly over the heads from the
             first value to the second (default 3..6: sigmoid 0.95..0.998, memories of about 20 to 400 tokens).
+        full_attention_layers: layers that keep the teacher's full softmax attention in every head.
+        full_attention_heads: ``[layer, kv_head]`` pairs: KV heads (with the query heads of their GQA group) that
+            keep the teacher's full softmax attention over the whole prefix (their keys and values are cached in
+            full); every other head runs ``mixer``. ``xlstm-distill select-heads`` chooses them by measurement.
         kernels: which implementation runs each kernel and how (:class:`~xlstm_distill.kernels.KernelOptions`, or a
             mapping of its fields); saved with the model.
         backend: shorthand for the kernel choices, applied over ``kernels``: ``auto`` (on CUDA: FlexAttention, and
@@ -56,6 +61,8 @@ class HybridConfig(PreTrainedConfig):
         chunk_size: int = 64,
         forget_gate_bias: tuple[float, float] | list[float] = (3.0, 6.0),
         kernels: KernelOptions | dict[str, Any] | None = None,
+        full_attention_layers: list[int] | tuple[int, ...] = (),
+        full_attention_heads: list[list[int]] | tuple[tuple[int, int], ...] = (),
         backend: str | None = None,
         teacher_config: dict[str, Any] | None = None,
         teacher_name: str | None = None,
@@ -84,6 +91,8 @@ class HybridConfig(PreTrainedConfig):
         self.chunk_size = chunk_size
         self.forget_gate_bias = [float(b) for b in forget_gate_bias]
         self.kernels = kernels
+        self.full_attention_layers = sorted({int(i) for i in _check_layers(full_attention_layers)})
+        self.full_attention_heads = [list(p) for p in sorted({tuple(p) for p in _check_heads(full_attention_heads)})]
         self.teacher_config = teacher_config
         self.teacher_name = teacher_name
         if teacher_config is not None:
@@ -92,6 +101,31 @@ class HybridConfig(PreTrainedConfig):
                     kwargs[key] = teacher_config[key]
             kwargs.setdefault("tie_word_embeddings", teacher_config.get("tie_word_embeddings", False))
         super().__init__(**kwargs)
+        if teacher_config is not None:
+            self._check_kept_heads_in_range()
+
+    def _check_kept_heads_in_range(self) -> None:
+        layers = self.teacher_config.get("num_hidden_layers")
+        heads = self.teacher_config.get("num_key_value_heads") or self.teacher_config.get("num_attention_heads")
+        bad = [i for i in self.full_attention_layers if layers is not None and i >= layers]
+        bad += [(l, h) for l, h in self.full_attention_heads
+                if (layers is not None and l >= layers) or (heads is not None and h >= heads)]
+        if bad:
+            raise ValueError(f"full_attention_layers / full_attention_heads name {bad}, outside the teacher's "
+                             f"{layers} layers x {heads} KV heads: layers count 0..{layers - 1}, KV heads "
+                             f"0..{heads - 1}.")
+
+    def kept_kv_heads(self, layer: int) -> tuple[int, ...]:
+        """The KV heads of ``layer`` that keep full attention (every head for a layer in full_attention_layers)."""
+        if layer in self.full_attention_layers:
+            return tuple(range(self.teacher_config.get("num_key_value_heads")
+                               or self.teacher_config["num_attention_heads"]))
+        return tuple(h for l, h in self.full_attention_heads if l == layer)
+
+    @property
+    def keeps_full_attention(self) -> bool:
+        """Whether any head keeps full attention (then the cache grows with the context for those heads)."""
+        return bool(self.full_attention_layers or self.full_attention_heads)
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
@@ -139,3 +173,20 @@ class HybridConfig(PreTrainedConfig):
             raise ValueError("This HybridConfig has no teacher_config: build students with xlstm_distill.convert().")
         config = dict(self.teacher_config)
         return AutoConfig.for_model(config.pop("model_type"), **config)
+
+
+def _check_layers(layers: Any) -> list[int]:
+    if not isinstance(layers, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                                         for i in layers):
+        raise ValueError(f"full_attention_layers must be a list of layer indices (integers >= 0), got {layers!r}.")
+    return list(layers)
+
+
+def _check_heads(heads: Any) -> list[tuple[int, int]]:
+    ok = isinstance(heads, (list, tuple)) and all(
+        isinstance(pair, (list, tuple)) and len(pair) == 2
+        and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in pair) for pair in heads)
+    if not ok:
+        raise ValueError(f"full_attention_heads must be a list of [layer, kv_head] pairs (integers >= 0), got "
+                         f"{heads!r}.")
+    return [tuple(pair) for pair in heads]

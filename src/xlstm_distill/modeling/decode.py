@@ -54,12 +54,18 @@ class GraphedStep:
 
 class StaticDecoder:
     """Decode steps of a student continuing ``cache`` (filled by a prefill forward), CUDA-graphed on GPU,
-    optionally compiled (``torch.compile`` traces the whole step as one graph)."""
+    optionally compiled (``torch.compile`` traces the whole step as one graph). A student with full-attention heads
+    keeps their K/V of every token: ``max_new_tokens`` reserves room for the steps to come (a step past it fails)."""
 
     def __init__(self, model: torch.nn.Module, cache: HybridCache, use_graph: bool | None = None,
-                 compile: bool = False) -> None:
+                 compile: bool = False, max_new_tokens: int | None = None) -> None:
         if cache.is_empty:
             raise ValueError("StaticDecoder needs a filled cache: run the prompt through the model first (use_cache=True).")
+        if cache.keeps_full:
+            if max_new_tokens is None:
+                raise ValueError("This student keeps full-attention heads, whose K/V grow with every token: pass "
+                                 "StaticDecoder(..., max_new_tokens=N) to reserve room for N steps.")
+            cache.reserve(cache.seen_tokens + max_new_tokens)
         self.model, self.cache = model, cache
         self.static = cache.tensors()
         self.input_ids = torch.zeros(cache.doc_length.shape[0], 1, dtype=torch.long, device=cache.doc_length.device)
@@ -75,7 +81,8 @@ class StaticDecoder:
         self.cache.seen_tokens = 0
         logits = self.model(input_ids=self.input_ids, past_key_values=self.cache, use_cache=True).logits[:, -1]  # (B, V)
         for static, new in zip(self.static, self.cache.tensors()):  # the forward wrote new tensors: copy them back
-            static.copy_(new)
+            if new is not static:  # (the full-attention K/V are written in place)
+                static.copy_(new)
         self.cache.set_tensors(self.static)
         return logits
 
@@ -83,6 +90,9 @@ class StaticDecoder:
         """Feed one token per row; returns the next-token logits (a buffer overwritten by the next step)."""
         self.input_ids.copy_(input_ids)
         seen = self.cache.seen_tokens
+        if self.cache.keeps_full and seen + 1 > self.cache.full_capacity:
+            raise ValueError(f"The decoder reserved room for {self.cache.full_capacity} tokens in its full-attention "
+                             "heads: build it with a larger max_new_tokens.")
         logits = self._run()  # a replayed graph runs no Python: the count is kept here
         self.cache.seen_tokens = seen + 1
         return logits
@@ -96,7 +106,7 @@ def greedy_generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tok
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
     out = model(input_ids=input_ids, use_cache=True)
     token = out.logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
-    decoder = StaticDecoder(model, cache_of(out), use_graph=use_graph)
+    decoder = StaticDecoder(model, cache_of(out), use_graph=use_graph, max_new_tokens=max_new_tokens)
     tokens = [token]
     for _ in range(max_new_tokens - 1):
         token = decoder.step(token).argmax(-1, keepdim=True)

@@ -72,6 +72,15 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         return [f"model.layers.{i}.self_attn.{n}" for i, layer in enumerate(self.model.layers)
                 for n in layer.self_attn.new_parameter_names()]
 
+    def set_full_attention(self, heads: list[list[int]] | None = None, layers: list[int] | None = None) -> None:
+        """Keep the teacher's full attention in these ``[layer, kv_head]`` pairs and whole layers (replacing the
+        config's choice; the parameters are unchanged). Saved with the model."""
+        self.config.full_attention_heads = [list(p) for p in sorted({tuple(p) for p in heads or []})]
+        self.config.full_attention_layers = sorted(set(layers or []))
+        self.config._check_kept_heads_in_range()
+        for idx, layer in enumerate(self.model.layers):
+            layer.self_attn.set_full_heads(self.config.kept_kv_heads(idx))
+
     def _position_embeddings(self, x: torch.Tensor, position_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(cos, sin) for every layer (families such as OLMo3 use a different RoPE per layer type)."""
         rotary = self.model.rotary_emb
@@ -101,7 +110,8 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
             inputs_embeds = self.model.embed_tokens(input_ids)
         B, T = inputs_embeds.shape[:2]
         if use_cache and past_key_values is None:
-            past_key_values = HybridCache(len(self.model.layers), self.config.window_size, self.config.num_sink_tokens)
+            past_key_values = HybridCache(len(self.model.layers), self.config.window_size, self.config.num_sink_tokens,
+                                          keeps_full=self.config.keeps_full_attention)
         if past_key_values is not None:
             layout = past_key_values.plan(B, T, inputs_embeds.device, attention_mask, document_ids)
         else:

@@ -4,6 +4,7 @@
     out_dir: runs/demo
     student: {mixer: mlstm_swa, window_size: 512, kernels: {copy_sinks: rows}}   # HybridConfig's settings
     data: {offline_corpora: runs/corpora, seq_len: 1024}                         # DataSection
+    select_heads: {budget: 0.05}                                                 # SelectHeadsSection (absent: none)
     align: {steps: 2000, lr: 1.0e-2}                                             # AlignSection (absent: no Stage I)
     targets: {k: 256, num_sequences: 8192}                                       # TargetsSection
     distill: {steps: 4000, lr: 1.0e-5}                                           # DistillSection (absent: no Stage II)
@@ -60,6 +61,30 @@ class DataSection:
             raise ValueError("data: give either offline_corpora (a folder) or sources (a list), not both or neither.")
         _check_choice("data.loss_on", self.loss_on, ("all", "assistant"))
         _check_positive("data.seq_len", self.seq_len)
+
+
+@dataclass
+class SelectHeadsSection:
+    """Before Stage I: choose the KV heads that keep the teacher's full attention, by measurement on the converted
+    student (``xlstm-distill select-heads``); the chosen heads go into the student's config."""
+
+    budget: float = setting(0.05, "Fraction of all KV heads kept (rounded; at least one when above 0).")
+    probe: str = setting("retrieval", "Calibration data: `retrieval` (synthetic key-value retrieval probes, the "
+                                      "answers scored) or `text` (training text, positions past the window scored).")
+    samples: int = setting(16, "Calibration sequences.")
+    length: int | None = setting(None, "Tokens per calibration sequence (default: data.seq_len).")
+    batch_size: int = setting(4, "Sequences per forward.")
+
+    def __post_init__(self) -> None:
+        from xlstm_distill.evaluation.heads import PROBES
+
+        if not isinstance(self.budget, (int, float)) or not 0.0 <= self.budget <= 1.0:
+            raise ValueError(f"select_heads.budget is a fraction of the KV heads in [0, 1], got {self.budget!r}.")
+        _check_choice("select_heads.probe", self.probe, PROBES)
+        _check_positive("select_heads.samples", self.samples)
+        _check_positive("select_heads.batch_size", self.batch_size)
+        if self.length is not None:
+            _check_positive("select_heads.length", self.length)
 
 
 @dataclass
@@ -193,6 +218,8 @@ class Recipe:
     precision: str = setting("auto", "`auto` (bf16 autocast on CUDA, float32 on CPU), `fp32` or `bf16`.")
     student: dict[str, Any] = setting({}, "The student's settings: HybridConfig's arguments (table below).")
     data: DataSection = setting(..., "Training text (DataSection).")
+    select_heads: SelectHeadsSection | None = setting(None, "Choose full-attention heads before Stage I; absent: "
+                                                            "the student keeps those `student` names (default none).")
     align: AlignSection | None = setting(None, "Stage I settings; absent: the converted student goes to Stage II.")
     targets: TargetsSection = setting(None, "Stage II's teacher targets (TargetsSection).")
     distill: DistillSection | None = setting(None, "Stage II settings; absent: no Stage II.")
@@ -208,6 +235,10 @@ class Recipe:
             raise ValueError(f"student: unknown key(s) {', '.join(unknown)}; valid keys of student: "
                              f"{', '.join(student_keys())}.")
         HybridConfig(**self.student)  # validates every value (kernels included) now, not at the first stage
+        if self.select_heads is not None and (self.student.get("full_attention_heads")
+                                              or self.student.get("full_attention_layers")):
+            raise ValueError("student.full_attention_heads / full_attention_layers and select_heads both choose the "
+                             "kept heads: give one of them.")
 
     @classmethod
     def load(cls, path: str | Path, overrides: list[str] | None = None) -> Recipe:
@@ -240,8 +271,8 @@ class Recipe:
         return HybridConfig(**self.student)
 
 
-SECTIONS = {"data": DataSection, "align": AlignSection, "targets": TargetsSection, "distill": DistillSection,
-            "evaluate": EvaluateSection, "experts": ExpertsSection}
+SECTIONS = {"data": DataSection, "select_heads": SelectHeadsSection, "align": AlignSection, "targets": TargetsSection,
+            "distill": DistillSection, "evaluate": EvaluateSection, "experts": ExpertsSection}
 
 
 def student_keys() -> tuple[str, ...]:

@@ -1,0 +1,127 @@
+"""Full-attention heads: budget against fidelity. From one recipe's student (the converted one, or ``--student``),
+every KV head is scored with each calibration probe (``xlstm_distill.evaluation.heads``); then, for every budget and
+every way of choosing (the retrieval probe, the text probe, random heads), those heads keep full attention and the
+student is measured: held-out KL(teacher || student) all / inside / beyond the window, and retrieval on fresh
+key-value probes (every answer token the argmax, teacher-forced; the teacher alongside).
+
+    python benchmarks/full_heads.py --recipe recipes/demo-cpu.yaml --out DIR --budgets 0,0.02,0.05,0.1
+
+DIR gets full_heads.json, .md and .png, and heads_<probe>.json / .png (the scores of every head).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+from xlstm_distill.benchmarks.report import write_results
+from xlstm_distill.data.documents import long_documents
+from xlstm_distill.evaluation.heads import (Calibration, choose_heads, head_scores, retrieval_probes,
+                                            text_calibration, write_head_scores)
+from xlstm_distill.stages import Recipe, RunContext
+from xlstm_distill.stages import convert
+from xlstm_distill.stages.common import autocast, compare_to_teacher
+
+
+@torch.no_grad()
+def retrieval_accuracy(model: torch.nn.Module, probes: list[Calibration]) -> float:
+    """Share of probes whose every answer token is the model's argmax (teacher-forced: greedy decoding's answer)."""
+    device = next(model.parameters()).device
+    hits = 0
+    for probe in probes:
+        ids = probe.input_ids[None].to(device)
+        where = probe.scored.nonzero().flatten().to(device)
+        predicted = model(input_ids=ids).logits[0, where].argmax(-1)
+        hits += bool(torch.equal(predicted, ids[0, where + 1]))
+    return hits / len(probes)
+
+
+def run(recipe_path: Path, out: Path, budgets: list[float], student_dir: Path | None, samples: int,
+        eval_probes: int, overrides: list[str]) -> list[dict]:
+    ctx = RunContext(Recipe.load(recipe_path, overrides))
+    student = ctx.load_student(student_dir or convert.run(ctx)).eval()
+    teacher, tokenizer = ctx.teacher, ctx.tokenizer
+    length, seed = ctx.recipe.data.seq_len, ctx.recipe.seed
+    calibration = {
+        "retrieval": retrieval_probes(tokenizer, samples, length, seed=seed),
+        "text": text_calibration(long_documents(ctx.sources(held_out=False), tokenizer, length, samples),
+                                 student.config.window_reach or 0, seed=seed),
+    }
+    test_probes = retrieval_probes(tokenizer, eval_probes, length, seed=seed + 1000)  # not the calibration ones
+    batches = ctx.held_out_batches()
+    layers, kv = student.config.num_hidden_layers, student.config.num_key_value_heads
+    choices: dict[str, torch.Tensor] = {}
+    for probe, data in calibration.items():
+        with autocast(ctx.device, ctx.autocast):
+            result = head_scores(student, teacher, data)
+        write_head_scores(result, choose_heads(result.scores, max(budgets)), out / f"heads_{probe}",
+                          {"probe": probe, "samples": samples, "length": length})
+        choices[probe] = result.scores
+    choices["random"] = torch.rand(layers, kv, generator=torch.Generator().manual_seed(seed))
+    teacher_accuracy = retrieval_accuracy(teacher, test_probes)
+    rows = []
+    for budget in budgets:
+        for method, scores in choices.items():
+            if budget == 0 and method != "retrieval":
+                continue  # no head kept: one row
+            heads = choose_heads(scores, budget)
+            student.set_full_attention(heads)
+            with autocast(ctx.device, ctx.autocast):
+                row = compare_to_teacher(student, teacher, batches)
+                accuracy = retrieval_accuracy(student, test_probes)
+            rows.append({"chosen by": method if budget else "-", "budget": budget, "heads": len(heads),
+                         "kv_cache_share": len(heads) / (layers * kv), **row, "retrieval": accuracy,
+                         "teacher_retrieval": teacher_accuracy, "full_attention_heads": heads})
+            print({k: v for k, v in rows[-1].items() if k != "full_attention_heads"}, flush=True)
+    student.set_full_attention([])
+    return rows
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    none = [r for r in rows if r["budget"] == 0]
+    for method in ("retrieval", "text", "random"):
+        points = sorted((r["budget"], r) for r in none + [r for r in rows if r["chosen by"] == method])
+        for ax, key in zip(axes, ("kl_beyond_window", "retrieval")):
+            ax.plot([100 * b for b, _ in points], [r[key] for _, r in points], "-o", label=f"chosen by {method}")
+    axes[1].axhline(rows[0]["teacher_retrieval"], color="k", linestyle="--", label="teacher")
+    for ax, title in zip(axes, ("held-out KL beyond the window", "key-value retrieval (answer exact)")):
+        ax.set_xlabel("KV heads keeping full attention (% of all = % of the teacher's KV cache)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipe", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--budgets", default="0,0.02,0.05,0.1", help="Fractions of the KV heads kept.")
+    parser.add_argument("--student", type=Path, default=None, help="A trained student (default: the converted one).")
+    parser.add_argument("--samples", type=int, default=16, help="Calibration sequences per probe.")
+    parser.add_argument("--eval-probes", type=int, default=64, help="Fresh retrieval probes for the accuracy.")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="Recipe override (repeatable).")
+    args = parser.parse_args()
+    budgets = [float(b) for b in args.budgets.split(",")]
+    rows = run(args.recipe, args.out, budgets, args.student, args.samples, args.eval_probes, args.overrides)
+    command = "python benchmarks/full_heads.py " + shlex.join(sys.argv[1:])
+    columns = ["chosen by", "budget", "heads", "kv_cache_share", "kl", "kl_in_window", "kl_beyond_window",
+               "student_ppl", "retrieval", "teacher_retrieval"]
+    write_results(args.out, "full_heads", rows, command, columns, plot)
+
+
+if __name__ == "__main__":
+
+    main()

@@ -1,0 +1,193 @@
+"""Which heads should keep the teacher's full attention? Every KV head is scored by how much restoring it alone (its
+query group attending to the whole prefix, as in the teacher) lowers the student's KL to the teacher on a
+calibration set: synthetic key-value retrieval probes (the default; unlike RULER's needle tasks, which evaluation
+uses) or long training text beyond the window. The highest-scoring heads within a budget are kept.
+
+    probes = retrieval_probes(tokenizer, count=16, length=1024)
+    scores = head_scores(student, teacher, probes)        # (layers, kv_heads) KL lowered by restoring each head
+    heads = choose_heads(scores.scores, budget=0.05)      # [[layer, kv_head], ...] -> HybridConfig.full_attention_heads
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from tqdm.auto import tqdm
+
+PROBES = ("retrieval", "text")
+
+
+@dataclass
+class Calibration:
+    """One calibration sequence and the positions whose next-token prediction is scored."""
+
+    input_ids: torch.Tensor  # (T,) long
+    scored: torch.Tensor  # (T,) bool: the prediction made at this position (of token t + 1) counts
+
+
+@dataclass
+class HeadScores:
+    scores: torch.Tensor  # (L, KV) KL(teacher || student) lowered by restoring each head alone
+    baseline: float  # the KL with no head restored (beyond those the student already keeps)
+    tokens: int  # scored predictions
+
+
+def retrieval_probes(tokenizer: Any, count: int, length: int, seed: int = 0) -> list[Calibration]:
+    """Synthetic key-value retrieval: a list of ``code NNNNN: NNNNNN`` lines filling about ``length`` tokens, then a
+    question about one line chosen at random; the answer's tokens are scored."""
+    if count < 1 or length < 32:
+        raise ValueError(f"retrieval_probes needs count >= 1 and length >= 32 tokens, got {count} and {length}.")
+    rng = random.Random(seed)
+
+    def size(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    question = "Question: what is the value of code {key}?\nAnswer: code {key}: "
+    tail = size(question.format(key=10_000)) + size("100000\n")
+    out = []
+    for _ in range(count):
+        head = "A register of codes. Each code has one value.\n"
+        lines, used = [], size(head)
+        while True:
+            line = f"code {rng.randrange(10_000, 100_000)}: {rng.randrange(100_000, 1_000_000)}\n"
+            cost = size(line)
+            if used + cost > length - tail and lines:
+                break
+            lines.append(line)
+            used += cost
+        while True:  # (token counts of pieces need not add up exactly: drop lines until it fits)
+            line = rng.choice(lines)
+            key, value = line[5:].split(": ")
+            prompt_ids = tokenizer(head + "".join(lines) + question.format(key=key),
+                                   add_special_tokens=False)["input_ids"]
+            answer_ids = tokenizer(value, add_special_tokens=False)["input_ids"]
+            if len(prompt_ids) + len(answer_ids) <= length or len(lines) == 1:
+                break
+            lines.pop()
+        ids = torch.tensor(prompt_ids + answer_ids, dtype=torch.long)
+        scored = torch.zeros(len(ids), dtype=torch.bool)
+        scored[len(prompt_ids) - 1:len(ids) - 1] = True  # the predictions of the answer's tokens
+        out.append(Calibration(ids, scored))
+    return out
+
+
+def text_calibration(sequences: list[torch.Tensor], reach: int, per_sequence: int = 128,
+                     seed: int = 0) -> list[Calibration]:
+    """Text sequences (1-D token tensors, one document each), scored at up to ``per_sequence`` random positions past
+    the window's ``reach`` (what the window alone cannot see)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for ids in sequences:
+        beyond = torch.arange(reach, max(reach, len(ids) - 1))
+        if len(beyond) == 0:
+            raise ValueError(f"Calibration sequences of {len(ids)} tokens have nothing past the window's reach "
+                             f"({reach}): use longer sequences.")
+        chosen = beyond[torch.randperm(len(beyond), generator=g)[:per_sequence]]
+        scored = torch.zeros(len(ids), dtype=torch.bool)
+        scored[chosen] = True
+        out.append(Calibration(ids, scored))
+    return out
+
+
+@torch.no_grad()
+def head_scores(student: torch.nn.Module, teacher: torch.nn.Module, calibration: list[Calibration],
+                batch_size: int = 4) -> HeadScores:
+    """KL(teacher || student) at the scored positions with every KV head restored alone, against none restored.
+    One student forward over the calibration set per head (layers x KV heads of them); the teacher runs once."""
+    config = student.config
+    kept_heads = [list(p) for p in config.full_attention_heads]
+    kept_layers = list(config.full_attention_layers)
+    device = next(student.parameters()).device
+    batches = _batches(calibration, batch_size, device)
+    teacher_logp = [_scored_logp(teacher, ids, scored) for ids, scored in batches]
+    tokens = sum(int(s.sum()) for _, s in batches)
+
+    def kl() -> float:
+        total = 0.0
+        for (ids, scored), logp_t in zip(batches, teacher_logp):
+            logp_s = _scored_logp(student, ids, scored)
+            total += float((logp_t.exp() * (logp_t - logp_s)).sum())
+        return total / tokens
+
+    L, KV = config.num_hidden_layers, config.num_key_value_heads
+    baseline = kl()
+    scores = torch.zeros(L, KV)
+    try:
+        for layer, head in tqdm([(l, h) for l in range(L) for h in range(KV)], desc="scoring heads", unit="head",
+                                dynamic_ncols=True):
+            if layer in kept_layers or [layer, head] in kept_heads:
+                continue  # already kept: nothing to restore
+            student.set_full_attention(kept_heads + [[layer, head]], kept_layers)
+            scores[layer, head] = baseline - kl()
+    finally:
+        student.set_full_attention(kept_heads, kept_layers)
+    return HeadScores(scores, baseline, tokens)
+
+
+def choose_heads(scores: torch.Tensor, budget: float) -> list[list[int]]:
+    """The ``round(budget x layers x KV heads)`` highest-scoring heads (at least one for a budget > 0), as
+    ``[[layer, kv_head], ...]`` sorted by layer."""
+    if not 0.0 <= budget <= 1.0:
+        raise ValueError(f"The budget is a fraction of the KV heads in [0, 1], got {budget!r}.")
+    count = 0 if budget == 0 else max(1, round(budget * scores.numel()))
+    flat = torch.argsort(scores.flatten(), descending=True, stable=True)[:count]
+    KV = scores.shape[1]
+    return sorted([int(i) // KV, int(i) % KV] for i in flat)
+
+
+def write_head_scores(result: HeadScores, chosen: list[list[int]], out: Path, meta: dict[str, Any]) -> dict[str, Path]:
+    """``heads.json`` (scores by layer and KV head, the baseline KL, the chosen heads, how they were measured) and
+    ``heads.png`` (a layers x KV heads heat map with the chosen heads marked)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"json": out / "heads.json", "png": out / "heads.png"}
+    payload = {**meta, "baseline_kl": result.baseline, "scored_tokens": result.tokens, "chosen": chosen,
+               "scores": result.scores.tolist()}
+    tmp = files["json"].with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    L, KV = result.scores.shape
+    fig, ax = plt.subplots(figsize=(2.0 + 0.5 * KV, 1.5 + 0.22 * L))
+    image = ax.imshow(result.scores.numpy(), aspect="auto", cmap="viridis", origin="lower")
+    for layer, head in chosen:
+        ax.add_patch(plt.Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
+    ax.set_xlabel("KV head")
+    ax.set_ylabel("layer")
+    ax.set_xticks(range(KV))
+    ax.set_title(f"KL lowered by restoring one head ({meta.get('probe', '')}; kept: red)", fontsize=9)
+    fig.colorbar(image, ax=ax, label="KL(teacher || student) lowered")
+    fig.tight_layout()
+    fig.savefig(files["png"], dpi=120)
+    plt.close(fig)
+    tmp.replace(files["json"])  # written last: its presence means the scoring finished
+    return files
+
+
+def _batches(calibration: list[Calibration], batch_size: int, device: torch.device):
+    """Right-padded batches of equal-length groups: (ids (B, T), scored (B, T)); padding is never scored."""
+    ordered = sorted(calibration, key=lambda c: len(c.input_ids))
+    out = []
+    for start in range(0, len(ordered), batch_size):
+        group = ordered[start:start + batch_size]
+        T = max(len(c.input_ids) for c in group)
+        ids = torch.zeros(len(group), T, dtype=torch.long)
+        scored = torch.zeros(len(group), T, dtype=torch.bool)
+        for row, c in enumerate(group):
+            ids[row, :len(c.input_ids)] = c.input_ids
+            scored[row, :len(c.scored)] = c.scored
+        out.append((ids.to(device), scored.to(device)))
+    return out
+
+
+def _scored_logp(model: torch.nn.Module, ids: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:  # (N, V)
+    return F.log_softmax(model(input_ids=ids).logits[scored].float(), dim=-1)

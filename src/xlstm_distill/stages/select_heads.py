@@ -1,0 +1,67 @@
+"""Before Stage I: choose the KV heads that keep the teacher's full attention (recipe section ``select_heads``).
+
+Every KV head of the converted student is scored by the KL to the teacher it removes when restored alone
+(:mod:`xlstm_distill.evaluation.heads`); the best ``budget`` of them are written into ``student-init``'s config, so
+that every later stage trains and evaluates that student. ``out_dir/select_heads/heads.json`` and ``heads.png``
+keep the scores (made once; a later run reuses them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from xlstm_distill.data.documents import long_documents
+from xlstm_distill.evaluation.heads import (HeadScores, choose_heads, head_scores, retrieval_probes, text_calibration,
+                                            write_head_scores)
+from xlstm_distill.stages.common import autocast
+from xlstm_distill.stages.context import RunContext, console
+
+
+def run(ctx: RunContext, converted: Path) -> list[list[int]] | None:
+    """Scores the heads (once) and records the chosen ones in ``converted``'s config. Main process only."""
+    cfg = ctx.recipe.select_heads
+    if cfg is None:
+        return None
+    out = ctx.out / "select_heads"
+    scores_file = out / "heads.json"
+    length = cfg.length or ctx.recipe.data.seq_len
+    meta = {"probe": cfg.probe, "samples": cfg.samples, "length": length, "budget": cfg.budget,
+            "measure": "KL(teacher || student) at the scored positions, lowered by restoring one head alone"}
+    saved = json.loads(scores_file.read_text()) if scores_file.exists() else None
+    if saved is not None and all(saved.get(k) == meta[k] for k in ("probe", "samples", "length")):
+        if saved["budget"] != cfg.budget:  # same measurement, another budget: choose again from the saved scores
+            result = HeadScores(torch.tensor(saved["scores"]), saved["baseline_kl"], saved["scored_tokens"])
+            write_head_scores(result, choose_heads(result.scores, cfg.budget), out, meta)
+    else:
+        student = ctx.load_student(converted).eval()
+        if cfg.probe == "retrieval":
+            calibration = retrieval_probes(ctx.tokenizer, cfg.samples, length, seed=ctx.recipe.seed)
+        else:
+            documents = long_documents(ctx.sources(held_out=False), ctx.tokenizer, length, cfg.samples)
+            if not documents:
+                raise ValueError(f"select_heads: no training document has {length} tokens; lower select_heads.length.")
+            calibration = text_calibration(documents, student.config.window_reach or 0, seed=ctx.recipe.seed)
+        with autocast(ctx.device, ctx.autocast):
+            result = head_scores(student, ctx.teacher, calibration, cfg.batch_size)
+        chosen = choose_heads(result.scores, cfg.budget)
+        write_head_scores(result, chosen, out, meta)
+        console.print(f"[green]selected heads[/] {chosen} (KL {result.baseline:.4f} with none restored) -> "
+                      f"{scores_file}")
+    chosen = json.loads(scores_file.read_text())["chosen"]
+    _record(converted / "config.json", chosen)
+    return chosen
+
+
+def _record(config_file: Path, chosen: list[list[int]]) -> None:
+    """Write the chosen heads into a saved student's config (atomically; unchanged when already there)."""
+    config = json.loads(config_file.read_text())
+    if config.get("full_attention_heads") == chosen:
+        return
+    config["full_attention_heads"] = chosen
+    tmp = config_file.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, config_file)

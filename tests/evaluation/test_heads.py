@@ -1,0 +1,121 @@
+"""Choosing the heads that keep full attention: retrieval probes, the score of every head (the KL removed by
+restoring it alone), the budget, the files, the recipe step and the command."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import xlstm_distill as xd
+from helpers import perturb_new_parameters, tiny_recipe, tiny_teacher
+from xlstm_distill.evaluation.heads import (Calibration, choose_heads, head_scores, retrieval_probes, text_calibration,
+                                            write_head_scores)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("heads")
+    tiny_recipe(root, "unused")  # a folder with the SmolLM2 tokenizer
+    return AutoTokenizer.from_pretrained(root / "teacher")
+
+
+def test_retrieval_probes_score_the_answer_of_a_key_in_the_list(tokenizer):
+    probes = retrieval_probes(tokenizer, count=3, length=200, seed=1)
+    assert probes[0].input_ids.tolist() == retrieval_probes(tokenizer, 3, 200, seed=1)[0].input_ids.tolist()
+    for probe in probes:
+        assert 150 <= len(probe.input_ids) <= 200
+        text = tokenizer.decode(probe.input_ids)
+        key = text.split("what is the value of code ")[1].split("?")[0]
+        value = text.splitlines()[-1].split(": ")[-1]
+        assert f"code {key}: {value}\n" in text.split("Question")[0]  # the answer is in the list
+        scored = probe.scored.nonzero().flatten()
+        answer = tokenizer.decode(probe.input_ids[scored + 1])  # the tokens the scored positions predict
+        assert answer == f"{value}\n"
+    with pytest.raises(ValueError, match="length >= 32"):
+        retrieval_probes(tokenizer, 1, 16)
+
+
+def test_text_calibration_scores_only_past_the_window():
+    calibration = text_calibration([torch.arange(40), torch.arange(30)], reach=10, per_sequence=8)
+    for c in calibration:
+        where = c.scored.nonzero().flatten()
+        assert len(where) == 8 and where.min() >= 10 and where.max() < len(c.input_ids) - 1
+    with pytest.raises(ValueError, match="longer sequences"):
+        text_calibration([torch.arange(10)], reach=10)
+
+
+def test_head_scores_are_the_kl_each_restored_head_removes():
+    teacher = tiny_teacher()
+    student = xd.convert(teacher, xd.HybridConfig(window_size=4, num_sink_tokens=1, chunk_size=4,
+                                                  full_attention_heads=[[1, 0]]))
+    perturb_new_parameters(student)
+    g = torch.Generator().manual_seed(0)
+    calibration = [Calibration(torch.randint(3, 128, (24,), generator=g), torch.arange(24) >= 8) for _ in range(3)]
+    result = head_scores(student, teacher, calibration, batch_size=2)
+    assert result.scores.shape == (2, 2) and result.tokens == 3 * 16
+    assert result.scores[1, 0] == 0  # already kept
+    assert student.config.full_attention_heads == [[1, 0]]  # restored after scoring
+    # the score of head (0, 1) by hand: the KL with it kept too, against the baseline
+    ids = torch.stack([c.input_ids for c in calibration])
+    mask = torch.stack([c.scored for c in calibration])
+    with torch.no_grad():
+        logp_t = torch.log_softmax(teacher(ids).logits[mask], -1)
+
+        def kl(model):
+            logp_s = torch.log_softmax(model(ids).logits[mask], -1)
+            return float((logp_t.exp() * (logp_t - logp_s)).sum(-1).mean())
+
+        base = kl(student)
+        student.set_full_attention([[1, 0], [0, 1]])
+        with_head = kl(student)
+    assert result.baseline == pytest.approx(base, rel=1e-4)
+    assert result.scores[0, 1] == pytest.approx(base - with_head, rel=1e-3, abs=1e-6)
+    assert result.scores.abs().max() > 0
+    # every head restored: the student is the teacher, so the KL with all kept is zero
+    student.set_full_attention(layers=[0, 1])
+    with torch.no_grad():
+        assert kl(student) < 1e-8
+
+
+def test_choose_heads_takes_the_best_within_the_budget(tmp_path):
+    scores = torch.tensor([[0.1, 0.5, 0.0], [0.9, -0.2, 0.3]])
+    assert choose_heads(scores, 0.0) == []
+    assert choose_heads(scores, 0.01) == [[1, 0]]  # at least one
+    assert choose_heads(scores, 0.5) == [[0, 1], [1, 0], [1, 2]]
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        choose_heads(scores, 1.5)
+    from xlstm_distill.evaluation.heads import HeadScores
+
+    files = write_head_scores(HeadScores(scores, 0.7, 12), [[1, 0]], tmp_path, {"probe": "retrieval"})
+    saved = json.loads(files["json"].read_text())
+    assert saved["chosen"] == [[1, 0]] and saved["scores"][1][0] == pytest.approx(0.9) and saved["baseline_kl"] == 0.7
+    assert files["png"].stat().st_size > 0
+
+
+def test_recipe_step_and_command_write_the_chosen_heads_into_the_student(tmp_path):
+    from xlstm_distill.cli import app
+    from xlstm_distill.stages import Pipeline, Recipe
+
+    select = {"budget": 0.25, "probe": "retrieval", "samples": 2, "length": 48, "batch_size": 2}
+    path = tiny_recipe(tmp_path, "heads", select_heads=select)
+    Pipeline(Recipe.load(path)).convert()
+    out = tmp_path / "heads"
+    saved = json.loads((out / "select_heads" / "heads.json").read_text())
+    assert len(saved["chosen"]) == 1 and saved["length"] == 48  # 25% of 2 layers x 2 KV heads
+    config = json.loads((out / "student-init" / "config.json").read_text())
+    assert config["full_attention_heads"] == saved["chosen"]
+    student = xd.HybridForCausalLM.from_pretrained(out / "student-init")
+    assert student.config.full_attention_heads == saved["chosen"]
+    # the command: another budget reuses the saved scores and records the new choice
+    result = CliRunner().invoke(app, ["select-heads", str(path), "--budget", "0.5", "--samples", "2", "--length", "48"])
+    assert result.exit_code == 0, result.output
+    again = json.loads((out / "select_heads" / "heads.json").read_text())
+    assert again["scores"] == saved["scores"] and len(again["chosen"]) == 2 and again["budget"] == 0.5
+    assert json.loads((out / "student-init" / "config.json").read_text())["full_attention_heads"] == again["chosen"]
+    assert "2 KV heads keep full attention" in result.output
+    # conflicting choices are refused at load
+    with pytest.raises(ValueError, match="give one of them"):
+        Recipe.load(path, ["student.full_attention_heads=[[0, 0]]"])
