@@ -95,7 +95,7 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.plot([100 * b for b, _ in points], [r[key] for _, r in points], "-o", label=f"chosen by {method}")
     axes[1].axhline(rows[0]["teacher_retrieval"], color="k", linestyle="--", label="teacher")
     for ax, title in zip(axes, ("held-out KL beyond the window", "key-value retrieval (answer exact)")):
-        ax.set_xlabel("KV heads keeping full attention (% of all = % of the teacher's KV cache)")
+        ax.set_xlabel("full-attention KV heads (% of all = % of the teacher's KV cache)", fontsize=8)
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

@@ -101,9 +101,12 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         document_ids: torch.LongTensor | None = None,  # (B, T) packed documents: nothing crosses a change of id
         logits_to_keep: int = 0,
         cache: HybridCache | None = None,  # transformers >= 5.24's name of past_key_values
+        from_layer: int = 0,  # run the decoder layers from this one, ``inputs_embeds`` being its input (no cache)
         **kwargs,
     ) -> CausalLMOutputWithPast:
         past_key_values = cache if past_key_values is None else past_key_values
+        if from_layer and (inputs_embeds is None or use_cache or past_key_values is not None):
+            raise ValueError("from_layer needs inputs_embeds (that layer's input) and no cache.")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         if inputs_embeds is None:
@@ -118,7 +121,8 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
             layout = full_layout(B, T, inputs_embeds.device, attention_mask, document_ids)
         positions = layout.position if position_ids is None else position_ids
         hidden = inputs_embeds
-        for layer, pos_emb in zip(self.model.layers, self._position_embeddings(hidden, positions)):
+        layers = list(zip(self.model.layers, self._position_embeddings(hidden, positions)))[from_layer:]
+        for layer, pos_emb in layers:
             out = layer(hidden, attention_mask=None, position_ids=positions, use_cache=use_cache,
                         position_embeddings=pos_emb, layout=layout, **{self._layer_cache_arg: past_key_values})
             hidden = out[0] if isinstance(out, tuple) else out
