@@ -94,5 +94,11 @@ def test_output_gates_report_the_memorys_share_per_layer_and_head(tmp_path):
     start = torch.sigmoid(torch.tensor(-3.0)).item()
     torch.testing.assert_close(torch.tensor(gates["beyond"]), torch.full((2, 4), start), atol=1e-6, rtol=1e-6)
     assert output_gates(xd.convert(teacher, xd.HybridConfig(mixer="swa")), documents, 10) == {}
+    # heads that keep full attention use no gate: NaN (KV head 1 of layer 0 = query heads 2, 3; all of layer 1)
+    kept = xd.convert(teacher, xd.HybridConfig(window_size=8, num_sink_tokens=2, full_attention_heads=[[0, 1]],
+                                               full_attention_layers=[1]))
+    beyond = torch.tensor(output_gates(kept, documents, reach=10)["beyond"])
+    assert beyond[0, 2:].isnan().all() and beyond[1].isnan().all()
+    torch.testing.assert_close(beyond[0, :2], torch.full((2,), start), atol=1e-6, rtol=1e-6)
     plot_output_gates({"student": gates}, tmp_path / "gates.png")
     assert (tmp_path / "gates.png").stat().st_size > 0

@@ -87,6 +87,19 @@ def test_stage1_lowers_every_layer_mse(tmp_path):
     assert len(rows) == 40 and "layer_02_mse" in rows[0]
 
 
+def test_stage1_with_a_full_attention_layer_trains_the_others():
+    """A layer whose heads all keep full attention is the teacher's (MSE 0, nothing to train); the other layers'
+    kept heads are exact and their mixer heads train as before."""
+    teacher = tiny_teacher(num_hidden_layers=3)
+    student = xd.convert(teacher, xd.HybridConfig(full_attention_layers=[1], full_attention_heads=[[0, 0]], **MIXER))
+    set_stage1_trainable(student)
+    step = make_align_step(student, teacher)
+    metrics = step(SyntheticPacks().make(0), 1.0)
+    assert metrics["layer_01_mse"] < 1e-10 and metrics["layer_00_mse"] > 1e-6 and metrics["layer_02_mse"] > 1e-6
+    assert student.model.layers[1].self_attn.gate_proj.weight.grad is None
+    assert student.model.layers[0].self_attn.gate_proj.weight.grad.abs().sum() > 0
+
+
 def test_compiled_stage1_step_matches_eager_with_one_graph_for_all_layers(monkeypatch):
     """align.compile: every layer's mixer + MSE through one compiled function (CPU, backend aot_eager): the same
     per-layer losses and gradients as eager, one graph for all layers, and a second step (other documents) compiles

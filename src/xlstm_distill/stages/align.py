@@ -179,7 +179,8 @@ def make_align_step(student: HybridForCausalLM, teacher: torch.nn.Module, autoca
         with window_of(student, window) if window != full else contextlib.nullcontext():
             for idx, mse in enumerate(layer_losses(student, teacher, batch, autocast_dtype, beyond_window_weight,
                                                    compiled)):
-                (mse * scale).backward()
+                if mse.requires_grad:  # (a layer whose heads all keep full attention has nothing to train)
+                    (mse * scale).backward()
                 metrics[f"layer_{idx:02d}_mse"] = mse.item()
         metrics["loss"] = sum(metrics.values())
         if dropout.rate:

@@ -64,9 +64,9 @@ def position_report(ctx: RunContext, students: dict[str, Path], out: Path) -> di
         plot_output_gates(gates, out / "output_gates.png")
         for label, values in gates.items():
             beyond = torch.tensor(values["beyond"])
-            Console().print(f"{label}: mean output gate beyond the window {beyond.mean():.3f} (inside "
-                            f"{torch.tensor(values['inside']).mean():.3f}); heads above 0.5: "
-                            f"{int((beyond > 0.5).sum())} of {beyond.numel()}")
+            Console().print(f"{label}: mean output gate beyond the window {beyond.nanmean():.3f} (inside "
+                            f"{torch.tensor(values['inside']).nanmean():.3f}); heads above 0.5: "
+                            f"{int((beyond > 0.5).sum())} of {int(beyond.isfinite().sum())} mixer heads")
     return rows
 
 
