@@ -72,7 +72,7 @@ def bench(
     student = HybridConfig(window_size=window, num_sink_tokens=sinks, kernels=kernel_options(kernel, backend))
     if full_heads:
         config = inference.shape_config(shape) if model is None else _teacher(model, torch_dtype).config
-        student.full_attention_heads = _full_heads(full_heads, config)
+        student.set_full_attention(_full_heads(full_heads, config))
     command = "xlstm-distill bench " + shlex.join(sys.argv[2:])
     torch._dynamo.config.cache_size_limit = 64  # --compile-decode: one compiled decode step per point (static shapes)
     names = [m.strip() for m in models.split(",") if m.strip()]

@@ -169,16 +169,12 @@ class LayerCache:
         layout: TokenLayout,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # (B, NKVF, CAP, DH) K, V; (B, CAP) positions
         """Store the kept heads' K/V in their slots (in place: a decode step writes one slot) and return everything
-        the cache holds for them."""
+        the cache holds for them. The buffers are allocated here; ``HybridCache.reserve`` grows them."""
         full = layout.full
-        for name, x in (("full_k", k), ("full_v", v)):
-            buffer = getattr(self, name)
-            if buffer is None or buffer.shape[2] < full.capacity:  # allocate, or grow for a longer context
-                grown = x.new_zeros(*x.shape[:2], full.capacity, x.shape[3])
-                if buffer is not None:
-                    grown[:, :, :buffer.shape[2]] = buffer
-                setattr(self, name, grown)
-            getattr(self, name).index_copy_(2, full.slots, x.to(getattr(self, name).dtype))
+        if self.full_k is None:
+            self.full_k, self.full_v = (x.new_zeros(*x.shape[:2], full.capacity, x.shape[3]) for x in (k, v))
+        for buffer, x in ((self.full_k, k), (self.full_v, v)):
+            buffer.index_copy_(2, full.slots, x.to(buffer.dtype))
         return self.full_k, self.full_v, full.key_pos
 
     def resize_full(self, capacity: int) -> None:

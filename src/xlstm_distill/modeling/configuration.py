@@ -91,8 +91,6 @@ class HybridConfig(PreTrainedConfig):
         self.chunk_size = chunk_size
         self.forget_gate_bias = [float(b) for b in forget_gate_bias]
         self.kernels = kernels
-        self.full_attention_layers = sorted({int(i) for i in _check_layers(full_attention_layers)})
-        self.full_attention_heads = [list(p) for p in sorted({tuple(p) for p in _check_heads(full_attention_heads)})]
         self.teacher_config = teacher_config
         self.teacher_name = teacher_name
         if teacher_config is not None:
@@ -101,25 +99,31 @@ class HybridConfig(PreTrainedConfig):
                     kwargs[key] = teacher_config[key]
             kwargs.setdefault("tie_word_embeddings", teacher_config.get("tie_word_embeddings", False))
         super().__init__(**kwargs)
-        if teacher_config is not None:
-            self._check_kept_heads_in_range()
+        self.set_full_attention(full_attention_heads, full_attention_layers)
 
-    def _check_kept_heads_in_range(self) -> None:
-        layers = self.teacher_config.get("num_hidden_layers")
-        heads = self.teacher_config.get("num_key_value_heads") or self.teacher_config.get("num_attention_heads")
+    def set_full_attention(self, heads: Any = (), layers: Any = ()) -> None:
+        """Record the ``[layer, kv_head]`` pairs and whole layers that keep full attention (validated, sorted, without
+        repeats); with a teacher config, entries outside the teacher are refused."""
+        self.full_attention_layers = sorted(set(_check_layers(layers)))
+        self.full_attention_heads = [list(p) for p in sorted(set(_check_heads(heads)))]
+        if self.teacher_config is None:
+            return
+        layers, kv_heads = self.teacher_config.get("num_hidden_layers"), self._teacher_kv_heads()
         bad = [i for i in self.full_attention_layers if layers is not None and i >= layers]
         bad += [(l, h) for l, h in self.full_attention_heads
-                if (layers is not None and l >= layers) or (heads is not None and h >= heads)]
+                if (layers is not None and l >= layers) or (kv_heads is not None and h >= kv_heads)]
         if bad:
             raise ValueError(f"full_attention_layers / full_attention_heads name {bad}, outside the teacher's "
-                             f"{layers} layers x {heads} KV heads: layers count 0..{layers - 1}, KV heads "
-                             f"0..{heads - 1}.")
+                             f"{layers} layers x {kv_heads} KV heads: layers count 0..{layers - 1}, KV heads "
+                             f"0..{kv_heads - 1}.")
+
+    def _teacher_kv_heads(self) -> int | None:
+        return self.teacher_config.get("num_key_value_heads") or self.teacher_config.get("num_attention_heads")
 
     def kept_kv_heads(self, layer: int) -> tuple[int, ...]:
         """The KV heads of ``layer`` that keep full attention (every head for a layer in full_attention_layers)."""
         if layer in self.full_attention_layers:
-            return tuple(range(self.teacher_config.get("num_key_value_heads")
-                               or self.teacher_config["num_attention_heads"]))
+            return tuple(range(self._teacher_kv_heads()))
         return tuple(h for l, h in self.full_attention_heads if l == layer)
 
     @property

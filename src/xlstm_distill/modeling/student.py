@@ -75,9 +75,7 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
     def set_full_attention(self, heads: list[list[int]] | None = None, layers: list[int] | None = None) -> None:
         """Keep the teacher's full attention in these ``[layer, kv_head]`` pairs and whole layers (replacing the
         config's choice; the parameters are unchanged). Saved with the model."""
-        self.config.full_attention_heads = [list(p) for p in sorted({tuple(p) for p in heads or []})]
-        self.config.full_attention_layers = sorted(set(layers or []))
-        self.config._check_kept_heads_in_range()
+        self.config.set_full_attention(heads or [], layers or [])
         for idx, layer in enumerate(self.model.layers):
             layer.self_attn.set_full_heads(self.config.kept_kv_heads(idx))
 
