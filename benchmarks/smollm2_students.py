@@ -422,8 +422,8 @@ def curve(runs: list[Path] = typer.Argument(..., help="Result folders of runs of
             if name == "mlstm_swa":
                 for b in ("linear_swa", "swa"):
                     row[f"paired_vs_{b}"] = mean_paired_difference(entry["paired_vs_baselines"][b])
-                    row[f"kl_vs_{b}"] = held[name]["kl"] - held[b]["kl"]
-                    row[f"kl_beyond_window_vs_{b}"] = held[name]["kl_beyond_window"] - held[b]["kl_beyond_window"]
+                    for key in ("kl", "kl_beyond_window"):
+                        row[f"{key}_vs_{b}"] = _kl_difference(held[name], held[b], key)
             rows.append(row)
     out.mkdir(parents=True, exist_ok=True)
     (out / "learning_curves.json").write_text(json.dumps(rows, indent=1))
@@ -437,6 +437,18 @@ def curve(runs: list[Path] = typer.Argument(..., help="Result folders of runs of
     (out / "learning_curves.md").write_text("\n".join(lines) + "\n")
     _plot_curves(rows, out / "learning_curves.png")
     print("\n".join(lines))
+
+
+def _kl_difference(a: dict, b: dict, key: str) -> dict:
+    """Held-out KL of student ``a`` minus student ``b`` (one report row each), paired over the held-out sequences with
+    its standard error where the reports kept them (``per_sequence``), else the plain difference (stderr None)."""
+    from xlstm_distill.metrics import paired_kl_difference
+
+    if "per_sequence" in a and "per_sequence" in b:
+        paired = paired_kl_difference(a["per_sequence"][key], b["per_sequence"][key])
+        if paired is not None:
+            return paired
+    return {"difference": a[key] - b[key], "stderr": None}
 
 
 def _plot_curves(rows: list[dict], path: Path) -> None:
@@ -461,12 +473,15 @@ def _plot_curves(rows: list[dict], path: Path) -> None:
         axes[1, 0].errorbar(xs, [d["difference"] for d in diffs], yerr=[2 * d["stderr"] for d in diffs], fmt="-o",
                             capsize=3, color=color, label=f"mlstm_swa - {baseline}")
         for key, style in (("kl", "-o"), ("kl_beyond_window", "--s")):
-            axes[1, 1].plot(xs, [r[f"{key}_vs_{baseline}"] for _, r in mine], style, color=color,
-                            label=f"{'all tokens' if key == 'kl' else 'beyond the window'}, - {baseline}")
+            diffs = [r[f"{key}_vs_{baseline}"] for _, r in mine]
+            axes[1, 1].errorbar(xs, [d["difference"] for d in diffs], fmt=style, capsize=3, color=color,
+                                yerr=[2 * (d["stderr"] or 0.0) for d in diffs],
+                                label=f"{'all tokens' if key == 'kl' else 'beyond the window'}, - {baseline}")
     titles = (("alpha* (lower is better; 0 = lossless)", "alpha*"),
               ("mean recovery on the six tasks", "student / teacher score"),
               ("paired score difference, six tasks (+- 2 se)", "mlstm_swa - baseline"),
-              ("held-out KL after Stage II (below 0: mlstm_swa closer)", "mlstm_swa - baseline, nats / token"))
+              ("held-out KL after Stage II (+- 2 paired se; below 0: mlstm_swa closer)",
+               "mlstm_swa - baseline, nats / token"))
     for ax, (title, ylabel) in zip(axes.flat, titles):
         ax.set_title(title, fontsize=10)
         ax.set_ylabel(ylabel)

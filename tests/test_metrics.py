@@ -10,6 +10,7 @@ from xlstm_distill.metrics import (
     critical_tolerance,
     mean_paired_difference,
     paired_difference,
+    paired_kl_difference,
     recovery_rates,
     summarize,
     win_and_tie,
@@ -196,3 +197,21 @@ def test_mean_paired_difference_weighs_tasks_equally():
                 "b": {"difference": -0.01, "stderr": 0.04, "documents": 100}}
     assert mean_paired_difference(per_task) == pytest.approx({"difference": 0.01, "stderr": 0.025, "tasks": 2})
     assert mean_paired_difference({}) is None
+
+
+def test_paired_kl_difference_is_the_pooled_difference_with_a_cluster_standard_error():
+    """The difference equals the difference of the pooled KLs; the standard error follows the linearized ratio
+    estimator over sequences; a constant per-token shift has no spread; other sequences are refused."""
+    a = {"sum": [3.0, 1.0, 2.0], "tokens": [10, 10, 20]}
+    b = {"sum": [1.0, 1.0, 1.0], "tokens": [10, 10, 20]}
+    result = paired_kl_difference(a, b)
+    assert result["difference"] == pytest.approx(6 / 40 - 3 / 40)
+    d, n, mean = [2.0, 0.0, 1.0], [10, 10, 20], 3 / 40
+    expected = math.sqrt(3 / 2 * sum((x - mean * k) ** 2 for x, k in zip(d, n))) / 40
+    assert result["stderr"] == pytest.approx(expected) and result["sequences"] == 3
+    shifted = {"sum": [s + 0.5 * k for s, k in zip(b["sum"], b["tokens"])], "tokens": b["tokens"]}
+    same_shift = paired_kl_difference(shifted, b)
+    assert same_shift["difference"] == pytest.approx(0.5) and same_shift["stderr"] == pytest.approx(0.0, abs=1e-12)
+    assert paired_kl_difference({"sum": [1.0], "tokens": [5]}, {"sum": [0.0], "tokens": [5]}) is None
+    with pytest.raises(ValueError, match="same held-out sequences"):
+        paired_kl_difference(a, {"sum": [1.0, 1.0, 1.0], "tokens": [10, 10, 19]})

@@ -29,7 +29,7 @@ Teacher score zero (``A_T(b) = 0``): the recovery rate is undefined. ``zero_teac
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 Scores = Mapping[str, float]
@@ -41,6 +41,7 @@ _DECIMALS = 12
 __all__ = [
     "break_even_tolerances",
     "critical_tolerance",
+    "paired_kl_difference",
     "recovery_rates",
     "summarize",
     "win_and_tie",
@@ -194,3 +195,25 @@ def mean_paired_difference(per_task: Mapping[str, Mapping[str, float]]) -> dict[
     mean = sum(p["difference"] for p in per_task.values()) / n
     stderr = math.sqrt(sum(p["stderr"] ** 2 for p in per_task.values())) / n
     return {"difference": mean, "stderr": stderr, "tasks": n}
+
+
+def paired_kl_difference(a: Mapping[str, Sequence[float]], b: Mapping[str, Sequence[float]]) -> dict[str, float] | None:
+    """Held-out KL of model ``a`` minus model ``b`` on the same sequences, with its standard error.
+
+    ``a`` and ``b``: ``{"sum": [per-sequence KL summed over its tokens], "tokens": [its token count]}`` (one part of
+    ``compare_to_teacher``'s ``per_sequence``). The difference is the pooled one, ``(sum a - sum b) / tokens``, exactly
+    the difference of the two reported KLs; its standard error treats each sequence as a cluster of tokens (the
+    linearized ratio estimator): ``sqrt(m / (m - 1) * sum_i (d_i - D n_i)^2) / N`` with ``d_i`` the sequence's
+    summed difference, ``n_i`` its tokens, ``m`` sequences with tokens and ``N`` all tokens. Paired on the same
+    sequences, it is far smaller than either KL's own spread. None with fewer than two such sequences."""
+    if list(a["tokens"]) != list(b["tokens"]):
+        raise ValueError("paired_kl_difference needs both models measured on the same held-out sequences (their token "
+                         "counts differ): compare results of one report, or reports with the same data settings.")
+    rows = [(sa - sb, n) for sa, sb, n in zip(a["sum"], b["sum"], a["tokens"]) if n > 0]
+    total = sum(n for _, n in rows)
+    if len(rows) < 2:
+        return None
+    mean = sum(d for d, _ in rows) / total
+    m = len(rows)
+    variance = m / (m - 1) * sum((d - mean * n) ** 2 for d, n in rows)
+    return {"difference": mean, "stderr": math.sqrt(variance) / total, "sequences": m}

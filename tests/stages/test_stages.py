@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import xlstm_distill as xd
 from helpers import SyntheticPacks, teacher_samples, tiny_teacher
+from xlstm_distill.metrics import paired_kl_difference
 from xlstm_distill.modeling.cache import full_layout
 from xlstm_distill.stages.align import (capture_attention, layer_losses, layer_mse, make_align_step,
                                         set_stage1_trainable)
@@ -51,6 +52,13 @@ def test_held_out_kl_is_split_at_the_window():
     assert abs(total - result["kl"]) < 1e-6
     full = xd.convert(teacher, xd.HybridConfig(mixer="swa", window_size=64, num_sink_tokens=1))
     assert compare_to_teacher(full, teacher, batches)["tokens_beyond_window"] == 0  # the window covers everything
+    # per sequence: one entry per row of every batch, adding up to the pooled numbers
+    for key, tokens in (("kl", result["tokens"]), ("kl_beyond_window", beyond)):
+        rows = result["per_sequence"][key]
+        assert len(rows["sum"]) == 2 * 4 and sum(rows["tokens"]) == tokens
+        assert sum(rows["sum"]) / tokens == pytest.approx(result[key], rel=1e-6)
+    same = paired_kl_difference(result["per_sequence"]["kl"], result["per_sequence"]["kl"])
+    assert same == {"difference": 0.0, "stderr": 0.0, "sequences": 8}
 
 
 def test_stage1_loss_can_weight_the_positions_beyond_the_window():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch.nn import functional as F
@@ -49,17 +50,23 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def compare_to_teacher(student: torch.nn.Module, teacher: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+def compare_to_teacher(student: torch.nn.Module, teacher: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
     """Held-out next-token CE / perplexity of student and teacher and the full-vocabulary KL(teacher || student).
 
     For a student with a sliding window W and S sink tokens the KL is also split by where the predicting token
     sits in its document: positions below W + S see their whole prefix through the window (``kl_in_window``),
-    later ones depend on what the student keeps of the rest (``kl_beyond_window``, the long-range part)."""
+    later ones depend on what the student keeps of the rest (``kl_beyond_window``, the long-range part).
+
+    ``per_sequence`` keeps, for each of these KLs, every held-out sequence's KL summed over its tokens and its token
+    count (``{"kl": {"sum": [...], "tokens": [...]}, ...}``): two models measured on the same batches are compared
+    with :func:`xlstm_distill.metrics.paired_kl_difference`."""
     device = next(student.parameters()).device
     reach = getattr(getattr(student, "config", None), "window_reach", None)
     ce_s = ce_t = n = 0.0
     kl = {"all": 0.0, "in": 0.0, "beyond": 0.0}
     counts = {"in": 0.0, "beyond": 0.0}
+    parts = {"kl": "all"} | ({"kl_in_window": "in", "kl_beyond_window": "beyond"} if reach is not None else {})
+    per_sequence: dict[str, dict[str, list[float]]] = {key: {"sum": [], "tokens": []} for key in parts}
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
         targets, mask = next_token_targets(batch)
@@ -69,19 +76,23 @@ def compare_to_teacher(student: torch.nn.Module, teacher: torch.nn.Module, batch
         ce_t += float(masked_mean(-logp_t.gather(-1, targets[..., None]).squeeze(-1), mask)) * count
         ce_s += float(masked_mean(-logp_s.gather(-1, targets[..., None]).squeeze(-1), mask)) * count
         per_token = (logp_t.exp() * (logp_t - logp_s)).sum(-1)  # (B, T-1)
-        kl["all"] += float((per_token * mask).sum())
+        where = {"all": mask}
         if reach is not None:
             inside = packed_positions(batch)[:, :-1] < reach
-            for part, where in (("in", mask & inside), ("beyond", mask & ~inside)):
-                kl[part] += float((per_token * where).sum())
-                counts[part] += float(where.sum())
+            where.update({"in": mask & inside, "beyond": mask & ~inside})
+        for key, part in parts.items():
+            sums, tokens = (per_token * where[part]).sum(-1), where[part].sum(-1)  # (B,), (B,)
+            per_sequence[key]["sum"] += sums.tolist()
+            per_sequence[key]["tokens"] += tokens.tolist()
+            kl[part] += float(sums.sum())
+            counts[part] = counts.get(part, 0.0) + float(tokens.sum())
         n += count
     out = {"teacher_ce": ce_t / n, "student_ce": ce_s / n, "teacher_ppl": math.exp(ce_t / n),
            "student_ppl": math.exp(ce_s / n), "kl": kl["all"] / n, "tokens": n}
     if reach is not None:
         out.update(kl_in_window=kl["in"] / max(counts["in"], 1.0),
                    kl_beyond_window=kl["beyond"] / max(counts["beyond"], 1.0), tokens_beyond_window=counts["beyond"])
-    return out
+    return out | {"per_sequence": per_sequence}
 
 
 class PackedBatches:

@@ -1,17 +1,20 @@
 """The held-out report: perplexity and KL(teacher || student) of every student the recipe produced, on documents no
-stage trained on; for a windowed student the KL also split inside / beyond the window's reach; with
+stage trained on; for a windowed student the KL also split inside / beyond the window's reach; each model's change
+from the one before it, paired over the held-out sequences, with its standard error; with
 ``evaluate.long_documents``, the same by position on long held-out documents (``report/by_position.*``)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
 from xlstm_distill.evaluation.long_context import by_position, output_gates, plot_output_gates, write_by_position
+from xlstm_distill.metrics import paired_kl_difference
 from xlstm_distill.stages.common import autocast, compare_to_teacher
 from xlstm_distill.stages.context import RunContext
 from xlstm_distill.stages.trainer import is_main_process
@@ -30,9 +33,13 @@ def run(ctx: RunContext) -> dict[str, dict[str, float]]:
         with autocast(ctx.device, ctx.autocast):
             rows[label] = compare_to_teacher(ctx.load_student(path).eval(), ctx.teacher, batches)
     Console().print(_table(ctx.recipe.name, ctx.recipe.teacher, rows))
+    changes = stage_changes(rows)
+    for line in _change_lines(changes):
+        Console().print(line)
     out = ctx.report_dir
     out.mkdir(exist_ok=True)
-    (out / "held_out.json").write_text(json.dumps({"teacher": ctx.recipe.teacher, "rows": rows}, indent=2))
+    (out / "held_out.json").write_text(json.dumps({"teacher": ctx.recipe.teacher, "rows": rows, "changes": changes},
+                                                  indent=2))
     plot(rows, out / "held_out.png")
     if ctx.recipe.evaluate.long_documents:
         position_report(ctx, students, out)
@@ -68,6 +75,26 @@ def position_report(ctx: RunContext, students: dict[str, Path], out: Path) -> di
                             f"{torch.tensor(values['inside']).nanmean():.3f}); heads above 0.5: "
                             f"{int((beyond > 0.5).sum())} of {int(beyond.isfinite().sum())} mixer heads")
     return rows
+
+
+def stage_changes(rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, dict[str, float] | None]]:
+    """Each model against the one before it (converted -> Stage I -> Stage II -> merged): the held-out KL difference,
+    all tokens and inside / beyond the window, paired over the same held-out sequences, with its standard error."""
+    labels = list(rows)
+    changes = {}
+    for before, after in zip(labels, labels[1:]):
+        a, b = rows[after]["per_sequence"], rows[before]["per_sequence"]
+        changes[f"{after} - {before}"] = {key: paired_kl_difference(a[key], b[key]) for key in a}
+    return changes
+
+
+def _change_lines(changes: dict[str, dict[str, dict[str, float] | None]]) -> list[str]:
+    lines = []
+    for pair, parts in changes.items():
+        text = ", ".join(f"{key} {d['difference']:+.4f} ± {2 * d['stderr']:.4f}" for key, d in parts.items() if d)
+        if text:
+            lines.append(f"{pair}: {text} (± 2 standard errors, paired over the held-out sequences)")
+    return lines
 
 
 def _table(name: str, teacher: str, rows: dict[str, dict[str, float]]) -> Table:
