@@ -2,11 +2,16 @@
 every KV head is scored with each calibration probe (``xlstm_distill.evaluation.heads``); then, for every budget and
 every way of choosing (the retrieval probe, the text probe, random heads), those heads keep full attention and the
 student is measured: held-out KL(teacher || student) all / inside / beyond the window, and retrieval on fresh
-key-value probes (every answer token the argmax, teacher-forced; the teacher alongside).
+key-value probes (every answer token the argmax, teacher-forced; the teacher alongside). With ``--ruler``, the heads
+chosen by the retrieval probe are also scored on RULER's needle-in-a-haystack tasks at every length (greedy
+generation through lm-evaluation-harness; the teacher once, the same documents for every budget).
 
     python benchmarks/full_heads.py --recipe recipes/demo-cpu.yaml --out DIR --budgets 0,0.02,0.05,0.1
+    python benchmarks/full_heads.py --recipe recipes/smollm2-135m-gpu.yaml --student runs/smollm2-135m-gpu/stage2 \
+        --out DIR --ruler niah_single_1,niah_multikey_2 --ruler-lengths 1024,2048,4096,8192 --ruler-samples 20
 
-DIR gets full_heads.json, .md and .png, and heads_<probe>.json / .png (the scores of every head).
+DIR gets full_heads.json, .md and .png (rewritten after every row), and heads_<probe>.json / .png (the scores of
+every head).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,6 +28,7 @@ from xlstm_distill.benchmarks.report import write_results
 from xlstm_distill.data.documents import long_documents
 from xlstm_distill.evaluation.heads import (Calibration, choose_heads, head_scores, retrieval_probes,
                                             text_calibration, write_head_scores)
+from xlstm_distill.evaluation.long_context import RulerTasks
 from xlstm_distill.stages import Recipe, RunContext
 from xlstm_distill.stages import convert
 from xlstm_distill.stages.common import autocast, compare_to_teacher
@@ -41,10 +48,12 @@ def retrieval_accuracy(model: torch.nn.Module, probes: list[Calibration]) -> flo
 
 
 def run(recipe_path: Path, out: Path, budgets: list[float], student_dir: Path | None, samples: int,
-        eval_probes: int, overrides: list[str]) -> list[dict]:
+        eval_probes: int, overrides: list[str], ruler_spec: tuple[list[str], list[int], int],
+        write: Callable[[list[dict]], None]) -> list[dict]:
     ctx = RunContext(Recipe.load(recipe_path, overrides))
     student = ctx.load_student(student_dir or convert.run(ctx)).eval()
     teacher, tokenizer = ctx.teacher, ctx.tokenizer
+    ruler = RulerTasks(tokenizer, *ruler_spec) if ruler_spec[0] else None  # the same documents for every model
     length, seed = ctx.recipe.data.seq_len, ctx.recipe.seed
     calibration = {
         "retrieval": retrieval_probes(tokenizer, samples, length, seed=seed),
@@ -63,6 +72,7 @@ def run(recipe_path: Path, out: Path, budgets: list[float], student_dir: Path | 
         choices[probe] = result.scores
     choices["random"] = torch.rand(layers, kv, generator=torch.Generator().manual_seed(seed))
     teacher_accuracy = retrieval_accuracy(teacher, test_probes)
+    teacher_ruler = _ruler_columns(ruler.score(teacher, tokenizer), "teacher ") if ruler else {}
     rows = []
     for budget in budgets:
         for method, scores in choices.items():
@@ -73,12 +83,20 @@ def run(recipe_path: Path, out: Path, budgets: list[float], student_dir: Path | 
             with autocast(ctx.device, ctx.autocast):
                 row = compare_to_teacher(student, teacher, batches)
                 accuracy = retrieval_accuracy(student, test_probes)
+                ruled = _ruler_columns(ruler.score(student, tokenizer), "") if ruler and method == "retrieval" else {}
             rows.append({"chosen by": method if budget else "-", "budget": budget, "heads": len(heads),
                          "kv_cache_share": len(heads) / (layers * kv), **row, "retrieval": accuracy,
-                         "teacher_retrieval": teacher_accuracy, "full_attention_heads": heads})
+                         "teacher_retrieval": teacher_accuracy, **ruled, **(teacher_ruler if ruled else {}),
+                         "full_attention_heads": heads})
             print({k: v for k, v in rows[-1].items() if k != "full_attention_heads"}, flush=True)
+            write(rows)
     student.set_full_attention([])
     return rows
+
+
+def _ruler_columns(scores: dict[str, dict[int, float]], prefix: str) -> dict[str, float]:
+    """{task: {length: accuracy}} -> {"<prefix>ruler <task> <length>": accuracy}."""
+    return {f"{prefix}ruler {task} {length}": acc for task, by_length in scores.items() for length, acc in by_length.items()}
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -87,14 +105,24 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    ruler_keys = [k for k in rows[0] if k.startswith("ruler ")]
+    fig, axes = plt.subplots(1, 3 if ruler_keys else 2, figsize=(15 if ruler_keys else 10, 3.8))
     none = [r for r in rows if r["budget"] == 0]
     for method in ("retrieval", "text", "random"):
         points = sorted((r["budget"], r) for r in none + [r for r in rows if r["chosen by"] == method])
         for ax, key in zip(axes, ("kl_beyond_window", "retrieval")):
             ax.plot([100 * b for b, _ in points], [r[key] for _, r in points], "-o", label=f"chosen by {method}")
     axes[1].axhline(rows[0]["teacher_retrieval"], color="k", linestyle="--", label="teacher")
-    for ax, title in zip(axes, ("held-out KL beyond the window", "key-value retrieval (answer exact)")):
+    if ruler_keys:  # RULER accuracy (heads chosen by the retrieval probe) against the budget, one line per task/length
+        ruled = sorted((r for r in rows if ruler_keys[0] in r), key=lambda r: r["budget"])
+        for i, key in enumerate(ruler_keys):
+            line, = axes[2].plot([100 * r["budget"] for r in ruled], [r[key] for r in ruled], "-o",
+                                 label=key.removeprefix("ruler "), color=f"C{i}")
+            axes[2].axhline(ruled[0]["teacher " + key], color=line.get_color(), linestyle=":", linewidth=1)
+        axes[2].set_ylim(-0.03, 1.03)
+    titles = ("held-out KL beyond the window", "key-value retrieval (answer exact)",
+              "RULER accuracy (dotted: teacher)")
+    for ax, title in zip(axes, titles):
         ax.set_xlabel("full-attention KV heads (% of all = % of the teacher's KV cache)", fontsize=8)
         ax.set_title(title)
         ax.grid(alpha=0.3)
@@ -113,13 +141,22 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=16, help="Calibration sequences per probe.")
     parser.add_argument("--eval-probes", type=int, default=64, help="Fresh retrieval probes for the accuracy.")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="Recipe override (repeatable).")
+    parser.add_argument("--ruler", default="", help="RULER tasks for the retrieval probe's heads (comma-separated).")
+    parser.add_argument("--ruler-lengths", default="1024,2048,4096,8192", help="RULER context lengths.")
+    parser.add_argument("--ruler-samples", type=int, default=20, help="RULER samples per task and length.")
     args = parser.parse_args()
     budgets = [float(b) for b in args.budgets.split(",")]
-    rows = run(args.recipe, args.out, budgets, args.student, args.samples, args.eval_probes, args.overrides)
     command = "python benchmarks/full_heads.py " + shlex.join(sys.argv[1:])
     columns = ["chosen by", "budget", "heads", "kv_cache_share", "kl", "kl_in_window", "kl_beyond_window",
                "student_ppl", "retrieval", "teacher_retrieval"]
-    write_results(args.out, "full_heads", rows, command, columns, plot)
+    tasks, lengths = [t for t in args.ruler.split(",") if t], [int(n) for n in args.ruler_lengths.split(",")]
+    columns += [f"ruler {t} {n}" for t in tasks for n in lengths]
+
+    def write(rows: list[dict]) -> None:
+        write_results(args.out, "full_heads", rows, command, columns, plot)
+
+    run(args.recipe, args.out, budgets, args.student, args.samples, args.eval_probes, args.overrides,
+        (tasks, lengths, args.ruler_samples), write)
 
 
 if __name__ == "__main__":
