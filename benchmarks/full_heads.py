@@ -57,7 +57,7 @@ def run(recipe_path: Path, out: Path, budgets: list[float], student_dir: Path | 
     length, seed = ctx.recipe.data.seq_len, ctx.recipe.seed
     calibration = {
         "retrieval": retrieval_probes(tokenizer, samples, length, seed=seed),
-        "text": text_calibration(long_documents(ctx.sources(held_out=False), tokenizer, length, samples),
+        "text": text_calibration(long_documents(ctx.sources("train"), tokenizer, length, samples),
                                  student.config.window_reach or 0, seed=seed),
     }
     test_probes = retrieval_probes(tokenizer, eval_probes, length, seed=seed + 1000)  # not the calibration ones

@@ -54,7 +54,7 @@ def test_recipe_errors(tmp_path):
     recipe = Recipe.load(path, ["distill.steps=7", "data.weights={a: 1.0, zzz: 1.0}", "distill.lr=1e-5"])
     assert recipe.distill.steps == 7 and recipe.distill.lr == 1e-5 and isinstance(recipe.distill.lr, float)
     with pytest.raises(ValueError, match="unknown sources \\['zzz'\\]"):
-        RunContext(recipe).sources(held_out=False)
+        RunContext(recipe).sources("train")
 
 
 @pytest.mark.parametrize("override, message", [
@@ -71,6 +71,8 @@ def test_recipe_errors(tmp_path):
     ("targets.mode=later", "targets.mode='later': choose one of offline, online"),
     ("evaluate.tasks=xd_piqa", "evaluate.tasks must be a list, got 'xd_piqa'"),
     ("experts.domains={}", "experts.domains must name at least one expert"),
+    ("experts={domains: {a: {a: 1}}, merge_weights: {a: 1}, sweep: {}}", "merge_weights and experts.sweep both"),
+    ("experts={domains: {a: {a: 1}}, sweep: {objective: best}}", "objective='best': choose one of mean, worst"),
 ])
 def test_bad_recipe_values_are_refused_at_load_naming_the_key(tmp_path, override, message):
     """Every key is checked when the recipe is read (before any stage runs): an unknown key names itself and the

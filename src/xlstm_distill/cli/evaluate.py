@@ -229,6 +229,13 @@ def _print_summary(results_json: Path) -> None:
         typer.echo(f"{name} ({row['role']}): {cs}, alpha*={a_star if a_star is None else round(a_star, 4)}")
 
 
+def _sweep_default(name: str):
+    """The default of one sweep setting (``SweepConfig``, the single place they live)."""
+    from xlstm_distill.merging.config import SweepConfig
+
+    return SweepConfig.__dataclass_fields__[name].default
+
+
 def merge(
     experts: Annotated[list[Path], typer.Argument(help="Expert model folders (save_pretrained, safetensors).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the merged model.")],
@@ -240,10 +247,29 @@ def merge(
             "Default: uniform.",
         ),
     ] = None,
+    sweep: Annotated[bool, typer.Option(
+        "--sweep", help="Choose the weights on held-out text instead: minimize KL(teacher || merged) over the "
+        "--sweep-data domains' sweep split (documents no stage trains on and the report never measures).")] = False,
+    sweep_data: Annotated[Optional[list[str]], typer.Option(
+        "--sweep-data", help="A domain for --sweep, repeated: NAME=PATH or PATH (a .jsonl/.txt/... file or folder, "
+        "e.g. runs/corpora/math.jsonl); its sweep split is used.")] = None,
+    teacher: Annotated[Optional[str], typer.Option(
+        help="--sweep: the teacher the experts were distilled from (embedded name, .gguf, folder or hub id).")] = None,
+    seq_len: Annotated[int, typer.Option(help="--sweep: tokens per packed sweep sequence.")] = 1024,
+    objective: Annotated[str, typer.Option(
+        help="--sweep: `mean` KL over the domains or the `worst` domain's.")] = _sweep_default("objective"),
+    sequences: Annotated[int, typer.Option(help="--sweep: sequences per domain.")] = _sweep_default("sequences"),
+    batch_size: Annotated[int, typer.Option(help="--sweep: batch size.")] = _sweep_default("batch_size"),
+    grid: Annotated[int, typer.Option(
+        help="--sweep: simplex grid of weights in multiples of 1/grid.")] = _sweep_default("grid"),
+    refine: Annotated[int, typer.Option(
+        help="--sweep: refinement rounds after the grid (step 1/(2 grid), halved each round).")] = _sweep_default("refine"),
+    device: Annotated[Optional[str], typer.Option(help="--sweep: cuda, cpu (default: cuda if available).")] = None,
     max_shard_size: Annotated[str, typer.Option(help="Largest output shard, e.g. 5GB.")] = "5GB",
     overwrite: Annotated[bool, typer.Option(help="Replace the files of a non-empty output folder.")] = False,
 ) -> None:
-    """Stage III: merge experts linearly, theta = sum_i lambda_i theta_i (tensor by tensor, low memory)."""
+    """Stage III: merge experts linearly, theta = sum_i lambda_i theta_i (tensor by tensor, low memory), with given
+    weights or (--sweep) the weights that minimize the held-out KL to the teacher; merge_info.json records them."""
     from xlstm_distill.merging import MergeError
     from xlstm_distill.merging import merge as merge_experts
 
@@ -253,13 +279,55 @@ def merge(
             parsed = [float(w) for w in _split_commas(weights)]
         except ValueError:
             raise typer.BadParameter(f"weights must be numbers, got {weights}", param_hint="--weights") from None
+    if not sweep and (sweep_data or teacher):
+        raise _fail("--sweep-data and --teacher are for --sweep: add --sweep to choose the weights on held-out text.")
     try:
-        folder = merge_experts(experts, parsed, out, max_shard_size=max_shard_size, overwrite=overwrite)
-    except MergeError as err:
+        if sweep:
+            folder = _merge_with_sweep(experts, out, parsed, sweep_data, teacher, seq_len, objective, sequences,
+                                       batch_size, grid, refine, device, max_shard_size, overwrite)
+        else:
+            folder = merge_experts(experts, parsed, out, max_shard_size=max_shard_size, overwrite=overwrite)
+    except (MergeError, ValueError, FileNotFoundError) as err:
         raise _fail(str(err)) from None
     info = json.loads((folder / "merge_info.json").read_text())
     lambdas = ", ".join(f"{w:.4g}" for w in info["normalized_weights"])
     typer.echo(f"Merged {len(experts)} experts with weights [{lambdas}] into {folder}")
+
+
+def _merge_with_sweep(experts, out, weights, sweep_data, teacher, seq_len, objective, sequences, batch_size, grid,
+                      refine, device, max_shard_size, overwrite) -> Path:
+    import torch
+
+    from xlstm_distill.data import PackedDataset, Source, data_split
+    from xlstm_distill.merging import SweepConfig, merge_with_sweep, sweep_batches
+    from xlstm_distill.teacher import load_teacher
+
+    if weights is not None:
+        raise ValueError("--weights and --sweep both set the merge weights: give one of them.")
+    if not sweep_data:
+        raise ValueError("--sweep needs held-out text for each domain: pass --sweep-data NAME=PATH once per domain "
+                         "(e.g. --sweep-data math=runs/corpora/math.jsonl).")
+    if not teacher:
+        raise ValueError("--sweep measures KL to the teacher: pass --teacher, the teacher the experts were distilled "
+                         "from (e.g. --teacher smollm2-135m).")
+    config = SweepConfig(objective=objective, sequences=sequences, batch_size=batch_size, grid=grid, refine=refine)
+    paths = {}
+    for item in sweep_data:
+        name, sep, path = item.partition("=")
+        name, path = (name, path) if sep else (Path(item).name.split(".")[0], item)
+        if name in paths:
+            raise ValueError(f"Two --sweep-data domains are named {name!r}: name them, NAME=PATH.")
+        if not Path(path).exists():
+            raise FileNotFoundError(f"--sweep-data {item}: {path} does not exist.")
+        paths[name] = path
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_teacher(teacher, device=device)
+    domains = {name: sweep_batches(PackedDataset(data_split(Source(path, name=name), "sweep"), tokenizer, seq_len),
+                                   config, name) for name, path in paths.items()}
+    data = {"teacher": teacher, "domains": {name: {"path": str(path), "seq_len": seq_len} for name, path in paths.items()}}
+    return merge_with_sweep(experts, out, model.eval(), domains, config, data=data,
+                            device=device, dtype=torch.bfloat16 if device.startswith("cuda") else None,
+                            log=typer.echo, max_shard_size=max_shard_size, overwrite=overwrite)
 
 
 def register(app: typer.Typer) -> None:

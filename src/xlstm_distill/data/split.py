@@ -1,23 +1,43 @@
-"""The held-out split: one document in ``HELD_OUT_EVERY``, chosen by a hash of its content, is kept out of training
-(the same documents in every run, whatever the order or the mixture)."""
+"""The data splits, decided per document by a hash of its content (the same documents in every run, whatever the
+order or the mixture): one document in ``HELD_OUT_EVERY`` is held out for the report, another one in
+``HELD_OUT_EVERY`` is the sweep split (kept for choosing Stage III's merge weights, ``merge --sweep``), and training
+sees the rest. The report's documents and the sweep's never overlap, and no stage trains on either."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+from typing import Any
 
 from xlstm_distill.data.sources import Source
 
 HELD_OUT_EVERY = 50
+SPLITS = ("train", "held_out", "sweep")
+# How a document's split is decided; part of the fingerprint of Stage II's targets (made from the train split).
+SPLIT_RULE = f"sha1(record)[:4] % {HELD_OUT_EVERY}: 0 held_out, 1 sweep, else train"
+
+
+def split_of(record: Any) -> str:
+    """``"held_out"``, ``"sweep"`` or ``"train"``: the split of one source record (a dict or a string)."""
+    digest = hashlib.sha1(json.dumps(record, sort_keys=True, default=str).encode()).digest()
+    bucket = int.from_bytes(digest[:4], "little") % HELD_OUT_EVERY
+    return "held_out" if bucket == 0 else "sweep" if bucket == 1 else "train"
+
+
+def data_split(source: Source, split: str) -> Source:
+    """A view of ``source`` holding only the documents of ``split`` (one of ``SPLITS``)."""
+    if split not in SPLITS:
+        raise ValueError(f"Unknown data split {split!r}; choose one of {', '.join(SPLITS)}.")
+
+    def records():
+        for _, record in source.records(seed=0):
+            if split_of(record) == split:
+                yield record
+    records.__name__ = f"{source.name}:{split}"
+    return Source(records, weight=source.weight, name=records.__name__, field=source.field,
+                  messages_field=source.messages_field, loss_on=source.loss_on)
 
 
 def held_out_split(source: Source, held_out: bool) -> Source:
-    """A view of ``source`` holding only its held-out (or only its training) documents."""
-    def records():
-        for _, record in source.records(seed=0):
-            digest = hashlib.sha1(json.dumps(record, sort_keys=True, default=str).encode()).digest()
-            if (int.from_bytes(digest[:4], "little") % HELD_OUT_EVERY == 0) == held_out:
-                yield record
-    records.__name__ = f"{source.name}:{'held_out' if held_out else 'train'}"
-    return Source(records, weight=source.weight, name=records.__name__, field=source.field,
-                  messages_field=source.messages_field, loss_on=source.loss_on)
+    """A view of ``source`` holding only its held-out (report) or only its training documents."""
+    return data_split(source, "held_out" if held_out else "train")

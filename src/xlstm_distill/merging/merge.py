@@ -2,10 +2,10 @@
 
 The experts are model folders written by ``save_pretrained`` (safetensors, one file or sharded with
 ``model.safetensors.index.json``), distilled from the same Stage-I checkpoint. The merge streams: it opens every
-expert's safetensors files memory-mapped, and for one tensor at a time accumulates ``sum_i lambda_i theta_i`` in
+expert's safetensors files, and for one tensor at a time accumulates ``sum_i lambda_i theta_i`` in
 float32 (float64 if the tensor is stored in float64), casts it back to the stored dtype and appends it to the
-output shard being filled. Peak memory is about one output shard plus a few copies of the largest tensor, not
-one model per expert.
+output shard being filled. The experts are read with plain file reads, not memory-mapped (:class:`TensorFile`), so
+peak memory is about one output shard plus a few copies of the largest tensor, not one model per expert.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import math
 import os
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -47,7 +47,7 @@ SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
 MERGE_INFO = "merge_info.json"
 
-__all__ = ["MergeError", "merge", "normalize_weights"]
+__all__ = ["MergeError", "check_compatible", "check_output_folder", "merge", "merged_tensors", "normalize_weights", "open_experts"]
 
 
 class MergeError(ValueError):
@@ -167,7 +167,7 @@ def _short(diffs: list[str], limit: int = 8) -> str:
     return text + (f"; ... ({len(diffs) - limit} more)" if len(diffs) > limit else "")
 
 
-def _check_compatible(folders: list[Path]) -> tuple[dict[str, Path], dict[str, tuple[tuple[int, ...], str]]]:
+def check_compatible(folders: list[Path]) -> tuple[dict[str, Path], dict[str, tuple[tuple[int, ...], str]]]:
     """Refuse experts that differ in config, tensor names, shapes or tokenizer. Returns expert 1's layout."""
     ref = folders[0]
     ref_config = _config(ref)
@@ -235,6 +235,7 @@ def merge(
     *,
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
+    info: dict[str, Any] | None = None,
 ) -> Path:
     """Merge expert checkpoints linearly: ``theta = sum_i lambda_i theta_i`` (paper Eq. 14).
 
@@ -247,12 +248,12 @@ def merge(
             expert 1's config, generation config and tokenizer files, and ``merge_info.json`` (experts, weights).
         max_shard_size: bytes per output shard (int or e.g. ``"5GB"``).
         overwrite: replace the files of a non-empty ``out`` folder.
+        info: more entries for ``merge_info.json`` (``merge --sweep`` records its search there).
 
     Floating tensors are accumulated in float32 (float64 for float64 tensors) and stored in expert 1's dtype.
     Non-floating tensors (integer buffers) must be identical across the merged experts and are copied.
     Returns the output folder, loadable with ``AutoModelForCausalLM.from_pretrained``.
     """
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
     folders = [Path(e).expanduser().resolve() for e in experts]
@@ -261,13 +262,9 @@ def merge(
         if not folder.is_dir():
             raise MergeError(f"Expert {folder} is not a folder (pass folders written by save_pretrained).")
     out = Path(out).expanduser().resolve()
-    if out in folders:
-        raise MergeError(f"The output folder {out} is one of the experts; choose a new folder.")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise MergeError(f"The output folder {out} is not empty; pass overwrite=True (--overwrite) to replace it.")
+    check_output_folder(out, folders, overwrite)
 
-    ref_files, ref_specs = _check_compatible(folders)
-    active = [(lam, folder) for lam, folder in zip(lambdas, folders) if lam > 0]
+    ref_files, _ = check_compatible(folders)
     shard_limit = _parse_size(max_shard_size)
 
     out.mkdir(parents=True, exist_ok=True)
@@ -278,12 +275,7 @@ def merge(
     shards: list[list[str]] = []
     total_size = 0
     with ExitStack() as stack:
-        handles: list[tuple[float, dict[str, Any]]] = []
-        for lam, folder in active:
-            files = _weight_files(folder)
-            opened = {path: stack.enter_context(safe_open(path, framework="pt")) for path in set(files.values())}
-            handles.append((lam, {name: opened[path] for name, path in files.items()}))
-
+        experts_open = open_experts(stack, folders)
         current: dict[str, torch.Tensor] = {}
         current_size = 0
 
@@ -294,8 +286,7 @@ def merge(
                 shards.append(list(current))
                 current, current_size = {}, 0
 
-        for name in ref_files:  # expert 1's tensor order
-            merged = _merge_tensor(name, handles)
+        for name, merged in merged_tensors(list(ref_files), experts_open, lambdas):  # expert 1's tensor order
             size = _nbytes(merged)
             if current and current_size + size > shard_limit:
                 flush()
@@ -313,12 +304,79 @@ def merge(
                 "experts": [str(f) for f in folders],
                 "weights": None if weights is None else [float(w) for w in weights],
                 "normalized_weights": lambdas,
+                **(info or {}),
             },
             indent=2,
         )
         + "\n"
     )
     return out
+
+
+def check_output_folder(out: Path, folders: Sequence[Path], overwrite: bool) -> None:
+    """Refuse an output folder that is one of the experts, or not empty without ``overwrite``."""
+    if out in folders:
+        raise MergeError(f"The output folder {out} is one of the experts; choose a new folder.")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise MergeError(f"The output folder {out} is not empty; pass overwrite=True (--overwrite) to replace it.")
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+class TensorFile:
+    """One safetensors file, read one tensor at a time with plain file reads.
+
+    ``safetensors.safe_open`` memory-maps the file, and every page a merge touches then counts in the process's
+    resident memory until the file is closed: all experts, about n models. Read into a fresh tensor instead, the
+    pages stay in the OS page cache and the process holds only the tensors it uses (``benchmarks/merge_speed.py``).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.file = path, open(path, "rb")
+        size = int.from_bytes(self.file.read(8), "little")
+        self.header = json.loads(self.file.read(size))
+        self.header.pop("__metadata__", None)
+        self.data_start = 8 + size
+
+    def __enter__(self) -> TensorFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.file.close()
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        entry = self.header[name]
+        if entry["dtype"] not in SAFETENSORS_DTYPES:
+            raise MergeError(f"{self.path}: tensor '{name}' has the dtype {entry['dtype']}, which merging does not "
+                             f"read ({', '.join(SAFETENSORS_DTYPES)}).")
+        tensor = torch.empty(entry["shape"], dtype=SAFETENSORS_DTYPES[entry["dtype"]])
+        begin, end = entry["data_offsets"]
+        self.file.seek(self.data_start + begin)
+        if self.file.readinto(tensor.reshape(-1).view(torch.uint8).numpy()) != end - begin:
+            raise MergeError(f"{self.path} ends inside tensor '{name}': the file is truncated.")
+        return tensor
+
+
+def open_experts(stack: ExitStack, folders: Sequence[Path]) -> list[dict[str, Any]]:
+    """For every expert folder, tensor name -> its safetensors file (:class:`TensorFile`) opened in ``stack``."""
+    experts_open = []
+    for folder in folders:
+        files = _weight_files(folder)
+        opened = {path: stack.enter_context(TensorFile(path)) for path in set(files.values())}
+        experts_open.append({name: opened[path] for name, path in files.items()})
+    return experts_open
+
+
+def merged_tensors(names: Sequence[str], experts_open: list[dict[str, Any]],
+                   lambdas: Sequence[float]) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, sum_i lambda_i theta_i[name])`` one tensor at a time, in the experts' stored dtype; experts of weight
+    0 are not read. ``experts_open``: from :func:`open_experts`; ``lambdas``: normalized, one per expert."""
+    handles = [(lam, tensors) for lam, tensors in zip(lambdas, experts_open) if lam > 0]
+    for name in names:
+        yield name, _merge_tensor(name, handles)
 
 
 def _merge_tensor(name: str, handles: list[tuple[float, dict[str, Any]]]) -> torch.Tensor:

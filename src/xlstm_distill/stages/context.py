@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from xlstm_distill.data import (PackedDataset, Source, build_offline_corpora, held_out_split, long_documents,
-                                offline_sources)
+from xlstm_distill.data import (SPLIT_RULE, SPLITS, PackedDataset, Source, build_offline_corpora, data_split,
+                                long_documents, offline_sources)
 from xlstm_distill.modeling import HybridConfig, HybridForCausalLM
 from xlstm_distill.stages.distributed import Distributed
 from xlstm_distill.stages.recipe import Recipe
@@ -95,8 +95,9 @@ class RunContext:
         return self._teacher
 
     # -- data --------------------------------------------------------------------------------------------------------
-    def sources(self, held_out: bool) -> list[Source]:
-        """Training (or held-out) sources; the offline corpora are built on first use."""
+    def sources(self, split: str = "train") -> list[Source]:
+        """The sources' documents of one split (``train``, ``held_out`` for the report, ``sweep`` for Stage III's
+        merge weights; ``xlstm_distill.data.split``); the offline corpora are built on first use."""
         data = self.recipe.data
         if data.offline_corpora is not None:
             folder = Path(data.offline_corpora)
@@ -113,28 +114,29 @@ class RunContext:
                     raise ValueError(f"data.weights names unknown sources {sorted(missing)}; give sources a `name`.")
                 base = [dataclasses.replace(src, weight=data.weights[src.name]) for src in base
                         if src.name in data.weights]
-        return [held_out_split(src, held_out) for src in base]
+        return [data_split(src, split) for src in base]
 
-    def packed(self, held_out: bool = False, rank: int | None = None, world_size: int | None = None) -> PackedDataset:
-        seed = self.recipe.seed + (1 if held_out else 0)
-        return PackedDataset(self.sources(held_out), self.tokenizer, self.recipe.data.seq_len, seed=seed,
+    def packed(self, split: str = "train", rank: int | None = None, world_size: int | None = None) -> PackedDataset:
+        seed = self.recipe.seed + SPLITS.index(split)  # train: seed, held_out: seed + 1, sweep: seed + 2
+        return PackedDataset(self.sources(split), self.tokenizer, self.recipe.data.seq_len, seed=seed,
                              rank=self.dist.rank if rank is None else rank,
                              world_size=self.dist.world_size if world_size is None else world_size)
 
     def held_out_batches(self) -> list[dict[str, torch.Tensor]]:
         cfg = self.recipe.evaluate
-        batches = self.packed(held_out=True, rank=0, world_size=1).iter_batches(cfg.batch_size)
+        batches = self.packed("held_out", rank=0, world_size=1).iter_batches(cfg.batch_size)
         return [next(batches) for _ in range(max(1, cfg.held_out_sequences // cfg.batch_size))]
 
     def long_held_out_documents(self) -> list[torch.Tensor]:
         """``evaluate.long_documents`` held-out documents of ``evaluate.long_length`` tokens (1-D tensors)."""
         cfg = self.recipe.evaluate
-        return long_documents(self.sources(held_out=True), self.tokenizer, cfg.long_length, cfg.long_documents)
+        return long_documents(self.sources("held_out"), self.tokenizer, cfg.long_length, cfg.long_documents)
 
     def target_meta(self) -> dict[str, Any]:
         """What Stage II's targets must have been made with (their manifest is checked against it)."""
         data = dataclasses.asdict(self.recipe.data)
-        fingerprint = hashlib.sha256(json.dumps([data, self.recipe.seed], sort_keys=True, default=str).encode())
+        fingerprint = hashlib.sha256(json.dumps([data, self.recipe.seed, SPLIT_RULE], sort_keys=True,
+                                                default=str).encode())
         cfg = self.recipe.targets
         text = cfg.text if cfg.text == "corpus" else f"teacher:{cfg.prompt_tokens}:{cfg.temperature}"
         return {"tokenizer_hash": tokenizer_hash(self.tokenizer), "k": cfg.k, "seq_len": self.recipe.data.seq_len,

@@ -9,7 +9,7 @@
     targets: {k: 256, num_sequences: 8192}                                       # TargetsSection
     distill: {steps: 4000, lr: 1.0e-5}                                           # DistillSection (absent: no Stage II)
     evaluate: {tasks: [xd_piqa]}                                                 # EvaluateSection
-    experts: {domains: {math: {math: 1.0}, code: {code: 1.0}}}                   # ExpertsSection (Stage III)
+    experts: {domains: {math: {math: 1.0}, code: {code: 1.0}}, sweep: {}}        # ExpertsSection (Stage III)
 
 Unknown keys are refused at load time, naming the key and the valid keys of its section; ``--set section.key=value``
 overrides go through the same check. ``docs/recipes.md`` is generated from these classes
@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from xlstm_distill.kernels.options import KernelOptions
+from xlstm_distill.merging.config import SweepConfig
 from xlstm_distill.modeling.configuration import BACKENDS, MIXER_FIELDS, HybridConfig
 from xlstm_distill.settings import from_mapping, setting, type_name
 from xlstm_distill.stages.trainer import TrainConfig
@@ -198,6 +199,8 @@ class ExpertsSection:
                                                        "on).")
     merge_weights: dict[str, float] | None = setting(None, "Expert name -> merge weight (normalized to sum 1; "
                                                            "default uniform).")
+    sweep: SweepConfig | None = setting(None, "Choose the merge weights on each expert's domain, on the sweep split "
+                                              "(`experts.sweep` below); absent: `merge_weights` or uniform.")
 
     def __post_init__(self) -> None:
         if not self.domains:
@@ -205,6 +208,8 @@ class ExpertsSection:
         if self.merge_weights is not None and set(self.merge_weights) != set(self.domains):
             raise ValueError(f"experts.merge_weights must have one weight per expert ({', '.join(self.domains)}), "
                              f"got {', '.join(self.merge_weights)}.")
+        if self.merge_weights is not None and self.sweep is not None:
+            raise ValueError("experts.merge_weights and experts.sweep both choose the merge weights: give one of them.")
 
 
 @dataclass
@@ -272,7 +277,7 @@ class Recipe:
 
 
 SECTIONS = {"data": DataSection, "select_heads": SelectHeadsSection, "align": AlignSection, "targets": TargetsSection,
-            "distill": DistillSection, "evaluate": EvaluateSection, "experts": ExpertsSection}
+            "distill": DistillSection, "evaluate": EvaluateSection, "experts": ExpertsSection, "experts.sweep": SweepConfig}
 
 
 def student_keys() -> tuple[str, ...]:

@@ -41,7 +41,7 @@ def run(ctx: RunContext, converted: Path) -> list[list[int]] | None:
         if cfg.probe == "retrieval":
             calibration = retrieval_probes(ctx.tokenizer, cfg.samples, length, seed=ctx.recipe.seed)
         else:
-            documents = long_documents(ctx.sources(held_out=False), ctx.tokenizer, length, cfg.samples)
+            documents = long_documents(ctx.sources("train"), ctx.tokenizer, length, cfg.samples)
             if not documents:
                 raise ValueError(f"select_heads: no training document has {length} tokens; lower select_heads.length.")
             calibration = text_calibration(documents, student.config.window_reach or 0, seed=ctx.recipe.seed)
