@@ -119,8 +119,18 @@ def test_sweep_errors_name_the_fix(experts, teacher, tmp_path):
 
 
 def test_sweep_split_never_overlaps_the_reports_held_out_documents(tmp_path):
-    ctx = RunContext(Recipe.load(tiny_recipe(tmp_path, "split")))
+    """With `experts.sweep` the sweep documents leave training and never meet the report's; without it they stay in
+    training (the same text and the same target fingerprint as a recipe that has no sweep split at all)."""
+    plain = RunContext(Recipe.load(tiny_recipe(tmp_path, "plain")))
+    experts = {"domains": {"a": {"a": 1.0}, "b": {"b": 1.0}}, "sweep": {}}
+    ctx = RunContext(Recipe.load(tiny_recipe(tmp_path, "split", experts=experts)))
+    assert ctx.sweep_split and not plain.sweep_split
+    with pytest.raises(ValueError, match="experts.sweep"):
+        plain.sources("sweep")
     docs = {split: [r for src in ctx.sources(split) for _, r in src.records(seed=0)] for split in SPLITS}
+    plain_train = [r for src in plain.sources("train") for _, r in src.records(seed=0)]
+    assert len(plain_train) == len(docs["train"]) + len(docs["sweep"])
+    assert plain.target_meta()["data"] != ctx.target_meta()["data"]  # the training text differs
     texts = {split: {json.dumps(r, sort_keys=True) for r in records} for split, records in docs.items()}
     assert texts["sweep"] and texts["held_out"] and texts["train"]
     assert not texts["sweep"] & texts["held_out"] and not texts["sweep"] & texts["train"]
@@ -128,6 +138,7 @@ def test_sweep_split_never_overlaps_the_reports_held_out_documents(tmp_path):
     lines = [json.loads(line) for name in ("a", "b") for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
     assert sum(len(t) for t in texts.values()) == len(lines)
     assert all(split_of(r) == split for split, records in docs.items() for r in records)
+    assert all(split_of(r, sweep_split=False) in ("train", "held_out") for r in lines)
     # the report's batches are packed from the held-out documents only, the sweep's from the sweep split
     assert [src.name for src in ctx.packed("held_out").sources] == ["a:held_out", "b:held_out"]
     assert [src.name for src in ctx.packed("sweep").sources] == ["a:sweep", "b:sweep"]

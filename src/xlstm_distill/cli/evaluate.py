@@ -249,7 +249,8 @@ def merge(
     ] = None,
     sweep: Annotated[bool, typer.Option(
         "--sweep", help="Choose the weights on held-out text instead: minimize KL(teacher || merged) over the "
-        "--sweep-data domains' sweep split (documents no stage trains on and the report never measures).")] = False,
+        "--sweep-data domains' sweep split (documents the report never measures, which a recipe with experts.sweep "
+        "keeps out of training).")] = False,
     sweep_data: Annotated[Optional[list[str]], typer.Option(
         "--sweep-data", help="A domain for --sweep, repeated: NAME=PATH or PATH (a .jsonl/.txt/... file or folder, "
         "e.g. runs/corpora/math.jsonl); its sweep split is used.")] = None,

@@ -114,7 +114,12 @@ class RunContext:
                     raise ValueError(f"data.weights names unknown sources {sorted(missing)}; give sources a `name`.")
                 base = [dataclasses.replace(src, weight=data.weights[src.name]) for src in base
                         if src.name in data.weights]
-        return [data_split(src, split) for src in base]
+        return [data_split(src, split, self.sweep_split) for src in base]
+
+    @property
+    def sweep_split(self) -> bool:
+        """Whether the sweep split is held out of training: only for a recipe that chooses merge weights on it."""
+        return self.recipe.experts is not None and self.recipe.experts.sweep is not None
 
     def packed(self, split: str = "train", rank: int | None = None, world_size: int | None = None) -> PackedDataset:
         seed = self.recipe.seed + SPLITS.index(split)  # train: seed, held_out: seed + 1, sweep: seed + 2
@@ -135,8 +140,8 @@ class RunContext:
     def target_meta(self) -> dict[str, Any]:
         """What Stage II's targets must have been made with (their manifest is checked against it)."""
         data = dataclasses.asdict(self.recipe.data)
-        fingerprint = hashlib.sha256(json.dumps([data, self.recipe.seed, SPLIT_RULE], sort_keys=True,
-                                                default=str).encode())
+        rule = [SPLIT_RULE] if self.sweep_split else []  # the training text changes only with a sweep split
+        fingerprint = hashlib.sha256(json.dumps([data, self.recipe.seed, *rule], sort_keys=True, default=str).encode())
         cfg = self.recipe.targets
         text = cfg.text if cfg.text == "corpus" else f"teacher:{cfg.prompt_tokens}:{cfg.temperature}"
         return {"tokenizer_hash": tokenizer_hash(self.tokenizer), "k": cfg.k, "seq_len": self.recipe.data.seq_len,
