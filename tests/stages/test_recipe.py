@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -9,6 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from helpers import tiny_recipe
 from xlstm_distill.stages import Pipeline, Recipe, RunContext
+from xlstm_distill.stages.targets import TargetShards
 
 
 def test_run_with_experts_and_report(tmp_path):
@@ -127,8 +129,6 @@ def test_swa_student_skips_stage1_and_students_share_targets(tmp_path):
 def test_targets_on_the_teachers_own_text(tmp_path):
     """targets.text: teacher: Stage II reads the teacher's sampled continuations of each corpus sequence's first
     tokens (one document per row, every token a target); the manifest records it, and Stage II trains on it."""
-    from safetensors.torch import load_file
-
     path = tiny_recipe(tmp_path, "teacher-text", targets=dict(k=8, num_sequences=8, batch_size=4, text="teacher",
                                                               prompt_tokens=8))
     recipe = Recipe.load(path)
@@ -137,8 +137,8 @@ def test_targets_on_the_teachers_own_text(tmp_path):
     Pipeline(recipe).distill()
     manifest = json.loads((tmp_path / "teacher-text" / "targets" / "manifest.json").read_text())
     assert manifest["text"] == "teacher:8:1.0" and manifest["complete"]
-    shard = load_file(str(tmp_path / "teacher-text" / "targets" / manifest["shards"][0]["file"]))
+    shard = TargetShards(tmp_path / "teacher-text" / "targets", batch_size=8).read(np.arange(8))
     assert shard["input_ids"].shape == (8, 64) and shard["loss_mask"].all() and not shard["document_ids"].any()
-    assert torch.equal(shard["input_ids"][:4, :8], corpus[:, :8].int())  # the corpus prompts
-    assert not torch.equal(shard["input_ids"][:4, 8:], corpus[:, 8:].int())  # the teacher's continuations
+    assert torch.equal(shard["input_ids"][:4, :8], corpus[:, :8])  # the corpus prompts
+    assert not torch.equal(shard["input_ids"][:4, 8:], corpus[:, 8:])  # the teacher's continuations
     assert (tmp_path / "teacher-text" / "stage2" / "model" / "config.json").exists()

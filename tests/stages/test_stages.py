@@ -197,24 +197,29 @@ def test_sparse_kl_modes():
         sparse_kl(s_logits, ids, logp_t, "nope")
 
 
-def _write(teacher, path, k=8, num_sequences=6):
+def _write(teacher, path, k=8, num_sequences=6, encoding="compact"):
     return write_targets(teacher, SyntheticPacks(batch_size=2), path, k=k, num_sequences=num_sequences,
-                         teacher_name="tiny", tok_hash="abc", seq_len=48, sequences_per_shard=4)
+                         teacher_name="tiny", tok_hash="abc", seq_len=48, sequences_per_shard=4, encoding=encoding)
 
 
-def test_targets_round_trip_and_refusals(tmp_path):
+@pytest.mark.parametrize("encoding", ["compact", "exact"])
+def test_targets_round_trip_and_refusals(tmp_path, encoding):
     teacher = tiny_teacher("llama")
-    manifest = _write(teacher, tmp_path / "t")
+    manifest = _write(teacher, tmp_path / "t", k=12, encoding=encoding)
     assert manifest["complete"] and [s["num_sequences"] for s in manifest["shards"]] == [4, 2]
-    reader = TargetShards(tmp_path / "t", batch_size=3, expect={"k": 8, "tokenizer_hash": "abc", "seq_len": 48})
+    reader = TargetShards(tmp_path / "t", batch_size=3, expect={"k": 12, "tokenizer_hash": "abc", "seq_len": 48})
     batch = next(iter(reader))
-    assert batch["topk_ids"].shape == (3, 48, 8) and batch["topk_logprobs"].dtype == torch.float16
-    with torch.no_grad():  # stored targets are the teacher's top-k for the stored tokens
+    assert batch["topk_ids"].shape == (3, 48, 12) and reader.encoding == encoding
+    with torch.no_grad():  # stored targets are the teacher's top-k for the stored tokens (compared in id order)
         logits = teacher_forward(teacher, batch)
-    top = torch.log_softmax(logits, -1).topk(8, -1)
-    torch.testing.assert_close(batch["topk_logprobs"].float(), top.values, atol=2e-2, rtol=1e-2)
+    top = torch.log_softmax(logits, -1).topk(12, -1)
+    by_id, stored_by_id = top.indices.sort(-1), batch["topk_ids"].long().sort(-1)
+    assert torch.equal(by_id.values, stored_by_id.values)
+    torch.testing.assert_close(batch["topk_logprobs"].float().gather(-1, stored_by_id.indices),
+                               top.values.gather(-1, by_id.indices), atol=0.25 if encoding == "compact" else 2e-2,
+                               rtol=1e-2)
 
-    with pytest.raises(TargetMismatchError, match="k=8.*needs 16"):
+    with pytest.raises(TargetMismatchError, match="k=12.*needs 16"):
         TargetShards(tmp_path / "t", batch_size=2, expect={"k": 16})
     with pytest.raises(TargetMismatchError, match="tokenizer_hash"):
         TargetShards(tmp_path / "t", batch_size=2, expect={"tokenizer_hash": "other"})

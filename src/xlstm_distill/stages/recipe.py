@@ -39,6 +39,7 @@ TOPK_MODES = ("renormalize", "residual")
 TRAIN_MODES = ("full", "mixer", "lora")
 TARGET_MODES = ("offline", "online")
 TARGET_TEXTS = ("corpus", "teacher")
+TARGET_ENCODINGS = ("compact", "exact")
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -116,7 +117,12 @@ class AlignSection(TrainConfig):
 class TargetsSection:
     """The teacher's top-k next-token distribution for Stage II."""
 
-    k: int = setting(256, "Teacher log-probabilities kept per position (6k + 9 bytes per token on disk).")
+    k: int = setting(256, "Teacher log-probabilities kept per position.")
+    encoding: str = setting("compact", "Shard encoding: `compact` (ids as a coded set, the 8 largest log-probs in "
+                                       "float16, the rest in 4 bits, the mass outside the top k kept: about 385 "
+                                       "bytes per token at k = 256, KL to the exact top-k distribution about 6e-4 "
+                                       "nats per token) or `exact` (int32 ids + float16 log-probs: 6k + 9 bytes per "
+                                       "token). Stage II reads either; the manifest names it.")
     num_sequences: int = setting(64, "Packed sequences to compute targets for.")
     batch_size: int = setting(4, "Sequences per teacher forward.")
     mode: str = setting("offline", "`offline`: computed once into checksummed shards; `online`: the teacher runs "
@@ -131,6 +137,7 @@ class TargetsSection:
     def __post_init__(self) -> None:
         _check_choice("targets.mode", self.mode, TARGET_MODES)
         _check_choice("targets.text", self.text, TARGET_TEXTS)
+        _check_choice("targets.encoding", self.encoding, TARGET_ENCODINGS)
         if self.text == "teacher" and self.mode == "online":
             raise ValueError("targets.text: teacher needs targets.mode: offline (the samples are made once).")
         for name in ("k", "num_sequences", "batch_size"):

@@ -1,12 +1,17 @@
 """Teacher top-k targets for Stage II: computed once, stored in checksummed shards with a manifest.
 
 Every shard (safetensors) holds the packed training data itself plus the teacher's top-k next-token
-log-probabilities for every position, so Stage II reads one self-contained, verifiable stream:
+log-probabilities for every position, so Stage II reads one self-contained, verifiable stream. Two encodings, named
+in the manifest (``encoding``; manifests without one are ``exact``), read back as the same batches:
+
+- ``compact`` (default): ids as a coded set, the largest log-probabilities in float16, the rest quantized, the mass
+  outside the top k kept (:mod:`xlstm_distill.stages.target_codec`); about 385 B/token at k = 256.
+- ``exact``: one tensor per field, 6 k + 9 bytes per token (k = 256: 1,545 B/token)::
 
     input_ids     (N, T) int32        document_ids (N, T) int32      loss_mask (N, T) bool
     topk_ids      (N, T, k) int32     topk_logprobs (N, T, k) float16
 
-Bytes per token: 6 k + 9 (k = 256: 1,545 B/token, about 1.5 GB per million tokens).
+The manifest records the measured ``bytes_per_token`` of the shards written.
 """
 
 from __future__ import annotations
@@ -27,12 +32,14 @@ from tqdm.auto import tqdm
 
 from xlstm_distill.checksums import sha256
 from xlstm_distill.stages.common import teacher_forward
+from xlstm_distill.stages.recipe import TARGET_ENCODINGS
+from xlstm_distill.stages.target_codec import CompactCodec
 
 if TYPE_CHECKING:
     from xlstm_distill.stages.context import RunContext
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: exact shards, no `encoding` key; 2: `encoding` and `bytes_per_token` in the manifest
 
 
 def run(ctx: RunContext) -> Path | None:
@@ -51,15 +58,15 @@ def run(ctx: RunContext) -> Path | None:
         raise FileNotFoundError(f"Targets in {path} are missing or incomplete: run `xlstm-distill targets` "
                                 "(one process) before launching `distill` under torchrun.")
     meta = ctx.target_meta()
-    need = cfg.num_sequences * meta["seq_len"] * bytes_per_token(meta["k"])
-    console.print(f"teacher top-{meta['k']} targets for {cfg.num_sequences} x {meta['seq_len']} tokens: "
-                  f"{need / 1e6:.1f} MB on disk")
+    need = cfg.num_sequences * meta["seq_len"] * bytes_per_token(meta["k"], cfg.encoding)
+    console.print(f"teacher top-{meta['k']} targets for {cfg.num_sequences} x {meta['seq_len']} tokens "
+                  f"({cfg.encoding}): about {need / 1e6:.1f} MB on disk")
     batches = ctx.packed(rank=0, world_size=1).iter_batches(cfg.batch_size)
     if cfg.text == "teacher":
         batches = teacher_text(ctx.teacher, batches, cfg.prompt_tokens, cfg.temperature, ctx.recipe.seed)
     write_targets(ctx.teacher, batches, path, k=meta["k"], num_sequences=cfg.num_sequences,
                   teacher_name=ctx.recipe.teacher, tok_hash=meta["tokenizer_hash"], seq_len=meta["seq_len"],
-                  extra={"data": meta["data"], "text": meta["text"]})
+                  encoding=cfg.encoding, extra={"data": meta["data"], "text": meta["text"]})
     return path
 
 
@@ -85,9 +92,14 @@ def teacher_text(teacher: torch.nn.Module, batches: Iterable[dict[str, torch.Ten
                "loss_mask": torch.ones(B, T, dtype=torch.bool)}
 
 
-def bytes_per_token(k: int) -> int:
-    """Disk bytes per stored token: ids int32 + log-probs float16 per top-k entry, plus the data itself."""
-    return 6 * k + 4 + 4 + 1
+def bytes_per_token(k: int, encoding: str = "exact") -> float:
+    """Disk bytes per stored token. ``exact``: ids int32 + log-probs float16 per top-k entry, plus the data itself;
+    ``compact``: an estimate (about 7.2 bits per id at a 49K vocabulary, measured: docs/decisions.md)."""
+    if encoding == "exact":
+        return 6 * k + 4 + 4 + 1
+    codec = CompactCodec()
+    head = min(codec.exact_head, k)
+    return k * 7.2 / 8 + (k - head) * codec.value_bits / 8 + head * 3 + 6 + 3
 
 
 def tokenizer_hash(tokenizer: Any) -> str:
@@ -98,9 +110,17 @@ def tokenizer_hash(tokenizer: Any) -> str:
 
 def topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k (ids int32, log-probs float16) of the next-token distribution. logits (B, T, V)."""
+    ids, values, _ = teacher_topk(logits, k)
+    return ids, values.to(torch.float16)
+
+
+def teacher_topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k ids (B, T, k) int32, their log-probs (B, T, k) float32 (largest first) and the log of the probability
+    mass outside them (B, T) float32, computed from the logits outside the top k. logits (B, T, V)."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     values, ids = logp.topk(k, dim=-1)
-    return ids.to(torch.int32), values.to(torch.float16)
+    log_rest = logp.scatter(-1, ids, float("-inf")).logsumexp(-1)
+    return ids.to(torch.int32), values, log_rest
 
 
 @torch.no_grad()
@@ -115,16 +135,30 @@ def write_targets(
     tok_hash: str,
     seq_len: int,
     sequences_per_shard: int = 256,
+    encoding: str = "compact",
+    codec: CompactCodec | None = None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run the teacher over ``num_sequences`` packed sequences and write shards + manifest (resumes at a shard)."""
+    """Run the teacher over ``num_sequences`` packed sequences and write shards + manifest (resumes at a shard).
+    ``encoding``: ``compact`` or ``exact`` (module docstring); ``codec``: the compact encoding's settings."""
+    if encoding not in TARGET_ENCODINGS:
+        raise ValueError(f"Target encoding {encoding!r}: choose one of {', '.join(TARGET_ENCODINGS)}.")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = next(teacher.parameters()).device
     manifest_path = out_dir / MANIFEST
+    codec = codec or CompactCodec()
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {
-        "format": FORMAT_VERSION, "teacher": teacher_name, "tokenizer_hash": tok_hash, "k": k,
-        "seq_len": seq_len, "num_sequences": num_sequences, "complete": False, "shards": [], **(extra or {})}
+        "format": FORMAT_VERSION, "encoding": encoding, "teacher": teacher_name, "tokenizer_hash": tok_hash, "k": k,
+        "seq_len": seq_len, "num_sequences": num_sequences, "complete": False, "shards": [],
+        **({"codec": codec.settings()} if encoding == "compact" else {}), **(extra or {})}
+    if manifest_encoding(manifest, out_dir) != encoding:
+        raise TargetMismatchError(
+            f"Targets in {out_dir} are being written as {manifest_encoding(manifest, out_dir)}, this run asks for "
+            f"{encoding}: set targets.encoding: {manifest_encoding(manifest, out_dir)} to finish them, or delete the "
+            "folder.")
+    if encoding == "compact":  # a resumed folder keeps the settings it was started with
+        codec = CompactCodec(**manifest["codec"])
     done = sum(s["num_sequences"] for s in manifest["shards"])
     buffer: dict[str, list[torch.Tensor]] = {}
     seen = 0
@@ -134,9 +168,13 @@ def write_targets(
             seen += len(batch["input_ids"])
             continue
         batch = {key: v.to(device) for key, v in batch.items()}
-        ids, logprobs = topk_logprobs(teacher_forward(teacher, batch), k)
+        logits = teacher_forward(teacher, batch)
+        vocab_size = logits.shape[-1]
+        ids, logprobs, log_rest = teacher_topk(logits, k)
         part = {"input_ids": batch["input_ids"].int(), "document_ids": batch["document_ids"].int(),
-                "loss_mask": batch["loss_mask"].bool(), "topk_ids": ids, "topk_logprobs": logprobs}
+                "loss_mask": batch["loss_mask"].bool(), "topk_ids": ids}
+        part |= {"topk_logprobs": logprobs.half()} if encoding == "exact" else {"topk_logprobs": logprobs,
+                                                                                 "log_rest": log_rest}
         for key, value in part.items():
             buffer.setdefault(key, []).append(value.cpu())
         seen += len(batch["input_ids"])
@@ -145,11 +183,16 @@ def write_targets(
         if pending >= sequences_per_shard or seen >= num_sequences:
             keep = min(pending, num_sequences - done)
             tensors = {key: torch.cat(v)[:keep].contiguous() for key, v in buffer.items()}
+            if encoding == "compact":
+                tensors = codec.encode(tensors, tensors["topk_ids"], tensors["topk_logprobs"], tensors["log_rest"],
+                                       vocab_size)
             name = f"shard_{len(manifest['shards']):05d}.safetensors"
             save_file(tensors, str(out_dir / f".{name}.tmp"))
             os.replace(out_dir / f".{name}.tmp", out_dir / name)
             manifest["shards"].append({"file": name, "num_sequences": keep, "sha256": sha256(out_dir / name)})
             done += keep
+            size = sum((out_dir / s["file"]).stat().st_size for s in manifest["shards"])
+            manifest["bytes_per_token"] = round(size / (done * seq_len), 2)
             buffer = {}
             _write_json(manifest_path, manifest)
         if done >= num_sequences:
@@ -170,6 +213,19 @@ def _write_json(path: Path, data: dict) -> None:
 
 class TargetMismatchError(ValueError):
     """Stored targets do not belong to this run (teacher, tokenizer, k, length) or are damaged."""
+
+
+def manifest_encoding(manifest: dict[str, Any], path: Path) -> str:
+    """The encoding of a targets folder's shards: ``exact`` for format 1 (no ``encoding`` key)."""
+    if manifest.get("format") not in (1, FORMAT_VERSION):
+        raise TargetMismatchError(
+            f"Targets in {path} have format {manifest.get('format')!r}; this xlstm-distill reads formats 1 and "
+            f"{FORMAT_VERSION}: upgrade xlstm-distill, or regenerate them with `xlstm-distill targets`.")
+    encoding = manifest.get("encoding", "exact")
+    if encoding not in TARGET_ENCODINGS:
+        raise TargetMismatchError(f"Targets in {path} have the unknown encoding {encoding!r}: regenerate them with "
+                                  "`xlstm-distill targets`.")
+    return encoding
 
 
 @dataclass
@@ -196,15 +252,18 @@ class TargetShards:
                 raise TargetMismatchError(
                     f"Targets in {self.path} were made with {key}={self.manifest.get(key)!r}, this run needs {want!r}. "
                     "Regenerate them for this teacher/tokenizer/settings (or point to the right folder).")
+        self.encoding = manifest_encoding(self.manifest, self.path)
+        self.codec = CompactCodec(**self.manifest["codec"]) if self.encoding == "compact" else None
         self.offsets = np.cumsum([0] + [s["num_sequences"] for s in self.manifest["shards"]])
         self.num_sequences = int(self.offsets[-1])
         self.epoch, self.position = 0, 0
         self._verified: set[str] = set()
-        self._cache: tuple[int, dict[str, torch.Tensor]] | None = None
+        self._cache: tuple[int, dict[str, torch.Tensor], np.ndarray | None] | None = None
 
-    def _shard(self, index: int) -> dict[str, torch.Tensor]:
+    def _shard(self, index: int) -> tuple[dict[str, torch.Tensor], np.ndarray | None]:
+        """A verified shard's tensors and, for compact shards, its vocabulary order (decoded once)."""
         if self._cache is not None and self._cache[0] == index:
-            return self._cache[1]
+            return self._cache[1:]
         info = self.manifest["shards"][index]
         file = self.path / info["file"]
         if not file.is_file():
@@ -217,8 +276,8 @@ class TargetShards:
             tensors = load_file(str(file))
         except SafetensorError as err:
             raise TargetMismatchError(f"Target shard {file} cannot be read ({err}): delete it and regenerate.") from err
-        self._cache = (index, tensors)
-        return tensors
+        self._cache = (index, tensors, self.codec.vocab_order(tensors) if self.codec else None)
+        return self._cache[1:]
 
     def _order(self) -> np.ndarray:
         """This rank's sequence order for the current epoch (shuffled within shards, shards in random order)."""
@@ -234,15 +293,18 @@ class TargetShards:
             while self.position + self.batch_size <= len(order):
                 rows = order[self.position:self.position + self.batch_size]
                 self.position += self.batch_size
-                yield self._gather(rows)
+                yield self.read(rows)
             self.epoch, self.position = self.epoch + 1, 0
 
-    def _gather(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
+    def read(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        """The batch of sequences ``rows`` (indices into the whole set, in shard order)."""
         parts = []
         for row in rows:
             shard = int(np.searchsorted(self.offsets, row, side="right") - 1)
-            tensors = self._shard(shard)
-            parts.append({key: v[row - self.offsets[shard]] for key, v in tensors.items()})
+            tensors, order = self._shard(shard)
+            index = int(row - self.offsets[shard])
+            parts.append(self.codec.decode(tensors, index, order) if self.codec
+                         else {key: v[index] for key, v in tensors.items()})
         batch = {key: torch.stack([p[key] for p in parts]) for key in parts[0]}
         batch["input_ids"], batch["document_ids"] = batch["input_ids"].long(), batch["document_ids"].long()
         return batch
