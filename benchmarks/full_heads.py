@@ -88,7 +88,7 @@ def run(recipe_path: Path, out: Path, budgets: list[float], student_dir: Path | 
                          "kv_cache_share": len(heads) / (layers * kv), **row, "retrieval": accuracy,
                          "teacher_retrieval": teacher_accuracy, **ruled, **(teacher_ruler if ruled else {}),
                          "full_attention_heads": heads})
-            print({k: v for k, v in rows[-1].items() if k != "full_attention_heads"}, flush=True)
+            print({k: v for k, v in rows[-1].items() if k not in ("full_attention_heads", "per_sequence")}, flush=True)
             write(rows)
     student.set_full_attention([])
     return rows
