@@ -15,6 +15,13 @@ FAMILY_EXTRAS = {
     "qwen3": {"head_dim": 16},
     "olmo2": {},
     "olmo3": {"sliding_window": 4096, "layer_types": ["sliding_attention", "full_attention"]},
+    # Gemma: a teacher window (16) shorter than the tests' sequences, a query scale other than the head dimension;
+    # Gemma 2 with attention and final logits soft-capped where they matter for these small weights (scores of about
+    # 0.02, logits of about 5)
+    "gemma2": {"head_dim": 16, "query_pre_attn_scalar": 24, "sliding_window": 16, "attn_logit_softcapping": 0.02,
+               "final_logit_softcapping": 30.0, "layer_types": ["sliding_attention", "full_attention"]},
+    "gemma3_text": {"head_dim": 16, "query_pre_attn_scalar": 24, "sliding_window": 16,
+                    "layer_types": ["sliding_attention", "full_attention"]},
 }
 
 
