@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from xlstm_distill.modeling.decode import StaticDecoder, greedy_generate
-from test_student import FAMILY_POLICIES, MIXERS, student_of, tokens
+from test_student import MIXERS, student_of, tokens
 
 
-@pytest.mark.parametrize("family,policy", FAMILY_POLICIES)
+@pytest.mark.parametrize("family,policy", [("llama", "global"), ("gemma2", "global"), ("gemma3_text", "all")])
 @pytest.mark.parametrize("mixer", MIXERS)
 def test_greedy_generate_equals_generate(mixer, family, policy):
     student = student_of(mixer, family, convert_layers=policy)

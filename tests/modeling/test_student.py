@@ -125,7 +125,7 @@ def cached_logits(student, ids: torch.Tensor) -> torch.Tensor:
     return torch.cat(pieces, 1)
 
 
-@pytest.mark.parametrize("family,policy", [("llama", "global"), ("gemma2", "global"), ("gemma3_text", "all")])
+@pytest.mark.parametrize("family,policy", [("llama", "global"), ("gemma2", "all")])
 @pytest.mark.parametrize("mixer", MIXERS)
 def test_left_padded_batch_generation_equals_single(mixer, family, policy):
     student = student_of(mixer, family, convert_layers=policy)
@@ -144,7 +144,7 @@ def test_left_padded_batch_generation_equals_single(mixer, family, policy):
         torch.testing.assert_close(torch.stack(batched.scores[:steps])[:, row], torch.stack(single.scores)[:, 0], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("family,policy", [("llama", "global"), ("gemma2", "all"), ("gemma3_text", "global")])
+@pytest.mark.parametrize("family,policy", [("llama", "global"), ("gemma3_text", "global")])
 @pytest.mark.parametrize("mixer", MIXERS)
 def test_packed_documents_are_independent(mixer, family, policy):
     """document_ids: a packed row gives the same logits as its documents run one by one."""
