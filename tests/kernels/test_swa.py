@@ -12,8 +12,8 @@ needs_cpu_flex_compile = pytest.mark.skipif(torch.backends.cpu.get_cpu_capabilit
                                             reason="torch compiles FlexAttention on CPUs with AVX2 or AVX-512")
 
 
-def dense_reference(q, k, v, doc_start, window, sinks, scale):
-    """Plain softmax attention with an explicit (T, T) mask: the definition."""
+def dense_reference(q, k, v, doc_start, window, sinks, scale, softcap=None):
+    """Plain softmax attention with an explicit (T, T) mask (scores soft-capped as Gemma 2 does): the definition."""
     B, NH, T, D = q.shape
     G = NH // k.shape[1]
     k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
@@ -23,6 +23,8 @@ def dense_reference(q, k, v, doc_start, window, sinks, scale):
     mask = same_doc & (t[None, None] <= t[None, :, None])
     mask &= (pos[:, None, :] < sinks) | (t[None, :, None] - t[None, None, :] < window)
     scores = (q @ k.transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     return torch.softmax(scores.masked_fill(~mask[:, None], float("-inf")), -1) @ v
 
 
@@ -40,6 +42,28 @@ def test_blocked_matches_dense(window, sinks, block):
     out = swa_sinks_attention(q, k, v, doc_start, window, sinks, 0.3, block_size=block)
     ref = dense_reference(q, k, v, doc_start, window, sinks, 0.3)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("softcap", [0.5, 3.0])
+def test_soft_capped_scores_match_dense(softcap):
+    """Attention-logit soft-capping in every SWA kernel (blocked, cached, FlexAttention) against the definition; a cap
+    of 0.5 (scores of about 1) changes the result, so the check is not vacuous."""
+    from xlstm_distill.kernels.swa_flex import swa_block_mask, swa_sinks_flex
+
+    q, k, v = _qkv(T=40)
+    q = q * 3
+    doc_start = torch.zeros(2, 40, dtype=torch.long)
+    doc_start[1, 15:] = 15
+    ref = dense_reference(q, k, v, doc_start, 8, 2, 0.3, softcap)
+    assert (ref - dense_reference(q, k, v, doc_start, 8, 2, 0.3)).abs().max() > 1e-2 or softcap > 1
+    torch.testing.assert_close(swa_sinks_attention(q, k, v, doc_start, 8, 2, 0.3, block_size=16, softcap=softcap), ref,
+                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(swa_sinks_flex(q, k, v, swa_block_mask(doc_start, 8, 2), 0.3, softcap=softcap), ref,
+                               atol=1e-5, rtol=1e-5)
+    pos = torch.arange(25)[None]  # the second row's second document (tokens 15..39), through the cached form
+    cached = swa_sinks_attention_cached(q[1:, :, -4:], pos[:, -4:], k[1:, :, 15:], v[1:, :, 15:], pos, 8, 2, 0.3,
+                                        softcap)
+    torch.testing.assert_close(cached, ref[1:, :, -4:], atol=1e-5, rtol=1e-5)
 
 
 def test_cached_matches_dense():

@@ -7,20 +7,22 @@ from xlstm_distill.modeling.decode import StaticDecoder, greedy_generate
 from test_student import MIXERS, student_of, tokens
 
 
+@pytest.mark.parametrize("family,policy", [("llama", "global"), ("gemma2", "global"), ("gemma3_text", "all")])
 @pytest.mark.parametrize("mixer", MIXERS)
-def test_greedy_generate_equals_generate(mixer):
-    student = student_of(mixer)
+def test_greedy_generate_equals_generate(mixer, family, policy):
+    student = student_of(mixer, family, convert_layers=policy)
     ids = tokens(2, 12)
     ref = student.generate(ids, max_new_tokens=20, do_sample=False, min_new_tokens=20)[:, 12:]
     assert torch.equal(greedy_generate(student, ids, 20, use_graph=False), ref)
 
 
-@pytest.mark.parametrize("backend", ["auto", "tfla"])
+@pytest.mark.parametrize("family,backend", [("llama", "auto"), ("llama", "tfla"), ("gemma2", "auto")])
 @pytest.mark.parametrize("compile", [False, True])
-def test_static_step_logits_equal_full_forward_and_buffers_stay_fixed(compile, backend):
+def test_static_step_logits_equal_full_forward_and_buffers_stay_fixed(compile, family, backend):
     """Step logits equal the full forward past the window; the cache keeps its buffers (what a graph needs);
-    also through torch.compile (the whole step is one graph: no break), after a prefill through either backend."""
-    student = student_of("mlstm_swa", backend=backend)
+    also through torch.compile (the whole step is one graph: no break), after a prefill through either backend.
+    Gemma 2: two window groups in the cache (the teacher's sliding layer and the mixer's), soft-capped scores."""
+    student = student_of("mlstm_swa", family, backend=backend)
     ids = tokens(2, 30)
     with torch.no_grad():
         full = student(ids).logits
@@ -53,9 +55,10 @@ def test_decoder_refuses_an_empty_cache():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gemma3_text"])
 @pytest.mark.parametrize("mixer", ["mlstm_swa", "linear_swa", "swa"])
-def test_cuda_graph_replay_equals_eager(mixer):
-    student = student_of(mixer).cuda()
+def test_cuda_graph_replay_equals_eager(mixer, family):
+    student = student_of(mixer, family).cuda()
     ids = tokens(2, 12).cuda()
     assert torch.equal(greedy_generate(student, ids, 30, use_graph=True), greedy_generate(student, ids, 30, use_graph=False))
 

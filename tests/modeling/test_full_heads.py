@@ -20,21 +20,24 @@ def student_with(mixer="mlstm_swa", family="llama", teacher=None, **config):
 
 
 @pytest.mark.parametrize("family, how", [("llama", "layers"), ("llama", "heads"), ("qwen3", "layers"),
-                                         ("olmo3", "heads")])
+                                         ("olmo3", "heads"), ("gemma2", "heads"), ("gemma3_text", "layers")])
 def test_every_head_kept_reproduces_the_teacher_beyond_the_window(family, how):
+    """Also past a Gemma teacher's own window (16) with every layer converted: a kept head in a teacher's
+    sliding-window layer attends over the teacher's window, with its soft-capping (Gemma 2)."""
     teacher = tiny_teacher(family)
     kept = (dict(full_attention_layers=[0, 1]) if how == "layers"
             else dict(full_attention_heads=[[l, h] for l in range(2) for h in range(2)]))
-    student = student_with(teacher=teacher, **kept)
+    student = student_with(teacher=teacher, convert_layers="all", **kept)
     ids = tokens(2, 40)  # 5x the window
     with torch.no_grad():
         torch.testing.assert_close(student(ids).logits, teacher(ids).logits, atol=1e-4, rtol=1e-4)
         assert (student_with(teacher=teacher)(ids).logits - teacher(ids).logits).abs().max() > 1e-2
 
 
-def test_every_head_kept_generates_the_teachers_tokens_from_the_cache():
-    teacher = tiny_teacher()
-    student = student_with(teacher=teacher, full_attention_layers=[0, 1])
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_every_head_kept_generates_the_teachers_tokens_from_the_cache(family):
+    teacher = tiny_teacher(family)
+    student = student_with(teacher=teacher, full_attention_layers=[0, 1], convert_layers="all")
     ids = tokens(2, 12)
     ref = teacher.generate(ids, max_new_tokens=30, do_sample=False, min_new_tokens=30)[:, 12:]
     assert torch.equal(student.generate(ids, max_new_tokens=30, do_sample=False, min_new_tokens=30)[:, 12:], ref)

@@ -9,6 +9,9 @@ from helpers import FAMILY_EXTRAS, perturb_new_parameters, tiny_teacher
 
 MIXERS = ["mlstm_swa", "mlstm", "swa", "linear_swa", "linear"]
 SMALL = dict(window_size=8, num_sink_tokens=2, chunk_size=4)
+# Gemma's interleaved sliding-window layers under both conversion policies (tests/helpers.py: a teacher window of 16)
+GEMMA = [("gemma2", "global"), ("gemma2", "all"), ("gemma3_text", "global"), ("gemma3_text", "all")]
+FAMILY_POLICIES = [("llama", "global"), *GEMMA]
 
 
 def student_of(mixer: str, family: str = "llama", **config) -> xd.HybridForCausalLM:
@@ -41,11 +44,67 @@ def test_small_window_differs_from_teacher(family):
         assert (teacher(ids).logits[:, 10:] - student(ids).logits[:, 10:]).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
+def test_gemma_quirks_are_not_vacuous(family):
+    """The Gemma equivalence above depends on every quirk: the query scale (query_pre_attn_scalar, not the head
+    dimension), Gemma 2's attention and final-logit soft-capping and the teacher's window in its sliding layers."""
+    teacher = tiny_teacher(family)
+    student = xd.convert(teacher, xd.HybridConfig(mixer="swa", window_size=64))
+    ids = tokens(1, 40)
+    attn = [layer.self_attn for layer in student.model.layers]
+    changes = {"scaling": [(a, "scaling", a.head_dim ** -0.5) for a in attn],
+               "window": [(attn[0], "window", 64)]}
+    if family == "gemma2":
+        changes["softcap"] = [(a, "softcap", None) for a in attn]
+        changes["final softcap"] = [(student, "final_logit_softcapping", None)]
+    with torch.no_grad():
+        ref = teacher(ids).logits
+        assert (ref - student(ids).logits).abs().max() <= 1e-4
+        for name, edits in changes.items():
+            saved = [getattr(obj, attr) for obj, attr, _ in edits]
+            for obj, attr, value in edits:
+                setattr(obj, attr, value)
+            assert (ref - student(ids).logits).abs().max() > 1e-2, name
+            for (obj, attr, _), value in zip(edits, saved):
+                setattr(obj, attr, value)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text", "olmo3"])
+def test_convert_layers_policy(family):
+    """``global``: the teacher's sliding-window layers keep its attention (its window, no sinks, no new parameters), so
+    with a window covering the sequence the student is the teacher also past the teacher's window; ``all``: every
+    layer runs the mixer and a sliding layer keeps the teacher's window where it is the larger one."""
+    teacher = tiny_teacher(family)
+    ids = tokens(2, 40)
+    layer_types = teacher.config.layer_types
+    teacher_window = teacher.config.sliding_window
+    for policy in ("global", "all"):
+        student = xd.convert(teacher, xd.HybridConfig(mixer="mlstm_swa", convert_layers=policy, **SMALL))
+        for attn, kind in zip((layer.self_attn for layer in student.model.layers), layer_types):
+            kept = policy == "global" and kind == "sliding_attention"
+            assert attn.keeps_teacher_window == kept
+            assert hasattr(attn, "gate_proj") == (not kept)
+            expected = (teacher_window, 0) if kept else (
+                (max(8, teacher_window), 2) if kind == "sliding_attention" else (8, 2))
+            assert (attn.window, attn.num_sinks) == expected
+    global_swa = xd.convert(teacher, xd.HybridConfig(mixer="swa", window_size=64, convert_layers="global"))
+    all_swa = xd.convert(teacher, xd.HybridConfig(mixer="swa", window_size=64, convert_layers="all"))
+    with torch.no_grad():
+        ref = teacher(ids).logits
+        assert (ref - global_swa(ids).logits).abs().max() <= 1e-4
+        short = min(teacher_window, 40)  # inside the teacher's window both policies are the teacher
+        assert (ref[:, :short] - all_swa(ids[:, :short]).logits).abs().max() <= 1e-4
+        if teacher_window < 40:  # past it, `all` sees what the teacher's sliding layers do not
+            assert (ref - all_swa(ids).logits).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("family,policy", FAMILY_POLICIES)
 @pytest.mark.parametrize("mixer", MIXERS)
-def test_cached_decoding_matches_full_forward(mixer):
-    """Prefill, a multi-token chunk, then single tokens: same logits as one forward (T > window + sinks). The cache
-    goes in under both of transformers' names (`past_key_values`, and `cache` since 5.24)."""
-    student = student_of(mixer)
+def test_cached_decoding_matches_full_forward(mixer, family, policy):
+    """Prefill, a multi-token chunk, then single tokens: same logits as one forward (T > window + sinks, and past the
+    Gemma teachers' own window). The cache goes in under both of transformers' names (`past_key_values`, and `cache`
+    since 5.24)."""
+    student = student_of(mixer, family, convert_layers=policy)
     ids = tokens(2, 30)
     with torch.no_grad():
         full = student(ids).logits
@@ -66,9 +125,10 @@ def cached_logits(student, ids: torch.Tensor) -> torch.Tensor:
     return torch.cat(pieces, 1)
 
 
+@pytest.mark.parametrize("family,policy", [("llama", "global"), ("gemma2", "all")])
 @pytest.mark.parametrize("mixer", MIXERS)
-def test_left_padded_batch_generation_equals_single(mixer):
-    student = student_of(mixer)
+def test_left_padded_batch_generation_equals_single(mixer, family, policy):
+    student = student_of(mixer, family, convert_layers=policy)
     ids = tokens(2, 9)
     short = ids[:1, :5]
     batch = torch.cat([torch.cat([torch.zeros(1, 4, dtype=torch.long), short], 1), ids[1:]], 0)
@@ -84,10 +144,11 @@ def test_left_padded_batch_generation_equals_single(mixer):
         torch.testing.assert_close(torch.stack(batched.scores[:steps])[:, row], torch.stack(single.scores)[:, 0], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("family,policy", [("llama", "global"), ("gemma3_text", "global")])
 @pytest.mark.parametrize("mixer", MIXERS)
-def test_packed_documents_are_independent(mixer):
+def test_packed_documents_are_independent(mixer, family, policy):
     """document_ids: a packed row gives the same logits as its documents run one by one."""
-    student = student_of(mixer)
+    student = student_of(mixer, family, convert_layers=policy)
     ids = tokens(1, 30)
     doc_ids = torch.tensor([[0] * 13 + [1] * 6 + [2] * 11])
     with torch.no_grad():
@@ -119,7 +180,7 @@ def test_cache_memory_is_constant(mixer):
     assert sizes[0] == sizes[1] > 0
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "olmo3"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "olmo3", "gemma2", "gemma3_text"])
 def test_save_load_round_trip(tmp_path, family):
     student = student_of("mlstm_swa", family)
     student.save_pretrained(tmp_path)
@@ -216,6 +277,27 @@ def test_forget_gate_bias_is_configurable_and_saved(tmp_path):
     torch.testing.assert_close(default.gate_proj.bias[H:2 * H].detach(), torch.linspace(3.0, 6.0, H))
 
 
+def test_multimodal_gemma3_converts_its_text_part():
+    """A Gemma 3 checkpoint with a vision tower: the student is built from its language model and LM head, and on text
+    it reproduces the checkpoint (swa, window covering the sequence)."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    from helpers import FAMILY_EXTRAS, TINY
+
+    torch.manual_seed(0)
+    text = {**TINY, **FAMILY_EXTRAS["gemma3_text"]}
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=127,
+                          boi_token_index=125, eoi_token_index=126)
+    teacher = Gemma3ForConditionalGeneration(config).eval()
+    student = xd.convert(teacher, xd.HybridConfig(mixer="swa", window_size=64))
+    assert student.config.teacher_config["model_type"] == "gemma3_text"
+    ids = tokens(2, 40)
+    with torch.no_grad():
+        assert (teacher(input_ids=ids).logits - student(ids).logits).abs().max() <= 1e-4
+
+
 def test_unsupported_architecture_is_refused():
     teacher = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
     with pytest.raises(xd.UnsupportedArchitectureError, match="gpt2.*Supported families: llama"):
@@ -231,6 +313,7 @@ def test_unsupported_architecture_is_refused():
     (dict(forget_gate_bias=[3.0]), "forget_gate_bias must be two numbers"),
     (dict(forget_gate_bias=3.0), "forget_gate_bias must be two numbers"),
     (dict(forget_gate_bias=[float("nan"), 1.0]), "forget_gate_bias must be two numbers"),
+    (dict(convert_layers="sliding"), "convert_layers='sliding' is not supported"),
 ])
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -1,4 +1,5 @@
-"""Tokenize documents with the teacher tokenizer: plain text, or chats rendered with the tokenizer's chat template.
+"""Tokenize documents with the teacher tokenizer: plain text, or chats rendered with the tokenizer's chat template
+(a base model's tokenizer has none: its chats are plain transcripts, ``User: ...`` / ``Assistant: ...``).
 
 Each document becomes ``(ids, target_mask)``: ``target_mask[i]`` says whether token ``i`` may be a training target
 (the token predicted from position ``i - 1``). Plain text: all True. Chats with ``loss_on="assistant"``: True exactly
@@ -23,12 +24,19 @@ def encode_text(tokenizer: Any, text: str, add_eos: bool = True) -> Document:
 
 
 def render_chat(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
-    """The chat as text, through the tokenizer's chat template."""
+    """The chat as text, through the tokenizer's chat template, or as a plain transcript for a tokenizer without one
+    (:func:`plain_transcript`)."""
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(
-            "Chat data needs a tokenizer with a chat template (this one has none); use plain text instead."
-        )
+        return plain_transcript(messages, add_generation_prompt, bos=getattr(tokenizer, "bos_token", None))
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def plain_transcript(messages: list[dict[str, str]], add_generation_prompt: bool = False, bos: str | None = None) -> str:
+    """A chat for a base model (no chat template): the tokenizer's BOS token, then ``Role: content`` turns separated by
+    blank lines; the generation prompt is ``Assistant:``. Every prefix of a chat renders as a prefix of its text, so
+    assistant-only targets work too."""
+    turns = "".join(f"{message['role'].capitalize()}: {message['content']}\n\n" for message in messages)
+    return (bos or "") + turns + ("Assistant:" if add_generation_prompt else "")
 
 
 def assistant_char_spans(tokenizer: Any, messages: list[dict[str, str]], text: str) -> list[tuple[int, int]]:

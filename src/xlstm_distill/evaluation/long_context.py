@@ -201,17 +201,18 @@ def by_position(student: torch.nn.Module, teacher: torch.nn.Module, documents: S
 def output_gates(student: torch.nn.Module, documents: Sequence[torch.Tensor], reach: int) -> dict[str, list]:
     """How much each head uses its memory: the output gate o (the memory's share of the mix) of every layer and
     head, averaged over the tokens of ``documents`` inside the window's reach (positions < ``reach``) and beyond it.
-    Returns ``{"inside": [[...] per head] per layer, "beyond": ...}`` (NaN for heads that keep full attention); empty
-    for a mixer without an output gate."""
+    Returns ``{"inside": [[...] per head] per layer, "beyond": ...}`` (NaN for heads that keep full attention and for
+    layers that keep the teacher's sliding-window attention); empty for a mixer without an output gate."""
     layers = [layer.self_attn for layer in student.model.layers]
-    if not layers or not hasattr(layers[0], "gate_proj") or not layers[0].gate_proj.output_gate:
+    gated = [i for i, mixer in enumerate(layers) if hasattr(mixer, "gate_proj") and mixer.gate_proj.output_gate]
+    if not gated:
         return {}
     device = next(student.parameters()).device
     sums = {part: torch.zeros(len(layers), layers[0].num_heads, dtype=torch.float64) for part in ("inside", "beyond")}
     counts = {"inside": 0, "beyond": 0}
     captured: dict[int, torch.Tensor] = {}
-    hooks = [mixer.gate_proj.register_forward_hook(lambda m, args, out, i=i: captured.__setitem__(i, out))
-             for i, mixer in enumerate(layers)]
+    hooks = [layers[i].gate_proj.register_forward_hook(lambda m, args, out, i=i: captured.__setitem__(i, out))
+             for i in gated]
     try:
         for doc in documents:
             captured.clear()
@@ -226,9 +227,9 @@ def output_gates(student: torch.nn.Module, documents: Sequence[torch.Tensor], re
     finally:
         for hook in hooks:
             hook.remove()
-    for index, mixer in enumerate(layers):  # heads that keep full attention use no gate: NaN
+    for index, mixer in enumerate(layers):  # heads that keep full attention and ungated layers use no gate: NaN
         for a, b, kept in mixer.q_runs:
-            if kept:
+            if kept or index not in gated:
                 for part in sums:
                     sums[part][index, a:b] = float("nan")
     return {part: (sums[part] / max(counts[part], 1)).tolist() for part in sums} | {"tokens": counts}

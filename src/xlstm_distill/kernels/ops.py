@@ -55,16 +55,18 @@ def swa(
     window: int,
     num_sinks: int,
     scale: float,
+    softcap: float | None = None,  # attention-logit soft-capping: scores s -> softcap * tanh(s / softcap) (Gemma 2)
     single_document: bool = False,  # known without reading doc_start: one document per row, starting at 0
     memo: dict | None = None,  # per-forward objects shared by the layers (a block mask), filled on first use
     options: KernelOptions = DEFAULT_OPTIONS,
 ) -> torch.Tensor:
     """Sliding-window attention with sink tokens: a query sees the keys of its own document inside the window (itself
     and the ``window - 1`` before it) and the document's first ``num_sinks`` tokens. GQA: query head h reads key head
-    h // (NH // NKV). Returns (B, NH, T, DV) in v's dtype."""
+    h // (NH // NKV). ``softcap``: the scaled scores s become ``softcap * tanh(s / softcap)`` before the softmax
+    (None: no capping). Returns (B, NH, T, DV) in v's dtype."""
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     name = choose_kernel("swa", options, q.device, needs_grad=needs_grad)
-    return get_kernel("swa", name)(q, k, v, doc_start, window, num_sinks, scale, single_document,
+    return get_kernel("swa", name)(q, k, v, doc_start, window, num_sinks, scale, softcap, single_document,
                                    {} if memo is None else memo, options)
 
 
@@ -78,8 +80,9 @@ def swa_cached(
     window: int,
     num_sinks: int,
     scale: float,
+    softcap: float | None = None,
     options: KernelOptions = DEFAULT_OPTIONS,
 ) -> torch.Tensor:
     """:func:`swa` of a few new tokens over an explicit key set (decoding from the cache). Returns (B, NH, T, DV)."""
     name = choose_kernel("swa_cached", options, q.device)
-    return get_kernel("swa_cached", name)(q, q_pos, k, v, k_pos, window, num_sinks, scale, options)
+    return get_kernel("swa_cached", name)(q, q_pos, k, v, k_pos, window, num_sinks, scale, softcap, options)

@@ -14,7 +14,7 @@ inside the window and the document's first ``num_sinks`` tokens. Two masks of th
   the SWA branch's K/V activations). A query block has room for the sinks of 128 // num_sinks documents; the
   sinks of any further document that starts in it stay in place, inside that block (no host read decides it).
 The mask depends on the documents of the batch, so it is built once per forward and shared by every layer (``mask``
-argument).
+argument). Attention-logit soft-capping (Gemma 2) is FlexAttention's ``score_mod`` on the scaled scores.
 """
 
 from __future__ import annotations
@@ -138,6 +138,17 @@ def causal_swa_block_mask(seq_len: int, window: int, num_sinks: int, device: tor
     return build(window, num_sinks, seq_len, device, None, copy_sinks)
 
 
+@functools.cache
+def soft_cap_mod(softcap: float):
+    """FlexAttention ``score_mod`` of attention-logit soft-capping: scaled score s -> softcap * tanh(s / softcap) (one
+    function per value, so that a compiled call is guarded on the function, not retraced)."""
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return torch.tanh(score / softcap) * softcap
+
+    return score_mod
+
+
 def _attend(
     q: torch.Tensor,  # (B, NH, T, D)
     k: torch.Tensor,  # (B, NKV, T, D)
@@ -145,6 +156,7 @@ def _attend(
     mask: SWAMask,
     scale: float,
     kernel_options: dict | None,
+    softcap: float | None = None,
 ) -> torch.Tensor:  # (B, NH, T, DV)
     """FlexAttention under the block mask, over the keys followed by the copied sinks if any. The copies' gradients
     are summed into the sinks' in float32 (over 256 query blocks at 32K tokens, bf16 sums lost 2.5% of dk)."""
@@ -159,8 +171,9 @@ def _attend(
             idx = mask.sink_pos.clamp(min=0)  # (B, NB * BLOCK)
             copies = (gather_tokens(x.float(), idx) for x in (k, v))
         k, v = (torch.cat([x, c.to(x.dtype)], 2) for x, c in zip((k, v), copies))  # (B, NKV, T + NB * BLOCK, D)
-    return flex_attention(q, k, v, block_mask=mask.block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
-                          kernel_options=kernel_options)
+    score_mod = None if softcap is None else soft_cap_mod(softcap)
+    return flex_attention(q, k, v, score_mod=score_mod, block_mask=mask.block_mask, scale=scale,
+                          enable_gqa=q.shape[1] != k.shape[1], kernel_options=kernel_options)
 
 
 @functools.cache
@@ -184,24 +197,25 @@ def swa_sinks_flex(
     scale: float,
     compiled: bool | None = None,
     kernel_options: dict | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Returns (B, NH, T, DV) in the dtype of v. ``compiled``: through torch.compile (default: on CUDA; on CPU it
     compiles too, forward only, which the tests use to check the compiled path's variants). ``kernel_options``:
-    FlexAttention's launch settings (block sizes, warps, stages)."""
+    FlexAttention's launch settings (block sizes, warps, stages). ``softcap``: attention-logit soft-capping."""
     options = {**FORCED_KERNEL_OPTIONS, **(kernel_options or {})}
     if torch.compiler.is_compiling():  # traced into a model that its user compiles
-        return _attend(q, k, v, mask, scale, options)
+        return _attend(q, k, v, mask, scale, options, softcap)
     if q.is_cuda if compiled is None else compiled:
         with many_variants():
-            return _compiled()(q, k, v, mask, scale, options)
+            return _compiled()(q, k, v, mask, scale, options, softcap)
     with warnings.catch_warnings():  # eager FlexAttention warns that it is not compiled: intended on CPU
         warnings.simplefilter("ignore")
-        return _attend(q, k, v, mask, scale, kernel_options or None)
+        return _attend(q, k, v, mask, scale, kernel_options or None, softcap)
 
 
 @register_kernel("swa", "flex")
-def _flex(q, k, v, doc_start, window: int, num_sinks: int, scale: float, single_document: bool, memo: dict,
-          options: KernelOptions) -> torch.Tensor:
+def _flex(q, k, v, doc_start, window: int, num_sinks: int, scale: float, softcap: float | None, single_document: bool,
+          memo: dict, options: KernelOptions) -> torch.Tensor:
     """The registered implementation: the block mask is built once per forward (``memo``, shared by the layers) or,
     for one document per row, once per length. With gradients, rows of one document (``copy_sinks='rows'``; packed
     rows too with ``'all'``) read their sinks from copies per query block."""
@@ -213,4 +227,4 @@ def _flex(q, k, v, doc_start, window: int, num_sinks: int, scale: float, single_
             memo[key] = causal_swa_block_mask(q.shape[2], window, num_sinks, q.device, copies)
         else:
             memo[key] = swa_block_mask(doc_start, window, num_sinks, copies)
-    return swa_sinks_flex(q, k, v, memo[key], scale, kernel_options=options.flex_kernel_params)
+    return swa_sinks_flex(q, k, v, memo[key], scale, kernel_options=options.flex_kernel_params, softcap=softcap)

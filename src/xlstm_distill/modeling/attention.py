@@ -18,6 +18,7 @@ from xlstm_distill import kernels
 from xlstm_distill.kernels.compiling import many_variants
 from xlstm_distill.kernels.mlstm_native import MLSTMState
 from xlstm_distill.kernels.options import KernelOptions
+from xlstm_distill.kernels.swa_native import soft_cap
 from xlstm_distill.modeling.cache import HybridCache, LayerCache, TokenLayout
 from xlstm_distill.modeling.configuration import HybridConfig
 from xlstm_distill.modeling.families import qk_norm_of
@@ -83,15 +84,24 @@ class GateProjection(nn.Linear):
 
 
 class HybridAttention(nn.Module):
-    """Drop-in replacement of one teacher attention layer (same call signature as transformers' attention)."""
+    """Drop-in replacement of one teacher attention layer (same call signature as transformers' attention).
+
+    Family quirks come from the teacher: its projections, q/k norms and RoPE, its query scale (Gemma's
+    ``query_pre_attn_scalar``) and attention-logit soft-capping (Gemma 2). In a teacher's own sliding-window layer
+    that ``HybridConfig.convert_layers`` keeps, the layer is the teacher's sliding-window attention (the SWA kernel
+    with the teacher's window and no sinks) and has no new parameters."""
 
     def __init__(self, teacher_attn: nn.Module, config: HybridConfig, layer_idx: int) -> None:
         super().__init__()
         teacher = config.get_teacher_config()
         self.config = config  # the kernel options are read from it at every call (settable after construction)
         self.layer_idx = layer_idx
-        self.mixer = config.mixer
-        self.window, self.num_sinks, self.chunk_size = config.window_size, config.num_sink_tokens, config.chunk_size
+        layer_window = config.layer_window(layer_idx)
+        self.keeps_teacher_window = layer_window.teacher
+        self.mixer = "swa" if self.keeps_teacher_window else config.mixer
+        self.window, self.num_sinks, self.chunk_size = layer_window.window, layer_window.num_sinks, config.chunk_size
+        self.teacher_window = config.teacher_window(layer_idx)  # heads that keep the teacher's attention use it too
+        self.softcap = getattr(teacher, "attn_logit_softcapping", None)
         if config.kernels.mlstm == "tfla" and not kernels.registry.MLSTM_KERNELS_AVAILABLE:
             raise ImportError("kernels.mlstm='tfla' (backend='tfla') needs mlstm_kernels: "
                               "pip install 'xlstm-distill[gpu]' (or use backend='native').")
@@ -107,7 +117,8 @@ class HybridAttention(nn.Module):
         self.apply_rope = sys.modules[type(teacher_attn).__module__].apply_rotary_pos_emb  # the family's own RoPE
 
         H, D = self.num_heads, self.head_dim
-        self.uses_swa, self.uses_memory, self.gated_memory = config.uses_swa, config.uses_memory, config.gated_memory
+        self.uses_swa, self.uses_memory, self.gated_memory = (
+            (True, False, False) if self.keeps_teacher_window else (config.uses_swa, config.uses_memory, config.gated_memory))
         output_gate = self.uses_swa and self.uses_memory
         self.num_gates = 2 * self.gated_memory + output_gate
         if self.uses_memory:
@@ -190,25 +201,51 @@ class HybridAttention(nn.Module):
         layout: TokenLayout,
         cache: LayerCache | None = None,
     ) -> torch.Tensor:  # (B, NHF, T, DH)
-        """The teacher's softmax attention over the whole prefix of each token's document; with a cache, the kept
-        heads' keys and values are appended to it and a continuing forward attends to everything it holds."""
-        gqa = dict(enable_gqa=True) if q.shape[1] != k.shape[1] else {}
+        """The teacher's softmax attention over the whole prefix of each token's document (over the teacher's window in
+        its sliding-window layers); with a cache, the kept heads' keys and values are appended to it and a continuing
+        forward attends to everything it holds."""
+        window = self.teacher_window
         if cache is not None:
             keys, values, key_pos = cache.write_full(k, v, layout)  # (B, NKVF, L, DH), (B, L)
             if layout.continues_cache:
-                mask = (key_pos[:, None, :] >= 0) & (key_pos[:, None, :] <= layout.position[:, :, None])  # (B, T, L)
-                return F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask[:, None],
-                                                      scale=self.scaling, **gqa)
-        if layout.single_document:
-            return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), is_causal=True, scale=self.scaling,
-                                                  **gqa)
-        if "document_mask" not in layout.memo:  # shared by the layers of one forward
+                query_pos, key_pos = layout.position[:, :, None], key_pos[:, None, :]  # (B, T, 1), (B, 1, L)
+                mask = (key_pos >= 0) & (key_pos <= query_pos)  # (B, T, L)
+                if window is not None:
+                    mask = mask & (query_pos - key_pos < window)
+                return self._softmax_attention(q, keys, values, mask[:, None])
+        if layout.single_document and window is None:
+            return self._softmax_attention(q, k, v, None)
+        key = ("document_mask", window)
+        if key not in layout.memo:  # shared by the layers of one forward
             T = q.shape[2]
             j = torch.arange(T, device=q.device)
-            layout.memo["document_mask"] = ((j[None, None, :] >= layout.doc_start[:, :, None])
-                                            & (j[None, None, :] <= j[None, :, None]))[:, None]  # (B, 1, T, T)
-        return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=layout.memo["document_mask"],
-                                              scale=self.scaling, **gqa)
+            mask = (j[None, None, :] >= layout.doc_start[:, :, None]) & (j[None, None, :] <= j[None, :, None])
+            if window is not None:
+                mask = mask & (j[None, :, None] - j[None, None, :] < window)
+            layout.memo[key] = mask[:, None]  # (B, 1, T, T)
+        return self._softmax_attention(q, k, v, layout.memo[key])
+
+    def _softmax_attention(
+        self,
+        q: torch.Tensor,  # (B, NHF, T, DH)
+        k: torch.Tensor,  # (B, NKVF, L, DH)
+        v: torch.Tensor,  # (B, NKVF, L, DH)
+        mask: torch.Tensor | None,  # (B, 1, T, L) True = attend; None: causal
+    ) -> torch.Tensor:  # (B, NHF, T, DH)
+        """Softmax attention with the teacher's scale: PyTorch's SDPA, or with soft-capped scores (which SDPA cannot
+        do) the definition in float32."""
+        k, v = k.to(q.dtype), v.to(q.dtype)
+        if self.softcap is None:
+            gqa = dict(enable_gqa=True) if q.shape[1] != k.shape[1] else {}
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scaling,
+                                                  **gqa)
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1).float(), v.repeat_interleave(group, dim=1).float()
+        scores = soft_cap(q.float() @ k.transpose(-1, -2) * self.scaling, self.softcap)  # (B, NHF, T, L)
+        if mask is None:
+            T, L = scores.shape[-2:]
+            mask = torch.ones(T, L, dtype=torch.bool, device=q.device).tril(L - T)
+        return (torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1) @ v).to(q.dtype)
 
     def mix(
         self,
@@ -243,16 +280,18 @@ class HybridAttention(nn.Module):
 
     def _swa(self, q, k, v, layout: TokenLayout, cache: LayerCache | None) -> torch.Tensor:
         """Sliding-window + sinks branch; fills / reads the sink and ring-buffer K/V of ``cache``."""
-        window = dict(window=self.window, num_sinks=self.num_sinks, scale=self.scaling, options=self.options)
+        window = dict(window=self.window, num_sinks=self.num_sinks, scale=self.scaling, softcap=self.softcap,
+                      options=self.options)
+        group = (self.window, self.num_sinks)  # the cache's window group of this layer
         if cache is not None and layout.continues_cache:
             keys, values = cache.window_keys(k, v)
-            key_pos = torch.cat([layout.cached_key_pos, layout.position], dim=1)  # (B, S + W + T)
+            key_pos = torch.cat([layout.cached_key_pos[group], layout.position], dim=1)  # (B, S + W + T)
             out = kernels.swa_cached(q, layout.position, keys, values, key_pos, **window)
         else:
             out = kernels.swa(q, k, v, layout.doc_start, single_document=layout.single_document, memo=layout.memo,
                               **window)
         if cache is not None:
-            cache.write_window(k, v, layout.write)
+            cache.write_window(k, v, layout.write[group])
         return out
 
 

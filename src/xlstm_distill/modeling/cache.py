@@ -7,6 +7,8 @@ query's document, the recurrent state is reset at its first token, and sinks are
 
 The cache keeps, per layer (:class:`LayerCache`), the mLSTM state (C, n, m), the K/V of the current document's sink
 tokens and a ring buffer of the last W tokens' K/V: its size does not depend on how many tokens were generated.
+Layers may differ in window and sinks (a teacher's own sliding-window layers, ``HybridConfig.layer_window``): the
+layers of one (window, sinks) pair share their slot bookkeeping, a *window group*.
 Only heads that keep the teacher's full attention (``HybridConfig.full_attention_heads`` / ``_layers``) add keys
 and values that grow with the context (:class:`FullWrite`).
 """
@@ -30,6 +32,9 @@ CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ 
 def cache_of(output: CausalLMOutputWithPast) -> HybridCache | None:
     """The cache a forward returned, under either transformers naming."""
     return getattr(output, CACHE_FIELD)
+
+
+WindowGroup = tuple[int, int]  # (window, sinks) of some layers
 
 
 @dataclass
@@ -68,8 +73,9 @@ class TokenLayout:
     reset: torch.Tensor  # (B, T) bool, True at the first token of a document
     continues_cache: bool  # True: the tokens continue the document held by the cache
     single_document: bool = False  # known without looking at the data: one document per row, no padding
-    write: CacheWrite | None = None  # set when a cache is to be filled
-    cached_key_pos: torch.Tensor | None = None  # (B, S + W) positions of the cached sink + ring K/V, -1 = empty
+    write: dict[WindowGroup, CacheWrite] | None = None  # set when a cache is to be filled, per window group
+    # per window group: (B, S + W) positions of the cached sink + ring K/V, -1 = empty
+    cached_key_pos: dict[WindowGroup, torch.Tensor] | None = None
     full: FullWrite | None = None  # set when the cache keeps full-attention heads
     memo: dict[Any, Any] = field(default_factory=dict)  # per-forward objects the layers share (a block mask)
 
@@ -210,20 +216,25 @@ class LayerCache:
 
 class HybridCache:
     """Constant-size decoding state: per layer a :class:`LayerCache` (the recurrent state, the sink K/V and a ring
-    buffer of the window's K/V), plus the positions those slots hold, shared by the layers. With ``keeps_full``
-    (heads that keep full attention) also the kept heads' K/V of every token, which grow with the context."""
+    buffer of the window's K/V), plus the positions those slots hold, shared by the layers of one window group. With
+    ``keeps_full`` (heads that keep full attention) also the kept heads' K/V of every token, which grow with the
+    context. ``layer_windows``: each layer's (window, sinks) where they differ from ``window`` and ``num_sinks``
+    (``HybridConfig.layer_window``)."""
 
-    def __init__(self, num_layers: int, window: int, num_sinks: int, keeps_full: bool = False) -> None:
-        self.window = window
-        self.num_sinks = num_sinks
+    def __init__(self, num_layers: int, window: int, num_sinks: int, keeps_full: bool = False,
+                 layer_windows: list[WindowGroup] | None = None) -> None:
+        self.layer_windows = [tuple(w) for w in layer_windows] if layer_windows else [(window, num_sinks)] * num_layers
+        if len(self.layer_windows) != num_layers:
+            raise ValueError(f"layer_windows names {len(self.layer_windows)} layers, the model has {num_layers}.")
+        self.groups: list[WindowGroup] = sorted(set(self.layer_windows))
         self.keeps_full = keeps_full
         self.full_pos: torch.Tensor | None = None  # (B, CAP) document position held by each full slot, -1 = empty
         self.full_len: torch.Tensor | None = None  # (1,) full slots written so far (a tensor: static decode steps)
         self.layers: list[LayerCache] = [LayerCache() for _ in range(num_layers)]
         self.seen_tokens = 0  # input positions consumed so far (padding included)
         self.doc_length: torch.Tensor | None = None  # (B,) tokens of the current document
-        self.sink_pos: torch.Tensor | None = None  # (B, S) position held by each sink slot, -1 = empty
-        self.ring_pos: torch.Tensor | None = None  # (B, W) position held by each ring slot, -1 = empty
+        self.sink_pos: dict[WindowGroup, torch.Tensor] = {}  # per group (B, S): position held by each sink slot, -1 = empty
+        self.ring_pos: dict[WindowGroup, torch.Tensor] = {}  # per group (B, W): position held by each ring slot
 
     @property
     def is_empty(self) -> bool:
@@ -249,7 +260,8 @@ class HybridCache:
                 raise ValueError("Right padding cannot be cached: pad on the left for generation (padding_side='left').")
             start = layout.doc_start[:, -1]
             length = seq_len - start
-            layout.write = _slot_plan(length, torch.zeros_like(length), start, self.window, self.num_sinks, None, None)
+            layout.write = {(w, s): _slot_plan(length, torch.zeros_like(length), start, w, s, None, None)
+                            for w, s in self.groups}
             if self.keeps_full:  # only the row's last document stays visible to later tokens
                 in_last = torch.arange(seq_len, device=device)[None, :] >= start[:, None]
                 layout.full = self._full_write(torch.where(in_last, layout.position, -1), seq_len)
@@ -263,10 +275,10 @@ class HybridCache:
             raise ValueError(f"The cache holds batch size {self.doc_length.shape[0]}, got {batch_size}.")
         pos0 = self.doc_length
         position = pos0[:, None] + torch.arange(seq_len, device=device)
-        write = _slot_plan(pos0 + seq_len, pos0, torch.zeros_like(pos0), self.window, self.num_sinks,
-                           self.sink_pos, self.ring_pos)
+        write = {g: _slot_plan(pos0 + seq_len, pos0, torch.zeros_like(pos0), *g, self.sink_pos[g], self.ring_pos[g])
+                 for g in self.groups}
         no_reset = torch.zeros(batch_size, seq_len, dtype=torch.bool, device=device)
-        cached_key_pos = torch.cat([self.sink_pos, self.ring_pos], dim=1)
+        cached_key_pos = {g: torch.cat([self.sink_pos[g], self.ring_pos[g]], dim=1) for g in self.groups}
         full = self._full_write(position, seq_len) if self.keeps_full else None
         return TokenLayout(position, position, no_reset, continues_cache=True, write=write, cached_key_pos=cached_key_pos,
                            full=full)
@@ -300,8 +312,9 @@ class HybridCache:
 
     def commit(self, layout: TokenLayout, seq_len: int) -> None:
         """Advance the bookkeeping after every layer has written its part of ``layout.write``."""
-        write = layout.write
-        self.doc_length, self.sink_pos, self.ring_pos = write.doc_length, write.sink_pos, write.ring_pos
+        self.doc_length = layout.write[self.groups[0]].doc_length
+        self.sink_pos = {g: w.sink_pos for g, w in layout.write.items()}
+        self.ring_pos = {g: w.ring_pos for g, w in layout.write.items()}
         if layout.full is not None:
             self.full_pos, self.full_len = layout.full.key_pos, self.full_len + seq_len
         self.seen_tokens += seq_len
@@ -310,14 +323,23 @@ class HybridCache:
         """Select batch rows (beam search)."""
         for layer in self.layers:
             layer.select(beam_idx)
-        self.doc_length, self.sink_pos, self.ring_pos = (
-            x.index_select(0, beam_idx.to(x.device)) for x in (self.doc_length, self.sink_pos, self.ring_pos))
-        if self.full_pos is not None:
-            self.full_pos = self.full_pos.index_select(0, beam_idx.to(self.full_pos.device))
+        per_row = self._bookkeeping()[:-1] if self.full_pos is not None else self._bookkeeping()  # (full_len: a count)
+        rows = [x.index_select(0, beam_idx.to(x.device)) for x in per_row]
+        self._set_bookkeeping(iter(rows + ([self.full_len] if self.full_pos is not None else [])))
 
     def _bookkeeping(self) -> list[torch.Tensor]:
+        """The document length, each window group's sink and ring positions, the full slots' positions and count."""
+        windows = [x for g in self.groups for x in (self.sink_pos[g], self.ring_pos[g])]
         full = [self.full_pos, self.full_len] if self.full_pos is not None else []
-        return [self.doc_length, self.sink_pos, self.ring_pos] + full
+        return [self.doc_length] + windows + full
+
+    def _set_bookkeeping(self, tensors: Iterator[torch.Tensor]) -> None:
+        """Inverse of :meth:`_bookkeeping`."""
+        self.doc_length = next(tensors)
+        for g in self.groups:
+            self.sink_pos[g], self.ring_pos[g] = next(tensors), next(tensors)
+        if self.full_pos is not None:
+            self.full_pos, self.full_len = next(tensors), next(tensors)
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor of the cache in a fixed order (each layer's, then the bookkeeping)."""
@@ -331,9 +353,7 @@ class HybridCache:
         it = iter(tensors)
         for layer in self.layers:
             layer.set_tensors(it)
-        self.doc_length, self.sink_pos, self.ring_pos = next(it), next(it), next(it)
-        if self.full_pos is not None:
-            self.full_pos, self.full_len = next(it), next(it)
+        self._set_bookkeeping(it)
 
     def nbytes(self) -> int:
         """Bytes held by the cache tensors (constant once the first forward has filled it)."""

@@ -3,23 +3,33 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 from transformers import AutoConfig, PreTrainedConfig
 
 from xlstm_distill.kernels.options import KernelOptions
 
 MIXERS = ("mlstm_swa", "mlstm", "swa", "linear_swa", "linear")
+# which layers of a teacher with interleaved sliding-window and global layers (Gemma 2/3, OLMo3) run the mixer
+CONVERT_LAYERS = ("global", "all")
 # ``backend`` is a shorthand for the two kernel choices of ``kernels`` (mLSTM, SWA)
 BACKENDS = {"auto": ("auto", "auto"), "native": ("native", "native"), "tfla": ("tfla", "flex")}
 # The student's own settings (everything except the teacher architecture).
-MIXER_FIELDS = ("mixer", "window_size", "num_sink_tokens", "feature_dim", "chunk_size", "forget_gate_bias", "kernels",
-                "full_attention_layers", "full_attention_heads")
+MIXER_FIELDS = ("mixer", "window_size", "num_sink_tokens", "convert_layers", "feature_dim", "chunk_size",
+                "forget_gate_bias", "kernels", "full_attention_layers", "full_attention_heads")
 # Attributes mirrored from the teacher config so that generation utilities find them on the student config.
 MIRRORED = (
     "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
     "max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id",
 )
+
+
+class LayerWindow(NamedTuple):
+    """The sliding window of one student layer."""
+
+    window: int  # a query sees itself and the window - 1 tokens before it
+    num_sinks: int  # first tokens of the document visible to every later query
+    teacher: bool  # the layer keeps the teacher's own sliding-window attention (no mixer, no new parameters)
 
 
 class HybridConfig(PreTrainedConfig):
@@ -31,6 +41,11 @@ class HybridConfig(PreTrainedConfig):
             (LoLCATs-style linear attention + window) or ``linear``.
         window_size: sliding-window length W (a query sees itself and the W - 1 tokens before it).
         num_sink_tokens: first tokens of every document that stay visible to all later queries.
+        convert_layers: for a teacher that interleaves sliding-window and global attention layers (Gemma 2, Gemma 3,
+            OLMo3): ``global`` (default) replaces only the global layers by the mixer, the sliding-window layers keep
+            the teacher's own sliding-window attention exactly (their cache is a ring buffer of the teacher's
+            window, constant in the context); ``all`` replaces every layer, and a sliding-window layer's window is
+            the teacher's where that is larger than ``window_size``. Other teachers: every layer runs the mixer.
         feature_dim: output size of the per-head feature map phi (default: the teacher's head dimension).
         chunk_size: chunk length of the native chunkwise mLSTM kernel (TFLA on CUDA uses the next power of two,
             at least 128).
@@ -57,6 +72,7 @@ class HybridConfig(PreTrainedConfig):
         mixer: str = "mlstm_swa",
         window_size: int = 512,
         num_sink_tokens: int = 4,
+        convert_layers: str = "global",
         feature_dim: int | None = None,
         chunk_size: int = 64,
         forget_gate_bias: tuple[float, float] | list[float] = (3.0, 6.0),
@@ -70,6 +86,9 @@ class HybridConfig(PreTrainedConfig):
     ) -> None:
         if mixer not in MIXERS:
             raise ValueError(f"mixer={mixer!r} is not supported; choose one of {', '.join(MIXERS)}.")
+        if convert_layers not in CONVERT_LAYERS:
+            raise ValueError(f"convert_layers={convert_layers!r} is not supported; choose one of "
+                             f"{', '.join(CONVERT_LAYERS)}.")
         kernels = KernelOptions.of(kernels)
         if backend is not None:
             if backend not in BACKENDS:
@@ -87,6 +106,7 @@ class HybridConfig(PreTrainedConfig):
         self.mixer = mixer
         self.window_size = window_size
         self.num_sink_tokens = num_sink_tokens
+        self.convert_layers = convert_layers
         self.feature_dim = feature_dim
         self.chunk_size = chunk_size
         self.forget_gate_bias = [float(b) for b in forget_gate_bias]
@@ -125,6 +145,26 @@ class HybridConfig(PreTrainedConfig):
         if layer in self.full_attention_layers:
             return tuple(range(self._teacher_kv_heads()))
         return tuple(h for l, h in self.full_attention_heads if l == layer)
+
+    def teacher_window(self, layer: int) -> int | None:
+        """The teacher's own sliding window in ``layer`` (None: a global layer, or a teacher without interleaved
+        sliding-window layers; read from the teacher config's ``layer_types`` and ``sliding_window``)."""
+        if self.teacher_config is None:
+            raise ValueError("This HybridConfig has no teacher_config: build students with xlstm_distill.convert().")
+        layer_types = self.teacher_config.get("layer_types")
+        if layer_types and layer_types[layer] == "sliding_attention":
+            return self.teacher_config.get("sliding_window")
+        return None
+
+    def layer_window(self, layer: int) -> LayerWindow:
+        """The sliding window of ``layer``: the student's (``window_size``, ``num_sink_tokens``), except in the teacher's
+        sliding-window layers (``convert_layers``)."""
+        teacher = self.teacher_window(layer)
+        if teacher is None:
+            return LayerWindow(self.window_size, self.num_sink_tokens, teacher=False)
+        if self.convert_layers == "global":
+            return LayerWindow(teacher, 0, teacher=True)
+        return LayerWindow(max(self.window_size, teacher), self.num_sink_tokens, teacher=False)
 
     @property
     def keeps_full_attention(self) -> bool:

@@ -17,7 +17,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from xlstm_distill.modeling.attention import FeatureMap, GateProjection, HybridAttention
 from xlstm_distill.modeling.cache import CACHE_FIELD, HybridCache, full_layout
 from xlstm_distill.modeling.configuration import HybridConfig
-from xlstm_distill.modeling.families import qk_norm_of
+from xlstm_distill.modeling.families import qk_norm_of, text_part
 
 
 class HybridPreTrainedModel(PreTrainedModel):
@@ -50,6 +50,7 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         for idx, layer in enumerate(self.model.layers):
             layer.self_attn = HybridAttention(layer.self_attn, config, idx)
         self._layer_types = getattr(teacher_config, "layer_types", None)
+        self.final_logit_softcapping = getattr(teacher_config, "final_logit_softcapping", None)  # Gemma 2
         # the keyword the teacher family's decoder layer takes the cache by (it hands it on to the mixer)
         layer_args = inspect.signature(type(self.model.layers[0]).forward).parameters
         self._layer_cache_arg = "cache" if "cache" in layer_args else "past_key_values"
@@ -111,8 +112,10 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
             inputs_embeds = self.model.embed_tokens(input_ids)
         B, T = inputs_embeds.shape[:2]
         if use_cache and past_key_values is None:
-            past_key_values = HybridCache(len(self.model.layers), self.config.window_size, self.config.num_sink_tokens,
-                                          keeps_full=self.config.keeps_full_attention)
+            past_key_values = HybridCache(
+                len(self.model.layers), self.config.window_size, self.config.num_sink_tokens,
+                keeps_full=self.config.keeps_full_attention,
+                layer_windows=[self.config.layer_window(i)[:2] for i in range(len(self.model.layers))])
         if past_key_values is not None:
             layout = past_key_values.plan(B, T, inputs_embeds.device, attention_mask, document_ids)
         else:
@@ -129,6 +132,8 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
             past_key_values.commit(layout, T)
         keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
         logits = self.lm_head(hidden[:, keep])
+        if self.final_logit_softcapping is not None:
+            logits = torch.tanh(logits / self.final_logit_softcapping) * self.final_logit_softcapping
         loss = None
         if labels is not None:
             loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
@@ -166,8 +171,8 @@ def convert(teacher: PreTrainedModel, config: HybridConfig | None = None) -> Hyb
     ``config`` holds the mixer settings (``HybridConfig()`` defaults: mLSTM + SWA, window 512, 4 sinks).
     """
     config = config or HybridConfig()
-    qk_norm_of(teacher.config.model_type)
-    teacher_config = teacher.config.to_dict()
+    text_config, teacher_state = text_part(teacher)  # a multimodal checkpoint: its language model
+    teacher_config = text_config.to_dict()
     teacher_config.pop("quantization_config", None)
     student_config = HybridConfig(
         **config.mixer_fields(),
@@ -176,7 +181,7 @@ def convert(teacher: PreTrainedModel, config: HybridConfig | None = None) -> Hyb
     )
     param = next(teacher.parameters())
     student = HybridForCausalLM(student_config).to(device=param.device, dtype=param.dtype)
-    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+    missing, unexpected = student.load_state_dict(teacher_state, strict=False)
     surprising = set(missing) - set(student.new_parameter_names()) - {"lm_head.weight"}
     if unexpected or surprising:
         raise ValueError(f"Teacher weights do not map onto the student: unexpected {unexpected}, missing {sorted(surprising)}.")

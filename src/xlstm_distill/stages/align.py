@@ -149,8 +149,10 @@ class WindowDropout:
 
 @contextmanager
 def window_of(student: HybridForCausalLM, window: int) -> Iterator[None]:
-    """Every mixer with sliding-window size ``window`` for the duration (the config keeps its own)."""
-    mixers = [layer.self_attn for layer in student.model.layers]
+    """Every mixer with the student's own window (not a teacher's sliding-window layer, nor a larger teacher window that
+    ``convert_layers: all`` keeps) with sliding-window size ``window`` for the duration (the config keeps its own)."""
+    mixers = [layer.self_attn for layer in student.model.layers
+              if not layer.self_attn.keeps_teacher_window and layer.self_attn.window == student.config.window_size]
     saved = [m.window for m in mixers]
     for m in mixers:
         m.window = window
