@@ -180,3 +180,32 @@ def test_merged_model_is_labelled_by_how_its_weights_were_chosen(tmp_path):
                        "given weights"), ({"normalized_weights": [0.5, 0.5], "sweep": {}}, "swept")):
         (tmp_path / "merge_info.json").write_text(json.dumps(info))
         assert merge_kind(tmp_path) == kind
+
+
+def test_shipped_recipes_load():
+    """Every recipe under recipes/ reads with its typed sections; the GPU expert recipe gives the generalist the
+    experts' Stage II tokens together."""
+    from pathlib import Path
+
+    paths = sorted((Path(__file__).parents[2] / "recipes").glob("*.yaml"))
+    recipes = {path.stem: Recipe.load(path) for path in paths}
+    assert "smollm2-135m-experts-gpu" in recipes and len(recipes) >= 5
+    gpu = recipes["smollm2-135m-experts-gpu"]
+    experts = gpu.experts
+    assert gpu.data.seq_len == 4096 and len(experts.domains) == 4 and experts.sweep is not None
+    assert gpu.distill.steps == len(experts.domains) * experts.distill_steps
+    assert gpu.targets.num_sequences == len(experts.domains) * experts.num_sequences
+    assert (gpu.distill.gamma, gpu.distill.beta, gpu.distill.topk_mode, gpu.distill.lr, gpu.distill.train) == (
+        0.0, 1.0, "residual", 1e-5, "full")
+    assert {"xd_gsm8k", "xd_humaneval", "xd_mbpp"} <= set(gpu.evaluate.tasks)
+
+
+def test_expert_budget_overrides_reach_each_expert(tmp_path):
+    path = tiny_recipe(tmp_path, "budget", experts={"domains": {"a": {"a": 1.0}, "b": {"b": 1.0}},
+                                                   "distill_steps": 2, "num_sequences": 8})
+    ctx = RunContext(Recipe.load(path))
+    expert = ctx.for_expert("a", {"a": 1.0}).recipe
+    assert (expert.distill.steps, expert.targets.num_sequences) == (2, 8)
+    assert (ctx.recipe.distill.steps, ctx.recipe.targets.num_sequences) == (4, 16)  # the generalist's
+    with pytest.raises(ValueError, match="experts.distill_steps must be an integer >= 1"):
+        Recipe.load(path, ["experts.distill_steps=0"])
