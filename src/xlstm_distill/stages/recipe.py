@@ -208,6 +208,10 @@ class ExpertsSection:
                                                            "default uniform).")
     sweep: SweepConfig | None = setting(None, "Choose the merge weights on each expert's domain, on the sweep split "
                                               "(`experts.sweep` below); absent: `merge_weights` or uniform.")
+    distill_steps: int | None = setting(None, "Stage II steps of each expert (default: `distill.steps`); the "
+                                              "generalist keeps `distill.steps`, so it can get the experts' total.")
+    num_sequences: int | None = setting(None, "Teacher target sequences of each expert (default: "
+                                              "`targets.num_sequences`).")
 
     def __post_init__(self) -> None:
         if not self.domains:
@@ -217,6 +221,9 @@ class ExpertsSection:
                              f"got {', '.join(self.merge_weights)}.")
         if self.merge_weights is not None and self.sweep is not None:
             raise ValueError("experts.merge_weights and experts.sweep both choose the merge weights: give one of them.")
+        for name in ("distill_steps", "num_sequences"):
+            if getattr(self, name) is not None:
+                _check_positive(f"experts.{name}", getattr(self, name))
 
 
 @dataclass

@@ -1,7 +1,9 @@
 """The held-out report: perplexity and KL(teacher || student) of every student the recipe produced, on documents no
 stage trained on; for a windowed student the KL also split inside / beyond the window's reach; each model's change
 from the one before it, paired over the held-out sequences, with its standard error; with
-``evaluate.long_documents``, the same by position on long held-out documents (``report/by_position.*``)."""
+``evaluate.long_documents``, the same by position on long held-out documents (``report/by_position.*``); with an
+``experts`` section, every expert, the merged model, the generalist and the teacher on each domain's held-out
+documents (``report/domains.*``, :mod:`xlstm_distill.stages.domains`)."""
 
 from __future__ import annotations
 
@@ -15,13 +17,15 @@ from rich.table import Table
 
 from xlstm_distill.evaluation.long_context import by_position, output_gates, plot_output_gates, write_by_position
 from xlstm_distill.metrics import paired_kl_difference
+from xlstm_distill.stages import domains
 from xlstm_distill.stages.common import autocast, compare_to_teacher
 from xlstm_distill.stages.context import RunContext
 from xlstm_distill.stages.trainer import is_main_process
 
 
 def run(ctx: RunContext) -> dict[str, dict[str, float]]:
-    """Prints the table; writes ``report/held_out.json`` and ``report/held_out.png``. Returns the rows by model."""
+    """Prints the table; writes ``report/held_out.json`` and ``report/held_out.png`` (and the optional reports of the
+    module docstring). Returns the rows by model."""
     if not is_main_process():
         return {}
     students = ctx.students()
@@ -43,6 +47,7 @@ def run(ctx: RunContext) -> dict[str, dict[str, float]]:
     plot(rows, out / "held_out.png")
     if ctx.recipe.evaluate.long_documents:
         position_report(ctx, students, out)
+    domains.run(ctx)
     return rows
 
 
