@@ -50,10 +50,10 @@ def check_mixer_step_inputs(q, k, v, gates, maps, state, sink_k, sink_v, ring_k,
     if k.shape[0] != B or k.shape[2] != DH or NH % NKV:
         raise ValueError(f"k {tuple(k.shape)} does not fit q {tuple(q.shape)}: the batch and head size must match and "
                          "the query heads must be a multiple of the key-value heads (GQA).")
-    groups = 3 if gated else 1
-    if gates.shape != (B, groups * NH):
-        raise ValueError(f"gates must be (B, {groups} * NH) = ({B}, {groups * NH}) pre-activations "
-                         f"({'input, forget, output' if gated else 'output'}), got {tuple(gates.shape)}.")
+    expected = "(B, 3 * NH): the input, forget and output gates'" if gated else "(B, NH): the output gate's"
+    if gates.shape != (B, (3 if gated else 1) * NH):
+        raise ValueError(f"gates must be {expected} pre-activations ({'gated' if gated else 'ungated'} memory, NH = "
+                         f"{NH}), got {tuple(gates.shape)}.")
     wq, bq, wk, bk = maps
     DF = wq.shape[-1]
     for name, w, bias in (("q", wq, bq), ("k", wk, bk)):
