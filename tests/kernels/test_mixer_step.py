@@ -267,3 +267,41 @@ def test_compiled_graphed_decode_through_the_fused_step_on_cuda(name):
     with torch._dynamo.config.patch(error_on_recompile=True):
         got = _decode(student, ids, 6, TRITON, compile=True, use_graph=True)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+COMPILE_FOR_SM90 = """
+import sys
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, compile
+
+from xlstm_distill.kernels.mixer_step_kernel import mixer_step_kernel as kernel
+from xlstm_distill.kernels.mixer_step_triton import launch_constants
+
+for DH, gated, softcap in ((128, True, False), (256, False, True)):
+    const = launch_constants(NH=16, NKV=8, DH=DH, DF=DH, S=4, W=512, gated=gated, softcap=softcap)
+    warps = const.pop("num_warps")
+    floats, pointers = ("scale", "softcap", "eps"), {"key_pos_ptr": "*i64", "pos_ptr": "*i64"}
+    state = ("C_ptr", "n_ptr", "m_ptr", "C_out_ptr", "n_out_ptr", "m_out_ptr")
+    signature = {name: "constexpr" if name in const else pointers.get(name, "*fp32" if name in state else "*bf16")
+                 if name.endswith("_ptr") else "fp32" if name in floats else "i32" for name in kernel.arg_names}
+    source = ASTSource(fn=kernel, signature=signature,
+                       constexprs={(kernel.arg_names.index(k),): v for k, v in const.items()})
+    assert "cubin" in compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps)).asm
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the other tests compile the kernel")
+def test_kernel_compiles_for_sm90_without_a_gpu():
+    """Triton's compiler (with its own ptxas) builds the kernel for an H100 / H200 (sm_90) without a GPU: the
+    interpreter runs Python semantics, this checks what only the compiler checks (types of loop-carried values,
+    constexpr branches)."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]

@@ -69,7 +69,7 @@ def mixer_step_kernel(
     C_out_ptr, n_out_ptr, m_out_ptr,  # (B, NH, DF, DH), (B, NH, DF), (B, NH) float32 state after the step
     scale, softcap, eps, window, num_sinks,
     NH: tl.constexpr, NKV: tl.constexpr, DH: tl.constexpr, DF: tl.constexpr, S: tl.constexpr, W: tl.constexpr,
-    GATED: tl.constexpr, SOFTCAP: tl.constexpr,
+    GATED: tl.constexpr, G: tl.constexpr, SOFTCAP: tl.constexpr,  # G: gate rows per head (3 gated, 1 ungated)
     BLOCK_DH: tl.constexpr, BLOCK_DF: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -77,7 +77,6 @@ def mixer_step_kernel(
     b = (pid // NH).to(tl.int64)
     h = (pid % NH).to(tl.int64)
     kv = h // (NH // NKV)
-    G: tl.constexpr = 3 if GATED else 1
     offs_d = tl.arange(0, BLOCK_DH)
     mask_d = offs_d < DH
     offs_f = tl.arange(0, BLOCK_DF)
@@ -153,13 +152,14 @@ def mixer_step_kernel(
     pos_row = key_pos_ptr + b * (S + W)
     if S > 0:
         offs_s = tl.arange(0, BLOCK_S)
-        tile = ((b * NKV + kv) * S + offs_s[:, None]) * DH + offs_d[None, :]
-        m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, sink_k_ptr + tile, sink_v_ptr + tile, pos_row + offs_s,
+        sink_tile = ((b * NKV + kv) * S + offs_s[:, None]) * DH + offs_d[None, :]
+        m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, sink_k_ptr + sink_tile, sink_v_ptr + sink_tile, pos_row + offs_s,
                                       offs_s < S, mask_d, query_pos, scale, softcap, window, num_sinks, SOFTCAP)
     for n0 in range(0, W, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        tile = ((b * NKV + kv) * W + offs_n[:, None]) * DH + offs_d[None, :]
-        m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, ring_k_ptr + tile, ring_v_ptr + tile, pos_row + S + offs_n,
+        ring_tile = ((b * NKV + kv) * W + offs_n[:, None]) * DH + offs_d[None, :]
+        m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, ring_k_ptr + ring_tile, ring_v_ptr + ring_tile,
+                                      pos_row + S + offs_n,
                                       offs_n < W, mask_d, query_pos, scale, softcap, window, num_sinks, SOFTCAP)
     attention = acc / l_i
 
