@@ -112,6 +112,20 @@ def test_triton_step_bfloat16(case):
     assert all(_rel(a, b) < BF16 for a, b in zip(got_state[:2], truth_state[:2]))
 
 
+def test_ring_loop_unrolled_or_not(monkeypatch):
+    """Long rings run the ring loop as a loop (short ones unrolled): the same function."""
+    from xlstm_distill.kernels import mixer_step_triton
+
+    B, NH, NKV, DH, DF, S, W, gated, softcap, lengths = CASES["several-key-blocks-first-steps"]
+    args = _inputs(B, NH, NKV, DH, DF, S, W, gated, lengths)
+    kw = dict(gated=gated, window=W, num_sinks=S, scale=DH ** -0.5, softcap=softcap)
+    unrolled, _ = kernels.mixer_step(*args, **kw, options=TRITON)
+    monkeypatch.setattr(mixer_step_triton, "MAX_UNROLLED_BLOCKS", 1)
+    assert not mixer_step_triton.launch_constants(NH, NKV, DH, DF, S, W, gated, False)["UNROLL_RING"]
+    looped, _ = kernels.mixer_step(*args, **kw, options=TRITON)
+    torch.testing.assert_close(looped, unrolled, **FP32)
+
+
 def test_window_rule_on_arbitrary_slot_positions():
     """Slots holding any positions (future ones, stale ones outside the window, sinks past the sink count, empty):
     the kernel's mask is the reference's."""
@@ -277,8 +291,9 @@ from triton.compiler import ASTSource, compile
 from xlstm_distill.kernels.mixer_step_kernel import mixer_step_kernel as kernel
 from xlstm_distill.kernels.mixer_step_triton import launch_constants
 
-for DH, gated, softcap in ((128, True, False), (256, False, True)):
-    const = launch_constants(NH=16, NKV=8, DH=DH, DF=DH, S=4, W=512, gated=gated, softcap=softcap)
+for DH, W, gated, softcap in ((128, 512, True, False), (256, 512, False, True), (64, 4096, True, False)):
+    const = launch_constants(NH=16, NKV=8, DH=DH, DF=DH, S=4, W=W, gated=gated, softcap=softcap)
+    assert const["UNROLL_RING"] == (DH <= 128 and W == 512)  # both forms of the ring loop
     warps = const.pop("num_warps")
     floats, pointers = ("scale", "softcap", "eps"), {"key_pos_ptr": "*i64", "pos_ptr": "*i64"}
     state = ("C_ptr", "n_ptr", "m_ptr", "C_out_ptr", "n_out_ptr", "m_out_ptr")

@@ -10,7 +10,8 @@ cached keys and values once, and writes the head's output and new state once:
 2. gates: m' = max(lf + m, i), f' = exp(lf + m - m'), i' = exp(i - m')  (lf = logsigmoid(f); no gates: i = lf = 0)
 3. state: n' = f' n + i' fk, C' = f' C + i' fk v^T; readout h = fq^T C' / (max(|fq.n'|, exp(-m')) + eps)
    (no gates: / (fq.n' + eps)), as ``mlstm_native.mlstm_recurrent_step`` defines it
-4. attention of the raw q over the new key, the sinks and the ring buffer (blocks of BLOCK_N slots), online softmax,
+4. attention of the raw q over the new key, the sinks and the ring buffer (blocks of BLOCK_N slots, the loop unrolled
+   if UNROLL_RING), online softmax,
    key at position p visible to the query at position P where 0 <= p <= P and (p < sinks or P - p < window),
    scores scale * q.k, soft-capped if SOFTCAP
 5. y = a + sigmoid(o) (h - a)  (torch.lerp(a, h, sigmoid(o)))
@@ -71,7 +72,7 @@ def mixer_step_kernel(
     NH: tl.constexpr, NKV: tl.constexpr, DH: tl.constexpr, DF: tl.constexpr, S: tl.constexpr, W: tl.constexpr,
     GATED: tl.constexpr, G: tl.constexpr, SOFTCAP: tl.constexpr,  # G: gate rows per head (3 gated, 1 ungated)
     BLOCK_DH: tl.constexpr, BLOCK_DF: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, UNROLL_RING: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = (pid // NH).to(tl.int64)
@@ -88,7 +89,7 @@ def mixer_step_kernel(
     # 1. feature maps, the DH x DF weights in slices of BLOCK_K rows (fewer registers than the whole matrix)
     zq = tl.load(bq_ptr + h * DF + offs_f, mask=mask_f, other=0.0).to(tl.float32)  # (BLOCK_DF,)
     zk = tl.load(bk_ptr + h * DF + offs_f, mask=mask_f, other=0.0).to(tl.float32)
-    for d0 in range(0, DH, BLOCK_K):
+    for d0 in tl.static_range(0, DH, BLOCK_K):  # DH / BLOCK_K slices (4 at 128): unrolled, their loads independent
         offs_k = d0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < DH
         q_part = tl.load(q_row + offs_k, mask=mask_k, other=0.0).to(tl.float32)  # (BLOCK_K,)
@@ -155,12 +156,21 @@ def mixer_step_kernel(
         sink_tile = ((b * NKV + kv) * S + offs_s[:, None]) * DH + offs_d[None, :]
         m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, sink_k_ptr + sink_tile, sink_v_ptr + sink_tile, pos_row + offs_s,
                                       offs_s < S, mask_d, query_pos, scale, softcap, window, num_sinks, SOFTCAP)
-    for n0 in range(0, W, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        ring_tile = ((b * NKV + kv) * W + offs_n[:, None]) * DH + offs_d[None, :]
-        m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, ring_k_ptr + ring_tile, ring_v_ptr + ring_tile,
-                                      pos_row + S + offs_n,
-                                      offs_n < W, mask_d, query_pos, scale, softcap, window, num_sinks, SOFTCAP)
+    ring_row = (b * NKV + kv) * W
+    if UNROLL_RING:  # the blocks' loads do not depend on each other: unrolled, later blocks' loads can start early
+        for n0 in tl.static_range(0, W, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            ring_tile = (ring_row + offs_n[:, None]) * DH + offs_d[None, :]
+            m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, ring_k_ptr + ring_tile, ring_v_ptr + ring_tile,
+                                          pos_row + S + offs_n, offs_n < W, mask_d, query_pos, scale, softcap,
+                                          window, num_sinks, SOFTCAP)
+    else:
+        for n0 in range(0, W, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            ring_tile = (ring_row + offs_n[:, None]) * DH + offs_d[None, :]
+            m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, ring_k_ptr + ring_tile, ring_v_ptr + ring_tile,
+                                          pos_row + S + offs_n, offs_n < W, mask_d, query_pos, scale, softcap,
+                                          window, num_sinks, SOFTCAP)
     attention = acc / l_i
 
     # 5. the output gate's mix

@@ -35,6 +35,9 @@ if TYPE_CHECKING:
 
 BLOCK_K = 32  # rows of a feature-map weight slice per iteration
 BLOCK_N = 32  # cached slots per attention block
+# the ring loop is unrolled up to this many blocks (1,024 slots at BLOCK_N = 32), for heads up to 128 (ptxas for
+# sm_90 at 128 x 128, 16 warps: 124 registers, no spills; at 256 x 256 unrolling spills 1,084 bytes a thread)
+MAX_UNROLLED_BLOCKS = 32
 
 
 def mixer_step_triton(
@@ -83,6 +86,7 @@ def launch_constants(NH: int, NKV: int, DH: int, DF: int, S: int, W: int, gated:
     return dict(NH=NH, NKV=NKV, DH=DH, DF=DF, S=S, W=W, GATED=gated, G=3 if gated else 1, SOFTCAP=softcap,
                 BLOCK_DH=block_dh, BLOCK_DF=block_df, BLOCK_K=min(BLOCK_K, block_dh),
                 BLOCK_S=_next_power_of_2(max(S, 1)), BLOCK_N=min(BLOCK_N, _next_power_of_2(W)),
+                UNROLL_RING=block_dh <= 128 and -(-W // BLOCK_N) <= MAX_UNROLLED_BLOCKS,
                 num_warps=_num_warps(block_df, block_dh))
 
 
