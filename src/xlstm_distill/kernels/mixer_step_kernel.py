@@ -10,10 +10,9 @@ cached keys and values once, and writes the head's output and new state once:
 2. gates: m' = max(lf + m, i), f' = exp(lf + m - m'), i' = exp(i - m')  (lf = logsigmoid(f); no gates: i = lf = 0)
 3. state: n' = f' n + i' fk, C' = f' C + i' fk v^T; readout h = fq^T C' / (max(|fq.n'|, exp(-m')) + eps)
    (no gates: / (fq.n' + eps)), as ``mlstm_native.mlstm_recurrent_step`` defines it
-4. attention of the raw q over the new key, the sinks and the ring buffer (blocks of BLOCK_N slots, the loop unrolled
-   if UNROLL_RING), online softmax,
-   key at position p visible to the query at position P where 0 <= p <= P and (p < sinks or P - p < window),
-   scores scale * q.k, soft-capped if SOFTCAP
+4. attention a of the raw q over the new key, the sinks and the ring buffer (blocks of BLOCK_N slots; the loop
+   unrolled if UNROLL_RING) with an online softmax: the key at position p is visible to the query at position P where
+   0 <= p <= P and (p < sinks or P - p < window); scores scale * q.k, soft-capped if SOFTCAP
 5. y = a + sigmoid(o) (h - a)  (torch.lerp(a, h, sigmoid(o)))
 
 Everything is computed in float32; y is stored in the output's dtype. No tl.dot (one token: mat-vecs as broadcast
