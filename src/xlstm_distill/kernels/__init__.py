@@ -5,8 +5,8 @@
 
 Operations: :func:`mlstm`, :func:`mlstm_step`, :func:`swa`, :func:`swa_cached`, :func:`mixer_step` (``ops.py``);
 implementations (``native`` PyTorch, ``tfla`` through NX-AI's mlstm_kernels, ``flex`` through FlexAttention,
-``triton`` for the fused decode step, ``recurrent`` as a reference) are registered by name (``registry.py``: :func:`get_kernel`, :func:`kernel_names`,
-:func:`choose_kernel`) and picked by :class:`KernelOptions`. The plain PyTorch references (parallel, chunkwise and
+``triton`` for the fused decode step, ``recurrent`` as a reference) are registered by name (``registry.py``:
+:func:`get_kernel`, :func:`kernel_names`, :func:`choose_kernel`) and picked by :class:`KernelOptions`. The plain PyTorch references (parallel, chunkwise and
 recurrent mLSTM, blocked SWA) are exported too: every fast path is tested against them.
 """
 

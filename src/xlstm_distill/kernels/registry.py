@@ -102,7 +102,12 @@ def choose_kernel(op: str, options: KernelOptions, device: torch.device, *, gate
         name = options.mixer_step
         if name == "auto":
             name = "native"  # to switch on: "triton" if cuda else "native"
-        if name == "triton" and (needs_grad or not (cuda or _triton_interpreter())):
+        if name == "triton" and not (cuda or _triton_interpreter()):
+            if not torch.compiler.is_compiling():
+                _log_once("kernels.mixer_step='triton' runs on CUDA (on CPU only in Triton's interpreter, "
+                          "TRITON_INTERPRET=1): the decode step runs the native kernels.")
+            name = "native"
+        if name == "triton" and needs_grad:
             name = "native"
         return name
     raise ValueError(f"Unknown kernel operation {op!r}; operations: {', '.join(OPERATIONS)}.")
