@@ -1,7 +1,8 @@
 """Where a student decode step's GPU time goes: the step as the benchmark runs it (CUDA graph, optionally
 through torch.compile) after a prompt, its milliseconds, its kernel launches per step and its top kernels.
 
-    python benchmarks/decode_profile.py --out DIR [--shape smollm2-135m] [--batch 1] [--compile]   # CUDA only
+    python benchmarks/decode_profile.py --out DIR [--shape smollm2-135m] [--batch 1] [--compile] \
+        [--mixer-step triton]   # CUDA only
 """
 
 from __future__ import annotations
@@ -27,9 +28,12 @@ def main() -> None:
     parser.add_argument("--shape", default="smollm2-135m")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--compile", action="store_true", help="the step through torch.compile (--compile-decode)")
+    parser.add_argument("--mixer-step", default="auto", help="kernels.mixer_step: auto, native or triton (the fused "
+                        "decode step of each layer's mixer)")
     args = parser.parse_args()
     device = torch.device("cuda")
-    model = random_models(shape_config(args.shape), HybridConfig(), device, torch.bfloat16)["student"]()
+    model = random_models(shape_config(args.shape), HybridConfig(kernels={"mixer_step": args.mixer_step}), device,
+                          torch.bfloat16)["student"]()
     prompt = torch.randint(model.config.vocab_size, (args.batch, STUDENT_PREFILL), device=device)
     with torch.no_grad():
         decoder = StaticDecoder(model, cache_of(model(input_ids=prompt, use_cache=True, logits_to_keep=1)),

@@ -250,3 +250,21 @@ def test_a_model_with_nothing_to_measure_is_not_built():
     settings = inference.BenchSettings(**{**SETTINGS, "contexts": [], "decode_contexts": []})
     rows = inference.run_bench({"teacher": teacher, "student": student["student"]}, settings)
     assert [r["model"] for r in rows] == ["student"] * 8
+
+
+def test_decode_points_record_their_bandwidth_floor():
+    """Each decode point records the bytes a step reads (weights without the untied input embedding, the cache) and
+    the step's floor at the given bandwidth; without a GPU and without --bandwidth there is no floor."""
+    config = tiny_teacher().config
+    models = inference.random_models(config, SETTINGS["student"], torch.device("cpu"), torch.float32)
+    settings = inference.BenchSettings(**{**SETTINGS, "contexts": [], "flat_steps": 0, "bandwidth_gbs": 100.0})
+    rows = {r["model"]: r for r in inference.run_bench(models, settings)}
+    teacher = models["teacher"]()
+    embedding = teacher.get_input_embeddings().weight
+    weights = sum(p.numel() * 4 for p in teacher.parameters()) - embedding.numel() * 4
+    assert inference.weight_bytes_per_step(teacher) == weights
+    for name, row in rows.items():
+        assert row["read_gb"] > row["cache_gb"] > 0 and row["bandwidth_source"] == "--bandwidth"
+        assert abs(row["floor_ms"] - 1e3 * row["read_gb"] * 2**30 / 100e9) < 1e-9
+        assert abs(row["of_floor"] - row["ms_per_token"] / row["floor_ms"]) < 1e-6
+    assert inference.device_bandwidth(torch.device("cpu")) == (None, "none (not a GPU)")

@@ -11,6 +11,11 @@
   final size once the window is full, so its cost does not depend on C; a student with full-attention heads
   prefills all C, since those heads' keys and values grow with it), then
   :class:`~xlstm_distill.modeling.decode.StaticDecoder`; the row records the tokens prefilled (``prefilled``).
+- Bandwidth floor of a decode step: the bytes a step must read (the weights, without the input embedding table when
+  it is not the output head's: a lookup reads B rows; the student's whole cache, the teacher's static KV cache) over
+  the device's memory bandwidth (``floor_ms``; ``of_floor`` = step time / floor; the bandwidth and where it came
+  from in ``bandwidth_gbs`` / ``bandwidth_source``: ``--bandwidth``, NVIDIA's specification of the named GPU
+  (:data:`BANDWIDTH_GBS`), or the memory clock and bus width the device reports). Writes are not counted.
 - Memory: peak allocated GPU memory of each point; ``flat_steps`` decodes that many student tokens and records the
   allocated memory along the way (it must not grow).
 Out-of-memory points are recorded with status ``oom`` and skip the larger contexts of that batch size.
@@ -69,6 +74,38 @@ def spread_full_heads(num_layers: int, num_kv_heads: int, fraction: float) -> li
     return sorted([i * total // count // num_kv_heads, i * total // count % num_kv_heads] for i in range(count))
 
 
+# Peak memory bandwidth in GB/s (1e9 bytes) of GPUs, NVIDIA's specifications, by a part of the device name
+BANDWIDTH_GBS = {"GH200": 4000.0, "H200": 4800.0, "H100 NVL": 3900.0, "H100 PCIe": 2000.0, "H100": 3350.0,
+                 "A100-SXM4-80GB": 2039.0, "A100 80GB PCIe": 1935.0, "A100": 1555.0, "L40S": 864.0, "L4": 300.0}
+
+
+def device_bandwidth(device: torch.device, override: float | None = None) -> tuple[float | None, str]:
+    """The memory bandwidth (GB/s) the decode floor is computed with, and where it came from: ``override``, the
+    specification of the named GPU, or 2 x memory clock x bus width as the device reports them (None on a CPU)."""
+    if override:
+        return override, "--bandwidth"
+    if device.type != "cuda":
+        return None, "none (not a GPU)"
+    props = torch.cuda.get_device_properties(device)
+    for part, gbs in BANDWIDTH_GBS.items():  # the more specific names first
+        if part in props.name:
+            return gbs, f"specification of {part}"
+    clock_khz, bus_bits = getattr(props, "memory_clock_rate", 0), getattr(props, "memory_bus_width", 0)
+    if clock_khz and bus_bits:
+        return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9, f"{props.name}: 2 x memory clock x bus width"
+    return None, f"unknown for {props.name} (pass --bandwidth)"
+
+
+def weight_bytes_per_step(model: torch.nn.Module) -> int:
+    """Bytes of the weights one decode step reads: every parameter, except an input embedding table that is not also
+    the output head (the step reads B of its rows)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if embedding is not None and (head is None or head.weight is not embedding.weight):
+        total -= embedding.weight.numel() * embedding.weight.element_size()
+    return total
+
+
 STUDENT_PREFILL = 4096  # default prompt tokens of the student's decode points (its state is full-size by then)
 
 
@@ -85,6 +122,7 @@ class BenchSettings:
     max_prefill_tokens: int = 1 << 18  # prefill points with batch x context above this are left out
     use_graph: bool | None = None  # None: on CUDA
     compile_decode: bool = False  # both models' decode steps through torch.compile (the student's once per batch)
+    bandwidth_gbs: float | None = None  # memory bandwidth of the decode floor (None: the device's, BANDWIDTH_GBS)
     student: HybridConfig = field(default_factory=HybridConfig)
 
 
@@ -205,8 +243,13 @@ def _decode_point(model: torch.nn.Module, name: str, batch: int, context: int, s
     sync()
     step = (time.perf_counter() - start) / settings.decode_steps
     cache_bytes = decoder.nbytes() if name == "teacher" else decoder.cache.nbytes()
+    read_bytes = weight_bytes_per_step(model) + cache_bytes
+    bandwidth, source = device_bandwidth(device, settings.bandwidth_gbs)
+    floor_ms = None if bandwidth is None else 1e3 * read_bytes / (bandwidth * 1e9)
     row = {"ms_per_token": 1e3 * step, "decode_tok_s": batch / step, "peak_gb": _peak_gb(),
-           "cache_gb": cache_bytes / 2**30, "cuda_graph": use_graph, "compiled": settings.compile_decode}
+           "cache_gb": cache_bytes / 2**30, "read_gb": read_bytes / 2**30, "floor_ms": floor_ms,
+           "of_floor": None if floor_ms is None else 1e3 * step / floor_ms, "bandwidth_gbs": bandwidth,
+           "bandwidth_source": source, "cuda_graph": use_graph, "compiled": settings.compile_decode}
     return row if name == "teacher" else {**row, "prefilled": prefilled}
 
 

@@ -57,10 +57,15 @@ def bench(
     sinks: int = typer.Option(student_default("num_sink_tokens"), help="The student's sink tokens."),
     backend: str | None = typer.Option(None, help="Student kernel shorthand: auto (default), native or tfla."),
     kernel: list[str] | None = typer.Option(None, "--kernel", help=KERNEL_HELP),
+    bandwidth: float | None = typer.Option(None, help="Memory bandwidth in GB/s of the decode points' floor (bytes a "
+                                           "step reads / bandwidth); default: the GPU's specification, else what "
+                                           "it reports."),
     dtype: str = typer.Option("bfloat16"),
     device: str | None = typer.Option(None, help="cuda, cuda:1, cpu (default: cuda if available)."),
 ) -> None:
-    """Teacher vs student: prefill tokens/s and time to first token, decode tokens/s and latency, peak memory."""
+    """Teacher vs student: prefill tokens/s and time to first token, decode tokens/s and latency next to the step's
+    memory-bandwidth floor, peak memory. The student's kernels: --kernel (e.g. --kernel mixer_step=triton: the fused
+    decode step)."""
     if dtype not in DTYPES:
         raise typer.BadParameter(f"dtype must be one of {', '.join(DTYPES)}")
     if flat_steps and not _sizes(decode_batches):
@@ -93,7 +98,7 @@ def bench(
         contexts=_sizes(contexts), batches=_sizes(batches), decode_contexts=_sizes(decode_contexts),
         decode_batches=_sizes(decode_batches), decode_steps=decode_steps, flat_steps=flat_steps,
         student_prefill=student_prefill, repeats=repeats,
-        max_prefill_tokens=max_prefill_tokens, student=student, compile_decode=compile_decode)
+        max_prefill_tokens=max_prefill_tokens, student=student, compile_decode=compile_decode, bandwidth_gbs=bandwidth)
     if not settings.contexts and not settings.decode_contexts and not settings.flat_steps:
         return
     if model is None:
@@ -101,7 +106,8 @@ def bench(
     else:
         factories = _checkpoint_models(model, student, dev, torch_dtype)
     columns = ["model", "measure", "batch", "context", "status", "ttft_ms", "prefill_tok_s", "ms_per_token",
-               "decode_tok_s", "peak_gb", "cache_gb", "cuda_graph", "compiled", "graph_error", "prefilled", "generated",
+               "decode_tok_s", "peak_gb", "cache_gb", "read_gb", "floor_ms", "of_floor", "bandwidth_gbs",
+               "bandwidth_source", "cuda_graph", "compiled", "graph_error", "prefilled", "generated",
                "allocated_gb", "reused"]
 
     earlier = [] if reuse is None else [{**row, "reused": True} for row in json.loads(reuse.read_text())["rows"]]

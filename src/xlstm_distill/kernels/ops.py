@@ -86,3 +86,33 @@ def swa_cached(
     """:func:`swa` of a few new tokens over an explicit key set (decoding from the cache). Returns (B, NH, T, DV)."""
     name = choose_kernel("swa_cached", options, q.device)
     return get_kernel("swa_cached", name)(q, q_pos, k, v, k_pos, window, num_sinks, scale, softcap, options)
+
+
+def mixer_step(
+    q: torch.Tensor,  # (B, NH, DH) the new token's queries, after RoPE
+    k: torch.Tensor,  # (B, NKV, DH) its keys, after RoPE
+    v: torch.Tensor,  # (B, NKV, DH) its values
+    gates: torch.Tensor,  # (B, 3 * NH) input, forget, output gate pre-activations; (B, NH) output only if not gated
+    maps: tuple[torch.Tensor, ...],  # q weight (NH, DH, DF), q bias (NH, DF), k weight (NH, DH, DF), k bias (NH, DF)
+    state: MLSTMState,  # C (B, NH, DF, DH), n (B, NH, DF), m (B, NH), float32
+    sink_k: torch.Tensor,  # (B, NKV, S, DH) cached keys of the document's sink tokens
+    sink_v: torch.Tensor,  # (B, NKV, S, DH)
+    ring_k: torch.Tensor,  # (B, NKV, W, DH) cached keys of the ring buffer (the window)
+    ring_v: torch.Tensor,  # (B, NKV, W, DH)
+    key_pos: torch.Tensor,  # (B, S + W) positions held by the sink then ring slots, -1 = empty
+    position: torch.Tensor,  # (B,) the new token's position in its document
+    *,
+    gated: bool,  # mLSTM (input / forget gates, max normalizer); False: linear attention (sum normalizer)
+    window: int,
+    num_sinks: int,
+    scale: float,
+    softcap: float | None = None,
+    options: KernelOptions = DEFAULT_OPTIONS,
+) -> tuple[torch.Tensor, MLSTMState]:
+    """One decoding step of a mixer with both branches: feature maps, :func:`mlstm_step`, :func:`swa_cached` over the
+    sinks + ring buffer + the new key, and the output gate's mix ``lerp(swa, memory, sigmoid(o))``. Returns the
+    mixer output (B, NH, DH) in v's dtype and the new state (the cache's window K/V are not written here)."""
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, gates, *maps))
+    name = choose_kernel("mixer_step", options, q.device, needs_grad=needs_grad)
+    return get_kernel("mixer_step", name)(q, k, v, gates, maps, state, sink_k, sink_v, ring_k, ring_v, key_pos,
+                                          position, gated, window, num_sinks, scale, softcap, options)

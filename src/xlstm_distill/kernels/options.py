@@ -43,11 +43,16 @@ class KernelOptions:
                                                      "heuristics.")
     flex_kernel_params: dict[str, Any] = setting({}, "`flex`: FlexAttention kernel options (e.g. fwd_BLOCK_M); "
                                                      "empty: its defaults.")
+    mixer_step: str = setting("auto", "One decode step of a layer with both branches (cached generation): `auto` "
+                                      "(`native` until the fused kernel is measured on the GPU), `native` (feature "
+                                      "maps, mLSTM step, cached SWA and the gate mix as separate PyTorch operations), "
+                                      "`triton` (all of them, for every head of the layer, in one Triton kernel; CUDA, "
+                                      "no gradients).")
 
     def __post_init__(self) -> None:
         from xlstm_distill.kernels.registry import kernel_names  # the registry knows the implementations
 
-        for op in ("mlstm", "swa"):
+        for op in ("mlstm", "swa", "mixer_step"):
             names = ("auto", *kernel_names(op))
             if getattr(self, op) not in names:
                 raise ValueError(f"kernels.{op}={getattr(self, op)!r} is not a registered implementation; "

@@ -6,6 +6,7 @@ Operations (every implementation of one takes the same arguments; see ``xlstm_di
     mlstm_step   one recurrent decoding step                                          native
     swa          sliding window + sinks over a sequence (training, prefill)          native, flex
     swa_cached   sliding window + sinks of a few new tokens over cached keys          native
+    mixer_step   one decoding step of the whole mixer (memory, SWA, output-gate mix)  native, triton
 
 Implementations register themselves with :func:`register_kernel` when their module is imported (the package's
 ``__init__`` imports them all); :func:`choose_kernel` resolves ``auto`` and the device rules of
@@ -17,6 +18,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -27,7 +29,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-OPERATIONS = ("mlstm", "mlstm_step", "swa", "swa_cached")
+OPERATIONS = ("mlstm", "mlstm_step", "swa", "swa_cached", "mixer_step")
 _REGISTRY: dict[str, dict[str, Callable]] = {op: {} for op in OPERATIONS}
 # a constant: torch.compile does not trace find_spec
 MLSTM_KERNELS_AVAILABLE = importlib.util.find_spec("mlstm_kernels") is not None
@@ -69,6 +71,9 @@ def choose_kernel(op: str, options: KernelOptions, device: torch.device, *, gate
     - ``swa``: ``auto`` is ``flex`` on CUDA, else ``native``; ``flex`` on CPU runs only without gradients
       (FlexAttention has no CPU backward), ``native`` otherwise.
     - ``mlstm_step``, ``swa_cached``: ``native`` (the decode step is compiled and graphed as a whole).
+    - ``mixer_step``: ``auto`` is ``native`` (the unfused step) until the fused kernel is measured on the GPU
+      (docs/decisions.md); ``triton`` runs on CUDA, on CPU only in Triton's interpreter (``TRITON_INTERPRET=1``),
+      and never with gradients (it has no backward): ``native`` otherwise.
     """
     cuda = device.type == "cuda"
     if op == "mlstm":
@@ -93,7 +98,24 @@ def choose_kernel(op: str, options: KernelOptions, device: torch.device, *, gate
         return name
     if op in ("mlstm_step", "swa_cached"):
         return "native"
+    if op == "mixer_step":
+        name = options.mixer_step
+        if name == "auto":
+            name = "native"  # to switch on: "triton" if cuda else "native"
+        if name == "triton" and not (cuda or _triton_interpreter()):
+            if not torch.compiler.is_compiling():
+                _log_once("kernels.mixer_step='triton' runs on CUDA (on CPU only in Triton's interpreter, "
+                          "TRITON_INTERPRET=1): the decode step runs the native kernels.")
+            name = "native"
+        if name == "triton" and needs_grad:
+            name = "native"
+        return name
     raise ValueError(f"Unknown kernel operation {op!r}; operations: {', '.join(OPERATIONS)}.")
+
+
+def _triton_interpreter() -> bool:
+    """Triton kernels run on CPU tensors in Triton's interpreter (the tests set it without a GPU)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @functools.cache

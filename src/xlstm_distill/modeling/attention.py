@@ -16,6 +16,7 @@ from torch import nn
 
 from xlstm_distill import kernels
 from xlstm_distill.kernels.compiling import many_variants
+from xlstm_distill.kernels.mixer_step_native import feature_map
 from xlstm_distill.kernels.mlstm_native import MLSTMState
 from xlstm_distill.kernels.options import KernelOptions
 from xlstm_distill.kernels.swa_native import soft_cap
@@ -46,20 +47,6 @@ class FeatureMap(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, NH, T, DH) -> (B, NH, T, DF)
         return feature_map(x, self.weight, self.bias)
-
-
-def feature_map(
-    x: torch.Tensor,  # (B, NH, T, DH)
-    weight: torch.Tensor,  # (NH, DH, DF)
-    bias: torch.Tensor,  # (NH, DF)
-) -> torch.Tensor:  # (B, NH, T, DF)
-    """softmax(x W_h + b_h): one batched matmul with the bias as its addend, then the softmax in the input's dtype:
-    its kernels sum 16-bit inputs in float32, so a bf16 model (inference) makes no float32 copy of the features;
-    under autocast the softmax runs in float32 (docs/decisions.md)."""
-    B, NH, T, DH = x.shape
-    z = torch.baddbmm(bias.to(x.dtype).repeat(B, 1).unsqueeze(1),  # (B*NH, 1, DF)
-                      x.reshape(B * NH, T, DH), weight.to(x.dtype).repeat(B, 1, 1))  # (B*NH, T, DF)
-    return torch.softmax(z, dim=-1).view(B, NH, T, -1)
 
 
 class GateProjection(nn.Linear):
@@ -257,11 +244,13 @@ class HybridAttention(nn.Module):
         cache: LayerCache | None = None,
     ) -> torch.Tensor:
         """The sequence mixer alone (what replaces softmax attention). Returns (B, NH, T, DH)."""
+        continues = cache is not None and layout.continues_cache
+        state = cache.memory if continues else None
+        if self.uses_swa and self.uses_memory and state is not None and q.shape[2] == 1:
+            return self._mixer_step(q, k, v, gates, layout, cache)
         swa = self._swa(q, k, v, layout, cache) if self.uses_swa else None
         if not self.uses_memory:
             return swa
-        continues = cache is not None and layout.continues_cache
-        state = cache.memory if continues else None
         options = self.options
         step = state is not None and q.shape[2] == 1  # one decode step: the recurrent form
         spec = MemorySpec(self.num_heads, self.gated_memory, step, self.chunk_size, options)
@@ -277,6 +266,29 @@ class HybridAttention(nn.Module):
         if cache is not None:
             cache.update_memory(state)
         return y
+
+    def _mixer_step(
+        self,
+        q: torch.Tensor,  # (B, NH, 1, DH) after RoPE
+        k: torch.Tensor,  # (B, NKV, 1, DH) after RoPE
+        v: torch.Tensor,  # (B, NKV, 1, DH)
+        gates: torch.Tensor,  # (B, G*NH, 1) gate pre-activations
+        layout: TokenLayout,
+        cache: LayerCache,
+    ) -> torch.Tensor:  # (B, NH, 1, DH)
+        """One decode step of both branches and their mix (``kernels.mixer_step``: the unfused PyTorch step or one
+        fused kernel, as ``KernelOptions.mixer_step`` says), then this token's K/V into the window cache and the new
+        state into the cache."""
+        group = (self.window, self.num_sinks)  # the cache's window group of this layer
+        maps = (self.q_feature_map.weight, self.q_feature_map.bias, self.k_feature_map.weight, self.k_feature_map.bias)
+        y, state = kernels.mixer_step(
+            q[:, :, 0], k[:, :, 0], v[:, :, 0], gates[..., 0], maps, cache.memory, cache.sink_k, cache.sink_v,
+            cache.ring_k, cache.ring_v, layout.cached_key_pos[group], layout.position[:, 0], gated=self.gated_memory,
+            window=self.window, num_sinks=self.num_sinks, scale=self.scaling, softcap=self.softcap,
+            options=self.options)
+        cache.write_window(k, v, layout.write[group])
+        cache.update_memory(state)
+        return y.unsqueeze(2)
 
     def _swa(self, q, k, v, layout: TokenLayout, cache: LayerCache | None) -> torch.Tensor:
         """Sliding-window + sinks branch; fills / reads the sink and ring-buffer K/V of ``cache``."""
