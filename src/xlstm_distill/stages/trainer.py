@@ -127,7 +127,8 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.
     except ImportError as err:
         raise ImportError("optimizer: adamw8bit needs torchao: pip install 'xlstm-distill[scale]' (or pip install "
                           "torchao; the wheel is pure Python for the optimizer, about 3.4 MB).") from err
-    # bitsandbytes' choice, which torchao follows: tensors under 4096 values keep float32 moments
+    # torchao (as bitsandbytes) quantizes tensors of 4096 values or more; smaller ones (norms, gates) keep their
+    # moments unquantized, in the parameter's dtype
     return AdamW8bit(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, bf16_stochastic_round=True)
 
 
