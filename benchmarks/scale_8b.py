@@ -317,6 +317,15 @@ def main(out: Path = typer.Option(..., help="results folder"),
             init = convert.run(ctx)
     finally:
         torch.set_default_dtype(default)
+    free(device)
+    with torch.device("meta"):  # the student's shape, for the FLOP counts (no memory, no copy)
+        from xlstm_distill.modeling import HybridConfig, HybridForCausalLM
+
+        shaped = HybridForCausalLM(HybridConfig.from_pretrained(init))
+    n_student = matmul_params(shaped)
+    n_mixers = sum(matmul_params(layer.self_attn) for layer in shaped.model.layers)
+    total_student = sum(p.numel() for p in shaped.parameters())
+    del shaped
     with measured(device, stages["Stage I"]):
         stage1 = align.run(ctx)
     free(device)
@@ -330,12 +339,6 @@ def main(out: Path = typer.Option(..., help="results folder"),
     free(device)
     with measured(device, stages["Stage II"]):
         final = distill.run(ctx, stage1)
-    free(device)
-    student = ctx.load_student(final, torch.bfloat16) if device.type == "cuda" else ctx.load_student(final)
-    n_student = matmul_params(student)
-    n_mixers = sum(matmul_params(layer.self_attn) for layer in student.model.layers)
-    total_student = sum(p.numel() for p in student.parameters())
-    del student
     free(device)
     if not keep:
         shutil.rmtree(final, ignore_errors=True)
