@@ -215,7 +215,8 @@ class Trainer:
         return final
 
     def load_checkpoint(self, path: Path) -> None:
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        with self._optimizer_stance():  # a fresh optimizer's states are made by one zero step first
+            model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         state = {"model": model_sd, "optim": optim_sd}
         dcp.load(state, checkpoint_id=str(path))
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
