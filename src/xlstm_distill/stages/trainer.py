@@ -126,7 +126,7 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.
         from torchao.optim import AdamW8bit
     except ImportError as err:
         raise ImportError("optimizer: adamw8bit needs torchao: pip install 'xlstm-distill[scale]' (or pip install "
-                          "torchao; the wheel is pure Python for the optimizer, about 3.4 MB).") from err
+                          "torchao, a 3.4 MB wheel; use optimizer: adamw with param_dtype: float32 without it).") from err
     # torchao (as bitsandbytes) quantizes tensors of 4096 values or more; smaller ones (norms, gates) keep their
     # moments unquantized, in the parameter's dtype
     return AdamW8bit(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, bf16_stochastic_round=True)
@@ -134,9 +134,9 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.
 
 def checkpoint_layers(model: torch.nn.Module) -> int:
     """Activation checkpointing per decoder layer: each layer keeps only its input for the backward pass and runs its
-    forward again there (transformers' ``GradientCheckpointingLayer`` switch, non-reentrant
-    ``torch.utils.checkpoint``; the layer's own hooks, FSDP2's included, stay outside the recomputation). Returns
-    the number of layers switched on."""
+    forward again there (the switch of transformers' ``GradientCheckpointingLayer``, with non-reentrant
+    ``torch.utils.checkpoint``; transformers 5 wraps the layer's ``forward``, so its hooks, FSDP2's included, stay
+    outside the recomputation). Returns the number of layers switched on."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
