@@ -118,3 +118,21 @@ def test_compiled_lora_student_gives_the_eager_losses(tmp_path, monkeypatch):
     eager, compiled = _losses(tmp_path / "eager"), _losses(tmp_path / "compiled")
     assert len(eager) == 4 and eager[-1] < eager[0]
     assert compiled == pytest.approx(eager, rel=1e-4)
+
+
+def test_memory_settings_under_fsdp_give_the_plain_losses(runs):
+    """Chunked KD loss (the LM head applied outside the root module's forward) and per-layer activation
+    checkpointing, 1 process and 2 FSDP2 processes: the losses of the plain single-process run."""
+    root = runs
+    settings = dict(loss_chunk_tokens=48, activation_checkpointing=True)
+    for name, batch in (("single-memory", 4), ("sharded-memory", 2)):
+        tiny_recipe(root, name, distill={**_distill(batch), **settings})
+        for part in ("student-init", "stage1", "targets"):
+            shutil.copytree(root / "single" / part, root / name / part)
+    Pipeline(Recipe.load(root / "single-memory.yaml")).distill()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "xlstm_distill.cli",
+           "distill", str(root / "sharded-memory.yaml")]
+    subprocess.run(cmd, check=True, timeout=600)
+    plain = _losses(root / "single")
+    assert _losses(root / "single-memory") == pytest.approx(plain, rel=1e-4)
+    assert _losses(root / "sharded-memory") == pytest.approx(plain, rel=2e-3)

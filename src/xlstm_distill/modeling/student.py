@@ -101,8 +101,11 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         logits_to_keep: int = 0,
         cache: HybridCache | None = None,  # transformers >= 5.24's name of past_key_values
         from_layer: int = 0,  # run the decoder layers from this one, ``inputs_embeds`` being its input (no cache)
+        skip_logits: bool = False,  # no logits: the final hidden states (B, T, HIDDEN) as ``hidden_states[-1]``
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        """``skip_logits``: for a loss that computes the logits itself in pieces (:meth:`logits`), so that the
+        (B, T, VOCAB) logits are never held at once (Stage II's ``loss_chunk_tokens``)."""
         past_key_values = cache if past_key_values is None else past_key_values
         if from_layer and (inputs_embeds is None or use_cache or past_key_values is not None):
             raise ValueError("from_layer needs inputs_embeds (that layer's input) and no cache.")
@@ -130,14 +133,21 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         hidden = self.model.norm(hidden)
         if past_key_values is not None:
             past_key_values.commit(layout, T)
+        if skip_logits:
+            return CausalLMOutputWithPast(logits=None, hidden_states=(hidden,), **{CACHE_FIELD: past_key_values})
         keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
-        logits = self.lm_head(hidden[:, keep])
-        if self.final_logit_softcapping is not None:
-            logits = torch.tanh(logits / self.final_logit_softcapping) * self.final_logit_softcapping
+        logits = self.logits(hidden[:, keep])
         loss = None
         if labels is not None:
             loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: past_key_values})
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # (..., HIDDEN) final (normed) hidden states
+        """Next-token logits (..., VOCAB) of final hidden states: the LM head (and Gemma 2's soft cap)."""
+        logits = self.lm_head(hidden)
+        if self.final_logit_softcapping is not None:
+            logits = torch.tanh(logits / self.final_logit_softcapping) * self.final_logit_softcapping
+        return logits
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:

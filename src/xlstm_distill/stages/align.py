@@ -24,7 +24,7 @@ from xlstm_distill.modeling.cache import TokenLayout, full_layout
 from xlstm_distill.stages import convert
 from xlstm_distill.stages.common import PackedBatches, autocast, teacher_forward
 from xlstm_distill.stages.context import RunContext, console
-from xlstm_distill.stages.trainer import Trainer
+from xlstm_distill.stages.trainer import Trainer, param_dtype, prepare_model
 
 
 def run(ctx: RunContext) -> Path:
@@ -39,7 +39,7 @@ def run(ctx: RunContext) -> Path:
         return path
     if ctx.dist.world_size > 1:
         raise ValueError("Stage I runs on one device (it is cheap); launch `align` without torchrun.")
-    student = ctx.load_student(init)
+    student = prepare_model(ctx.load_student(init, param_dtype(cfg)), cfg)
     set_stage1_trainable(student, cfg.train_projections)
     if any(p.requires_grad for p in student.parameters()):
         step = make_align_step(student, ctx.teacher, ctx.autocast, cfg.beyond_window_weight, cfg.compile,
@@ -101,9 +101,13 @@ def layer_losses(
     if student.config.window_reach is not None and beyond_window_weight != 1.0:
         weights = torch.where(layout.position < student.config.window_reach, 1.0, beyond_window_weight)
     mse = _compiled_mixer_mse() if compiled else mixer_mse
+    dtype = next(student.parameters()).dtype  # a bfloat16 student (param_dtype) takes the teacher's inputs in bf16
     for layer, rec in zip(student.model.layers, records):
+        hidden, rope = rec["input"], rec["rope"]
+        if dtype != torch.float32:
+            hidden, rope = hidden.to(dtype), tuple(r.to(dtype) for r in rope)
         with autocast(device, autocast_dtype):
-            loss = mse(layer.self_attn, rec["input"], rec["rope"], layout, rec["output"], weights)
+            loss = mse(layer.self_attn, hidden, rope, layout, rec["output"], weights)
         yield loss  # outside autocast: the caller runs the backward
 
 

@@ -151,8 +151,9 @@ class RunContext:
     def student_config(self) -> HybridConfig:
         return self.recipe.student_config()
 
-    def load_student(self, path: Path) -> HybridForCausalLM:
-        return HybridForCausalLM.from_pretrained(path, dtype=torch.float32).to(self.device)
+    def load_student(self, path: Path, dtype: torch.dtype = torch.float32) -> HybridForCausalLM:
+        """The student saved in ``path``, in ``dtype``, on the run's device."""
+        return HybridForCausalLM.from_pretrained(path, dtype=dtype).to(self.device)
 
     def save_student(self, model: torch.nn.Module, path: Path) -> None:
         """Save a (possibly sharded / peft-wrapped) student as a plain transformers folder + tokenizer, published by

@@ -11,11 +11,12 @@ outside the top k (the paper does not say; see docs/decisions.md):
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch.nn import functional as F
 
 from xlstm_distill.stages import align, targets
@@ -24,7 +25,7 @@ from xlstm_distill.stages.common import (PackedBatches, autocast, masked_mean, n
 from xlstm_distill.stages.context import RunContext
 from xlstm_distill.stages.recipe import TOPK_MODES, TRAIN_MODES
 from xlstm_distill.stages.targets import TargetShards, topk_logprobs
-from xlstm_distill.stages.trainer import Trainer
+from xlstm_distill.stages.trainer import Trainer, checkpoint_layers, param_dtype, prepare_model
 
 
 def run(ctx: RunContext, stage1: Path | None = None) -> Path:
@@ -40,9 +41,24 @@ def run(ctx: RunContext, stage1: Path | None = None) -> Path:
     path = ctx.stage2_dir
     if (path / "config.json").exists():
         return path
+    trainer = make_trainer(ctx, stage1, target_dir)
+    trainer.fit()
+    ctx.save_student(trainer.model, path)
+    return path
+
+
+def make_trainer(ctx: RunContext, stage1: Path, target_dir: Path | None) -> Trainer:
+    """Stage II's trainer (writing into ``out_dir/stage2``): the student of ``stage1`` with the recipe's trainable
+    parameters, dtype, activation checkpointing and sharding, its data (the targets in ``target_dir``, or a
+    resident teacher when None) and the KD step."""
+    cfg = ctx.recipe.distill
     if not (stage1 / "config.json").exists():
         raise FileNotFoundError(f"{stage1} does not exist: run `xlstm-distill align` first.")
-    model = ctx.dist.shard(set_stage2_trainable(ctx.load_student(stage1), cfg.train, cfg.lora_rank))
+    student = prepare_model(set_stage2_trainable(ctx.load_student(stage1, param_dtype(cfg)), cfg.train,
+                                                 cfg.lora_rank), cfg)
+    if cfg.activation_checkpointing:
+        checkpoint_layers(student)
+    model = ctx.dist.shard(student)
     if target_dir is None:
         data = OnlineTargets(ctx.teacher, PackedBatches(ctx.packed(), cfg.batch_size), ctx.recipe.targets.k)
     else:
@@ -52,10 +68,9 @@ def run(ctx: RunContext, stage1: Path | None = None) -> Path:
     # compile: the student's forward as one graph (docs/decisions.md); one process: fullgraph, so that a graph
     # break is an error, not a silent slowdown
     forward = torch.compile(model, fullgraph=ctx.dist.world_size == 1) if cfg.compile else model
-    step = make_distill_step(forward, cfg.gamma, cfg.beta, cfg.topk_mode, ctx.autocast)
-    Trainer(model, step, data, cfg, path.parent, "stage2", seed=ctx.recipe.seed).fit()
-    ctx.save_student(model, path)
-    return path
+    step = make_distill_step(forward, cfg.gamma, cfg.beta, cfg.topk_mode, ctx.autocast, cfg.loss_chunk_tokens,
+                             head=model)
+    return Trainer(model, step, data, cfg, ctx.stage2_dir.parent, "stage2", seed=ctx.recipe.seed)
 
 
 def sparse_kl(
@@ -95,6 +110,48 @@ def kd_loss(
     return loss, {"loss": loss.item(), "ce": ce.item(), "kl": kl.item()}
 
 
+def kd_loss_chunked(
+    hidden: torch.Tensor,  # (B, T, HIDDEN) the student's final (normed) hidden states
+    logits_of: Callable[[torch.Tensor], torch.Tensor],  # (N, HIDDEN) -> (N, V): the student's LM head
+    batch: dict[str, torch.Tensor],  # input_ids, loss_mask, topk_ids, topk_logprobs
+    gamma: float = 0.9,
+    beta: float = 0.1,
+    topk_mode: str = "renormalize",
+    chunk_tokens: int = 1024,
+    autocast_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """:func:`kd_loss` of ``logits_of(hidden)``, computed over pieces of ``chunk_tokens`` positions: each piece's
+    logits and losses are made, summed and dropped, and made again in the backward pass (non-reentrant activation
+    checkpointing), so that the memory of the logits is that of one piece, not of (B, T, V). Same value and
+    gradients as the whole at once, up to float summation order."""
+    targets, mask = next_token_targets(batch)
+    B, T, H = hidden.shape
+    flat_hidden = hidden[:, :-1].reshape(B * (T - 1), H)  # (N, HIDDEN), N = B * (T - 1)
+    flat = {"targets": targets.reshape(-1), "mask": mask.reshape(-1).to(torch.float32),
+            "topk_ids": batch["topk_ids"][:, :-1].reshape(B * (T - 1), -1),
+            "topk_logprobs": batch["topk_logprobs"][:, :-1].reshape(B * (T - 1), -1)}
+    device = hidden.device
+
+    def piece_sums(h: torch.Tensor, tgt: torch.Tensor, m: torch.Tensor, ids: torch.Tensor, lp: torch.Tensor):
+        with autocast(device, autocast_dtype):
+            logits = logits_of(h)  # (n, V)
+        ce = F.cross_entropy(logits.float(), tgt, reduction="none")  # (n,)
+        kl = sparse_kl(logits, ids, lp, topk_mode)  # (n,)
+        return (ce * m).sum(), (kl * m).sum()
+
+    ce_sum = kl_sum = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, flat_hidden.shape[0], chunk_tokens):
+        part = slice(start, start + chunk_tokens)
+        ce_part, kl_part = torch.utils.checkpoint.checkpoint(
+            piece_sums, flat_hidden[part], flat["targets"][part], flat["mask"][part], flat["topk_ids"][part],
+            flat["topk_logprobs"][part], use_reentrant=False)
+        ce_sum, kl_sum = ce_sum + ce_part, kl_sum + kl_part
+    count = mask.sum().clamp(min=1)
+    ce, kl = ce_sum / count, kl_sum / count
+    loss = gamma * ce + beta * kl
+    return loss, {"loss": loss.item(), "ce": ce.item(), "kl": kl.item()}
+
+
 def set_stage2_trainable(student: torch.nn.Module, mode: str = "full", lora_rank: int = 8) -> torch.nn.Module:
     """``full``: every parameter; ``mixer``: only the new mixer parameters; ``lora``: LoRA (peft) adapters on
     q/k/v/o plus the new mixer parameters. Returns the model to train (a peft wrapper for ``lora``)."""
@@ -119,15 +176,26 @@ def set_stage2_trainable(student: torch.nn.Module, mode: str = "full", lora_rank
 
 
 def make_distill_step(model: torch.nn.Module, gamma: float, beta: float, topk_mode: str,
-                      autocast_dtype: torch.dtype | None = None):
-    """``step_fn`` for the trainer: student forward, KD loss, backward."""
+                      autocast_dtype: torch.dtype | None = None, loss_chunk_tokens: int | None = None,
+                      head: torch.nn.Module | None = None):
+    """``step_fn`` for the trainer: student forward, KD loss, backward. ``loss_chunk_tokens``: the loss over pieces
+    of that many positions (:func:`kd_loss_chunked`), the logits made by ``head.logits`` (default ``model``; pass
+    the uncompiled student when ``model`` is its compiled forward)."""
     device = next(model.parameters()).device
+    head = model if head is None else head
 
     def step(batch: dict[str, torch.Tensor], scale: float, step: int = 0) -> dict[str, float]:
         batch = {k: v.to(device) for k, v in batch.items()}
-        with autocast(device, autocast_dtype):
-            logits = student_forward(model, batch)
-        loss, metrics = kd_loss(logits, batch, gamma, beta, topk_mode)
+        if loss_chunk_tokens is None:
+            with autocast(device, autocast_dtype):
+                logits = student_forward(model, batch)
+            loss, metrics = kd_loss(logits, batch, gamma, beta, topk_mode)
+        else:
+            with autocast(device, autocast_dtype):
+                hidden = model(batch["input_ids"], document_ids=batch.get("document_ids"),
+                               skip_logits=True).hidden_states[-1]
+            loss, metrics = kd_loss_chunked(hidden, head.logits, batch, gamma, beta, topk_mode, loss_chunk_tokens,
+                                            autocast_dtype)
         (loss * scale).backward()
         return metrics
 

@@ -159,10 +159,20 @@ class DistillSection(TrainConfig):
                                  "q/k/v/o + the new parameters).")
     lora_rank: int = setting(8, "LoRA rank for `train: lora`.")
     compile: bool = setting(False, "Run the student's forward through torch.compile as one graph.")
+    activation_checkpointing: bool = setting(False, "Keep only each decoder layer's input for the backward pass and "
+                                                    "recompute the layer there (about one extra forward of compute "
+                                                    "for a fraction of the activations' memory).")
+    loss_chunk_tokens: int | None = setting(None, "Compute the logits and the loss over pieces of this many tokens, "
+                                                  "recomputing each piece's logits in the backward pass, so that the "
+                                                  "(batch, seq_len, vocabulary) logits never exist at once (a 128K "
+                                                  "vocabulary at 4K tokens: 2.1 GB a float32 copy per sequence); "
+                                                  "none: all positions at once.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_choice("distill.topk_mode", self.topk_mode, TOPK_MODES)
+        if self.loss_chunk_tokens is not None:
+            _check_positive("distill.loss_chunk_tokens", self.loss_chunk_tokens)
         _check_choice("distill.train", self.train, TRAIN_MODES)
         _check_positive("distill.batch_size", self.batch_size)
 

@@ -1,6 +1,11 @@
 """One small training loop for every stage: optimizer, schedule, accumulation, clipping, atomic checkpoints, exact
 resume, progress bar, JSONL + TensorBoard metrics, and FSDP2 when launched with torchrun.
 
+Memory settings for large students (docs/decisions.md, "Stage II full fine-tuning at 8B on one GPU"):
+``param_dtype: bfloat16`` holds the trained model (and so its gradients) in bf16, ``optimizer: adamw8bit`` keeps
+AdamW's two moments in 8 bits (torchao) and rounds bf16 updates stochastically; :func:`prepare_model` applies the
+dtype and :func:`checkpoint_layers` recomputes each decoder layer in the backward pass.
+
 A stage supplies a ``step_fn(batch, scale, step) -> metrics`` that runs forward and ``backward`` on ``loss * scale``
 (``step``: the optimizer step it contributes to, for schedules)
 (Stage I back-propagates layer by layer, so the loop does not own the backward call), and a data object with
@@ -9,6 +14,8 @@ A stage supplies a ``step_fn(batch, scale, step) -> metrics`` that runs forward 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import math
 import os
@@ -21,6 +28,7 @@ from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
+import torch.utils.checkpoint
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from tqdm.auto import tqdm
@@ -48,17 +56,39 @@ class TrainConfig:
     grad_clip: float = setting(1.0, "Largest gradient norm (clipped above).")
     grad_accum: int = setting(1, "Batches accumulated into one optimizer step.")
     log_every: int = setting(1, "Steps between rows of metrics.jsonl / TensorBoard.")
-    checkpoint_every: int = setting(50, "Steps between checkpoints (and one at the end).")
+    checkpoint_every: int = setting(50, "Steps between checkpoints (and one at the end); 0: no checkpoints at all "
+                                        "(a run that is never resumed, e.g. a benchmark).")
     keep_checkpoints: int = setting(2, "Checkpoints kept (older ones are deleted).")
+    optimizer: str = setting("adamw", "`adamw`: torch's AdamW, both moments in the parameters' dtype (8 bytes a "
+                                      "float32 parameter); `adamw8bit`: torchao's AdamW8bit, both moments in 8 bits "
+                                      "with a scale per 256 values (about 2 bytes a parameter) and, for bfloat16 "
+                                      "parameters, stochastic rounding of the update (`pip install torchao`).")
+    param_dtype: str = setting("float32", "dtype of the trained model's parameters and gradients: `float32` or "
+                                          "`bfloat16` (half the memory; needs `optimizer: adamw8bit`, whose "
+                                          "stochastic rounding keeps updates below bf16's resolution).")
 
     def __post_init__(self) -> None:
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}.")
         if self.steps < 1 or self.grad_accum < 1:
             raise ValueError("steps and grad_accum must be >= 1.")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be >= 0 (0: no checkpoints), got {self.checkpoint_every}.")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer={self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}.")
+        if self.param_dtype not in PARAM_DTYPES:
+            raise ValueError(f"param_dtype={self.param_dtype!r}: choose one of {', '.join(PARAM_DTYPES)}.")
+        if self.param_dtype == "bfloat16" and self.optimizer == "adamw":
+            raise ValueError("param_dtype: bfloat16 needs optimizer: adamw8bit. torch's AdamW rounds each bf16 "
+                             "update to the nearest representable weight, which drops updates smaller than half a "
+                             "bf16 step (at lr 1e-5 nearly all of them); AdamW8bit rounds stochastically.")
         self.betas = tuple(float(b) for b in self.betas)
         for name in ("lr", "min_lr", "weight_decay", "grad_clip"):  # YAML reads "1e-5" as a string
             setattr(self, name, float(getattr(self, name)))
+
+
+OPTIMIZERS = ("adamw", "adamw8bit")
+PARAM_DTYPES = ("float32", "bfloat16")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -73,6 +103,51 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 def is_main_process() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def param_dtype(cfg: TrainConfig) -> torch.dtype:
+    """The torch dtype of ``cfg.param_dtype``."""
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.param_dtype]
+
+
+def prepare_model(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
+    """The model in ``cfg.param_dtype`` (in place; call before sharding it). Returns the model."""
+    return model.to(param_dtype(cfg))
+
+
+def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over ``params`` (weight decay on matrices only) as ``cfg.optimizer`` asks."""
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=False)
+    try:
+        from torchao.optim import AdamW8bit
+    except ImportError as err:
+        raise ImportError("optimizer: adamw8bit needs torchao: pip install 'xlstm-distill[scale]' (or pip install "
+                          "torchao, a 3.4 MB wheel; use optimizer: adamw with param_dtype: float32 without it).") from err
+    # torchao (as bitsandbytes) quantizes tensors of 4096 values or more; smaller ones (norms, gates) keep their
+    # moments unquantized, in the parameter's dtype
+    return AdamW8bit(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, bf16_stochastic_round=True)
+
+
+def checkpoint_layers(model: torch.nn.Module) -> int:
+    """Activation checkpointing per decoder layer: each layer keeps only its input for the backward pass and runs its
+    forward again there (the switch of transformers' ``GradientCheckpointingLayer``, with non-reentrant
+    ``torch.utils.checkpoint``; transformers 5 wraps the layer's ``forward``, so its hooks, FSDP2's included, stay
+    outside the recomputation). Returns the number of layers switched on."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise ValueError(f"activation_checkpointing: {type(model).__name__} has no transformers decoder layer "
+                         "(GradientCheckpointingLayer) to checkpoint; turn the setting off for this model.")
+    recompute = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+    for layer in layers:
+        layer.gradient_checkpointing = True
+        layer._gradient_checkpointing_func = recompute
+    return len(layers)
 
 
 class Trainer:
@@ -94,12 +169,11 @@ class Trainer:
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("Nothing to train: no parameter requires grad.")
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr, betas=cfg.betas, fused=False,
-        )
+        wrong = sorted({str(p.dtype) for p in params} - {str(param_dtype(cfg))})
+        if cfg.param_dtype != "float32" and wrong:
+            raise ValueError(f"param_dtype is {cfg.param_dtype} but trainable parameters are {', '.join(wrong)}: "
+                             "the stage must call trainer.prepare_model(model, cfg) before sharding.")
+        self.optimizer = make_optimizer(params, cfg)
         self.step = 0
         self._iter: Iterator | None = None
 
@@ -141,7 +215,8 @@ class Trainer:
         return final
 
     def load_checkpoint(self, path: Path) -> None:
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        with self._optimizer_stance():  # a fresh optimizer's states are made by one zero step first
+            model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         state = {"model": model_sd, "optim": optim_sd}
         dcp.load(state, checkpoint_id=str(path))
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
@@ -154,6 +229,13 @@ class Trainer:
         self.data.load_state_dict(local["data"])
         _set_rng_state(local["rng"])
         self.step = json.loads((path / "trainer.json").read_text())["step"]
+
+    def _optimizer_stance(self):
+        """torchao's AdamW8bit compiles its update per parameter shape; on a CPU (tests) Inductor's C++ compile costs
+        seconds per shape, so there it runs the same update eagerly."""
+        if self.cfg.optimizer == "adamw" or any(p.is_cuda for p in self.model.parameters()):
+            return contextlib.nullcontext()
+        return torch.compiler.set_stance("force_eager")
 
     # -- loop ------------------------------------------------------------------------------------------------
     def _next_batch(self) -> dict[str, torch.Tensor]:
@@ -187,7 +269,10 @@ class Trainer:
             start = time.perf_counter()
             lr = lr_at(self.step, cfg)
             for group in self.optimizer.param_groups:
-                group["lr"] = lr
+                if isinstance(group["lr"], torch.Tensor):  # torchao keeps it as a tensor (its compiled step reads it)
+                    group["lr"].fill_(lr)
+                else:
+                    group["lr"] = lr
             sums: dict[str, float] = {}
             tokens = 0
             for _ in range(cfg.grad_accum):
@@ -197,7 +282,8 @@ class Trainer:
                     sums[key] = sums.get(key, 0.0) + value / cfg.grad_accum
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 [p for p in self.model.parameters() if p.requires_grad], cfg.grad_clip)
-            self.optimizer.step()
+            with self._optimizer_stance():
+                self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             if dist.is_initialized():
@@ -217,7 +303,7 @@ class Trainer:
                             writer.add_scalar(f"{self.name}/{key}", value, self.step)
             bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in ("loss", "tokens_per_s") or k.endswith("_loss")})
             bar.update(1)
-            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+            if cfg.checkpoint_every and (self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps):
                 self.save_checkpoint()
         bar.close()
         if writer is not None:
