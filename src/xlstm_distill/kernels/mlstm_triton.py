@@ -1,0 +1,309 @@
+"""The gated mLSTM as our own Triton kernels, forward and backward, with the exact gradient of the normalizer.
+
+Same function as :func:`xlstm_distill.kernels.mlstm_native.mlstm_chunkwise` with gates (tested against its autograd):
+per head, with b_t the cumulative log forget gate and the log weight of token s at token t
+``a_ts = b_t - b_s + i_s`` (s <= t, same document; the initial state enters as a source with ``b_t + m0``),
+
+    m_t = max_s a_ts                      (the stabilizer: a running max; its argmax s*(t) is the "source" of m_t)
+    N_t = sum_s e^(a_ts - m_t) (q_t.k_s) v_s,   s_t = sum_s e^(a_ts - m_t) (q_t.k_s)       (stabilized q C, q.n)
+    h_t = N_t / den_t,   den_t = max(|s_t|, e^(-m_t)) + eps   (e^(-m) clamped at e^80, as the reference)
+
+Exact gradient (g_t = dL/dh_t). Unstabilized, h_t = Ñ_t / (max(|s̃_t|, 1) + eps e^(m_t)) with Ñ = e^m N, s̃ = e^m s:
+the function depends on m_t through eps (and, where -m_t > 80, through the clamp). Differentiating h = N / den:
+
+    delta_t = g_t / den_t                                   gradient of N_t
+    gamma_t = -(g_t.h_t) / den_t * sign(s_t) [|s_t| > e^(-m_t)]     gradient of s_t (zero on the e^(-m) branch)
+    mu_t    = -(g_t.h_t) * eps / den_t       (-(g_t.h_t) where e^(-m) is clamped and active)
+                                            the total derivative in m_t, N and s following it (N, s ~ e^(-m_t))
+
+Then N, s are linear attention with weights e^(a_ts - m_t): P_ts = e^(a_ts - m_t) (q_t.k_s) (delta_t.v_s + gamma_t) is
+the gradient of a_ts, and m_t = a_{t s*(t)} passes mu_t to its source. So
+
+    dq_t = sum_s e^(a_ts - m_t) (delta_t.v_s + gamma_t) k_s (+ the state: e^(b_t + m0 - m_t) (C0 delta_t + gamma_t n0))
+    dk_s = sum_t e^(a_ts - m_t) (delta_t.v_s + gamma_t) q_t,      dv_s = sum_t e^(a_ts - m_t) (q_t.k_s) delta_t
+    R_t = q_t.dq_t + mu_t  (all gradient reaching row t),   Q_s = k_s.dk_s + sum_{t: s*(t)=s} mu_t  (column s)
+    di_s = Q_s,   dlf_r = sum_{t>=r} (R_t - Q_t)   (a_ts contains lf_r for s < r <= t),   dm0 = sum_t (R_t - Q_t)
+
+(dlf_r is 0 at a document's first token: nothing crosses a reset.) Across chunks the same sums run through the
+chunk states: C_c before chunk c is stabilized by m_c, and its gradient G_c = dL/dC_c obeys
+G_c = sum_{t in c} e^(b_t + m_c - m_t) q_t delta_t^T + [chunk continues the state] e^(m_c + B_c - m_{c+1}) G_{c+1}
+(g_c for n likewise with gamma_t), every exponent <= 0. The final state (C, n, m) is differentiable too: G after the
+last chunk is dC_last, the final m (source s*_last) gets mu_last = dm_last - <dC_last, C> - <dn_last, n>, and the
+final state is one more row after the last token with R = dm_last. The initial state's gradients are G_0, g_0, dm0.
+
+Kernels (``mlstm_triton_fw.py``, ``mlstm_triton_bw.py``, imported on first use):
+forward: the chunk states (sequential over chunks, kept for the backward: float32 (DHQK, DHV) per chunk and head,
+e.g. 128 x 128 x 4 B x 32 heads = 2 MB per chunk per layer, 1 GB at 32K tokens in chunks of 64) and the outputs
+with each token's m, q.n and source of m; backward: the state gradients (sequential, from the last chunk), then
+dq, dk, dv per chunk; the gate and initial-state gradients are the sums above (PyTorch, O(S)). Nothing of the forward
+is computed again. Chunk: the model's ``chunk_size`` rounded up to a power of two, 16 to 128.
+
+Both passes are ``torch.library`` custom operators (``xlstm_distill::mlstm_triton_forward`` / ``_backward``) with fake
+implementations: one opaque call each under torch.compile. Ungated memories (linear attention) run ``native``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch.nn.functional import logsigmoid
+
+from xlstm_distill.kernels import mlstm_native as ref
+from xlstm_distill.kernels.mlstm_native import MLSTMState
+from xlstm_distill.kernels.options import KernelOptions
+from xlstm_distill.kernels.registry import register_kernel
+
+# stands for m = -inf (no state yet) inside the kernels: exp(-1e30 + anything finite) is 0, never nan
+NO_STATE_M = -1e30
+MIN_CHUNK, MAX_CHUNK = 16, 128
+BLOCK = 64  # largest block of DHQK / DHV columns per program
+
+
+def chunk_length(chunk_size: int) -> int:
+    """The kernel's chunk: ``chunk_size`` rounded up to a power of two, at least 16 (tl.dot's smallest tile), at
+    most 128."""
+    return min(MAX_CHUNK, max(MIN_CHUNK, 1 << (max(1, chunk_size) - 1).bit_length()))
+
+
+def mlstm_triton(
+    q: torch.Tensor,  # (B, NH, S, DHQK)
+    k: torch.Tensor,  # (B, NH, S, DHQK)
+    v: torch.Tensor,  # (B, NH, S, DHV)
+    i: torch.Tensor,  # (B, NH, S) input gate pre-activations
+    f: torch.Tensor,  # (B, NH, S) forget gate pre-activations (logsigmoid applied here)
+    state: MLSTMState | None = None,
+    reset: torch.Tensor | None = None,  # (B, S) bool, True at each document's first token
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, MLSTMState]:
+    """Chunkwise gated mLSTM on the Triton kernels. Returns h (B, NH, S, DHV) in v's dtype and the final state
+    (float32; float64 for float64 inputs). q and k are computed in v's dtype."""
+    if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"mlstm triton: q, k must be (B, NH, S, DHQK) and v (B, NH, S, DHV) with the same B, NH, S; "
+                         f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}.")
+    if i is None or f is None or i.shape != q.shape[:3] or f.shape != q.shape[:3]:
+        raise ValueError("mlstm triton: gated mLSTM only, i and f must be (B, NH, S) pre-activations (an ungated "
+                         "memory runs the native kernel: kernels.mlstm='native' or 'auto').")
+    B, NH, S, DHQK = q.shape
+    if S == 0:
+        raise ValueError("mlstm triton: the sequence is empty (S = 0); call it with at least one token.")
+    dtype = v.dtype
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    q, k = q.to(dtype), k.to(dtype)
+    i, lf = i.to(acc), logsigmoid(f.to(acc))
+    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("kernels.mlstm='triton' on CPU tensors runs in Triton's interpreter: set TRITON_INTERPRET=1 "
+                           "before importing triton (slow; for tests), or use kernels.mlstm='native'.")
+    # each token's document index (int32); without a state the first token starts a document: nothing before it
+    # (then its forget gate gets an exact zero gradient, not a rounding residue)
+    starts = torch.zeros(B, S, dtype=torch.bool, device=q.device) if reset is None else reset.bool()
+    if state is None:
+        starts = torch.cat([torch.ones_like(starts[:, :1]), starts[:, 1:]], 1)
+    seg = torch.cumsum(starts.to(torch.int32), dim=1, dtype=torch.int32)
+    if state is None:
+        C0 = q.new_zeros(B, NH, DHQK, v.shape[-1], dtype=acc)
+        n0 = q.new_zeros(B, NH, DHQK, dtype=acc)
+        m0 = q.new_full((B, NH), NO_STATE_M, dtype=acc)
+    else:
+        C0, n0 = state.C.to(acc), state.n.to(acc)
+        m0 = torch.where(torch.isfinite(state.m), state.m.to(acc), NO_STATE_M)
+    forward = torch.ops.xlstm_distill.mlstm_triton_forward
+    h, C, n, m = forward(q, k, v, i, lf, seg, C0, n0, m0, chunk_length(chunk_size))[:4]
+    return h, MLSTMState(C, n, m)
+
+
+# ---------------------------------------------------------------------------------------------------- forward
+@torch.library.custom_op("xlstm_distill::mlstm_triton_forward", mutates_args=())
+def _forward(
+    q: torch.Tensor,  # (B, NH, S, DHQK)
+    k: torch.Tensor,  # (B, NH, S, DHQK)
+    v: torch.Tensor,  # (B, NH, S, DHV)
+    i: torch.Tensor,  # (B, NH, S) float32 (float64)
+    lf: torch.Tensor,  # (B, NH, S) log forget gates, as i
+    seg: torch.Tensor,  # (B, S) int32 document index
+    C0: torch.Tensor,  # (B, NH, DHQK, DHV) as i
+    n0: torch.Tensor,  # (B, NH, DHQK)
+    m0: torch.Tensor,  # (B, NH), NO_STATE_M for no state
+    chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """h (B, NH, S, DHV) in v's dtype; the final C, n, m; for the backward: the chunk states C, n, m
+    (B, NH, NC + 1, ...), each token's m and q.n (B, NH, S), the sources of the tokens' and the final m (int32)."""
+    from xlstm_distill.kernels import mlstm_triton_fw as fw
+
+    q, k, v, i, lf, seg, C0, n0, m0 = (x.contiguous() for x in (q, k, v, i, lf, seg, C0, n0, m0))
+    B, NH, S, DK = q.shape
+    DV = v.shape[-1]
+    acc = i.dtype
+    NC = -(-S // chunk)
+    C_states = q.new_empty(B, NH, NC + 1, DK, DV, dtype=acc)
+    n_states = q.new_empty(B, NH, NC + 1, DK, dtype=acc)
+    m_states = q.new_empty(B, NH, NC + 1, dtype=acc)
+    src_states = q.new_empty(B, NH, NC + 1, dtype=torch.int32)
+    BDK, BDV = _pow2(DK), _pow2(DV)
+    BK, BV = min(BLOCK, BDK), min(BLOCK, BDV)
+    tl_acc, tl_dot = _tl_dtype(acc), _dot_dtype(q.dtype)
+    fw.chunk_states_kernel[(B * NH, triton_cdiv(DK, BK), triton_cdiv(DV, BV))](
+        k, v, i, lf, seg, C0, n0, m0, C_states, n_states, m_states, src_states, NH, S, NC,
+        DK=DK, DV=DV, L=chunk, BK=BK, BV=BV, ACC=tl_acc, DOT=tl_dot, num_warps=4)
+    h = torch.empty_like(v)
+    m_tok = q.new_empty(B, NH, S, dtype=acc)
+    qn_tok = q.new_empty(B, NH, S, dtype=acc)
+    src_tok = q.new_empty(B, NH, S, dtype=torch.int32)
+    fw.chunk_output_kernel[(B * NH, NC, triton_cdiv(DV, BV))](
+        q, k, v, i, lf, seg, C_states, n_states, m_states, src_states, h, m_tok, qn_tok, src_tok, NH, S, NC,
+        DK=DK, DV=DV, L=chunk, BDK=BDK, BV=BV, ACC=tl_acc, DOT=tl_dot, EPS=ref.EPS, MAX_NEG_M=ref.MAX_NEG_M,
+        num_warps=_warps(chunk, BDK, BV))
+    last = (C_states[:, :, NC].clone(), n_states[:, :, NC].clone(), m_states[:, :, NC].clone(),
+            src_states[:, :, NC].clone())
+    return h, *last[:3], C_states, n_states, m_states, m_tok, qn_tok, src_tok, last[3]
+
+
+@_forward.register_fake
+def _(q, k, v, i, lf, seg, C0, n0, m0, chunk):
+    B, NH, S, DK = q.shape
+    DV = v.shape[-1]
+    NC = -(-S // chunk)
+    acc = dict(dtype=i.dtype, device=q.device)
+    per_token = q.new_empty(B, NH, S, **acc)
+    return (torch.empty_like(v), q.new_empty(B, NH, DK, DV, **acc), q.new_empty(B, NH, DK, **acc),
+            q.new_empty(B, NH, **acc), q.new_empty(B, NH, NC + 1, DK, DV, **acc), q.new_empty(B, NH, NC + 1, DK, **acc),
+            q.new_empty(B, NH, NC + 1, **acc), per_token, per_token.clone(),
+            q.new_empty(B, NH, S, dtype=torch.int32), q.new_empty(B, NH, dtype=torch.int32))
+
+
+# --------------------------------------------------------------------------------------------------- backward
+@torch.library.custom_op("xlstm_distill::mlstm_triton_backward", mutates_args=())
+def _backward(
+    dh: torch.Tensor,  # (B, NH, S, DHV)
+    dC_last: torch.Tensor,  # (B, NH, DHQK, DHV) gradients of the final state
+    dn_last: torch.Tensor,  # (B, NH, DHQK)
+    dm_last: torch.Tensor,  # (B, NH)
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, lf: torch.Tensor,  # as in the forward
+    seg: torch.Tensor,  # (B, S) int32
+    h: torch.Tensor,  # (B, NH, S, DHV) the forward's output
+    C_last: torch.Tensor, n_last: torch.Tensor,  # the final state
+    C_states: torch.Tensor, n_states: torch.Tensor, m_states: torch.Tensor,  # (B, NH, NC + 1, ...)
+    m_tok: torch.Tensor, qn_tok: torch.Tensor, src_tok: torch.Tensor,  # (B, NH, S)
+    src_last: torch.Tensor,  # (B, NH) int32
+    chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor]:
+    """Gradients of q, k, v (their dtype), i, lf, and of the initial C0, n0, m0 (float32; float64)."""
+    from xlstm_distill.kernels import mlstm_triton_bw as bw
+
+    dh, q, k, v, seg = (x.contiguous() for x in (dh, q, k, v, seg))
+    B, NH, S, DK = q.shape
+    DV = v.shape[-1]
+    acc = i.dtype
+    NC = C_states.shape[2] - 1
+    # per token: the normalizer and the gradients of q.n (gamma) and of m (mu), module docstring
+    gh = (dh.to(acc) * h.to(acc)).sum(-1)  # (B, NH, S)
+    floor = torch.exp(torch.clamp(-m_tok, max=ref.MAX_NEG_M))
+    on_qn = qn_tok.abs() > floor
+    den = torch.maximum(qn_tok.abs(), floor) + ref.EPS
+    gam = torch.where(on_qn, -gh / den * torch.sign(qn_tok), 0.0).contiguous()
+    mu = -gh * torch.where(~on_qn & (-m_tok > ref.MAX_NEG_M), 1.0, ref.EPS / den)
+
+    BDK, BDV = _pow2(DK), _pow2(DV)
+    BK, BV = min(BLOCK, BDK), min(BLOCK, BDV)
+    NV = triton_cdiv(DV, BV)
+    tl_acc, tl_dot = _tl_dtype(acc), _dot_dtype(q.dtype)
+    G = q.new_empty(B, NH, NC + 1, DK, DV, dtype=acc)
+    g = q.new_empty(B, NH, NC + 1, DK, dtype=acc)
+    bw.chunk_state_grads_kernel[(B * NH, triton_cdiv(DK, BK), NV)](
+        q, dh, den, gam, lf, seg, m_tok, m_states, dC_last.to(acc).contiguous(), dn_last.to(acc).contiguous(), G, g,
+        NH, S, NC, DK=DK, DV=DV, L=chunk, BK=BK, BV=BV, ACC=tl_acc, DOT=tl_dot, num_warps=4)
+    dq = q.new_empty(NV, B, NH, S, DK, dtype=acc)
+    dk = q.new_empty(NV, B, NH, S, DK, dtype=acc)
+    dv = q.new_empty(B, NH, S, DV, dtype=acc)
+    bw.chunk_grads_kernel[(B * NH, NC, NV)](
+        q, k, v, dh, den, gam, i, lf, seg, m_tok, C_states, n_states, m_states, G, g, dq, dk, dv, NH, S, NC, B * NH,
+        DK=DK, DV=DV, L=chunk, BDK=BDK, BV=BV, ACC=tl_acc, DOT=tl_dot, num_warps=_warps(chunk, BDK, BV))
+    dq, dk = dq.sum(0), dk.sum(0)
+
+    # the gates and the initial stabilizer: row and column sums (module docstring)
+    R = (q.to(acc) * dq).sum(-1) + mu  # (B, NH, S)
+    Q = (k.to(acc) * dk).sum(-1)
+    Q = Q.scatter_add(-1, src_tok.clamp(min=0).long(), torch.where(src_tok >= 0, mu, 0.0))
+    mu_last = dm_last.to(acc) - (dC_last.to(acc) * C_last).sum((-2, -1)) - (dn_last.to(acc) * n_last).sum(-1)
+    Q = Q.scatter_add(-1, src_last.clamp(min=0).long().unsqueeze(-1),
+                      torch.where(src_last >= 0, mu_last, 0.0).unsqueeze(-1))
+    diff = (R - Q).double()
+    dlf = diff.flip(-1).cumsum(-1).flip(-1) + dm_last.double().unsqueeze(-1)  # (B, NH, S)
+    dm0 = torch.where(seg[:, :1] == 0, dlf[..., 0], 0.0).to(acc)  # a row that starts a document discards the state
+    starts = torch.cat([seg[:, :1] > 0, seg[:, 1:] != seg[:, :-1]], 1)  # (B, S) a document's first token
+    dlf = torch.where(starts[:, None, :], 0.0, dlf).to(acc)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), Q, dlf, G[:, :, 0].contiguous(), g[:, :, 0].contiguous(), dm0
+
+
+@_backward.register_fake
+def _(dh, dC_last, dn_last, dm_last, q, k, v, i, lf, seg, h, C_last, n_last, C_states, n_states, m_states, m_tok,
+      qn_tok, src_tok, src_last, chunk):
+    B, NH, S, DK = q.shape
+    acc = dict(dtype=i.dtype, device=q.device)
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(i), torch.empty_like(lf),
+            q.new_empty(B, NH, DK, v.shape[-1], **acc), q.new_empty(B, NH, DK, **acc), q.new_empty(B, NH, **acc))
+
+
+def _setup_backward(ctx, inputs, output) -> None:
+    q, k, v, i, lf, seg, C0, n0, m0, chunk = inputs
+    h, C_last, n_last, _, C_states, n_states, m_states, m_tok, qn_tok, src_tok, src_last = output
+    ctx.save_for_backward(q, k, v, i, lf, seg, h, C_last, n_last, C_states, n_states, m_states, m_tok, qn_tok,
+                          src_tok, src_last)
+    ctx.chunk = chunk
+
+
+def _differentiate(ctx, dh, dC_last, dn_last, dm_last, *_):
+    q, k, v, i, lf, seg, h, C_last, n_last, *rest = ctx.saved_tensors
+    dh = torch.zeros_like(h) if dh is None else dh
+    dC_last = torch.zeros_like(C_last) if dC_last is None else dC_last
+    dn_last = torch.zeros_like(n_last) if dn_last is None else dn_last
+    dm_last = n_last.new_zeros(n_last.shape[:2]) if dm_last is None else dm_last
+    grads = torch.ops.xlstm_distill.mlstm_triton_backward(dh, dC_last, dn_last, dm_last, q, k, v, i, lf, seg, h,
+                                                          C_last, n_last, *rest, ctx.chunk)
+    return (*grads[:5], None, *grads[5:], None)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("The triton mLSTM's backward is first-order only; use kernels.mlstm='native' for higher "
+                       "derivatives.")
+
+
+_forward.register_autograd(_differentiate, setup_context=_setup_backward)
+_backward.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+def _pow2(n: int) -> int:
+    """The smallest power of two >= n and >= 16 (tl.dot's smallest tile)."""
+    return max(16, 1 << (n - 1).bit_length())
+
+
+def _warps(chunk: int, BDK: int, BV: int) -> int:
+    """Warps of the per-chunk kernels: 8 for tiles larger than 64 x 64 (e.g. q, k of 64 tokens x 128)."""
+    return 4 if chunk * max(BDK, BV) <= 4096 else 8
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _tl_dtype(dtype: torch.dtype):
+    import triton.language as tl
+
+    return {torch.float64: tl.float64, torch.float32: tl.float32, torch.bfloat16: tl.bfloat16,
+            torch.float16: tl.float16}[dtype]
+
+
+def _dot_dtype(dtype: torch.dtype):
+    """The operands' dtype of the kernels' tl.dot: the inputs' own, except in Triton's interpreter, whose 16-bit dots
+    multiply the raw bits (Triton 3.6): float32 there (the loads, stores and casts stay 16-bit)."""
+    if dtype in (torch.bfloat16, torch.float16) and os.environ.get("TRITON_INTERPRET") == "1":
+        dtype = torch.float32
+    return _tl_dtype(dtype)
+
+
+# The registered implementation (xlstm_distill.kernels.ops has the signature).
+@register_kernel("mlstm", "triton")
+def _triton(q, k, v, i, f, state, reset, chunk_size: int, options: KernelOptions):
+    return mlstm_triton(q, k, v, i, f, state, reset, chunk_size)
