@@ -29,8 +29,9 @@ class KernelOptions:
                                  "(token loop; a reference). Ungated memories run `native`.")
     swa: str = setting("auto", "Sliding-window + sinks implementation: `auto` (`flex` on CUDA, else `native`), "
                                "`native` (PyTorch, query blocks), `flex` (FlexAttention; on CPU only without gradients).")
-    compile_memory: bool = setting(True, "On CUDA with `tfla`: run the memory branch (feature maps, gates, GQA repeat) "
-                                         "and the output-gate mix through torch.compile around the TFLA kernel.")
+    compile_memory: bool = setting(True, "On CUDA with `tfla` or `triton`: run the memory branch (feature maps, gates, "
+                                         "GQA repeat) and the output-gate mix through torch.compile around the mLSTM "
+                                         "kernel.")
     copy_sinks: str = setting("rows", "`flex` with gradients: where each query block reads its sinks from a copy "
                                       "placed after the keys. `rows`: rows of one document; `all`: packed rows too; "
                                       "`none`: sinks in place.")
