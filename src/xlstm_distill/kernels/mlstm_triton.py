@@ -192,7 +192,7 @@ def _backward(
     """Gradients of q, k, v (their dtype), i, lf, and of the initial C0, n0, m0 (float32; float64)."""
     from xlstm_distill.kernels import mlstm_triton_bw as bw
 
-    dh, q, k, v, seg = (x.contiguous() for x in (dh, q, k, v, seg))
+    dh, q, k, v, i, lf, seg = (x.contiguous() for x in (dh, q, k, v, i, lf, seg))
     B, NH, S, DK = q.shape
     DV = v.shape[-1]
     acc = i.dtype
