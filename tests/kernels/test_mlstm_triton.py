@@ -116,8 +116,9 @@ def test_each_branch_of_the_normalizer(case):
 
 
 def test_larger_chunk_and_heads_of_other_sizes():
-    """Chunk 32 (chunk_size 20 rounds up), head sizes that are not powers of two, several value blocks (DV 80: two
-    blocks of 64 columns, whose dq, dk parts are summed)."""
+    """Chunk 32 (chunk_size 20 rounds up), head sizes that are not powers of two, several blocks of value columns
+    (DV 80: two blocks of 64 in the state kernels, three of 32 in float32's per-chunk backward, whose dq, dk parts
+    are summed)."""
     xs = _inputs(B=1, NH=1, S=50, D=20, DV=80, state=True)
     errors = _errors(xs, _resets(2, 50)[:1], chunk=20, state_loss=True)
     assert all(e < 1e-5 for e in errors.values()), errors

@@ -36,7 +36,7 @@ forward: the chunk states (sequential over chunks, kept for the backward: float3
 e.g. 128 x 128 x 4 B x 32 heads = 2 MB per chunk per layer, 1 GB at 32K tokens in chunks of 64) and the outputs
 with each token's m, q.n and source of m; backward: the state gradients (sequential, from the last chunk), then
 dq, dk, dv per chunk; the gate and initial-state gradients are the sums above (PyTorch, O(S)). Nothing of the forward
-is computed again. Chunk: the model's ``chunk_size`` rounded up to a power of two, 16 to 128.
+is computed again. Chunk: the model's ``chunk_size`` rounded up to a power of two, 16 to 64.
 
 Both passes are ``torch.library`` custom operators (``xlstm_distill::mlstm_triton_forward`` / ``_backward``) with fake
 implementations: one opaque call each under torch.compile. Ungated memories (linear attention) run ``native``.
@@ -56,13 +56,15 @@ from xlstm_distill.kernels.registry import register_kernel
 
 # stands for m = -inf (no state yet) inside the kernels: exp(-1e30 + anything finite) is 0, never nan
 NO_STATE_M = -1e30
-MIN_CHUNK, MAX_CHUNK = 16, 128
+# at 128 tokens the per-chunk kernels spill heavily (bf16, heads of 128) or, in float32, need more shared memory than
+# an H100 / H200 block has (ptxas for sm_90)
+MIN_CHUNK, MAX_CHUNK = 16, 64
 BLOCK = 64  # largest block of DHQK / DHV columns per program
 
 
 def chunk_length(chunk_size: int) -> int:
     """The kernel's chunk: ``chunk_size`` rounded up to a power of two, at least 16 (tl.dot's smallest tile), at
-    most 128."""
+    most 64."""
     return min(MAX_CHUNK, max(MIN_CHUNK, 1 << (max(1, chunk_size) - 1).bit_length()))
 
 
@@ -145,7 +147,7 @@ def _forward(
     tl_acc, tl_dot = _tl_dtype(acc), _dot_dtype(q.dtype)
     fw.chunk_states_kernel[(B * NH, triton_cdiv(DK, BK), triton_cdiv(DV, BV))](
         k, v, i, lf, seg, C0, n0, m0, C_states, n_states, m_states, src_states, NH, S, NC,
-        DK=DK, DV=DV, L=chunk, BK=BK, BV=BV, ACC=tl_acc, DOT=tl_dot, num_warps=4)
+        DK=DK, DV=DV, L=chunk, BK=BK, BV=BV, ACC=tl_acc, DOT=tl_dot, num_warps=_warps(BK, BV))
     h = torch.empty_like(v)
     m_tok = q.new_empty(B, NH, S, dtype=acc)
     qn_tok = q.new_empty(B, NH, S, dtype=acc)
@@ -153,7 +155,7 @@ def _forward(
     fw.chunk_output_kernel[(B * NH, NC, triton_cdiv(DV, BV))](
         q, k, v, i, lf, seg, C_states, n_states, m_states, src_states, h, m_tok, qn_tok, src_tok, NH, S, NC,
         DK=DK, DV=DV, L=chunk, BDK=BDK, BV=BV, ACC=tl_acc, DOT=tl_dot, EPS=ref.EPS, MAX_NEG_M=ref.MAX_NEG_M,
-        num_warps=_warps(chunk, BDK, BV))
+        num_warps=_warps(chunk, max(BDK, BV)))
     last = (C_states[:, :, NC].clone(), n_states[:, :, NC].clone(), m_states[:, :, NC].clone(),
             src_states[:, :, NC].clone())
     return h, *last[:3], C_states, n_states, m_states, m_tok, qn_tok, src_tok, last[3]
@@ -207,19 +209,22 @@ def _backward(
 
     BDK, BDV = _pow2(DK), _pow2(DV)
     BK, BV = min(BLOCK, BDK), min(BLOCK, BDV)
-    NV = triton_cdiv(DV, BV)
+    # value columns per program of the per-chunk backward: 32 for 4-byte operands (64 needs 256 KB of shared memory
+    # at heads of 128, more than an H100 / H200 block has)
+    BV_chunk = min(BLOCK if q.element_size() == 2 else BLOCK // 2, BDV)
+    NV = triton_cdiv(DV, BV_chunk)
     tl_acc, tl_dot = _tl_dtype(acc), _dot_dtype(q.dtype)
     G = q.new_empty(B, NH, NC + 1, DK, DV, dtype=acc)
     g = q.new_empty(B, NH, NC + 1, DK, dtype=acc)
-    bw.chunk_state_grads_kernel[(B * NH, triton_cdiv(DK, BK), NV)](
+    bw.chunk_state_grads_kernel[(B * NH, triton_cdiv(DK, BK), triton_cdiv(DV, BV))](
         q, dh, den, gam, lf, seg, m_tok, m_states, dC_last.to(acc).contiguous(), dn_last.to(acc).contiguous(), G, g,
-        NH, S, NC, DK=DK, DV=DV, L=chunk, BK=BK, BV=BV, ACC=tl_acc, DOT=tl_dot, num_warps=4)
+        NH, S, NC, DK=DK, DV=DV, L=chunk, BK=BK, BV=BV, ACC=tl_acc, DOT=tl_dot, num_warps=_warps(BK, BV))
     dq = q.new_empty(NV, B, NH, S, DK, dtype=acc)
     dk = q.new_empty(NV, B, NH, S, DK, dtype=acc)
     dv = q.new_empty(B, NH, S, DV, dtype=acc)
     bw.chunk_grads_kernel[(B * NH, NC, NV)](
         q, k, v, dh, den, gam, i, lf, seg, m_tok, C_states, n_states, m_states, G, g, dq, dk, dv, NH, S, NC, B * NH,
-        DK=DK, DV=DV, L=chunk, BDK=BDK, BV=BV, ACC=tl_acc, DOT=tl_dot, num_warps=_warps(chunk, BDK, BV))
+        DK=DK, DV=DV, L=chunk, BDK=BDK, BV=BV_chunk, ACC=tl_acc, DOT=tl_dot, num_warps=_warps(chunk, BDK))
     dq, dk = dq.sum(0), dk.sum(0)
 
     # the gates and the initial stabilizer: row and column sums (module docstring)
@@ -279,9 +284,10 @@ def _pow2(n: int) -> int:
     return max(16, 1 << (n - 1).bit_length())
 
 
-def _warps(chunk: int, BDK: int, BV: int) -> int:
-    """Warps of the per-chunk kernels: 8 for tiles larger than 64 x 64 (e.g. q, k of 64 tokens x 128)."""
-    return 4 if chunk * max(BDK, BV) <= 4096 else 8
+def _warps(rows: int, columns: int) -> int:
+    """Warps of a program whose largest tile is rows x columns: 8 from 64 x 64 (the state kernels' C block: no
+    spills with 8 at heads of 128, ptxas for sm_90), and for larger tiles (q, k of 64 tokens x 128), else 4."""
+    return 4 if rows * columns < 4096 else 8
 
 
 def triton_cdiv(a: int, b: int) -> int:
