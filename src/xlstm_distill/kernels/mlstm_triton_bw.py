@@ -141,11 +141,7 @@ def chunk_grads_kernel(
     seg_last = tl.load(seg_ptr + batch * S + tl.minimum(pid_c * L + L, S) - 1)
     at = pid_bh * (NC + 1) + pid_c
     mdv = md[:, None] & mv[None, :]
-    C = tl.load(C_states_ptr + at * DK * DV + rd[:, None] * DV + rv[None, :], mask=mdv, other=0.0)
-    n = tl.load(n_states_ptr + at * DK + rd, mask=md, other=0.0).to(ACC)
     m_c = tl.load(m_states_ptr + at).to(ACC)
-    G = tl.load(G_ptr + (at + 1) * DK * DV + rd[:, None] * DV + rv[None, :], mask=mdv, other=0.0)
-    g = tl.where(first, tl.load(g_ptr + (at + 1) * DK + rd, mask=md, other=0.0).to(ACC), 0.0)
     m_next = tl.load(m_states_ptr + at + 1).to(ACC)
 
     b = tl.cumsum(lf, 0)
@@ -156,13 +152,18 @@ def chunk_grads_kernel(
     w_key = tl.where(valid & (sg == seg_last), tl.exp(b_last - b + ig - m_next), 0.0)  # (L,)
     delta = (dh.to(ACC) / den[:, None]).to(DOT)  # (L, BV)
     dA = (tl.dot(delta, tl.trans(v)).to(ACC) + gam[:, None]) * w  # (L, L)
-    sw = tl.dot(q, tl.trans(k)).to(ACC) * w  # (L, L)
+    part = pid_v.to(tl.int64) * BH * S * DK
+    # each result is stored as soon as it is complete and its operands loaded just before: fewer live registers
+    C = tl.load(C_states_ptr + at * DK * DV + rd[:, None] * DV + rv[None, :], mask=mdv, other=0.0)
+    n = tl.load(n_states_ptr + at * DK + rd, mask=md, other=0.0).to(ACC)
     dq = tl.dot(dA.to(DOT), k).to(ACC)
     dq += w_state[:, None] * (tl.dot(delta, tl.trans(C.to(DOT))).to(ACC) + gam[:, None] * n[None, :])
-    dk = tl.dot(tl.trans(dA.to(DOT)), q).to(ACC)
-    dk += w_key[:, None] * (tl.dot(v, tl.trans(G.to(DOT))).to(ACC) + g[None, :])
-    dv = tl.dot(tl.trans(sw.to(DOT)), delta).to(ACC) + w_key[:, None] * tl.dot(k, G.to(DOT)).to(ACC)
-    part = pid_v.to(tl.int64) * BH * S * DK
     tl.store(dq_ptr + part + row[:, None] * DK + rd[None, :], dq, mask=mtd)
+    G = tl.load(G_ptr + (at + 1) * DK * DV + rd[:, None] * DV + rv[None, :], mask=mdv, other=0.0).to(DOT)
+    g = tl.where(first, tl.load(g_ptr + (at + 1) * DK + rd, mask=md, other=0.0).to(ACC), 0.0)
+    dk = tl.dot(tl.trans(dA.to(DOT)), q).to(ACC)
+    dk += w_key[:, None] * (tl.dot(v, tl.trans(G)).to(ACC) + g[None, :])
     tl.store(dk_ptr + part + row[:, None] * DK + rd[None, :], dk, mask=mtd)
+    sw = tl.dot(q, tl.trans(k)).to(ACC) * w  # (L, L)
+    dv = tl.dot(tl.trans(sw.to(DOT)), delta).to(ACC) + w_key[:, None] * tl.dot(k, G).to(ACC)
     tl.store(dv_ptr + row[:, None] * DV + rv[None, :], dv, mask=mtv)
