@@ -18,6 +18,29 @@ import triton.language as tl
 
 
 @triton.jit
+def _chunk_queries(q_ptr, dh_ptr, den_ptr, gam_ptr, lf_ptr, seg_ptr, m_ptr, m_states_ptr, pid_bh, batch, c, S, NC,
+                   rk, rv, DK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, ACC: tl.constexpr,
+                   DOT: tl.constexpr):
+    """What chunk c reads from the state before it: q (L, BK), dh (L, BV), den, gamma, lf, m, document index (L,),
+    the state's and the chunk's last document, the state's m (all masked for c < 0, tokens past S masked)."""
+    t = c * L + tl.arange(0, L)
+    valid = (t >= 0) & (t < S)
+    row = pid_bh * S + t
+    q = tl.load(q_ptr + row[:, None] * DK + rk[None, :], mask=valid[:, None] & (rk < DK)[None, :], other=0.0)
+    dh = tl.load(dh_ptr + row[:, None] * DV + rv[None, :], mask=valid[:, None] & (rv < DV)[None, :], other=0.0)
+    den = tl.load(den_ptr + row, mask=valid, other=1.0).to(ACC)
+    gam = tl.load(gam_ptr + row, mask=valid, other=0.0).to(ACC)
+    lf = tl.load(lf_ptr + row, mask=valid, other=0.0).to(ACC)
+    m = tl.load(m_ptr + row, mask=valid, other=0.0).to(ACC)
+    sg = tl.load(seg_ptr + batch * S + t, mask=valid, other=-1)
+    seg_state = tl.load(seg_ptr + batch * S + tl.maximum(c * L - 1, 0))
+    seg_state = tl.where(c > 0, seg_state, 0)
+    seg_last = tl.load(seg_ptr + batch * S + tl.maximum(tl.minimum(c * L + L, S) - 1, 0))
+    m_c = tl.load(m_states_ptr + pid_bh * (NC + 1) + tl.maximum(c, 0)).to(ACC)
+    return q.to(DOT), dh, den, gam, lf, m, sg, seg_state, seg_last, m_c
+
+
+@triton.jit
 def chunk_state_grads_kernel(
     q_ptr,  # (B, NH, S, DK)
     dh_ptr,  # (B, NH, S, DV)
@@ -49,25 +72,19 @@ def chunk_state_grads_kernel(
     g = tl.load(dn_last_ptr + pid_bh * DK + rk, mask=mk, other=0.0).to(ACC)
     m_next = tl.load(m_states_ptr + pid_bh * (NC + 1) + NC).to(ACC)
     c = NC - 1
+    q, dh, den, gam, lf, m, sg, seg_state, seg_last, m_c = _chunk_queries(
+        q_ptr, dh_ptr, den_ptr, gam_ptr, lf_ptr, seg_ptr, m_ptr, m_states_ptr, pid_bh, batch, c, S, NC, rk, rv,
+        DK, DV, L, ACC, DOT)
     while c >= 0:  # a while loop: Triton's interpreter cannot run `for` over a runtime bound (numpy 2)
+        # the previous chunk's loads are issued first and awaited only in the next iteration (by hand: a while loop
+        # is not pipelined); before the first chunk they are all masked
+        nxt = _chunk_queries(q_ptr, dh_ptr, den_ptr, gam_ptr, lf_ptr, seg_ptr, m_ptr, m_states_ptr, pid_bh, batch,
+                             c - 1, S, NC, rk, rv, DK, DV, L, ACC, DOT)
         at = pid_bh * (NC + 1) + c + 1
         tl.store(G_ptr + at * DK * DV + rk[:, None] * DV + rv[None, :], G, mask=mkv)
         if pid_v == 0:
             tl.store(g_ptr + at * DK + rk, g, mask=mk)
-        t = c * L + rl
-        valid = t < S
-        row = pid_bh * S + t
-        q = tl.load(q_ptr + row[:, None] * DK + rk[None, :], mask=valid[:, None] & mk[None, :], other=0.0).to(DOT)
-        dh = tl.load(dh_ptr + row[:, None] * DV + rv[None, :], mask=valid[:, None] & mv[None, :], other=0.0)
-        den = tl.load(den_ptr + row, mask=valid, other=1.0).to(ACC)
-        gam = tl.load(gam_ptr + row, mask=valid, other=0.0).to(ACC)
-        lf = tl.load(lf_ptr + row, mask=valid, other=0.0).to(ACC)
-        m = tl.load(m_ptr + row, mask=valid, other=0.0).to(ACC)
-        sg = tl.load(seg_ptr + batch * S + t, mask=valid, other=-1)
-        seg_state = tl.load(seg_ptr + batch * S + tl.maximum(c * L - 1, 0))
-        seg_state = tl.where(c > 0, seg_state, 0)
-        seg_last = tl.load(seg_ptr + batch * S + tl.minimum(c * L + L, S) - 1)
-        m_c = tl.load(m_states_ptr + pid_bh * (NC + 1) + c).to(ACC)
+        valid = c * L + rl < S
         b = tl.cumsum(lf, 0)
         b_last = tl.sum(lf, 0)
         w_state = tl.where(valid & (sg == seg_state), tl.exp(b + m_c - m), 0.0)  # (L,)
@@ -77,6 +94,7 @@ def chunk_state_grads_kernel(
         G = factor * G + tl.dot(tl.trans(qw.to(DOT)), delta.to(DOT)).to(ACC)
         g = factor * g + tl.sum(qw * gam[:, None], 0)
         m_next = m_c
+        q, dh, den, gam, lf, m, sg, seg_state, seg_last, m_c = nxt
         c -= 1
     at = pid_bh * (NC + 1)
     tl.store(G_ptr + at * DK * DV + rk[:, None] * DV + rv[None, :], G, mask=mkv)

@@ -20,6 +20,23 @@ import triton.language as tl
 
 
 @triton.jit
+def _chunk_keys(k_ptr, v_ptr, i_ptr, lf_ptr, seg_ptr, pid_bh, batch, c, S, rk, rv,
+                DK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr):
+    """What chunk c writes into the state: k (L, BK), v (L, BV), i, lf, document index (L,), the chunk's last
+    document (tokens past S masked)."""
+    t = c * L + tl.arange(0, L)
+    valid = t < S
+    row = pid_bh * S + t
+    kk = tl.load(k_ptr + row[:, None] * DK + rk[None, :], mask=valid[:, None] & (rk < DK)[None, :], other=0.0)
+    vv = tl.load(v_ptr + row[:, None] * DV + rv[None, :], mask=valid[:, None] & (rv < DV)[None, :], other=0.0)
+    ig = tl.load(i_ptr + row, mask=valid, other=0.0).to(ACC)
+    lf = tl.load(lf_ptr + row, mask=valid, other=0.0).to(ACC)
+    sg = tl.load(seg_ptr + batch * S + t, mask=valid, other=-1)
+    seg_last = tl.load(seg_ptr + batch * S + tl.minimum(c * L + L, S) - 1)
+    return kk.to(DOT), vv.to(DOT), ig, lf, sg, seg_last
+
+
+@triton.jit
 def chunk_states_kernel(
     k_ptr,  # (B, NH, S, DK)
     v_ptr,  # (B, NH, S, DV)
@@ -52,7 +69,12 @@ def chunk_states_kernel(
     src = tl.program_id(0) * 0 - 1  # int32 scalar
     seg_state = tl.program_id(0) * 0  # the initial state belongs to document 0
     c = tl.program_id(0) * 0
+    kk, vv, ig, lf, sg, seg_last = _chunk_keys(k_ptr, v_ptr, i_ptr, lf_ptr, seg_ptr, pid_bh, batch, c, S, rk, rv,
+                                               DK, DV, L, ACC, DOT)
     while c < NC:  # a while loop: Triton's interpreter cannot run `for` over a runtime bound (numpy 2)
+        # the next chunk's loads are issued first and awaited only in the next iteration (by hand: a while loop is
+        # not pipelined); past the last chunk they are all masked
+        nxt = _chunk_keys(k_ptr, v_ptr, i_ptr, lf_ptr, seg_ptr, pid_bh, batch, c + 1, S, rk, rv, DK, DV, L, ACC, DOT)
         at = pid_bh * (NC + 1) + c
         tl.store(C_states_ptr + at * DK * DV + rk[:, None] * DV + rv[None, :], C, mask=mkv)
         if pid_v == 0:
@@ -60,15 +82,7 @@ def chunk_states_kernel(
         if (pid_k == 0) & (pid_v == 0):
             tl.store(m_states_ptr + at, m)
             tl.store(src_states_ptr + at, src)
-        t = c * L + rl
-        valid = t < S
-        row = pid_bh * S + t
-        kk = tl.load(k_ptr + row[:, None] * DK + rk[None, :], mask=valid[:, None] & mk[None, :], other=0.0).to(DOT)
-        vv = tl.load(v_ptr + row[:, None] * DV + rv[None, :], mask=valid[:, None] & mv[None, :], other=0.0).to(DOT)
-        ig = tl.load(i_ptr + row, mask=valid, other=0.0).to(ACC)
-        lf = tl.load(lf_ptr + row, mask=valid, other=0.0).to(ACC)
-        sg = tl.load(seg_ptr + batch * S + t, mask=valid, other=-1)
-        seg_last = tl.load(seg_ptr + batch * S + tl.minimum(c * L + L, S) - 1)
+        valid = c * L + rl < S
         b = tl.cumsum(lf, 0)
         b_last = tl.sum(lf, 0)
         log_w = tl.where(valid & (sg == seg_last), b_last - b + ig, float("-inf"))  # (L,)
@@ -83,6 +97,7 @@ def chunk_states_kernel(
         n = a_carry * n + tl.sum(kw, 0)
         m = m_new
         seg_state = seg_last
+        kk, vv, ig, lf, sg, seg_last = nxt
         c += 1
     at = pid_bh * (NC + 1) + NC
     tl.store(C_states_ptr + at * DK * DV + rk[:, None] * DV + rv[None, :], C, mask=mkv)
