@@ -81,7 +81,8 @@ def _branches(xs, reset=None, chunk=16):
     out = torch.ops.xlstm_distill.mlstm_triton_forward(q, k, v, i, logsigmoid(f), seg, *state, chunk_length(chunk))
     m, qn = out[7], out[8]
     on_qn = qn.abs() > torch.exp(-m)
-    return float(on_qn.float().mean()), float((~on_qn).float().mean()), float((ref.EPS * torch.exp(m) > 1e-3).float().mean())
+    eps_large = ref.EPS * torch.exp(m) > 1e-3
+    return float(on_qn.float().mean()), float((~on_qn).float().mean()), float(eps_large.float().mean())
 
 
 @pytest.mark.parametrize("S", [37, 64, 1])
@@ -126,10 +127,10 @@ def test_larger_chunk_and_heads_of_other_sizes():
 
 def test_bf16_inputs():
     """bf16 q, k, v (float32 gates and state): h in bf16, close to the float32 truth. The gradient of q.n uses
-    dh.h with the bf16 h, the loosest part: seen 3.0e-2 on dn0, below 1e-2 elsewhere (the native kernel on the same
-    bf16 inputs: 2.6e-3)."""
+    dh.h with the bf16 h, the loosest part: seen 3.9e-2 on dn0 (a sum over tokens of it), below 1e-2 elsewhere (the
+    native kernel on the same bf16 inputs: 2.6e-3 on dn0)."""
     errors = _errors(_inputs(S=40, state=True), _resets(2, 40), dtype=torch.bfloat16)
-    assert all(e < 5e-2 for e in errors.values()), errors
+    assert all(e < (1e-1 if name == "dn0" else 2e-2) for name, e in errors.items()), errors
 
 
 def test_gradcheck_float64():
@@ -218,7 +219,7 @@ def test_cuda_compiled_matches_native(dtype, shape, packed):
     compiled = torch.compile(_triton, fullgraph=True)
     errors = _errors(xs, reset, chunk=chunk, dtype=dtype, state_loss=True, fn=compiled)
     tol = {torch.float32: 5e-3, torch.bfloat16: 5e-2}[dtype]
-    assert all(e < tol for e in errors.values()), errors
+    assert all(e < (2 * tol if name == "dn0" else tol) for name, e in errors.items()), errors  # dn0: test_bf16_inputs
 
 
 @pytest.mark.cuda

@@ -32,10 +32,10 @@ last chunk is dC_last, the final m (source s*_last) gets mu_last = dm_last - <dC
 final state is one more row after the last token with R = dm_last. The initial state's gradients are G_0, g_0, dm0.
 
 Kernels (``mlstm_triton_fw.py``, ``mlstm_triton_bw.py``, imported on first use):
-forward: the chunk states (sequential over chunks, kept for the backward: float32 (DHQK, DHV) per chunk and head,
-e.g. 128 x 128 x 4 B x 32 heads = 2 MB per chunk per layer, 1 GB at 32K tokens in chunks of 64) and the outputs
-with each token's m, q.n and source of m; backward: the state gradients (sequential, from the last chunk), then
-dq, dk, dv per chunk; the gate and initial-state gradients are the sums above (PyTorch, O(S)). Nothing of the forward
+forward: the chunk states (sequential over chunks, float32; kept for the backward in q's dtype, which the kernels'
+dots read anyway: (DHQK, DHV) per chunk and head, in bf16 at 32 heads of 128 1 MB per chunk of 64 tokens per layer,
+537 MB at 32K tokens) and the outputs with each token's m, q.n and source of m; backward: the state gradients
+(sequential, from the last chunk; as much memory again while it runs), then dq, dk, dv per chunk; the gate and initial-state gradients are the sums above (PyTorch, O(S)). Nothing of the forward
 is computed again. Chunk: the model's ``chunk_size`` rounded up to a power of two, 16 to 64.
 
 Both passes are ``torch.library`` custom operators (``xlstm_distill::mlstm_triton_forward`` / ``_backward``) with fake
@@ -79,7 +79,8 @@ def mlstm_triton(
     chunk_size: int = 64,
 ) -> tuple[torch.Tensor, MLSTMState]:
     """Chunkwise gated mLSTM on the Triton kernels. Returns h (B, NH, S, DHV) in v's dtype and the final state
-    (float32; float64 for float64 inputs). q and k are computed in v's dtype."""
+    (float32; float64 for float64 inputs). q, k and v are computed in v's dtype (under CUDA autocast in autocast's
+    dtype, as TFLA gets them); gates and states in float32."""
     if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"mlstm triton: q, k must be (B, NH, S, DHQK) and v (B, NH, S, DHV) with the same B, NH, S; "
                          f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}.")
@@ -89,9 +90,11 @@ def mlstm_triton(
     B, NH, S, DHQK = q.shape
     if S == 0:
         raise ValueError("mlstm triton: the sequence is empty (S = 0); call it with at least one token.")
-    dtype = v.dtype
+    out_dtype = dtype = v.dtype
+    if q.is_cuda and torch.is_autocast_enabled("cuda"):  # q, k, v in autocast's dtype, as TFLA gets them
+        dtype = torch.get_autocast_dtype("cuda")
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    q, k = q.to(dtype), k.to(dtype)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     i, lf = i.to(acc), logsigmoid(f.to(acc))
     if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("kernels.mlstm='triton' on CPU tensors runs in Triton's interpreter: set TRITON_INTERPRET=1 "
@@ -111,7 +114,7 @@ def mlstm_triton(
         m0 = torch.where(torch.isfinite(state.m), state.m.to(acc), NO_STATE_M)
     forward = torch.ops.xlstm_distill.mlstm_triton_forward
     h, C, n, m = forward(q, k, v, i, lf, seg, C0, n0, m0, chunk_length(chunk_size))[:4]
-    return h, MLSTMState(C, n, m)
+    return h.to(out_dtype), MLSTMState(C, n, m)
 
 
 # ---------------------------------------------------------------------------------------------------- forward
@@ -129,8 +132,10 @@ def _forward(
     chunk: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """h (B, NH, S, DHV) in v's dtype; the final C, n, m; for the backward: the chunk states C, n, m
-    (B, NH, NC + 1, ...), each token's m and q.n (B, NH, S), the sources of the tokens' and the final m (int32)."""
+    """h (B, NH, S, DHV) in v's dtype; the final C, n, m (as i); for the backward: the states before each chunk C
+    (B, NH, NC, DHQK, DHV) in q's dtype (the kernels read them as tl.dot operands: a 16-bit copy loses nothing and
+    halves their memory), n and m (B, NH, NC + 1, ...; the last: the final state's), each token's m and q.n
+    (B, NH, S), the sources of the tokens' and the final m (int32)."""
     from xlstm_distill.kernels import mlstm_triton_fw as fw
 
     q, k, v, i, lf, seg, C0, n0, m0 = (x.contiguous() for x in (q, k, v, i, lf, seg, C0, n0, m0))
@@ -138,7 +143,8 @@ def _forward(
     DV = v.shape[-1]
     acc = i.dtype
     NC = -(-S // chunk)
-    C_states = q.new_empty(B, NH, NC + 1, DK, DV, dtype=acc)
+    C_states = q.new_empty(B, NH, NC, DK, DV)
+    C_last = q.new_empty(B, NH, DK, DV, dtype=acc)
     n_states = q.new_empty(B, NH, NC + 1, DK, dtype=acc)
     m_states = q.new_empty(B, NH, NC + 1, dtype=acc)
     src_states = q.new_empty(B, NH, NC + 1, dtype=torch.int32)
@@ -146,7 +152,7 @@ def _forward(
     BK, BV = min(BLOCK, BDK), min(BLOCK, BDV)
     tl_acc, tl_dot = _tl_dtype(acc), _dot_dtype(q.dtype)
     fw.chunk_states_kernel[(B * NH, triton_cdiv(DK, BK), triton_cdiv(DV, BV))](
-        k, v, i, lf, seg, C0, n0, m0, C_states, n_states, m_states, src_states, NH, S, NC,
+        k, v, i, lf, seg, C0, n0, m0, C_states, C_last, n_states, m_states, src_states, NH, S, NC,
         DK=DK, DV=DV, L=chunk, BK=BK, BV=BV, ACC=tl_acc, DOT=tl_dot, num_warps=_warps(BK, BV))
     h = torch.empty_like(v)
     m_tok = q.new_empty(B, NH, S, dtype=acc)
@@ -156,9 +162,8 @@ def _forward(
         q, k, v, i, lf, seg, C_states, n_states, m_states, src_states, h, m_tok, qn_tok, src_tok, NH, S, NC,
         DK=DK, DV=DV, L=chunk, BDK=BDK, BV=BV, ACC=tl_acc, DOT=tl_dot, EPS=ref.EPS, MAX_NEG_M=ref.MAX_NEG_M,
         num_warps=_warps(chunk, max(BDK, BV)))
-    last = (C_states[:, :, NC].clone(), n_states[:, :, NC].clone(), m_states[:, :, NC].clone(),
-            src_states[:, :, NC].clone())
-    return h, *last[:3], C_states, n_states, m_states, m_tok, qn_tok, src_tok, last[3]
+    last = (n_states[:, :, NC].clone(), m_states[:, :, NC].clone(), src_states[:, :, NC].clone())
+    return h, C_last, *last[:2], C_states, n_states, m_states, m_tok, qn_tok, src_tok, last[2]
 
 
 @_forward.register_fake
@@ -169,7 +174,7 @@ def _(q, k, v, i, lf, seg, C0, n0, m0, chunk):
     acc = dict(dtype=i.dtype, device=q.device)
     per_token = q.new_empty(B, NH, S, **acc)
     return (torch.empty_like(v), q.new_empty(B, NH, DK, DV, **acc), q.new_empty(B, NH, DK, **acc),
-            q.new_empty(B, NH, **acc), q.new_empty(B, NH, NC + 1, DK, DV, **acc), q.new_empty(B, NH, NC + 1, DK, **acc),
+            q.new_empty(B, NH, **acc), q.new_empty(B, NH, NC, DK, DV), q.new_empty(B, NH, NC + 1, DK, **acc),
             q.new_empty(B, NH, NC + 1, **acc), per_token, per_token.clone(),
             q.new_empty(B, NH, S, dtype=torch.int32), q.new_empty(B, NH, dtype=torch.int32))
 
@@ -185,7 +190,8 @@ def _backward(
     seg: torch.Tensor,  # (B, S) int32
     h: torch.Tensor,  # (B, NH, S, DHV) the forward's output
     C_last: torch.Tensor, n_last: torch.Tensor,  # the final state
-    C_states: torch.Tensor, n_states: torch.Tensor, m_states: torch.Tensor,  # (B, NH, NC + 1, ...)
+    C_states: torch.Tensor,  # (B, NH, NC, DHQK, DHV)
+    n_states: torch.Tensor, m_states: torch.Tensor,  # (B, NH, NC + 1, ...)
     m_tok: torch.Tensor, qn_tok: torch.Tensor, src_tok: torch.Tensor,  # (B, NH, S)
     src_last: torch.Tensor,  # (B, NH) int32
     chunk: int,
@@ -198,7 +204,7 @@ def _backward(
     B, NH, S, DK = q.shape
     DV = v.shape[-1]
     acc = i.dtype
-    NC = C_states.shape[2] - 1
+    NC = C_states.shape[2]
     # per token: the normalizer and the gradients of q.n (gamma) and of m (mu), module docstring
     gh = (dh.to(acc) * h.to(acc)).sum(-1)  # (B, NH, S)
     floor = torch.exp(torch.clamp(-m_tok, max=ref.MAX_NEG_M))
@@ -214,11 +220,12 @@ def _backward(
     BV_chunk = min(BLOCK if q.element_size() == 2 else BLOCK // 2, BDV)
     NV = triton_cdiv(DV, BV_chunk)
     tl_acc, tl_dot = _tl_dtype(acc), _dot_dtype(q.dtype)
-    G = q.new_empty(B, NH, NC + 1, DK, DV, dtype=acc)
+    G = q.new_empty(B, NH, NC, DK, DV)  # after each chunk, in q's dtype (read as tl.dot operands, as C_states)
+    dC0 = q.new_empty(B, NH, DK, DV, dtype=acc)
     g = q.new_empty(B, NH, NC + 1, DK, dtype=acc)
     bw.chunk_state_grads_kernel[(B * NH, triton_cdiv(DK, BK), triton_cdiv(DV, BV))](
-        q, dh, den, gam, lf, seg, m_tok, m_states, dC_last.to(acc).contiguous(), dn_last.to(acc).contiguous(), G, g,
-        NH, S, NC, DK=DK, DV=DV, L=chunk, BK=BK, BV=BV, ACC=tl_acc, DOT=tl_dot, num_warps=_warps(BK, BV))
+        q, dh, den, gam, lf, seg, m_tok, m_states, dC_last.to(acc).contiguous(), dn_last.to(acc).contiguous(), G, dC0,
+        g, NH, S, NC, DK=DK, DV=DV, L=chunk, BK=BK, BV=BV, ACC=tl_acc, DOT=tl_dot, num_warps=_warps(BK, BV))
     dq = q.new_empty(NV, B, NH, S, DK, dtype=acc)
     dk = q.new_empty(NV, B, NH, S, DK, dtype=acc)
     dv = q.new_empty(B, NH, S, DV, dtype=acc)
@@ -239,7 +246,7 @@ def _backward(
     dm0 = torch.where(seg[:, :1] == 0, dlf[..., 0], 0.0).to(acc)  # a row that starts a document discards the state
     starts = torch.cat([seg[:, :1] > 0, seg[:, 1:] != seg[:, :-1]], 1)  # (B, S) a document's first token
     dlf = torch.where(starts[:, None, :], 0.0, dlf).to(acc)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), Q, dlf, G[:, :, 0].contiguous(), g[:, :, 0].contiguous(), dm0
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), Q, dlf, dC0, g[:, :, 0].contiguous(), dm0
 
 
 @_backward.register_fake

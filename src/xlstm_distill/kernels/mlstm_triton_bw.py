@@ -52,7 +52,8 @@ def chunk_state_grads_kernel(
     m_states_ptr,  # (B, NH, NC + 1)
     dC_last_ptr,  # (B, NH, DK, DV) gradient of the final C
     dn_last_ptr,  # (B, NH, DK)
-    G_ptr,  # (B, NH, NC + 1, DK, DV) out: gradient of C before each chunk (and after the last)
+    G_ptr,  # (B, NH, NC, DK, DV) out, the inputs' dtype: gradient of C after each chunk
+    dC0_ptr,  # (B, NH, DK, DV) out, ACC: gradient of C before the first chunk (the initial state)
     g_ptr,  # (B, NH, NC + 1, DK) out
     NH, S, NC,
     DK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -81,7 +82,8 @@ def chunk_state_grads_kernel(
         nxt = _chunk_queries(q_ptr, dh_ptr, den_ptr, gam_ptr, lf_ptr, seg_ptr, m_ptr, m_states_ptr, pid_bh, batch,
                              c - 1, S, NC, rk, rv, DK, DV, L, ACC, DOT)
         at = pid_bh * (NC + 1) + c + 1
-        tl.store(G_ptr + at * DK * DV + rk[:, None] * DV + rv[None, :], G, mask=mkv)
+        tl.store(G_ptr + (pid_bh * NC + c) * DK * DV + rk[:, None] * DV + rv[None, :], G.to(G_ptr.dtype.element_ty),
+                 mask=mkv)
         if pid_v == 0:
             tl.store(g_ptr + at * DK + rk, g, mask=mk)
         valid = c * L + rl < S
@@ -97,7 +99,7 @@ def chunk_state_grads_kernel(
         q, dh, den, gam, lf, m, sg, seg_state, seg_last, m_c = nxt
         c -= 1
     at = pid_bh * (NC + 1)
-    tl.store(G_ptr + at * DK * DV + rk[:, None] * DV + rv[None, :], G, mask=mkv)
+    tl.store(dC0_ptr + pid_bh * DK * DV + rk[:, None] * DV + rv[None, :], G, mask=mkv)
     if pid_v == 0:
         tl.store(g_ptr + at * DK + rk, g, mask=mk)
 
@@ -114,10 +116,10 @@ def chunk_grads_kernel(
     lf_ptr,  # (B, NH, S)
     seg_ptr,  # (B, S) int32
     m_ptr,  # (B, NH, S)
-    C_states_ptr,  # (B, NH, NC + 1, DK, DV) forward states
+    C_states_ptr,  # (B, NH, NC, DK, DV) forward states before each chunk
     n_states_ptr,  # (B, NH, NC + 1, DK)
     m_states_ptr,  # (B, NH, NC + 1)
-    G_ptr,  # (B, NH, NC + 1, DK, DV) their gradients
+    G_ptr,  # (B, NH, NC, DK, DV) gradients of the states after each chunk
     g_ptr,  # (B, NH, NC + 1, DK)
     dq_ptr,  # (NV, B, NH, S, DK) out, ACC: one part per block of value columns
     dk_ptr,  # (NV, B, NH, S, DK) out, ACC
@@ -172,12 +174,12 @@ def chunk_grads_kernel(
     dA = (tl.dot(delta, tl.trans(v)).to(ACC) + gam[:, None]) * w  # (L, L)
     part = pid_v.to(tl.int64) * BH * S * DK
     # each result is stored as soon as it is complete and its operands loaded just before: fewer live registers
-    C = tl.load(C_states_ptr + at * DK * DV + rd[:, None] * DV + rv[None, :], mask=mdv, other=0.0)
+    C = tl.load(C_states_ptr + (pid_bh * NC + pid_c) * DK * DV + rd[:, None] * DV + rv[None, :], mask=mdv, other=0.0)
     n = tl.load(n_states_ptr + at * DK + rd, mask=md, other=0.0).to(ACC)
     dq = tl.dot(dA.to(DOT), k).to(ACC)
     dq += w_state[:, None] * (tl.dot(delta, tl.trans(C.to(DOT))).to(ACC) + gam[:, None] * n[None, :])
     tl.store(dq_ptr + part + row[:, None] * DK + rd[None, :], dq, mask=mtd)
-    G = tl.load(G_ptr + (at + 1) * DK * DV + rd[:, None] * DV + rv[None, :], mask=mdv, other=0.0).to(DOT)
+    G = tl.load(G_ptr + (pid_bh * NC + pid_c) * DK * DV + rd[:, None] * DV + rv[None, :], mask=mdv, other=0.0).to(DOT)
     g = tl.where(first, tl.load(g_ptr + (at + 1) * DK + rd, mask=md, other=0.0).to(ACC), 0.0)
     dk = tl.dot(tl.trans(dA.to(DOT)), q).to(ACC)
     dk += w_key[:, None] * (tl.dot(v, tl.trans(G)).to(ACC) + g[None, :])

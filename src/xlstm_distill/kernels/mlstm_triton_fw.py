@@ -46,7 +46,8 @@ def chunk_states_kernel(
     C0_ptr,  # (B, NH, DK, DV) initial state
     n0_ptr,  # (B, NH, DK)
     m0_ptr,  # (B, NH)
-    C_states_ptr,  # (B, NH, NC + 1, DK, DV) out: state before each chunk, and after the last
+    C_states_ptr,  # (B, NH, NC, DK, DV) out, the inputs' dtype: the state before each chunk
+    C_last_ptr,  # (B, NH, DK, DV) out, ACC: the state after the last chunk
     n_states_ptr,  # (B, NH, NC + 1, DK) out
     m_states_ptr,  # (B, NH, NC + 1) out
     src_states_ptr,  # (B, NH, NC + 1) int32 out: token whose input gate is m (-1: the initial state's m)
@@ -76,7 +77,8 @@ def chunk_states_kernel(
         # not pipelined); past the last chunk they are all masked
         nxt = _chunk_keys(k_ptr, v_ptr, i_ptr, lf_ptr, seg_ptr, pid_bh, batch, c + 1, S, rk, rv, DK, DV, L, ACC, DOT)
         at = pid_bh * (NC + 1) + c
-        tl.store(C_states_ptr + at * DK * DV + rk[:, None] * DV + rv[None, :], C, mask=mkv)
+        tl.store(C_states_ptr + (pid_bh * NC + c) * DK * DV + rk[:, None] * DV + rv[None, :],
+                 C.to(C_states_ptr.dtype.element_ty), mask=mkv)
         if pid_v == 0:
             tl.store(n_states_ptr + at * DK + rk, n, mask=mk)
         if (pid_k == 0) & (pid_v == 0):
@@ -100,7 +102,7 @@ def chunk_states_kernel(
         kk, vv, ig, lf, sg, seg_last = nxt
         c += 1
     at = pid_bh * (NC + 1) + NC
-    tl.store(C_states_ptr + at * DK * DV + rk[:, None] * DV + rv[None, :], C, mask=mkv)
+    tl.store(C_last_ptr + pid_bh * DK * DV + rk[:, None] * DV + rv[None, :], C, mask=mkv)
     if pid_v == 0:
         tl.store(n_states_ptr + at * DK + rk, n, mask=mk)
     if (pid_k == 0) & (pid_v == 0):
@@ -116,7 +118,7 @@ def chunk_output_kernel(
     i_ptr,  # (B, NH, S)
     lf_ptr,  # (B, NH, S)
     seg_ptr,  # (B, S) int32
-    C_states_ptr,  # (B, NH, NC + 1, DK, DV)
+    C_states_ptr,  # (B, NH, NC, DK, DV)
     n_states_ptr,  # (B, NH, NC + 1, DK)
     m_states_ptr,  # (B, NH, NC + 1)
     src_states_ptr,  # (B, NH, NC + 1) int32
@@ -149,7 +151,8 @@ def chunk_output_kernel(
     seg_state = tl.load(seg_ptr + batch * S + tl.maximum(pid_c * L - 1, 0))
     seg_state = tl.where(pid_c > 0, seg_state, 0)
     at = pid_bh * (NC + 1) + pid_c
-    C = tl.load(C_states_ptr + at * DK * DV + rd[:, None] * DV + rv[None, :], mask=md[:, None] & mv[None, :], other=0.0)
+    C = tl.load(C_states_ptr + (pid_bh * NC + pid_c) * DK * DV + rd[:, None] * DV + rv[None, :],
+                mask=md[:, None] & mv[None, :], other=0.0)
     n = tl.load(n_states_ptr + at * DK + rd, mask=md, other=0.0)
     m_c = tl.load(m_states_ptr + at)
     src_c = tl.load(src_states_ptr + at)
