@@ -22,14 +22,16 @@ the gradient of a_ts, and m_t = a_{t s*(t)} passes mu_t to its source. So
     dq_t = sum_s e^(a_ts - m_t) (delta_t.v_s + gamma_t) k_s (+ the state: e^(b_t + m0 - m_t) (C0 delta_t + gamma_t n0))
     dk_s = sum_t e^(a_ts - m_t) (delta_t.v_s + gamma_t) q_t,      dv_s = sum_t e^(a_ts - m_t) (q_t.k_s) delta_t
     R_t = q_t.dq_t + mu_t  (all gradient reaching row t),   Q_s = k_s.dk_s + sum_{t: s*(t)=s} mu_t  (column s)
-    di_s = Q_s,   dlf_r = sum_{t>=r} (R_t - Q_t)   (a_ts contains lf_r for s < r <= t),   dm0 = sum_t (R_t - Q_t)
+    di_s = Q_s,   dlf_r = sum_{t>=r} (R_t - Q_t)   (a_ts contains lf_r for s < r <= t)
 
 (dlf_r is 0 at a document's first token: nothing crosses a reset.) Across chunks the same sums run through the
 chunk states: C_c before chunk c is stabilized by m_c, and its gradient G_c = dL/dC_c obeys
 G_c = sum_{t in c} e^(b_t + m_c - m_t) q_t delta_t^T + [chunk continues the state] e^(m_c + B_c - m_{c+1}) G_{c+1}
 (g_c for n likewise with gamma_t), every exponent <= 0. The final state (C, n, m) is differentiable too: G after the
 last chunk is dC_last, the final m (source s*_last) gets mu_last = dm_last - <dC_last, C> - <dn_last, n>, and the
-final state is one more row after the last token with R = dm_last. The initial state's gradients are G_0, g_0, dm0.
+final state is one more row after the last token with R = dm_last. The initial state's gradients are G_0, g_0 and
+dm0 = <G_0, C0> + <g_0, n0> + the mu of the m whose source is the initial state (m0 scales the state: C0 e^m0;
+equal to sum_t (R_t - Q_t), which cancels in float32).
 
 Kernels (``mlstm_triton_fw.py``, ``mlstm_triton_bw.py``, imported on first use):
 forward: the chunk states (sequential over chunks, float32; kept for the backward in q's dtype, which the kernels'
@@ -189,6 +191,7 @@ def _backward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, lf: torch.Tensor,  # as in the forward
     seg: torch.Tensor,  # (B, S) int32
     h: torch.Tensor,  # (B, NH, S, DHV) the forward's output
+    C0: torch.Tensor, n0: torch.Tensor,  # the initial state
     C_last: torch.Tensor, n_last: torch.Tensor,  # the final state
     C_states: torch.Tensor,  # (B, NH, NC, DHQK, DHV)
     n_states: torch.Tensor, m_states: torch.Tensor,  # (B, NH, NC + 1, ...)
@@ -205,21 +208,20 @@ def _backward(
     DV = v.shape[-1]
     acc = i.dtype
     NC = C_states.shape[2]
-    # per token: the normalizer and the gradients of q.n (gamma) and of m (mu), module docstring
-    gh = (dh.to(acc) * h.to(acc)).sum(-1)  # (B, NH, S)
-    floor = torch.exp(torch.clamp(-m_tok, max=ref.MAX_NEG_M))
-    on_qn = qn_tok.abs() > floor
-    den = torch.maximum(qn_tok.abs(), floor) + ref.EPS
-    gam = torch.where(on_qn, -gh / den * torch.sign(qn_tok), 0.0).contiguous()
-    mu = -gh * torch.where(~on_qn & (-m_tok > ref.MAX_NEG_M), 1.0, ref.EPS / den)
-
     BDK, BDV = _pow2(DK), _pow2(DV)
+    tl_acc, tl_dot = _tl_dtype(acc), _dot_dtype(q.dtype)
+    # per token: the normalizer and the gradients of q.n (gamma) and of m (mu), module docstring
+    den, gam, mu = (torch.empty_like(m_tok) for _ in range(3))  # (B, NH, S)
+    BT = max(16, 4096 // BDV)
+    bw.token_grads_kernel[(triton_cdiv(B * NH * S, BT),)](
+        dh, h.contiguous(), m_tok, qn_tok, den, gam, mu, B * NH * S, DV=DV, BT=BT, BDV=BDV, ACC=tl_acc,
+        EPS=ref.EPS, MAX_NEG_M=ref.MAX_NEG_M, num_warps=4)
+
     BK, BV = min(BLOCK, BDK), min(BLOCK, BDV)
     # value columns per program of the per-chunk backward: 32 for 4-byte operands (64 needs 256 KB of shared memory
     # at heads of 128, more than an H100 / H200 block has)
     BV_chunk = min(BLOCK if q.element_size() == 2 else BLOCK // 2, BDV)
     NV = triton_cdiv(DV, BV_chunk)
-    tl_acc, tl_dot = _tl_dtype(acc), _dot_dtype(q.dtype)
     G = q.new_empty(B, NH, NC, DK, DV)  # after each chunk, in q's dtype (read as tl.dot operands, as C_states)
     dC0 = q.new_empty(B, NH, DK, DV, dtype=acc)
     g = q.new_empty(B, NH, NC + 1, DK, dtype=acc)
@@ -229,28 +231,32 @@ def _backward(
     dq = q.new_empty(NV, B, NH, S, DK, dtype=acc)
     dk = q.new_empty(NV, B, NH, S, DK, dtype=acc)
     dv = q.new_empty(B, NH, S, DV, dtype=acc)
+    qdq, kdk = (q.new_empty(NV, B, NH, S, dtype=acc) for _ in range(2))
     bw.chunk_grads_kernel[(B * NH, NC, NV)](
-        q, k, v, dh, den, gam, i, lf, seg, m_tok, C_states, n_states, m_states, G, g, dq, dk, dv, NH, S, NC, B * NH,
+        q, k, v, dh, den, gam, i, lf, seg, m_tok, C_states, n_states, m_states, G, g, dq, dk, dv, qdq, kdk,
+        NH, S, NC, B * NH,
         DK=DK, DV=DV, L=chunk, BDK=BDK, BV=BV_chunk, ACC=tl_acc, DOT=tl_dot, num_warps=_warps(chunk, BDK))
-    dq, dk = dq.sum(0), dk.sum(0)
-
     # the gates and the initial stabilizer: row and column sums (module docstring)
-    R = (q.to(acc) * dq).sum(-1) + mu  # (B, NH, S)
-    Q = (k.to(acc) * dk).sum(-1)
+    R = qdq.sum(0) + mu  # (B, NH, S)
+    Q = kdk.sum(0)
     Q = Q.scatter_add(-1, src_tok.clamp(min=0).long(), torch.where(src_tok >= 0, mu, 0.0))
     mu_last = dm_last.to(acc) - (dC_last.to(acc) * C_last).sum((-2, -1)) - (dn_last.to(acc) * n_last).sum(-1)
     Q = Q.scatter_add(-1, src_last.clamp(min=0).long().unsqueeze(-1),
                       torch.where(src_last >= 0, mu_last, 0.0).unsqueeze(-1))
     diff = (R - Q).double()
     dlf = diff.flip(-1).cumsum(-1).flip(-1) + dm_last.double().unsqueeze(-1)  # (B, NH, S)
-    dm0 = torch.where(seg[:, :1] == 0, dlf[..., 0], 0.0).to(acc)  # a row that starts a document discards the state
+    # m0 scales the initial state's every contribution (C0 e^m0, n0 e^m0) and is the source of the m it stays
+    # (directly: the sum of R - Q is the same, up to its cancellation)
+    dm0 = ((dC0 * C0).sum((-2, -1)) + (g[:, :, 0] * n0).sum(-1) + torch.where(src_tok < 0, mu, 0.0).sum(-1)
+           + torch.where(src_last < 0, mu_last, 0.0))
     starts = torch.cat([seg[:, :1] > 0, seg[:, 1:] != seg[:, :-1]], 1)  # (B, S) a document's first token
     dlf = torch.where(starts[:, None, :], 0.0, dlf).to(acc)
+    dq, dk = (x[0] if NV == 1 else x.sum(0) for x in (dq, dk))
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), Q, dlf, dC0, g[:, :, 0].contiguous(), dm0
 
 
 @_backward.register_fake
-def _(dh, dC_last, dn_last, dm_last, q, k, v, i, lf, seg, h, C_last, n_last, C_states, n_states, m_states, m_tok,
+def _(dh, dC_last, dn_last, dm_last, q, k, v, i, lf, seg, h, C0, n0, C_last, n_last, C_states, n_states, m_states, m_tok,
       qn_tok, src_tok, src_last, chunk):
     B, NH, S, DK = q.shape
     acc = dict(dtype=i.dtype, device=q.device)
@@ -261,19 +267,19 @@ def _(dh, dC_last, dn_last, dm_last, q, k, v, i, lf, seg, h, C_last, n_last, C_s
 def _setup_backward(ctx, inputs, output) -> None:
     q, k, v, i, lf, seg, C0, n0, m0, chunk = inputs
     h, C_last, n_last, _, C_states, n_states, m_states, m_tok, qn_tok, src_tok, src_last = output
-    ctx.save_for_backward(q, k, v, i, lf, seg, h, C_last, n_last, C_states, n_states, m_states, m_tok, qn_tok,
-                          src_tok, src_last)
+    ctx.save_for_backward(q, k, v, i, lf, seg, h, C0, n0, C_last, n_last, C_states, n_states, m_states, m_tok,
+                          qn_tok, src_tok, src_last)
     ctx.chunk = chunk
 
 
 def _differentiate(ctx, dh, dC_last, dn_last, dm_last, *_):
-    q, k, v, i, lf, seg, h, C_last, n_last, *rest = ctx.saved_tensors
+    q, k, v, i, lf, seg, h, C0, n0, C_last, n_last, *rest = ctx.saved_tensors
     dh = torch.zeros_like(h) if dh is None else dh
     dC_last = torch.zeros_like(C_last) if dC_last is None else dC_last
     dn_last = torch.zeros_like(n_last) if dn_last is None else dn_last
     dm_last = n_last.new_zeros(n_last.shape[:2]) if dm_last is None else dm_last
     grads = torch.ops.xlstm_distill.mlstm_triton_backward(dh, dC_last, dn_last, dm_last, q, k, v, i, lf, seg, h,
-                                                          C_last, n_last, *rest, ctx.chunk)
+                                                          C0, n0, C_last, n_last, *rest, ctx.chunk)
     return (*grads[:5], None, *grads[5:], None)
 
 

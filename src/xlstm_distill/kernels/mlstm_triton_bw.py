@@ -1,20 +1,56 @@
 """Backward Triton kernels of the chunkwise mLSTM (``kernels/mlstm_triton.py`` has the derivation and calls them).
 
-Imported only when the ``triton`` mLSTM first runs a backward. Inputs per token, made by the caller from the forward's
-saved values: den = max(|q.n|, exp(-m)) + eps, and gamma, the gradient of the (stabilized) q.n.
-delta = dh / den is the gradient of the (stabilized) numerator q C.
+Imported only when the ``triton`` mLSTM first runs a backward.
 
+0. :func:`token_grads_kernel`, per token from dh, h and the forward's m and q.n: den = max(|q.n|, exp(-m)) + eps,
+   gamma and mu, the gradients of the (stabilized) q.n and of m (``mlstm_triton``'s docstring). delta = dh / den,
+   the gradient of the (stabilized) numerator q C, is formed where it is used.
 1. :func:`chunk_state_grads_kernel`, sequential over chunks from the last: G_c, g_c, the gradients of the
    (stabilized) state C, n before every chunk (and after the last: the final state's gradient).
 2. :func:`chunk_grads_kernel`, parallel over chunks: dq, dk, dv of a chunk's tokens from its quadratic part, the
-   state before it (dq) and the gradient of the state after it (dk, dv). dq and dk are written per block of value
-   columns (summed by the caller).
+   state before it (dq) and the gradient of the state after it (dk, dv), and each token's q.dq and k.dk (for the
+   gates' gradients). dq, dk and those sums are written per block of value columns (summed by the caller).
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def token_grads_kernel(
+    dh_ptr,  # (B * NH * S, DV)
+    h_ptr,  # (B * NH * S, DV) the forward's output
+    m_ptr,  # (B * NH * S) each token's stabilizer
+    qn_ptr,  # (B * NH * S) q.n (stabilized, signed)
+    den_ptr,  # (B * NH * S) out, ACC
+    gam_ptr,  # (B * NH * S) out, ACC
+    mu_ptr,  # (B * NH * S) out, ACC
+    T,
+    DV: tl.constexpr, BT: tl.constexpr, BDV: tl.constexpr, ACC: tl.constexpr, EPS: tl.constexpr,
+    MAX_NEG_M: tl.constexpr,
+):
+    """Grid (cdiv(T, BT),): den, gamma = -(dh.h) / den sign(q.n) on the |q.n| branch (else 0), and
+    mu = -(dh.h) eps / den (-(dh.h) where the clamped exp(-m) is the normalizer)."""
+    rows = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)
+    valid = rows < T
+    cols = tl.arange(0, BDV)
+    mask = valid[:, None] & (cols < DV)[None, :]
+    dh = tl.load(dh_ptr + rows[:, None] * DV + cols[None, :], mask=mask, other=0.0).to(ACC)
+    h = tl.load(h_ptr + rows[:, None] * DV + cols[None, :], mask=mask, other=0.0).to(ACC)
+    gh = tl.sum(dh * h, 1)  # (BT,)
+    m = tl.load(m_ptr + rows, mask=valid, other=0.0).to(ACC)
+    qn = tl.load(qn_ptr + rows, mask=valid, other=0.0).to(ACC)
+    floor = tl.exp(tl.minimum(-m, MAX_NEG_M))
+    on_qn = tl.abs(qn) > floor
+    den = tl.maximum(tl.abs(qn), floor) + EPS
+    sign = tl.where(qn > 0, 1.0, tl.where(qn < 0, -1.0, 0.0))
+    gam = tl.where(on_qn, -gh / den * sign, 0.0)
+    mu = -gh * tl.where(on_qn, EPS / den, tl.where(-m > MAX_NEG_M, 1.0, EPS / den))
+    tl.store(den_ptr + rows, den, mask=valid)
+    tl.store(gam_ptr + rows, gam, mask=valid)
+    tl.store(mu_ptr + rows, mu, mask=valid)
 
 
 @triton.jit
@@ -124,6 +160,8 @@ def chunk_grads_kernel(
     dq_ptr,  # (NV, B, NH, S, DK) out, ACC: one part per block of value columns
     dk_ptr,  # (NV, B, NH, S, DK) out, ACC
     dv_ptr,  # (B, NH, S, DV) out, ACC
+    qdq_ptr,  # (NV, B, NH, S) out, ACC: q.dq of each block's part
+    kdk_ptr,  # (NV, B, NH, S) out, ACC: k.dk
     NH, S, NC, BH,
     DK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BDK: tl.constexpr, BV: tl.constexpr,
     ACC: tl.constexpr, DOT: tl.constexpr,
@@ -179,11 +217,13 @@ def chunk_grads_kernel(
     dq = tl.dot(dA.to(DOT), k).to(ACC)
     dq += w_state[:, None] * (tl.dot(delta, tl.trans(C.to(DOT))).to(ACC) + gam[:, None] * n[None, :])
     tl.store(dq_ptr + part + row[:, None] * DK + rd[None, :], dq, mask=mtd)
+    tl.store(qdq_ptr + pid_v.to(tl.int64) * BH * S + row, tl.sum(q.to(ACC) * dq, 1), mask=valid)
     G = tl.load(G_ptr + (pid_bh * NC + pid_c) * DK * DV + rd[:, None] * DV + rv[None, :], mask=mdv, other=0.0).to(DOT)
     g = tl.where(first, tl.load(g_ptr + (at + 1) * DK + rd, mask=md, other=0.0).to(ACC), 0.0)
     dk = tl.dot(tl.trans(dA.to(DOT)), q).to(ACC)
     dk += w_key[:, None] * (tl.dot(v, tl.trans(G)).to(ACC) + g[None, :])
     tl.store(dk_ptr + part + row[:, None] * DK + rd[None, :], dk, mask=mtd)
+    tl.store(kdk_ptr + pid_v.to(tl.int64) * BH * S + row, tl.sum(k.to(ACC) * dk, 1), mask=valid)
     sw = tl.dot(q, tl.trans(k)).to(ACC) * w  # (L, L)
     dv = tl.dot(tl.trans(sw.to(DOT)), delta).to(ACC) + w_key[:, None] * tl.dot(k, G).to(ACC)
     tl.store(dv_ptr + row[:, None] * DV + rv[None, :], dv, mask=mtv)
