@@ -1,4 +1,4 @@
-"""Compile the Triton mLSTM's four kernels for a GPU architecture without a GPU, as ``kernels/mlstm_triton.py``
+"""Compile the Triton mLSTM's kernels for a GPU architecture without a GPU, as ``kernels/mlstm_triton.py``
 launches them (chunk, blocks, warps), and print what ptxas reports: registers, spills, shared memory (flagged above
 the 227 KB an H100 / H200 block can have). A check that the kernels compile, and a first guide for launch settings.
 
@@ -62,6 +62,8 @@ def check(dtype: str, chunk_size: int, DK: int, DV: int, arch: int) -> None:
               dict(common, BDK=BDK, BV=BV, EPS=1e-6, MAX_NEG_M=80.0), mt._warps(L, max(BDK, BV)), arch),
         build(bw.chunk_state_grads_kernel, dict(q_ptr=pointer, dh_ptr=pointer, seg_ptr="*i32"),
               dict(common, BK=BK, BV=BV), mt._warps(BK, BV), arch),
+        build(bw.token_grads_kernel, dict(dh_ptr=pointer, h_ptr=pointer),
+              dict(DV=DV, BT=max(16, 4096 // BDV), BDV=BDV, ACC=tl.float32, EPS=1e-6, MAX_NEG_M=80.0), 4, arch),
         build(bw.chunk_grads_kernel, dict(q_ptr=pointer, k_ptr=pointer, v_ptr=pointer, dh_ptr=pointer, seg_ptr="*i32"),
               dict(common, BDK=BDK, BV=BV_chunk), mt._warps(L, BDK), arch),
     ]

@@ -36,9 +36,10 @@ equal to sum_t (R_t - Q_t), which cancels in float32).
 Kernels (``mlstm_triton_fw.py``, ``mlstm_triton_bw.py``, imported on first use):
 forward: the chunk states (sequential over chunks, float32; kept for the backward in q's dtype, which the kernels'
 dots read anyway: (DHQK, DHV) per chunk and head, in bf16 at 32 heads of 128 1 MB per chunk of 64 tokens per layer,
-537 MB at 32K tokens) and the outputs with each token's m, q.n and source of m; backward: the state gradients
-(sequential, from the last chunk; as much memory again while it runs), then dq, dk, dv per chunk; the gate and initial-state gradients are the sums above (PyTorch, O(S)). Nothing of the forward
-is computed again. Chunk: the model's ``chunk_size`` rounded up to a power of two, 16 to 64.
+537 MB at 32K tokens) and the outputs with each token's m, q.n and source of m; backward: gamma, mu and the
+normalizer per token, the state gradients (sequential, from the last chunk; as much memory again while it runs),
+then dq, dk, dv and q.dq, k.dk per chunk; the gate and initial-state gradients are the sums above (PyTorch, O(S)).
+Nothing of the forward is computed again. Chunk: the model's ``chunk_size`` rounded up to a power of two, 16 to 64.
 
 Both passes are ``torch.library`` custom operators (``xlstm_distill::mlstm_triton_forward`` / ``_backward``) with fake
 implementations: one opaque call each under torch.compile. Ungated memories (linear attention) run ``native``.
@@ -256,8 +257,8 @@ def _backward(
 
 
 @_backward.register_fake
-def _(dh, dC_last, dn_last, dm_last, q, k, v, i, lf, seg, h, C0, n0, C_last, n_last, C_states, n_states, m_states, m_tok,
-      qn_tok, src_tok, src_last, chunk):
+def _(dh, dC_last, dn_last, dm_last, q, k, v, i, lf, seg, h, C0, n0, C_last, n_last, C_states, n_states, m_states,
+      m_tok, qn_tok, src_tok, src_last, chunk):
     B, NH, S, DK = q.shape
     acc = dict(dtype=i.dtype, device=q.device)
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(i), torch.empty_like(lf),
