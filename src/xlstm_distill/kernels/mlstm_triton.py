@@ -11,10 +11,10 @@ per head, with b_t the cumulative log forget gate and the log weight of token s 
 Exact gradient (g_t = dL/dh_t). Unstabilized, h_t = Ñ_t / (max(|s̃_t|, 1) + eps e^(m_t)) with Ñ = e^m N, s̃ = e^m s:
 the function depends on m_t through eps (and, where -m_t > 80, through the clamp). Differentiating h = N / den:
 
-    delta_t = g_t / den_t                                   gradient of N_t
-    gamma_t = -(g_t.h_t) / den_t * sign(s_t) [|s_t| > e^(-m_t)]     gradient of s_t (zero on the e^(-m) branch)
-    mu_t    = -(g_t.h_t) * eps / den_t       (-(g_t.h_t) where e^(-m) is clamped and active)
-                                            the total derivative in m_t, N and s following it (N, s ~ e^(-m_t))
+    delta_t = g_t / den_t                                         gradient of N_t
+    gamma_t = -(g_t.h_t) / den_t sign(s_t) [|s_t| > e^(-m_t)]     gradient of s_t (0 on the e^(-m) branch)
+    mu_t    = -(g_t.h_t) eps / den_t                              gradient of m_t, N and s following it (~ e^(-m_t));
+              (-(g_t.h_t) where the clamped e^(-m) is the normalizer)
 
 Then N, s are linear attention with weights e^(a_ts - m_t): P_ts = e^(a_ts - m_t) (q_t.k_s) (delta_t.v_s + gamma_t) is
 the gradient of a_ts, and m_t = a_{t s*(t)} passes mu_t to its source. So
