@@ -5,6 +5,7 @@ the 227 KB an H100 / H200 block can have). A check that the kernels compile, and
     python benchmarks/mlstm_triton_compile.py                          # bf16 and float32, heads of 64 and 128
     python benchmarks/mlstm_triton_compile.py --configs bf16,64,128,128 --arch 90
     (each config: dtype, chunk_size, DHQK, DHV)
+    python benchmarks/mlstm_triton_compile.py --ones    # NH, S, NC = 1: Triton makes integer arguments of 1 constants
 """
 
 from __future__ import annotations
@@ -26,8 +27,13 @@ MAX_SHARED = 232_448  # bytes per block on sm_90
 CONFIGS = ("bf16,64,128,128", "fp32,64,128,128", "bf16,64,64,64", "fp32,64,64,64")
 
 
+ONES = False  # --ones: the integer arguments as Triton compiles them when they are 1 (constants)
+
+
 def build(fn, pointers: dict[str, str], constants: dict, warps: int, arch: int) -> str:
     """One kernel compiled to PTX, then ptxas -v: a line of its resource use."""
+    if ONES:
+        constants = {**constants, **{name: 1 for name in fn.arg_names if name in ("NH", "S", "NC", "BH", "T")}}
     signature = {name: "constexpr" if name in constants else pointers.get(name, "*fp32" if name.endswith("_ptr")
                                                                              else "i32") for name in fn.arg_names}
     kernel = triton.compile(triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constants),
@@ -74,7 +80,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default=" ".join(CONFIGS), help="space-separated dtype,chunk_size,DHQK,DHV")
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100 / H200)")
+    parser.add_argument("--ones", action="store_true", help="NH, S and the number of chunks 1 (compiled as constants)")
     args = parser.parse_args()
+    global ONES
+    ONES = args.ones
     for config in args.configs.split():
         dtype, chunk_size, DK, DV = config.split(",")
         check(dtype, int(chunk_size), int(DK), int(DV), args.arch)
