@@ -100,7 +100,7 @@ def test_initial_state_documents_and_final_state_gradients():
     assert all(e < 1e-5 for e in errors.values()), errors
 
 
-@pytest.mark.parametrize("case", ["both branches", "exp(-m) branch, eps term large"])
+@pytest.mark.parametrize("case", ["both branches", "eps exp(m) large"])
 def test_each_branch_of_the_normalizer(case):
     """Small q puts tokens on the exp(-m) branch, large input gates make eps exp(m) a large part of the normalizer
     (the gradient through m); both branches are present where the test says so."""

@@ -125,8 +125,8 @@ def chunk_state_grads_kernel(
         valid = c * L + rl < S
         b = tl.cumsum(lf, 0)
         b_last = tl.sum(lf, 0)
-        w_state = tl.where(valid & (sg == seg_state), tl.exp(b + m_c - m), 0.0)  # (L,)
-        factor = tl.where(seg_last == seg_state, tl.exp(m_c + b_last - m_next), 0.0)
+        w_state = tl.exp(tl.where(valid & (sg == seg_state), b + m_c - m, float("-inf")))  # (L,)
+        factor = tl.exp(tl.where(seg_last == seg_state, m_c + b_last - m_next, float("-inf")))
         qw = q.to(ACC) * w_state[:, None]  # (L, BK)
         delta = dh.to(ACC) / den[:, None]  # (L, BV)
         G = factor * G + tl.dot(tl.trans(qw.to(DOT)), delta.to(DOT)).to(ACC)
@@ -205,9 +205,9 @@ def chunk_grads_kernel(
     b = tl.cumsum(lf, 0)
     b_last = tl.sum(lf, 0)
     ok = (rl[:, None] >= rl[None, :]) & (sg[:, None] == sg[None, :]) & valid[None, :]
-    w = tl.where(ok, tl.exp(b[:, None] - b[None, :] + ig[None, :] - m[:, None]), 0.0)  # (L, L)
-    w_state = tl.where(valid & (sg == seg_state), tl.exp(b + m_c - m), 0.0)  # (L,)
-    w_key = tl.where(valid & (sg == seg_last), tl.exp(b_last - b + ig - m_next), 0.0)  # (L,)
+    w = tl.exp(tl.where(ok, b[:, None] - b[None, :] + ig[None, :] - m[:, None], float("-inf")))  # (L, L)
+    w_state = tl.exp(tl.where(valid & (sg == seg_state), b + m_c - m, float("-inf")))  # (L,)
+    w_key = tl.exp(tl.where(valid & (sg == seg_last), b_last - b + ig - m_next, float("-inf")))  # (L,)
     delta = (dh.to(ACC) / den[:, None]).to(DOT)  # (L, BV)
     dA = (tl.dot(delta, tl.trans(v)).to(ACC) + gam[:, None]) * w  # (L, L)
     part = pid_v.to(tl.int64) * BH * S * DK
