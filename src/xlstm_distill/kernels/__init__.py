@@ -5,9 +5,9 @@
 
 Operations: :func:`mlstm`, :func:`mlstm_step`, :func:`swa`, :func:`swa_cached` (``ops.py``); implementations
 (``native`` PyTorch, ``tfla`` through NX-AI's mlstm_kernels, ``triton`` our own Triton mLSTM with the exact
-normalizer gradient, ``flex`` through FlexAttention, ``recurrent`` as a
-reference) are registered by name (``registry.py``: :func:`get_kernel`, :func:`kernel_names`,
-:func:`choose_kernel`) and picked by :class:`KernelOptions`. The plain PyTorch references (parallel, chunkwise and
+normalizer gradient, ``flex`` through FlexAttention, ``recurrent`` as a reference) are registered by name
+(``registry.py``: :func:`get_kernel`, :func:`kernel_names`, :func:`choose_kernel`) and picked by
+:class:`KernelOptions`. The plain PyTorch references (parallel, chunkwise and
 recurrent mLSTM, blocked SWA) are exported too: every fast path is tested against them.
 """
 
