@@ -6,12 +6,17 @@
 * TFLA (mlstm_kernels): the backward computing the chunk states again, or keeping the forward's
   (``keep_chunk_states``); and, for scale, mlstm_kernels' own backward (``exact_gradient=False``: the normalizer
   held constant, no extra value column).
+* The mLSTM kernels alone (``--parts mlstm``): our Triton kernels (``kernels.mlstm='triton'``, exact gradient, chunks
+  of 64) against TFLA with the exact gradient (extra value column) and with mlstm_kernels' own backward
+  (normalizer held constant); outputs and gradients compared with TFLA's exact ones.
 * The whole mixer (`HybridAttention.mix`, Llama-3.1-8B heads, window 512, 4 sinks) with those switches off, on, and
-  with the memory branch compiled (``compile_memory``: the defaults), and causal SDPA (flash) for scale.
+  with the memory branch compiled (``compile_memory``: the defaults), the defaults with the mLSTM on our Triton kernels
+  (``kernels.mlstm='triton'``), and causal SDPA (flash) for scale.
 
     python benchmarks/mixer_parts.py --out DIR     # CUDA only; writes DIR/mixer_parts.json, .md and .png
     python benchmarks/mixer_parts.py --out DIR --replot    # the plot again from DIR/mixer_parts.json
     python benchmarks/mixer_parts.py --out DIR --parts flex --lengths 8192    # some parts, some lengths
+    python benchmarks/mixer_parts.py --out DIR --parts mlstm,layer    # Triton mLSTM vs TFLA, kernel and whole mixer
 """
 
 from __future__ import annotations
@@ -143,12 +148,38 @@ def tfla_rows(T: int) -> list[dict]:
     return rows
 
 
-# the whole mixer under three sets of kernel options: each switch's effect, from all off to the defaults
+# the mLSTM kernels compared by ``--parts mlstm``: (options, chunk_size)
+MLSTM_VARIANTS = {
+    "Triton (exact gradient), chunk 64 (its largest)": (KernelOptions(mlstm="triton"), 64),
+    "TFLA (exact gradient), chunk states kept": (KernelOptions(mlstm="tfla"), 128),
+    "TFLA (normalizer held constant), chunk states kept": (KernelOptions(mlstm="tfla", exact_gradient=False), 128),
+}
+
+
+def mlstm_rows(T: int) -> list[dict]:
+    """The mLSTM alone under each of ``MLSTM_VARIANTS``; each row's output and q, k, v, i, f gradients compared with
+    TFLA's exact gradient (rel_diff_out_dq_dk_dv: out, dq, dk, dv, di, df)."""
+    inputs = tfla_inputs(T)
+    rows, results = [], {}
+    for name, (options, chunk) in MLSTM_VARIANTS.items():
+        fn = functools.partial(lambda options, chunk, *x: kernels.mlstm(*x, chunk_size=chunk, options=options)[0],
+                               options, chunk)
+        rows.append({"seq_len": T, "part": "mLSTM", "variant": name, **timings(fn, inputs)})
+        results[name] = outputs_and_grads(fn, inputs)
+    truth = results["TFLA (exact gradient), chunk states kept"]
+    for row in rows:
+        row["rel_diff_out_dq_dk_dv"] = [round(rel_diff(a, b), 5) for a, b in zip(results[row["variant"]], truth)]
+    return rows
+
+
+# the whole mixer under sets of kernel options: each switch's effect, from all off to the defaults, then the
+# defaults with the mLSTM on our Triton kernels
 LAYER_VARIANTS = {
     "sinks in place, chunk states recomputed, memory branch eager":
         KernelOptions(copy_sinks="none", keep_chunk_states=False, compile_memory=False),
     "copied sinks, chunk states kept, memory branch eager": KernelOptions(compile_memory=False),
     "defaults (+ memory branch compiled)": KernelOptions(),
+    "defaults, mLSTM on the Triton kernels (kernels.mlstm='triton')": KernelOptions(mlstm="triton"),
 }
 
 
@@ -199,10 +230,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--replot", action="store_true", help="only draw DIR/mixer_parts.png from its JSON")
-    parser.add_argument("--parts", default="flex,tfla,layer", help="which of flex, tfla, layer to time")
+    parser.add_argument("--parts", default="flex,tfla,layer", help="which of flex, tfla, mlstm, layer to time")
     parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)), help="sequence lengths, comma-separated")
     args = parser.parse_args()
-    parts = {"flex": flex_rows, "tfla": tfla_rows, "layer": layer_rows}
+    parts = {"flex": flex_rows, "tfla": tfla_rows, "mlstm": mlstm_rows, "layer": layer_rows}
     chosen = [parts[name] for name in args.parts.split(",")]
     out = args.out
     if args.replot:

@@ -11,7 +11,7 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
 def test_registered_implementations():
-    assert set(kernel_names("mlstm")) == {"native", "tfla", "recurrent"}
+    assert set(kernel_names("mlstm")) == {"native", "tfla", "triton", "recurrent"}
     assert set(kernel_names("swa")) == {"native", "flex"}
     assert kernel_names("mlstm_step") == ("native",) and kernel_names("swa_cached") == ("native",)
     with pytest.raises(ValueError, match="No swa kernel named 'fast'; registered: native, flex"):
@@ -20,14 +20,15 @@ def test_registered_implementations():
         get_kernel("attention", "native")
 
 
-@pytest.mark.parametrize("name", ["native", "tfla", "recurrent", "auto"])
+@pytest.mark.parametrize("name", ["native", "tfla", "triton", "recurrent", "auto"])
 def test_choose_mlstm(name):
-    """An explicit name is taken on any device (tfla: mlstm_kernels' PyTorch twin on CPU); auto picks tfla on CUDA,
-    native on CPU; an ungated memory (linear attention) runs native whatever tfla was asked for."""
+    """An explicit name is taken on any device (tfla: mlstm_kernels' PyTorch twin on CPU; triton: Triton's
+    interpreter); auto picks tfla on CUDA, native on CPU; an ungated memory (linear attention) runs native whatever
+    tfla or triton was asked for."""
     options = KernelOptions(mlstm=name)
     assert choose_kernel("mlstm", options, CPU) == ("native" if name == "auto" else name)
     assert choose_kernel("mlstm", options, CUDA) == ("tfla" if name == "auto" else name)
-    assert choose_kernel("mlstm", options, CUDA, gated=False) == ("native" if name in ("auto", "tfla") else name)
+    assert choose_kernel("mlstm", options, CUDA, gated=False) == ("native" if name in ("auto", "tfla", "triton") else name)
 
 
 @pytest.mark.parametrize("name", ["native", "flex", "auto"])

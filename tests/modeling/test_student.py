@@ -336,10 +336,12 @@ def test_bad_forward_inputs_are_refused():
         student()
 
 
-@pytest.mark.parametrize("mixer,backend", [("mlstm_swa", "tfla"), ("linear_swa", "auto"), ("swa", "auto")])
+@pytest.mark.parametrize("mixer,backend", [("mlstm_swa", "tfla"), ("mlstm_swa", "triton"), ("linear_swa", "auto"),
+                                           ("swa", "auto")])
 def test_student_compiles_as_one_graph_with_the_eager_results(mixer, backend):
-    """A user's torch.compile(model, fullgraph=True) of the student (mlstm_swa with backend 'tfla': the TFLA kernel as
-    custom operators, FlexAttention without gradients; the two baselines' native kernels): no graph break, and the
+    """A user's torch.compile(model, fullgraph=True) of the student (mlstm_swa with backend 'tfla' or 'triton': the
+    TFLA or Triton mLSTM as custom operators, the latter in Triton's interpreter, FlexAttention without gradients; the
+    two baselines' native kernels): no graph break, and the
     logits (packed documents too) and a training step's gradients equal eager's. CPU, backend aot_eager: dynamo's
     graph, the operators' fake shapes and strides and AOT autograd are checked; inductor's kernels run in the CUDA
     tests."""

@@ -55,7 +55,7 @@ def bench(
                                    "them spread evenly over the layers (e.g. 0.05) or layer:head pairs (e.g. 0:1,5:0)."),
     window: int = typer.Option(student_default("window_size"), help="The student's window."),
     sinks: int = typer.Option(student_default("num_sink_tokens"), help="The student's sink tokens."),
-    backend: str | None = typer.Option(None, help="Student kernel shorthand: auto (default), native or tfla."),
+    backend: str | None = typer.Option(None, help="Student kernel shorthand: auto (default), native, tfla or triton."),
     kernel: list[str] | None = typer.Option(None, "--kernel", help=KERNEL_HELP),
     bandwidth: float | None = typer.Option(None, help="Memory bandwidth in GB/s of the decode points' floor (bytes a "
                                            "step reads / bandwidth); default: the GPU's specification, else what "

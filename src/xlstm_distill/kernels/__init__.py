@@ -4,14 +4,15 @@
     h, state = mlstm(q, k, v, i, f, options=KernelOptions(mlstm="native"))
 
 Operations: :func:`mlstm`, :func:`mlstm_step`, :func:`swa`, :func:`swa_cached`, :func:`mixer_step` (``ops.py``);
-implementations (``native`` PyTorch, ``tfla`` through NX-AI's mlstm_kernels, ``flex`` through FlexAttention,
-``triton`` for the fused decode step, ``recurrent`` as a reference) are registered by name (``registry.py``:
-:func:`get_kernel`, :func:`kernel_names`, :func:`choose_kernel`) and picked by :class:`KernelOptions`. The plain PyTorch references (parallel, chunkwise and
+implementations (``native`` PyTorch, ``tfla`` through NX-AI's mlstm_kernels, ``triton`` our own Triton kernels: the
+mLSTM with the exact normalizer gradient and the fused decode step, ``flex`` through FlexAttention, ``recurrent`` as
+a reference) are registered by name (``registry.py``: :func:`get_kernel`, :func:`kernel_names`,
+:func:`choose_kernel`) and picked by :class:`KernelOptions`. The plain PyTorch references (parallel, chunkwise and
 recurrent mLSTM, blocked SWA) are exported too: every fast path is tested against them.
 """
 
 # the implementations first: importing a module registers its kernels
-from xlstm_distill.kernels import mlstm_native, mlstm_tfla, swa_flex, swa_native  # noqa: F401
+from xlstm_distill.kernels import mlstm_native, mlstm_tfla, mlstm_triton, swa_flex, swa_native  # noqa: F401
 from xlstm_distill.kernels import mixer_step_native, mixer_step_triton  # noqa: F401
 from xlstm_distill.kernels.mlstm_native import MLSTMState, mlstm_chunkwise, mlstm_parallel, mlstm_recurrent, mlstm_recurrent_step
 from xlstm_distill.kernels.options import KernelOptions

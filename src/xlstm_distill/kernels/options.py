@@ -24,11 +24,14 @@ class KernelOptions:
 
     mlstm: str = setting("auto", "mLSTM implementation: `auto` (`tfla` on CUDA when mlstm_kernels is installed, "
                                  "else `native`), `native` (PyTorch chunkwise), `tfla` (mlstm_kernels' Triton TFLA; its "
-                                 "PyTorch twin on CPU), `recurrent` (token loop; a reference).")
+                                 "PyTorch twin on CPU), `triton` (our Triton chunkwise kernels, forward and backward, "
+                                 "with the exact normalizer gradient; Triton's interpreter on CPU), `recurrent` "
+                                 "(token loop; a reference). Ungated memories run `native`.")
     swa: str = setting("auto", "Sliding-window + sinks implementation: `auto` (`flex` on CUDA, else `native`), "
                                "`native` (PyTorch, query blocks), `flex` (FlexAttention; on CPU only without gradients).")
-    compile_memory: bool = setting(True, "On CUDA with `tfla`: run the memory branch (feature maps, gates, GQA repeat) "
-                                         "and the output-gate mix through torch.compile around the TFLA kernel.")
+    compile_memory: bool = setting(True, "On CUDA with `tfla` or `triton`: run the memory branch (feature maps, gates, "
+                                         "GQA repeat) and the output-gate mix through torch.compile around the mLSTM "
+                                         "kernel.")
     copy_sinks: str = setting("rows", "`flex` with gradients: where each query block reads its sinks from a copy "
                                       "placed after the keys. `rows`: rows of one document; `all`: packed rows too; "
                                       "`none`: sinks in place.")

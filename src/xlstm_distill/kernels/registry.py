@@ -2,7 +2,7 @@
 
 Operations (every implementation of one takes the same arguments; see ``xlstm_distill.kernels.ops``):
 
-    mlstm        chunkwise / parallel mLSTM over a sequence (training, prefill)      native, tfla, recurrent
+    mlstm        chunkwise / parallel mLSTM over a sequence (training, prefill)      native, tfla, triton, recurrent
     mlstm_step   one recurrent decoding step                                          native
     swa          sliding window + sinks over a sequence (training, prefill)          native, flex
     swa_cached   sliding window + sinks of a few new tokens over cached keys          native
@@ -66,8 +66,9 @@ def choose_kernel(op: str, options: KernelOptions, device: torch.device, *, gate
     """The implementation that runs ``op`` on ``device`` under ``options``:
 
     - ``mlstm``: ``auto`` is ``tfla`` on CUDA when mlstm_kernels is installed, else ``native``; an ungated memory
-      (plain linear attention, ``gated=False``) always runs ``native`` unless ``recurrent`` is asked for (TFLA has
-      only the mLSTM's gates and normalizer).
+      (plain linear attention, ``gated=False``) always runs ``native`` unless ``recurrent`` is asked for (TFLA and
+      ``triton`` have only the mLSTM's gates and normalizer). ``auto`` stays ``tfla`` until ``triton`` is measured
+      faster on the GPU (docs/decisions.md).
     - ``swa``: ``auto`` is ``flex`` on CUDA, else ``native``; ``flex`` on CPU runs only without gradients
       (FlexAttention has no CPU backward), ``native`` otherwise.
     - ``mlstm_step``, ``swa_cached``: ``native`` (the decode step is compiled and graphed as a whole).
@@ -83,7 +84,7 @@ def choose_kernel(op: str, options: KernelOptions, device: torch.device, *, gate
             if cuda and not MLSTM_KERNELS_AVAILABLE and not torch.compiler.is_compiling():
                 _log_once("kernels.mlstm='auto': mlstm_kernels is not installed, the mLSTM runs on the native kernel "
                           "(pip install 'xlstm-distill[gpu]').")
-        if name == "tfla" and not gated:
+        if name in ("tfla", "triton") and not gated:
             name = "native"
         if name == "tfla" and not MLSTM_KERNELS_AVAILABLE:
             raise ImportError("kernels.mlstm='tfla' needs mlstm_kernels: pip install 'xlstm-distill[gpu]' "

@@ -256,9 +256,11 @@ class HybridAttention(nn.Module):
         spec = MemorySpec(self.num_heads, self.gated_memory, step, self.chunk_size, options)
         maps = (self.q_feature_map.weight, self.q_feature_map.bias, self.k_feature_map.weight, self.k_feature_map.bias)
         args = (q, k, v, gates, swa, maps, state, None if continues else layout.reset, spec)
-        # its own compiled graph on CUDA around the TFLA kernel; inside a compiled model it is traced with the model
-        tfla = not step and kernels.choose_kernel("mlstm", options, q.device, gated=self.gated_memory) == "tfla"
-        if tfla and q.is_cuda and options.compile_memory and not torch.compiler.is_compiling():
+        # its own compiled graph on CUDA around the TFLA / Triton kernel; inside a compiled model it is traced with the
+        # model
+        fused = not step and kernels.choose_kernel("mlstm", options, q.device, gated=self.gated_memory) in ("tfla",
+                                                                                                           "triton")
+        if fused and q.is_cuda and options.compile_memory and not torch.compiler.is_compiling():
             with many_variants():
                 y, state = _compiled_memory_and_mix()(*args)
         else:

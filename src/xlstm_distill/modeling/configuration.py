@@ -13,7 +13,8 @@ MIXERS = ("mlstm_swa", "mlstm", "swa", "linear_swa", "linear")
 # which layers of a teacher with interleaved sliding-window and global layers (Gemma 2/3, OLMo3) run the mixer
 CONVERT_LAYERS = ("global", "all")
 # ``backend`` is a shorthand for the two kernel choices of ``kernels`` (mLSTM, SWA)
-BACKENDS = {"auto": ("auto", "auto"), "native": ("native", "native"), "tfla": ("tfla", "flex")}
+BACKENDS = {"auto": ("auto", "auto"), "native": ("native", "native"), "tfla": ("tfla", "flex"),
+            "triton": ("triton", "flex")}
 # The student's own settings (everything except the teacher architecture).
 MIXER_FIELDS = ("mixer", "window_size", "num_sink_tokens", "convert_layers", "feature_dim", "chunk_size",
                 "forget_gate_bias", "kernels", "full_attention_layers", "full_attention_heads")
@@ -58,9 +59,10 @@ class HybridConfig(PreTrainedConfig):
         kernels: which implementation runs each kernel and how (:class:`~xlstm_distill.kernels.KernelOptions`, or a
             mapping of its fields); saved with the model.
         backend: shorthand for the kernel choices, applied over ``kernels``: ``auto`` (on CUDA: FlexAttention, and
-            TFLA when `mlstm_kernels` is installed; native PyTorch elsewhere), ``native`` (pure PyTorch, CPU or GPU)
-            or ``tfla`` (mLSTM through `mlstm_kernels`: Triton TFLA on CUDA, its PyTorch twin on CPU; SWA through
-            FlexAttention; needs ``pip install 'xlstm-distill[gpu]'``).
+            TFLA when `mlstm_kernels` is installed; native PyTorch elsewhere), ``native`` (pure PyTorch, CPU or GPU),
+            ``tfla`` (mLSTM through `mlstm_kernels`: Triton TFLA on CUDA, its PyTorch twin on CPU; SWA through
+            FlexAttention; needs ``pip install 'xlstm-distill[gpu]'``) or ``triton`` (mLSTM on our Triton kernels
+            with the exact normalizer gradient, CUDA; SWA through FlexAttention).
         teacher_config: the teacher's ``config.to_dict()``; filled in by :func:`xlstm_distill.convert`.
         teacher_name: where the teacher came from (hub id, folder, GGUF or embedded name).
     """
