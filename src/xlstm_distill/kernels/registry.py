@@ -6,6 +6,7 @@ Operations (every implementation of one takes the same arguments; see ``xlstm_di
     mlstm_step   one recurrent decoding step                                          native
     swa          sliding window + sinks over a sequence (training, prefill)          native, flex
     swa_cached   sliding window + sinks of a few new tokens over cached keys          native
+    mixer        the whole mixer forward (swa + feature maps + mlstm + output gate)  native, triton
 
 Implementations register themselves with :func:`register_kernel` when their module is imported (the package's
 ``__init__`` imports them all); :func:`choose_kernel` resolves ``auto`` and the device rules of
@@ -17,6 +18,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -27,7 +29,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-OPERATIONS = ("mlstm", "mlstm_step", "swa", "swa_cached")
+OPERATIONS = ("mlstm", "mlstm_step", "swa", "swa_cached", "mixer")
 _REGISTRY: dict[str, dict[str, Callable]] = {op: {} for op in OPERATIONS}
 # a constant: torch.compile does not trace find_spec
 MLSTM_KERNELS_AVAILABLE = importlib.util.find_spec("mlstm_kernels") is not None
@@ -60,7 +62,7 @@ def get_kernel(op: str, name: str) -> Callable:
 
 
 def choose_kernel(op: str, options: KernelOptions, device: torch.device, *, gated: bool = True,
-                  needs_grad: bool = False) -> str:
+                  needs_grad: bool = False, continues_cache: bool = False) -> str:
     """The implementation that runs ``op`` on ``device`` under ``options``:
 
     - ``mlstm``: ``auto`` is ``tfla`` on CUDA when mlstm_kernels is installed, else ``native``; an ungated memory
@@ -69,6 +71,12 @@ def choose_kernel(op: str, options: KernelOptions, device: torch.device, *, gate
     - ``swa``: ``auto`` is ``flex`` on CUDA, else ``native``; ``flex`` on CPU runs only without gradients
       (FlexAttention has no CPU backward), ``native`` otherwise.
     - ``mlstm_step``, ``swa_cached``: ``native`` (the decode step is compiled and graphed as a whole).
+    - ``mixer`` (the whole mixer forward of a ``mlstm_swa`` layer): ``auto`` is ``native`` (the model keeps its
+      separate ``swa`` and ``mlstm`` calls) until the fused kernel is measured on the GPU; ``triton`` runs only
+      without gradients (forward only), for the gated mLSTM (an ungated memory: ``native``), for a forward that does
+      not continue a cache (prefill from empty; continuing a cache and decode steps: ``native``), and on CUDA or in
+      Triton's interpreter (``TRITON_INTERPRET=1``; elsewhere ``native``). The model reads ``native`` as "today's
+      path"; the registered ``native`` implementation is the PyTorch reference.
     """
     cuda = device.type == "cuda"
     if op == "mlstm":
@@ -93,6 +101,12 @@ def choose_kernel(op: str, options: KernelOptions, device: torch.device, *, gate
         return name
     if op in ("mlstm_step", "swa_cached"):
         return "native"
+    if op == "mixer":
+        name = "native" if options.mixer == "auto" else options.mixer
+        if name == "triton" and (needs_grad or not gated or continues_cache
+                                 or not (cuda or os.environ.get("TRITON_INTERPRET") == "1")):
+            name = "native"
+        return name
     raise ValueError(f"Unknown kernel operation {op!r}; operations: {', '.join(OPERATIONS)}.")
 
 
