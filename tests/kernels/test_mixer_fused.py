@@ -60,24 +60,24 @@ def _compare(tensors, maps, doc_start, reset, state=None, dtype=torch.float32, *
 
 
 def test_one_document_per_row_with_an_initial_state():
-    """GQA, DF != DH, T (40) not a multiple of the chunk (16), window 8 < T, 2 sinks; the state continues a first
-    part of the rows computed by the reference."""
-    tensors, maps = _inputs(T=64)
+    """GQA, DF != DH, T (70) not a multiple of the query block (16) and past the first state chunk (64 tokens),
+    window 8 < T, 2 sinks; the state continues a first part of the rows computed by the reference."""
+    tensors, maps = _inputs(T=94)
     first, rest = ([x[:, :, :24] for x in tensors], [x[:, :, 24:] for x in tensors])
     doc_start, reset = _layout(2, 24, [[], []])
     _, state = kernels.mixer(*first, maps, doc_start, reset, options=NATIVE, window=8, num_sinks=2, scale=0.25,
                              chunk_size=16)
-    doc_start = torch.zeros(2, 40, dtype=torch.long, device=DEVICE)  # continuing rows: no reset, sinks at 0
+    doc_start = torch.zeros(2, 70, dtype=torch.long, device=DEVICE)  # continuing rows: no reset, sinks at 0
     _compare(rest, maps, doc_start, None, state, window=8, num_sinks=2, scale=0.25, chunk_size=16)
 
 
 @pytest.mark.parametrize("window,num_sinks,softcap", [(8, 0, None), (64, 3, 5.0), (5, 2, None)])
 def test_packed_documents(window, num_sinks, softcap):
     """Documents packed in a row: the state resets at each start, each document has its own sinks; a one-token
-    document, a document starting on a chunk boundary, one shorter than its sinks; window smaller and larger than T
-    (37, odd), with and without soft-capping."""
-    tensors, maps = _inputs(T=37, seed=1)
-    doc_start, reset = _layout(2, 37, [[16, 17, 30], [5]])
+    document, documents starting on a query block's and a state chunk's boundary (16, 64), one shorter than its
+    sinks, one crossing a state chunk; window smaller and larger than T (75, odd), with and without soft-capping."""
+    tensors, maps = _inputs(NH=2, NKV=1, T=75, seed=1)
+    doc_start, reset = _layout(2, 75, [[16, 17, 30, 64], [5]])
     _compare(tensors, maps, doc_start, reset, window=window, num_sinks=num_sinks, scale=0.25, softcap=softcap,
              chunk_size=16)
 
@@ -111,6 +111,8 @@ def test_routing_to_the_existing_path():
     assert choose_kernel("mixer", TRITON, cuda, needs_grad=True) == "native"
     assert choose_kernel("mixer", TRITON, cuda, gated=False) == "native"
     assert choose_kernel("mixer", TRITON, cuda, continues_cache=True) == "native"
+    assert choose_kernel("mixer", TRITON, cuda, head_dim=128) == "triton"
+    assert choose_kernel("mixer", TRITON, cuda, head_dim=256) == "native"  # Gemma's 256: tiles too large
     # ungated (linear attention + output gate): the op takes (B, NH, T) gates and runs the reference
     (q, k, v, gates), maps = _inputs(B=1, T=20)
     doc_start, reset = _layout(1, 20, [[]])

@@ -63,6 +63,7 @@ NEG = tl.constexpr(-1.0e30)  # a masked attention score: finite, so a fully mask
 NORM_EPS = tl.constexpr(EPS)  # mlstm_native's normalizer eps and exp(-m) clamp
 NORM_MAX_NEG_M = tl.constexpr(MAX_NEG_M)
 BLOCK_N = 64  # key tile of the window attention
+STATE_EVERY = 4  # a state chunk is this many query blocks: one state (DF x DH float32) written per 4 L tokens
 
 
 @triton.jit
@@ -98,11 +99,11 @@ def _logsigmoid(x):
 def _chunk_states_kernel(
     K, V, GATES, WK, BK, SEG,  # k (B, NKV, T, DH), v (B, NKV, T, DH), gates (B, 3 NH, T), WK (NH, DH, DF), BK (NH, DF), SEG (B, T)
     C_INIT, N_INIT, M_INIT,  # (B, NH, DF, DH), (B, NH, DF), (B, NH) float32 (read when HAS_STATE)
-    C_ALL, N_ALL, M_ALL,  # (B, NH, NC, DF, DH), (B, NH, NC, DF), (B, NH, NC) float32: the state before each chunk
+    C_ALL, N_ALL, M_ALL,  # (B, NH, NCS, DF, DH), (B, NH, NCS, DF), (B, NH, NCS): the state before each state chunk
     C_LAST, N_LAST, M_LAST,  # (B, NH, DF, DH), (B, NH, DF), (B, NH) float32: the state after the last token
-    T, NH, G, DH, DF, NC,
+    T, NH, G, DH, DF, NC, NCS,
     skb, skh, skt, svb, svh, svt, sgb, sgh, sgt,
-    HAS_STATE: tl.constexpr, L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr,
+    HAS_STATE: tl.constexpr, L: tl.constexpr, S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr,
     BLOCK_V: tl.constexpr, PREC: tl.constexpr,
 ):
     pid = tl.program_id(0)  # batch * NH + head
@@ -117,8 +118,7 @@ def _chunk_states_kernel(
     d_ok, f_ok, v_ok = offs_d < DH, offs_f < DF, offs_v < DH
     fv_ok = f_ok[:, None] & v_ok[None, :]
     first_v = pid_v == 0  # n and m are written by the first block of value columns
-    w_ptrs = WK + h * DH * DF + offs_d[:, None] * DF + offs_f[None, :]  # (BLOCK_D, BLOCK_F), read per chunk (cached)
-    w_ok = d_ok[:, None] & f_ok[None, :]
+    w = tl.load(WK + h * DH * DF + offs_d[:, None] * DF + offs_f[None, :], mask=d_ok[:, None] & f_ok[None, :], other=0.0)
     bias = tl.load(BK + h * DF + offs_f, mask=f_ok, other=0.0).to(tl.float32)
     state_cn = pid.to(tl.int64) * DF * DH + offs_f[:, None] * DH + offs_v[None, :]  # (BLOCK_F, BLOCK_V)
     if HAS_STATE:
@@ -130,16 +130,17 @@ def _chunk_states_kernel(
         n = tl.zeros([BLOCK_F], dtype=tl.float32)
         m = tl.full([], float("-inf"), tl.float32)
     seg_state = tl.full([], 0, tl.int32)  # the document the state belongs to (the initial state: document 0)
-    for c in range(0, NC):
-        chunk = pid.to(tl.int64) * NC + c
-        tl.store(C_ALL + chunk * DF * DH + offs_f[:, None] * DH + offs_v[None, :], C, mask=fv_ok)
-        tl.store(N_ALL + chunk * DF + offs_f, n, mask=f_ok & first_v)
-        tl.store(M_ALL + chunk, m, mask=first_v)
+    for c in range(0, NC):  # blocks of L tokens; the state is written before every S-th (a state chunk)
+        chunk = pid.to(tl.int64) * NCS + c // S
+        starts = c % S == 0
+        tl.store(C_ALL + chunk * DF * DH + offs_f[:, None] * DH + offs_v[None, :], C, mask=fv_ok & starts)
+        tl.store(N_ALL + chunk * DF + offs_f, n, mask=f_ok & first_v & starts)
+        tl.store(M_ALL + chunk, m, mask=first_v & starts)
         t = c * L + offs_t
         t_ok = t < T
         k = tl.load(K + b * skb + hk * skh + t[:, None] * skt + offs_d[None, :], mask=t_ok[:, None] & d_ok[None, :],
                     other=0.0)
-        phi = _feature_map(k, tl.load(w_ptrs, mask=w_ok, other=0.0), bias, f_ok, PREC)  # (L, BLOCK_F)
+        phi = _feature_map(k, w, bias, f_ok, PREC)  # (L, BLOCK_F)
         v = tl.load(V + b * svb + hk * svh + t[:, None] * svt + offs_v[None, :], mask=t_ok[:, None] & v_ok[None, :],
                     other=0.0)
         ig = tl.load(GATES + b * sgb + h * sgh + t * sgt, mask=t_ok, other=0.0).to(tl.float32)
@@ -193,14 +194,14 @@ def _scores(q, k, scale, softcap, HAS_SOFTCAP: tl.constexpr, PREC: tl.constexpr)
 @triton.jit
 def _mixer_kernel(
     Q, K, V, GATES, WQ, BQ, WK, BK, SEG, DOC,  # q (B, NH, T, DH), k, v (B, NKV, T, DH), gates (B, 3 NH, T), maps, (B, T) x2
-    C_ALL, N_ALL, M_ALL,  # (B, NH, NC, DF, DH), (B, NH, NC, DF), (B, NH, NC) float32: the state before each chunk
+    C_ALL, N_ALL, M_ALL,  # (B, NH, NCS, DF, DH), (B, NH, NCS, DF), (B, NH, NCS) float32: state before each S blocks
     Y,  # (B, NH, T, DH)
-    T, NH, G, DH, DF, NC, window, num_sinks, scale, softcap,
+    T, NH, G, DH, DF, NCS, window, num_sinks, scale, softcap,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sgb, sgh, sgt, syb, syh, syt,
-    L: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr,
+    L: tl.constexpr, S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr,
     HAS_SINKS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PREC: tl.constexpr,
 ):
-    c = tl.program_id(0)  # chunk = query block
+    c = tl.program_id(0)  # query block
     pid = tl.program_id(1)  # batch * NH + head
     b = (pid // NH).to(tl.int64)
     h = pid % NH
@@ -214,38 +215,56 @@ def _mixer_kernel(
     td_ok = t_ok[:, None] & d_ok[None, :]
     q = tl.load(Q + b * sqb + h * sqh + t[:, None] * sqt + offs_d[None, :], mask=td_ok, other=0.0)  # (L, BLOCK_D)
 
-    # mLSTM: the chunk's own tokens (masked decay matrix) + the state before the chunk
+    # mLSTM: the state before the block's state chunk + the chunk's tokens up to the block, key tile by key tile
+    # with a running stabilizer (as an online softmax), decays relative to the chunk's start
     wdf_ok = d_ok[:, None] & f_ok[None, :]
     wq = tl.load(WQ + h * DH * DF + offs_d[:, None] * DF + offs_f[None, :], mask=wdf_ok, other=0.0)
     bq = tl.load(BQ + h * DF + offs_f, mask=f_ok, other=0.0).to(tl.float32)
     phi_q = _feature_map(q, wq, bq, f_ok, PREC)  # (L, BLOCK_F)
     wk = tl.load(WK + h * DH * DF + offs_d[:, None] * DF + offs_f[None, :], mask=wdf_ok, other=0.0)
     bk = tl.load(BK + h * DF + offs_f, mask=f_ok, other=0.0).to(tl.float32)
-    k_c = tl.load(K + b * skb + hk * skh + t[:, None] * skt + offs_d[None, :], mask=td_ok, other=0.0)
-    phi_k = _feature_map(k_c, wk, bk, f_ok, PREC)  # (L, BLOCK_F)
-    v_c = tl.load(V + b * svb + hk * svh + t[:, None] * svt + offs_d[None, :], mask=td_ok, other=0.0)
-    ig = tl.load(GATES + b * sgb + h * sgh + t * sgt, mask=t_ok, other=0.0).to(tl.float32)
     fg = tl.load(GATES + b * sgb + (NH + h) * sgh + t * sgt, mask=t_ok, other=0.0).to(tl.float32)
-    lf = tl.where(t_ok, _logsigmoid(fg), 0.0)
     seg = tl.load(SEG + b * T + t, mask=t_ok, other=-1)  # (L,) document index (running count of resets)
-    seg_prev = tl.load(SEG + b * T + c * L - 1, mask=c > 0, other=0)  # the document of the state before the chunk
-    chunk = pid.to(tl.int64) * NC + c
+    sc = c // S  # the state chunk
+    first = sc * S * L  # its first token
+    lf_before = tl.zeros([L], dtype=tl.float32)  # log forget gates from the chunk's start to the block's
+    for s0 in range(first, c * L, L):
+        lf_before += _logsigmoid(tl.load(GATES + b * sgb + (NH + h) * sgh + (s0 + offs_t) * sgt).to(tl.float32))
+    b_q = tl.sum(lf_before, 0) + tl.cumsum(tl.where(t_ok, _logsigmoid(fg), 0.0), 0)  # (L,) log decay since `first`
+    seg_prev = tl.load(SEG + b * T + first - 1, mask=sc > 0, other=0)  # the document the state belongs to
+    chunk = pid.to(tl.int64) * NCS + sc
     m0 = tl.load(M_ALL + chunk)
     n0 = tl.load(N_ALL + chunk * DF + offs_f, mask=f_ok, other=0.0)
     C0 = tl.load(C_ALL + chunk * DF * DH + offs_f[:, None] * DH + offs_d[None, :], mask=f_ok[:, None] & d_ok[None, :],
                  other=0.0)  # (BLOCK_F, BLOCK_D)
-    b_cum = tl.cumsum(lf, 0)  # (L,)
-    # (L, L) causal, same document (padded tokens have document -1: they see only each other, no nan)
-    keep = (offs_t[:, None] >= offs_t[None, :]) & (seg[:, None] == seg[None, :])
-    log_d = tl.where(keep, b_cum[:, None] - b_cum[None, :] + ig[None, :], float("-inf"))
-    log_state = tl.where(seg == seg_prev, b_cum + m0, float("-inf"))  # (L,)
-    m_t = tl.maximum(tl.max(log_d, 1), log_state)  # (L,) finite: a token sees itself
-    decay = tl.exp(log_d - m_t[:, None])
+    log_state = tl.where(seg == seg_prev, b_q + m0, float("-inf"))  # (L,)
+    m_t = tl.maximum(log_state, NEG)  # running stabilizer; a token sees itself, so it ends finite and above NEG
     w_state = tl.exp(log_state - m_t)
-    s = _dot(phi_q, tl.trans(phi_k), PREC) * decay  # (L, L)
-    num = _dot(s, v_c.to(tl.float32), PREC)
-    num += w_state[:, None] * _dot(phi_q, C0, PREC)  # (L, BLOCK_D)
-    qn = tl.sum(s, 1) + w_state * tl.sum(phi_q * n0[None, :], 1)
+    num = w_state[:, None] * _dot(phi_q, C0, PREC)  # (L, BLOCK_D)
+    qn = w_state * tl.sum(phi_q * n0[None, :], 1)  # (L,)
+    b_k0 = tl.zeros([], dtype=tl.float32)  # log decay from `first` to the key tile's start
+    for s0 in range(first, c * L + L, L):
+        pos = s0 + offs_t
+        pos_ok = pos < T
+        pd_ok = pos_ok[:, None] & d_ok[None, :]
+        k_t = tl.load(K + b * skb + hk * skh + pos[:, None] * skt + offs_d[None, :], mask=pd_ok, other=0.0)
+        phi_k = _feature_map(k_t, wk, bk, f_ok, PREC)  # (L, BLOCK_F)
+        v_t = tl.load(V + b * svb + hk * svh + pos[:, None] * svt + offs_d[None, :], mask=pd_ok, other=0.0)
+        i_k = tl.load(GATES + b * sgb + h * sgh + pos * sgt, mask=pos_ok, other=0.0).to(tl.float32)
+        lf_k = tl.where(pos_ok, _logsigmoid(tl.load(GATES + b * sgb + (NH + h) * sgh + pos * sgt, mask=pos_ok,
+                                                    other=0.0).to(tl.float32)), 0.0)
+        seg_k = tl.load(SEG + b * T + pos, mask=pos_ok, other=-1)
+        b_k = b_k0 + tl.cumsum(lf_k, 0)
+        # causal, same document (padded tokens have document -1: they see only each other, no nan)
+        keep = (pos[None, :] <= t[:, None]) & (seg[:, None] == seg_k[None, :])
+        log_d = tl.where(keep, b_q[:, None] - b_k[None, :] + i_k[None, :], float("-inf"))  # (L, L)
+        m_new = tl.maximum(m_t, tl.max(log_d, 1))
+        alpha = tl.exp(m_t - m_new)
+        s = _dot(phi_q, tl.trans(phi_k), PREC) * tl.exp(log_d - m_new[:, None])  # (L, L)
+        num = num * alpha[:, None] + _dot(s, v_t.to(tl.float32), PREC)
+        qn = qn * alpha + tl.sum(s, 1)
+        m_t = m_new
+        b_k0 += tl.sum(lf_k, 0)
     denom = tl.maximum(tl.abs(qn), tl.exp(tl.minimum(-m_t, NORM_MAX_NEG_M))) + NORM_EPS
     memory = num / denom[:, None]
 
@@ -329,14 +348,18 @@ def mixer_forward(
            else torch.cumsum(reset.to(torch.int32), 1, dtype=torch.int32))
     doc = doc_start.to(torch.int32).contiguous()
     L = chunk_length(chunk_size)
-    NC = -(-T // L)
+    NC = -(-T // L)  # query blocks
+    NCS = -(-NC // STATE_EVERY)  # state chunks
     BLOCK_D, BLOCK_F = _block(DH), _block(DF)
-    BLOCK_V = min(BLOCK_D, 64)
+    BLOCK_V = min(BLOCK_D, 32)  # value columns per program of the state pass: (B * NH * DH / 32) programs
     # float32 inputs: float32 dots throughout; 16-bit inputs: their dtype's dots, TF32 for the computed float32 values
     prec = "ieee" if dtype == torch.float32 else "tf32"
+    # float32 tiles are twice the size: one stage keeps the mixer kernel in an H200's 227 KB of shared memory (197 KB
+    # at DH = DF = 128; compiled for sm_90 without a GPU: three stages would take 298 KB)
+    stages = 1 if dtype == torch.float32 else 3
     f32 = dict(device=q.device, dtype=torch.float32)
-    C_all, n_all, m_all = (torch.empty(B, NH, NC, DF, DH, **f32), torch.empty(B, NH, NC, DF, **f32),
-                           torch.empty(B, NH, NC, **f32))
+    C_all, n_all, m_all = (torch.empty(B, NH, NCS, DF, DH, **f32), torch.empty(B, NH, NCS, DF, **f32),
+                           torch.empty(B, NH, NCS, **f32))
     C, n, m = torch.empty(B, NH, DF, DH, **f32), torch.empty(B, NH, DF, **f32), torch.empty(B, NH, **f32)
     if state is not None:
         C0, n0, m0 = (x.float().contiguous() for x in state)
@@ -344,20 +367,21 @@ def mixer_forward(
         C0, n0, m0 = C, n, m  # not read
     _chunk_states_kernel[(B * NH, triton.cdiv(DH, BLOCK_V))](
         k, v, gates, wk, bk, seg, C0, n0, m0, C_all, n_all, m_all, C, n, m,
-        T, NH, NH // NKV, DH, DF, NC,
+        T, NH, NH // NKV, DH, DF, NC, NCS,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         gates.stride(0), gates.stride(1), gates.stride(2),
-        HAS_STATE=state is not None, L=L, BLOCK_D=BLOCK_D, BLOCK_F=BLOCK_F, BLOCK_V=BLOCK_V, PREC=prec, num_warps=8 if BLOCK_D * BLOCK_F >= 128 * 64 else 4,
+        HAS_STATE=state is not None, L=L, S=STATE_EVERY, BLOCK_D=BLOCK_D, BLOCK_F=BLOCK_F, BLOCK_V=BLOCK_V, PREC=prec,
+        num_warps=8 if BLOCK_D * BLOCK_F >= 128 * 64 else 4, num_stages=stages,
     )
     y = torch.empty(B, T, NH, DH, device=q.device, dtype=dtype).transpose(1, 2)
     _mixer_kernel[(NC, B * NH)](
         q, k, v, gates, wq, bq, wk, bk, seg, doc, C_all, n_all, m_all, y,
-        T, NH, NH // NKV, DH, DF, NC, window, num_sinks, scale, 0.0 if softcap is None else softcap,
+        T, NH, NH // NKV, DH, DF, NCS, window, num_sinks, scale, 0.0 if softcap is None else softcap,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), gates.stride(0), gates.stride(1), gates.stride(2),
         y.stride(0), y.stride(1), y.stride(2),
-        L=L, BLOCK_N=BLOCK_N, BLOCK_S=_block(max(num_sinks, 1)), BLOCK_D=BLOCK_D, BLOCK_F=BLOCK_F,
+        L=L, S=STATE_EVERY, BLOCK_N=BLOCK_N, BLOCK_S=_block(max(num_sinks, 1)), BLOCK_D=BLOCK_D, BLOCK_F=BLOCK_F,
         HAS_SINKS=num_sinks > 0, HAS_SOFTCAP=softcap is not None, PREC=prec,
-        num_warps=8 if BLOCK_D >= 128 else 4,
+        num_warps=8 if BLOCK_D >= 128 else 4, num_stages=stages,
     )
     return y, MLSTMState(C, n, m)

@@ -112,7 +112,8 @@ def mixer(
     laid out as (B, T, NH, DH), and the mLSTM's final state (float32)."""
     _check_mixer_inputs(q, k, v, gates, maps, doc_start, reset)
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, gates, *maps))
-    name = choose_kernel("mixer", options, q.device, gated=gates.shape[1] == 3 * q.shape[1], needs_grad=needs_grad)
+    name = choose_kernel("mixer", options, q.device, gated=gates.shape[1] == 3 * q.shape[1], needs_grad=needs_grad,
+                         head_dim=max(q.shape[-1], maps[0].shape[-1]))
     return get_kernel("mixer", name)(q, k, v, gates, maps, doc_start, reset, state, window, num_sinks, scale, softcap,
                                      chunk_size, options)
 

@@ -30,7 +30,8 @@ class KernelOptions:
     mixer: str = setting("auto", "Whole mixer forward of a `mlstm_swa` layer (prefill, evaluation): `auto` (today: "
                                  "`native`), `native` (separate `swa` and `mlstm` kernels as chosen above), `triton` "
                                  "(one fused Triton forward: feature maps, mLSTM, window + sink attention and output "
-                                 "gate; without gradients, gated memory, no cache continuation, else `native`).")
+                                 "gate; without gradients, gated memory, no cache continuation, head sizes <= 128, "
+                                 "else `native`).")
     compile_memory: bool = setting(True, "On CUDA with `tfla`: run the memory branch (feature maps, gates, GQA repeat) "
                                          "and the output-gate mix through torch.compile around the TFLA kernel.")
     copy_sinks: str = setting("rows", "`flex` with gradients: where each query block reads its sinks from a copy "

@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 OPERATIONS = ("mlstm", "mlstm_step", "swa", "swa_cached", "mixer")
 _REGISTRY: dict[str, dict[str, Callable]] = {op: {} for op in OPERATIONS}
+MIXER_MAX_HEAD_DIM = 128  # the fused mixer's largest head / feature size (shared memory of its tiles)
 # a constant: torch.compile does not trace find_spec
 MLSTM_KERNELS_AVAILABLE = importlib.util.find_spec("mlstm_kernels") is not None
 
@@ -62,7 +63,7 @@ def get_kernel(op: str, name: str) -> Callable:
 
 
 def choose_kernel(op: str, options: KernelOptions, device: torch.device, *, gated: bool = True,
-                  needs_grad: bool = False, continues_cache: bool = False) -> str:
+                  needs_grad: bool = False, continues_cache: bool = False, head_dim: int = 0) -> str:
     """The implementation that runs ``op`` on ``device`` under ``options``:
 
     - ``mlstm``: ``auto`` is ``tfla`` on CUDA when mlstm_kernels is installed, else ``native``; an ungated memory
@@ -74,8 +75,9 @@ def choose_kernel(op: str, options: KernelOptions, device: torch.device, *, gate
     - ``mixer`` (the whole mixer forward of a ``mlstm_swa`` layer): ``auto`` is ``native`` (the model keeps its
       separate ``swa`` and ``mlstm`` calls) until the fused kernel is measured on the GPU; ``triton`` runs only
       without gradients (forward only), for the gated mLSTM (an ungated memory: ``native``), for a forward that does
-      not continue a cache (prefill from empty; continuing a cache and decode steps: ``native``), and on CUDA or in
-      Triton's interpreter (``TRITON_INTERPRET=1``; elsewhere ``native``). The model reads ``native`` as "today's
+      not continue a cache (prefill from empty; continuing a cache and decode steps: ``native``), for head and
+      feature sizes up to 128 (``head_dim``: the larger; tiles of 256 need more than an H200's shared memory), and
+      on CUDA or in Triton's interpreter (``TRITON_INTERPRET=1``; elsewhere ``native``). The model reads ``native`` as "today's
       path"; the registered ``native`` implementation is the PyTorch reference.
     """
     cuda = device.type == "cuda"
@@ -103,7 +105,7 @@ def choose_kernel(op: str, options: KernelOptions, device: torch.device, *, gate
         return "native"
     if op == "mixer":
         name = "native" if options.mixer == "auto" else options.mixer
-        if name == "triton" and (needs_grad or not gated or continues_cache
+        if name == "triton" and (needs_grad or not gated or continues_cache or head_dim > MIXER_MAX_HEAD_DIM
                                  or not (cuda or os.environ.get("TRITON_INTERPRET") == "1")):
             name = "native"
         return name

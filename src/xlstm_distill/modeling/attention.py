@@ -285,7 +285,8 @@ class HybridAttention(nn.Module):
         maps = (self.q_feature_map.weight, self.q_feature_map.bias, self.k_feature_map.weight, self.k_feature_map.bias)
         needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, gates, *maps))
         return kernels.choose_kernel("mixer", self.options, q.device, gated=self.gated_memory, needs_grad=needs_grad,
-                                     continues_cache=cache is not None and layout.continues_cache) == "triton"
+                                     continues_cache=cache is not None and layout.continues_cache,
+                                     head_dim=max(self.head_dim, maps[0].shape[-1])) == "triton"
 
     def _fused_mix(self, q, k, v, gates, layout: TokenLayout, cache: LayerCache | None) -> torch.Tensor:
         """:meth:`mix` as one ``kernels.mixer`` call (a forward from an empty state); fills the cache as ``mix``."""
