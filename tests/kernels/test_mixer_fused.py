@@ -20,6 +20,8 @@ from xlstm_distill.kernels import KernelOptions, MLSTMState, choose_kernel
 CUDA_AVAILABLE = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA_AVAILABLE else "cpu")  # on CPU: Triton's interpreter
 TRITON, NATIVE = KernelOptions(mixer="triton"), KernelOptions(mixer="native")
+# students: the rest of the model on the native kernels (on CUDA `auto` would be TFLA / FlexAttention, with TF32)
+STUDENT_TRITON, STUDENT_NATIVE = (KernelOptions(mixer=name, mlstm="native", swa="native") for name in ("triton", "native"))
 # relative error (norm) from the float32 reference; float32 dots are exact ("ieee"), bf16 inputs round everywhere
 TOL = {torch.float32: 1e-4 if CUDA_AVAILABLE else 2e-5, torch.bfloat16: 2e-2}
 needs_cuda = pytest.mark.skipif(not CUDA_AVAILABLE, reason="needs a CUDA GPU")
@@ -180,7 +182,7 @@ def test_student_forward_with_the_fused_mixer_equals_native(monkeypatch):
     documents and on a prefill that fills the cache, after which decoding continues (on the existing path) as
     without the fused kernel."""
     calls = _count_kernel_calls(monkeypatch)
-    fused, native = _student("mlstm_swa", TRITON), _student("mlstm_swa", NATIVE)
+    fused, native = _student("mlstm_swa", STUDENT_TRITON), _student("mlstm_swa", STUDENT_NATIVE)
     ids = torch.randint(3, 128, (2, 30), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     doc_ids = torch.tensor([[0] * 13 + [1] * 6 + [2] * 11, [0] * 30], device=DEVICE)
     with torch.no_grad():
@@ -200,7 +202,7 @@ def test_student_with_gradients_or_an_ungated_memory_keeps_the_existing_path(mon
     calls = _count_kernel_calls(monkeypatch)
     ids = torch.randint(3, 128, (1, 24), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     for mixer in ("mlstm_swa", "linear_swa"):
-        fused, native = _student(mixer, TRITON), _student(mixer, NATIVE)
+        fused, native = _student(mixer, STUDENT_TRITON), _student(mixer, STUDENT_NATIVE)
         got = fused(ids).logits
         got.sum().backward()  # the existing path differentiates
         torch.testing.assert_close(got, native(ids).logits, atol=1e-5, rtol=1e-5)
@@ -227,6 +229,7 @@ def test_llama_shape_compiled_model_on_cuda():
     """bf16, inside a torch.compile'd function with a state (as a compiled model calls it), against eager."""
     tensors, maps = _inputs(B=1, NH=32, NKV=8, T=777, DH=128, DF=128, seed=6, dtype=torch.bfloat16)
     doc_start, reset = _layout(1, 777, [[400]])
+    reset[:, 0] = False  # the first document continues the state
     g = torch.Generator().manual_seed(7)
     state = MLSTMState(torch.randn(1, 32, 128, 128, generator=g).cuda() * 0.01, torch.rand(1, 32, 128, generator=g).cuda(),
                        torch.zeros(1, 32, device="cuda"))
