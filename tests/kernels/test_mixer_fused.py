@@ -21,7 +21,8 @@ CUDA_AVAILABLE = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA_AVAILABLE else "cpu")  # on CPU: Triton's interpreter
 TRITON, NATIVE = KernelOptions(mixer="triton"), KernelOptions(mixer="native")
 # students: the rest of the model on the native kernels (on CUDA `auto` would be TFLA / FlexAttention, with TF32)
-STUDENT_TRITON, STUDENT_NATIVE = (KernelOptions(mixer=name, mlstm="native", swa="native") for name in ("triton", "native"))
+STUDENT_TRITON, STUDENT_NATIVE = (KernelOptions(mixer=name, mlstm="native", swa="native")
+                                  for name in ("triton", "native"))
 # relative error (norm) from the float32 reference; float32 dots are exact ("ieee"), bf16 inputs round everywhere
 TOL = {torch.float32: 1e-4 if CUDA_AVAILABLE else 2e-5, torch.bfloat16: 2e-2}
 needs_cuda = pytest.mark.skipif(not CUDA_AVAILABLE, reason="needs a CUDA GPU")
@@ -231,8 +232,8 @@ def test_llama_shape_compiled_model_on_cuda():
     doc_start, reset = _layout(1, 777, [[400]])
     reset[:, 0] = False  # the first document continues the state
     g = torch.Generator().manual_seed(7)
-    state = MLSTMState(torch.randn(1, 32, 128, 128, generator=g).cuda() * 0.01, torch.rand(1, 32, 128, generator=g).cuda(),
-                       torch.zeros(1, 32, device="cuda"))
+    state = MLSTMState(torch.randn(1, 32, 128, 128, generator=g).cuda() * 0.01,
+                       torch.rand(1, 32, 128, generator=g).cuda(), torch.zeros(1, 32, device="cuda"))
 
     def run(*args):
         return kernels.mixer(*args, maps, doc_start, reset, state, options=TRITON, window=256, num_sinks=4,

@@ -41,7 +41,7 @@ def mixer_reference(
     k: torch.Tensor,  # (B, NKV, T, DH) after RoPE
     v: torch.Tensor,  # (B, NKV, T, DH)
     gates: torch.Tensor,  # (B, G*NH, T) gate pre-activations: [input, forget, output] (G = 3) or [output] (G = 1)
-    maps: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],  # q weight (NH, DH, DF), q bias (NH, DF), k ...
+    maps: tuple[torch.Tensor, ...],  # q weight (NH, DH, DF), q bias (NH, DF), k weight, k bias
     doc_start: torch.Tensor,  # (B, T) first token of each token's document
     reset: torch.Tensor | None,  # (B, T) bool, True at each document's first token
     state: MLSTMState | None,  # the state to continue from (None: empty)

@@ -93,7 +93,7 @@ def mixer(
     k: torch.Tensor,  # (B, NKV, T, DH) after RoPE
     v: torch.Tensor,  # (B, NKV, T, DH)
     gates: torch.Tensor,  # (B, G*NH, T) pre-activations: [input, forget, output] (G = 3) or [output] (G = 1, ungated)
-    maps: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],  # q weight (NH, DH, DF), q bias (NH, DF), k ...
+    maps: tuple[torch.Tensor, ...],  # q weight (NH, DH, DF), q bias (NH, DF), k weight, k bias
     doc_start: torch.Tensor,  # (B, T) index of the first token of each token's document
     reset: torch.Tensor | None = None,  # (B, T) bool, True at each document's first token (None: no resets)
     state: MLSTMState | None = None,  # the mLSTM state to continue from (None: empty)
@@ -129,7 +129,8 @@ def _check_mixer_inputs(q, k, v, gates, maps, doc_start, reset) -> None:
                          f"an ungated memory) = ({B}, {3 * NH} or {NH}, {T}); got {tuple(gates.shape)}.")
     if len(maps) != 4 or maps[0].shape[:2] != (NH, DH) or maps[2].shape != maps[0].shape \
             or maps[1].shape != (NH, maps[0].shape[2]) or maps[3].shape != maps[1].shape:
-        raise ValueError(f"mixer: maps must be (q weight (NH, DH, DF), q bias (NH, DF), k weight, k bias) with NH={NH}, "
+        raise ValueError(f"mixer: maps must be (q weight (NH, DH, DF), q bias (NH, DF), k weight, k bias) with "
+                         f"NH={NH}, "
                          f"DH={DH}; got {[tuple(x.shape) for x in maps]}.")
     for name, x in (("doc_start", doc_start), ("reset", reset)):
         if x is not None and x.shape != (B, T):

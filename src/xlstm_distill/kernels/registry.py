@@ -77,8 +77,8 @@ def choose_kernel(op: str, options: KernelOptions, device: torch.device, *, gate
       without gradients (forward only), for the gated mLSTM (an ungated memory: ``native``), for a forward that does
       not continue a cache (prefill from empty; continuing a cache and decode steps: ``native``), for head and
       feature sizes up to 128 (``head_dim``: the larger; tiles of 256 need more than an H200's shared memory), and
-      on CUDA or in Triton's interpreter (``TRITON_INTERPRET=1``; elsewhere ``native``). The model reads ``native`` as "today's
-      path"; the registered ``native`` implementation is the PyTorch reference.
+      on CUDA or in Triton's interpreter (``TRITON_INTERPRET=1``; elsewhere ``native``). The model reads ``native``
+      as "today's path"; the registered ``native`` implementation is the PyTorch reference.
     """
     cuda = device.type == "cuda"
     if op == "mlstm":
