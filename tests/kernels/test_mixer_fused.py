@@ -97,6 +97,14 @@ def test_head_sizes_that_are_not_powers_of_two():
     _compare(tensors, maps, doc_start, reset, state, window=16, num_sinks=1, scale=0.2, chunk_size=30)
 
 
+@pytest.mark.parametrize("T", [1, 3])
+def test_short_prompts(T):
+    """Prompts shorter than a query block (a prefill of one token included)."""
+    tensors, maps = _inputs(B=2, NH=2, NKV=1, T=T, seed=T)
+    doc_start, reset = _layout(2, T, [[], [T - 1] if T > 1 else []])
+    _compare(tensors, maps, doc_start, reset, window=4, num_sinks=2, scale=0.3, chunk_size=64)
+
+
 def test_bfloat16_inputs():
     tensors, maps = _inputs(T=40, seed=4, dtype=torch.bfloat16)
     doc_start, reset = _layout(2, 40, [[20], []])
