@@ -153,8 +153,9 @@ def test_bad_inputs_are_refused_with_the_fix():
 
 
 def test_custom_operator_traces_with_its_fake_implementation():
-    """torch.compile(fullgraph=True) sees the op as one call with the fake's shapes and strides (aot_eager here: the
-    op runs as it is, the graph around it is traced)."""
+    """The custom operator passes torch.library.opcheck (schema, fake tensors, AOT dispatch); torch.compile(fullgraph
+    =True) sees it as one call with the fake's shapes and strides (on CPU with aot_eager: the op runs as it is, the
+    graph around it is traced)."""
     tensors, maps = _inputs(B=1, T=20)
     doc_start, reset = _layout(1, 20, [[9]])
 
@@ -162,6 +163,10 @@ def test_custom_operator_traces_with_its_fake_implementation():
         return kernels.mixer(*args, maps, doc_start, reset, options=TRITON, window=4, num_sinks=1, scale=0.25,
                              chunk_size=16)
 
+    state = (torch.zeros(1, 4, 32, 16, device=DEVICE), torch.zeros(1, 4, 32, device=DEVICE),
+             torch.zeros(1, 4, device=DEVICE))
+    torch.library.opcheck(torch.ops.xlstm_distill.mixer_forward, (*tensors, *maps, doc_start, reset, *state, 4, 1, 0.25,
+                                                                  None, 16))
     torch._dynamo.reset()
     compiled = torch.compile(run, fullgraph=True, backend="inductor" if CUDA_AVAILABLE else "aot_eager")
     (y, state), (ref, ref_state) = compiled(*tensors), run(*tensors)
