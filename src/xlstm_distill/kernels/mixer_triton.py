@@ -2,19 +2,19 @@
 import, which the tests set on a machine without a GPU).
 
 The function is :func:`xlstm_distill.kernels.mixer_native.mixer_reference` (gated mLSTM over Hedgehog feature maps +
-sliding window / sink softmax attention, mixed by the output gate); the tokens are cut into chunks of ``L`` tokens,
-which are both the mLSTM's chunks and the attention's query blocks.
+sliding window / sink softmax attention, mixed by the output gate). The tokens are cut into query blocks of ``L``
+tokens; ``STATE_EVERY`` (4) blocks make a state chunk, before which the mLSTM state is kept.
 
-1. ``_chunk_states_kernel``, one program per (batch, head, block of value columns), walks the chunks in order and
-   writes the mLSTM state *before* every chunk once (C (DF, DH), n (DF), m float32), and the final state:
-   phi(k) = softmax(k W_k + b_k) is computed in the kernel, each chunk's own contribution stabilized by its own
+1. ``_chunk_states_kernel``, one program per (batch, head, block of value columns), walks the blocks in order and
+   writes the mLSTM state *before* every state chunk once (C (DF, DH), n (DF), m, float32), and the final state:
+   phi(k) = softmax(k W_k + b_k) is computed in the kernel, each block's own contribution stabilized by its own
    maximum and merged with the carried state (the state is dropped at a document start: ``seg``, the running count
    of resets, differs).
-2. ``_mixer_kernel``, one program per (batch, head, chunk): phi(q), phi(k) in the kernel; the mLSTM output from the
-   chunk's own tokens (a masked L x L decay matrix) plus the state before the chunk, with the normalizer
-   max(|q.n|, exp(-m)) + eps of ``mlstm_native``; the window + sink softmax attention over the key tiles
-   of the window (online softmax; GQA: key head h // (NH // NKV); optional soft-capping); the output-gate mix
-   o * memory + (1 - o) * attention; y written once.
+2. ``_mixer_kernel``, one program per (batch, head, query block): phi(q), phi(k) in the kernel; the mLSTM output from
+   the state before the block's state chunk plus the chunk's tokens up to the block (key tiles with a running
+   stabilizer, as an online softmax), with the normalizer max(|q.n|, exp(-m)) + eps of ``mlstm_native``; the window
+   + sink softmax attention over the key tiles of the window (online softmax; GQA: key head h // (NH // NKV);
+   optional soft-capping); the output-gate mix o * memory + (1 - o) * attention; y written once.
 
 Sinks: a query block's rows see the keys of their document inside the window, and the document's first
 ``num_sinks`` tokens. Only the document of the block's first row can have sinks before the window's key tiles (any
