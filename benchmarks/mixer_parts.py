@@ -12,11 +12,15 @@
 * The whole mixer (`HybridAttention.mix`, Llama-3.1-8B heads, window 512, 4 sinks) with those switches off, on, and
   with the memory branch compiled (``compile_memory``: the defaults), the defaults with the mLSTM on our Triton kernels
   (``kernels.mlstm='triton'``), and causal SDPA (flash) for scale.
+* ``--parts fused``: the whole mixer's forward without gradients (prefill) on today's path (the defaults) against the
+  fused Triton forward (``kernels.mixer: triton``), one document per row and packed documents, with the relative
+  difference of their outputs.
 
     python benchmarks/mixer_parts.py --out DIR     # CUDA only; writes DIR/mixer_parts.json, .md and .png
     python benchmarks/mixer_parts.py --out DIR --replot    # the plot again from DIR/mixer_parts.json
     python benchmarks/mixer_parts.py --out DIR --parts flex --lengths 8192    # some parts, some lengths
     python benchmarks/mixer_parts.py --out DIR --parts mlstm,layer    # Triton mLSTM vs TFLA, kernel and whole mixer
+    python benchmarks/mixer_parts.py --out DIR --parts fused    # the fused prefill forward against today's
 """
 
 from __future__ import annotations
@@ -200,6 +204,34 @@ def layer_rows(T: int) -> list[dict]:
     return rows
 
 
+def fused_rows(T: int) -> list[dict]:
+    """The whole mixer's forward without gradients (``HybridAttention.mix``, Llama-3.1-8B heads): today's path (the
+    default kernel options) against the fused Triton forward (``kernels.mixer: triton``), on one document per row
+    and on packed documents; the relative difference of the two outputs is on the fused row."""
+    cuda = torch.device("cuda")
+    student = HybridConfig(mixer="mlstm_swa", window_size=WINDOW, num_sink_tokens=SINKS)
+    layer = hybrid_layer(NH, NKV, D, student, cuda, torch.bfloat16)
+    inputs = mixer_inputs(layer, 1, T, cuda, torch.bfloat16)
+    layouts = {"one document": full_layout(1, T, cuda),
+               "packed documents": full_layout(1, T, cuda, document_ids=packed_starts(T))}
+    variants = {"today's path (defaults)": KernelOptions(), "fused Triton forward": KernelOptions(mixer="triton")}
+    rows = []
+    for layout_name, layout in layouts.items():
+        outputs = {}
+        for variant, options in variants.items():
+            layer.config.kernels = options
+
+            def forward() -> torch.Tensor:
+                with torch.no_grad():
+                    return mix_once(layer, layout, *inputs)
+
+            outputs[variant] = forward()
+            rows.append({"seq_len": T, "part": "whole mixer, forward", "variant": f"{layout_name}, {variant}",
+                         "fwd_ms": 1e3 * time_call(forward, repeats=10, warmup=2)})
+        rows[-1]["rel_diff_out_dq_dk_dv"] = [round(rel_diff(*outputs.values()), 5)]
+    return rows
+
+
 def plot(rows: list[dict], path: Path) -> None:
     """Forward + backward milliseconds of each part, before (first variant) and after, one panel per length."""
     import matplotlib
@@ -230,10 +262,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--replot", action="store_true", help="only draw DIR/mixer_parts.png from its JSON")
-    parser.add_argument("--parts", default="flex,tfla,layer", help="which of flex, tfla, mlstm, layer to time")
+    parser.add_argument("--parts", default="flex,tfla,layer", help="which of flex, tfla, mlstm, layer, fused to time")
     parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)), help="sequence lengths, comma-separated")
     args = parser.parse_args()
-    parts = {"flex": flex_rows, "tfla": tfla_rows, "mlstm": mlstm_rows, "layer": layer_rows}
+    parts = {"flex": flex_rows, "tfla": tfla_rows, "mlstm": mlstm_rows, "layer": layer_rows, "fused": fused_rows}
     chosen = [parts[name] for name in args.parts.split(",")]
     out = args.out
     if args.replot:

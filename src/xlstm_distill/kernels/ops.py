@@ -116,3 +116,52 @@ def mixer_step(
     name = choose_kernel("mixer_step", options, q.device, needs_grad=needs_grad)
     return get_kernel("mixer_step", name)(q, k, v, gates, maps, state, sink_k, sink_v, ring_k, ring_v, key_pos,
                                           position, gated, window, num_sinks, scale, softcap, options)
+
+
+def mixer(
+    q: torch.Tensor,  # (B, NH, T, DH) after RoPE
+    k: torch.Tensor,  # (B, NKV, T, DH) after RoPE
+    v: torch.Tensor,  # (B, NKV, T, DH)
+    gates: torch.Tensor,  # (B, G*NH, T) pre-activations: [input, forget, output] (G = 3) or [output] (G = 1, ungated)
+    maps: tuple[torch.Tensor, ...],  # q weight (NH, DH, DF), q bias (NH, DF), k weight, k bias
+    doc_start: torch.Tensor,  # (B, T) index of the first token of each token's document
+    reset: torch.Tensor | None = None,  # (B, T) bool, True at each document's first token (None: no resets)
+    state: MLSTMState | None = None,  # the mLSTM state to continue from (None: empty)
+    *,
+    window: int,
+    num_sinks: int,
+    scale: float,
+    softcap: float | None = None,
+    chunk_size: int = 64,
+    options: KernelOptions = DEFAULT_OPTIONS,
+) -> tuple[torch.Tensor, MLSTMState]:
+    """The whole mixer of a ``mlstm_swa`` layer over a sequence: :func:`swa` of q, k, v (window, sinks, scale,
+    softcap as there) and :func:`mlstm` of the feature-mapped phi(q), phi(k) (phi(x) = softmax(x W_h + b_h), per query
+    head; k, v shared over the GQA group), mixed per head by the output gate: y = swa + sigmoid(o) (memory - swa).
+    Forward only for ``triton`` (``registry.choose_kernel`` has the rule). Returns y (B, NH, T, DH) in v's dtype,
+    laid out as (B, T, NH, DH), and the mLSTM's final state (float32)."""
+    _check_mixer_inputs(q, k, v, gates, maps, doc_start, reset)
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, gates, *maps))
+    name = choose_kernel("mixer", options, q.device, gated=gates.shape[1] == 3 * q.shape[1], needs_grad=needs_grad,
+                         head_dim=max(q.shape[-1], maps[0].shape[-1]))
+    return get_kernel("mixer", name)(q, k, v, gates, maps, doc_start, reset, state, window, num_sinks, scale, softcap,
+                                     chunk_size, options)
+
+
+def _check_mixer_inputs(q, k, v, gates, maps, doc_start, reset) -> None:
+    """Clear errors for inputs of the wrong shape (shapes only: no device reads)."""
+    B, NH, T, DH = q.shape
+    if k.dim() != 4 or k.shape[0] != B or k.shape[2:] != (T, DH) or v.shape != k.shape or NH % k.shape[1]:
+        raise ValueError(f"mixer: k and v must be (B, NKV, T, DH) with NH divisible by NKV, given q {tuple(q.shape)}; "
+                         f"got k {tuple(k.shape)}, v {tuple(v.shape)}.")
+    if gates.shape not in ((B, 3 * NH, T), (B, NH, T)):
+        raise ValueError(f"mixer: gates must be (B, 3*NH, T) (input, forget, output) or (B, NH, T) (output gate of "
+                         f"an ungated memory) = ({B}, {3 * NH} or {NH}, {T}); got {tuple(gates.shape)}.")
+    if len(maps) != 4 or maps[0].shape[:2] != (NH, DH) or maps[2].shape != maps[0].shape \
+            or maps[1].shape != (NH, maps[0].shape[2]) or maps[3].shape != maps[1].shape:
+        raise ValueError(f"mixer: maps must be (q weight (NH, DH, DF), q bias (NH, DF), k weight, k bias) with "
+                         f"NH={NH}, "
+                         f"DH={DH}; got {[tuple(x.shape) for x in maps]}.")
+    for name, x in (("doc_start", doc_start), ("reset", reset)):
+        if x is not None and x.shape != (B, T):
+            raise ValueError(f"mixer: {name} must be (B, T) = ({B}, {T}); got {tuple(x.shape)}.")

@@ -29,6 +29,11 @@ class KernelOptions:
                                  "(token loop; a reference). Ungated memories run `native`.")
     swa: str = setting("auto", "Sliding-window + sinks implementation: `auto` (`flex` on CUDA, else `native`), "
                                "`native` (PyTorch, query blocks), `flex` (FlexAttention; on CPU only without gradients).")
+    mixer: str = setting("auto", "Whole mixer forward of a `mlstm_swa` layer (prefill, evaluation): `auto` (today: "
+                                 "`native`), `native` (separate `swa` and `mlstm` kernels as chosen above), `triton` "
+                                 "(one fused Triton forward: feature maps, mLSTM, window + sink attention and output "
+                                 "gate; without gradients, gated memory, no cache continuation, head sizes <= 128, "
+                                 "else `native`).")
     compile_memory: bool = setting(True, "On CUDA with `tfla` or `triton`: run the memory branch (feature maps, gates, "
                                          "GQA repeat) and the output-gate mix through torch.compile around the mLSTM "
                                          "kernel.")
@@ -55,7 +60,7 @@ class KernelOptions:
     def __post_init__(self) -> None:
         from xlstm_distill.kernels.registry import kernel_names  # the registry knows the implementations
 
-        for op in ("mlstm", "swa", "mixer_step"):
+        for op in ("mlstm", "swa", "mixer", "mixer_step"):
             names = ("auto", *kernel_names(op))
             if getattr(self, op) not in names:
                 raise ValueError(f"kernels.{op}={getattr(self, op)!r} is not a registered implementation; "

@@ -6,6 +6,7 @@ Operations (every implementation of one takes the same arguments; see ``xlstm_di
     mlstm_step   one recurrent decoding step                                          native
     swa          sliding window + sinks over a sequence (training, prefill)          native, flex
     swa_cached   sliding window + sinks of a few new tokens over cached keys          native
+    mixer        the whole mixer forward (swa + feature maps + mlstm + output gate)  native, triton
     mixer_step   one decoding step of the whole mixer (memory, SWA, output-gate mix)  native, triton
 
 Implementations register themselves with :func:`register_kernel` when their module is imported (the package's
@@ -29,8 +30,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-OPERATIONS = ("mlstm", "mlstm_step", "swa", "swa_cached", "mixer_step")
+OPERATIONS = ("mlstm", "mlstm_step", "swa", "swa_cached", "mixer", "mixer_step")
 _REGISTRY: dict[str, dict[str, Callable]] = {op: {} for op in OPERATIONS}
+MIXER_MAX_HEAD_DIM = 128  # the fused mixer's largest head / feature size (shared memory of its tiles)
 # a constant: torch.compile does not trace find_spec
 MLSTM_KERNELS_AVAILABLE = importlib.util.find_spec("mlstm_kernels") is not None
 
@@ -62,7 +64,7 @@ def get_kernel(op: str, name: str) -> Callable:
 
 
 def choose_kernel(op: str, options: KernelOptions, device: torch.device, *, gated: bool = True,
-                  needs_grad: bool = False) -> str:
+                  needs_grad: bool = False, continues_cache: bool = False, head_dim: int = 0) -> str:
     """The implementation that runs ``op`` on ``device`` under ``options``:
 
     - ``mlstm``: ``auto`` is ``tfla`` on CUDA when mlstm_kernels is installed, else ``native``; an ungated memory
@@ -72,6 +74,13 @@ def choose_kernel(op: str, options: KernelOptions, device: torch.device, *, gate
     - ``swa``: ``auto`` is ``flex`` on CUDA, else ``native``; ``flex`` on CPU runs only without gradients
       (FlexAttention has no CPU backward), ``native`` otherwise.
     - ``mlstm_step``, ``swa_cached``: ``native`` (the decode step is compiled and graphed as a whole).
+    - ``mixer`` (the whole mixer forward of a ``mlstm_swa`` layer): ``auto`` is ``native`` (the model keeps its
+      separate ``swa`` and ``mlstm`` calls) until the fused kernel is measured on the GPU; ``triton`` runs only
+      without gradients (forward only), for the gated mLSTM (an ungated memory: ``native``), for a forward that does
+      not continue a cache (prefill from empty; continuing a cache and decode steps: ``native``), for head and
+      feature sizes up to 128 (``head_dim``: the larger; tiles of 256 need more than an H200's shared memory), and
+      on CUDA or in Triton's interpreter (``TRITON_INTERPRET=1``; elsewhere ``native``). The model reads ``native``
+      as "today's path"; the registered ``native`` implementation is the PyTorch reference.
     - ``mixer_step``: ``auto`` is ``native`` (the unfused step) until the fused kernel is measured on the GPU
       (docs/decisions.md); ``triton`` runs on CUDA, on CPU only in Triton's interpreter (``TRITON_INTERPRET=1``),
       and never with gradients (it has no backward): ``native`` otherwise.
@@ -99,6 +108,12 @@ def choose_kernel(op: str, options: KernelOptions, device: torch.device, *, gate
         return name
     if op in ("mlstm_step", "swa_cached"):
         return "native"
+    if op == "mixer":
+        name = "native" if options.mixer == "auto" else options.mixer
+        if name == "triton" and (needs_grad or not gated or continues_cache or head_dim > MIXER_MAX_HEAD_DIM
+                                 or not (cuda or _triton_interpreter())):
+            name = "native"
+        return name
     if op == "mixer_step":
         name = options.mixer_step
         if name == "auto":

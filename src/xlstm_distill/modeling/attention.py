@@ -248,6 +248,8 @@ class HybridAttention(nn.Module):
         state = cache.memory if continues else None
         if self.uses_swa and self.uses_memory and state is not None and q.shape[2] == 1:
             return self._mixer_step(q, k, v, gates, layout, cache)
+        if self.uses_swa and self.uses_memory and self._fused(q, k, v, gates, layout, cache):
+            return self._fused_mix(q, k, v, gates, layout, cache)
         swa = self._swa(q, k, v, layout, cache) if self.uses_swa else None
         if not self.uses_memory:
             return swa
@@ -291,6 +293,25 @@ class HybridAttention(nn.Module):
         cache.write_window(k, v, layout.write[group])
         cache.update_memory(state)
         return y.unsqueeze(2)
+
+    def _fused(self, q, k, v, gates, layout: TokenLayout, cache: LayerCache | None) -> bool:
+        """Whether ``kernels.mixer`` runs this call as one fused forward (``registry.choose_kernel`` has the rule)."""
+        maps = (self.q_feature_map.weight, self.q_feature_map.bias, self.k_feature_map.weight, self.k_feature_map.bias)
+        needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, gates, *maps))
+        return kernels.choose_kernel("mixer", self.options, q.device, gated=self.gated_memory, needs_grad=needs_grad,
+                                     continues_cache=cache is not None and layout.continues_cache,
+                                     head_dim=max(self.head_dim, maps[0].shape[-1])) == "triton"
+
+    def _fused_mix(self, q, k, v, gates, layout: TokenLayout, cache: LayerCache | None) -> torch.Tensor:
+        """:meth:`mix` as one ``kernels.mixer`` call (a forward from an empty state); fills the cache as ``mix``."""
+        maps = (self.q_feature_map.weight, self.q_feature_map.bias, self.k_feature_map.weight, self.k_feature_map.bias)
+        y, state = kernels.mixer(q, k, v, gates, maps, layout.doc_start, layout.reset, window=self.window,
+                                 num_sinks=self.num_sinks, scale=self.scaling, softcap=self.softcap,
+                                 chunk_size=self.chunk_size, options=self.options)
+        if cache is not None:
+            cache.write_window(k, v, layout.write[(self.window, self.num_sinks)])
+            cache.update_memory(state)
+        return y
 
     def _swa(self, q, k, v, layout: TokenLayout, cache: LayerCache | None) -> torch.Tensor:
         """Sliding-window + sinks branch; fills / reads the sink and ring-buffer K/V of ``cache``."""
