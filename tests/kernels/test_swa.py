@@ -208,7 +208,8 @@ def test_flex_copied_sinks_gradient(monkeypatch, layout):
 
     from xlstm_distill.kernels import swa_flex as flex
 
-    def dense_flex(q, k, v, block_mask, scale, enable_gqa, kernel_options):
+    def dense_flex(q, k, v, block_mask, scale, enable_gqa, kernel_options, score_mod=None):
+        assert score_mod is None  # no soft-capping here
         G = q.shape[1] // k.shape[1]
         allowed = create_mask(block_mask.mask_mod, q.shape[0], 1, q.shape[2], k.shape[2], device="cpu")
         scores = ((q @ k.repeat_interleave(G, 1).transpose(-1, -2)) * scale).masked_fill(~allowed, float("-inf"))

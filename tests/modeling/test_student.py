@@ -323,7 +323,7 @@ def test_multimodal_gemma3_converts_its_text_part():
 
 def test_unsupported_architecture_is_refused():
     teacher = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
-    with pytest.raises(xd.UnsupportedArchitectureError, match="gpt2.*Supported families: llama"):
+    with pytest.raises(xd.UnsupportedArchitectureError, match="gpt2.*Supported families: .*llama"):
         xd.convert(teacher)
 
 
