@@ -44,6 +44,29 @@ def test_small_window_differs_from_teacher(family):
         assert (teacher(ids).logits[:, 10:] - student(ids).logits[:, 10:]).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("family,policy", [("llama", "global"), ("gemma2", "global"), ("gemma3_text", "all")])
+@pytest.mark.parametrize("mixer", ["mlstm_swa", "linear_swa"])
+def test_window_and_memory_student_is_exact_within_the_windows_reach(mixer, family, policy):
+    """exact_within_window (the default): with trained-looking (random) gates and maps, every token whose document
+    prefix the window + sinks cover has the teacher's logits, also in packed documents; beyond the reach the memory
+    mixes in. Turned off, the gate mixes the memory in everywhere (the check is not vacuous)."""
+    teacher = tiny_teacher(family)
+    ids = tokens(1, 30)
+    doc_ids = torch.tensor([[0] * 13 + [1] * 17])
+    reach = SMALL["window_size"] + SMALL["num_sink_tokens"]  # in a kept teacher-window layer the teacher's own (16)
+    within = [p for p in range(30) if (p if p < 13 else p - 13) < reach]
+    with torch.no_grad():
+        packed_teacher = torch.cat([teacher(ids[:, :13]).logits, teacher(ids[:, 13:]).logits], 1)
+        diffs = {}
+        for exact in (True, False):
+            student = student_of(mixer, family, convert_layers=policy, exact_within_window=exact)
+            diffs[exact] = (student(ids, document_ids=doc_ids).logits - packed_teacher).abs().amax(-1)[0]
+    assert diffs[True][within].max() <= 1e-4
+    assert diffs[False][within].max() > 1e-3
+    beyond = [p for p in range(30) if p not in within]
+    assert diffs[True][beyond].max() > 1e-3
+
+
 @pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
 def test_gemma_quirks_are_not_vacuous(family):
     """The Gemma equivalence above depends on every quirk: the query scale (query_pre_attn_scalar, not the head

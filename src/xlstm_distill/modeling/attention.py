@@ -107,6 +107,8 @@ class HybridAttention(nn.Module):
         self.uses_swa, self.uses_memory, self.gated_memory = (
             (True, False, False) if self.keeps_teacher_window else (config.uses_swa, config.uses_memory, config.gated_memory))
         output_gate = self.uses_swa and self.uses_memory
+        # tokens whose whole document prefix the window + sinks cover take the window branch alone (exact there)
+        self.exact_reach = self.window + self.num_sinks if output_gate and config.exact_within_window else None
         self.num_gates = 2 * self.gated_memory + output_gate
         if self.uses_memory:
             feature_dim = config.feature_dim or D
@@ -164,6 +166,8 @@ class HybridAttention(nn.Module):
         gates = None
         if self.num_gates and not self.all_heads_full:
             gates = self.gate_proj(torch.cat([q, k, v], dim=-1)).transpose(1, 2)  # (B, G*NH, T)
+            if self.exact_reach is not None:
+                gates = window_only_within_reach(gates, layout.position, self.exact_reach, H)
         q = q.view(B, T, H, D).transpose(1, 2)  # (B, NH, T, DH)
         k = k.view(B, T, KV, D).transpose(1, 2)  # (B, NKV, T, DH)
         v = v.view(B, T, KV, D).transpose(1, 2)  # (B, NKV, T, DH)
@@ -328,6 +332,18 @@ class HybridAttention(nn.Module):
         if cache is not None:
             cache.write_window(k, v, layout.write[group])
         return out
+
+
+def window_only_within_reach(
+    gates: torch.Tensor,  # (B, G*NH, T) gate pre-activations, the output gate's last
+    position: torch.Tensor,  # (B, T) position of every token in its document
+    reach: int,  # window + sinks: positions below it see their whole prefix through the window
+    num_heads: int,
+) -> torch.Tensor:  # (B, G*NH, T)
+    """The output gate's pre-activation set to -inf (gate 0: the window branch alone) where the window sees the
+    token's whole document prefix; every kernel then mixes as usual."""
+    o = gates[:, -num_heads:].masked_fill((position < reach)[:, None, :], float("-inf"))
+    return torch.cat([gates[:, :-num_heads], o], dim=1)
 
 
 def _runs(kept: list[bool]) -> tuple[tuple[int, int, bool], ...]:

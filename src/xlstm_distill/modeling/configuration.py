@@ -16,8 +16,8 @@ CONVERT_LAYERS = ("global", "all")
 BACKENDS = {"auto": ("auto", "auto"), "native": ("native", "native"), "tfla": ("tfla", "flex"),
             "triton": ("triton", "flex")}
 # The student's own settings (everything except the teacher architecture).
-MIXER_FIELDS = ("mixer", "window_size", "num_sink_tokens", "convert_layers", "feature_dim", "chunk_size",
-                "forget_gate_bias", "kernels", "full_attention_layers", "full_attention_heads")
+MIXER_FIELDS = ("mixer", "window_size", "num_sink_tokens", "exact_within_window", "convert_layers", "feature_dim",
+                "chunk_size", "forget_gate_bias", "kernels", "full_attention_layers", "full_attention_heads")
 # Attributes mirrored from the teacher config so that generation utilities find them on the student config.
 MIRRORED = (
     "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -42,6 +42,10 @@ class HybridConfig(PreTrainedConfig):
             (LoLCATs-style linear attention + window) or ``linear``.
         window_size: sliding-window length W (a query sees itself and the W - 1 tokens before it).
         num_sink_tokens: first tokens of every document that stay visible to all later queries.
+        exact_within_window: mixers with a window and a memory (``mlstm_swa``, ``linear_swa``): a token whose whole
+            document prefix lies inside the window's reach (position < window_size + num_sink_tokens) takes the
+            window branch alone (output gate 0), which there is exactly the teacher's attention; the learned gate
+            mixes the memory in only beyond the reach. False: the gate mixes at every position.
         convert_layers: for a teacher that interleaves sliding-window and global attention layers (Gemma 2, Gemma 3,
             OLMo3): ``global`` (default) replaces only the global layers by the mixer, the sliding-window layers keep
             the teacher's own sliding-window attention exactly (their cache is a ring buffer of the teacher's
@@ -74,6 +78,7 @@ class HybridConfig(PreTrainedConfig):
         mixer: str = "mlstm_swa",
         window_size: int = 512,
         num_sink_tokens: int = 4,
+        exact_within_window: bool = True,
         convert_layers: str = "global",
         feature_dim: int | None = None,
         chunk_size: int = 64,
@@ -96,6 +101,8 @@ class HybridConfig(PreTrainedConfig):
             if backend not in BACKENDS:
                 raise ValueError(f"backend={backend!r} is not supported; choose one of {', '.join(BACKENDS)}.")
             kernels = kernels.replace(mlstm=BACKENDS[backend][0], swa=BACKENDS[backend][1])
+        if not isinstance(exact_within_window, bool):
+            raise ValueError(f"exact_within_window must be true or false, got {exact_within_window!r}.")
         for name, value, low in (("window_size", window_size, 1), ("num_sink_tokens", num_sink_tokens, 0),
                                  ("chunk_size", chunk_size, 1), ("feature_dim", feature_dim or 1, 1)):
             if not isinstance(value, int) or value < low:
@@ -108,6 +115,7 @@ class HybridConfig(PreTrainedConfig):
         self.mixer = mixer
         self.window_size = window_size
         self.num_sink_tokens = num_sink_tokens
+        self.exact_within_window = exact_within_window
         self.convert_layers = convert_layers
         self.feature_dim = feature_dim
         self.chunk_size = chunk_size
