@@ -142,6 +142,7 @@ def _forward(
     from xlstm_distill.kernels import mlstm_triton_fw as fw
 
     q, k, v, i, lf, seg, C0, n0, m0 = (x.contiguous() for x in (q, k, v, i, lf, seg, C0, n0, m0))
+    seg = seg.to(torch.int32)  # the kernels' loop-carried document index is int32 (a compiled caller may pass int64)
     B, NH, S, DK = q.shape
     DV = v.shape[-1]
     acc = i.dtype
@@ -205,6 +206,7 @@ def _backward(
     from xlstm_distill.kernels import mlstm_triton_bw as bw
 
     dh, q, k, v, i, lf, seg = (x.contiguous() for x in (dh, q, k, v, i, lf, seg))
+    seg = seg.to(torch.int32)
     B, NH, S, DK = q.shape
     DV = v.shape[-1]
     acc = i.dtype
