@@ -82,8 +82,9 @@ def test_by_position_is_zero_where_the_student_sees_what_the_teacher_sees(tmp_pa
 
 
 def test_output_gates_report_the_memorys_share_per_layer_and_head(tmp_path):
-    """A converted student's output gates are their initial value sigmoid(-3) everywhere (zero weights); a mixer
-    without an output gate reports nothing; the heat map is drawn."""
+    """A converted student's output gates are their initial value sigmoid(-3) everywhere (zero weights), except
+    within the window's reach, where the exact student applies none; a mixer without an output gate reports nothing;
+    the heat map is drawn."""
     from xlstm_distill.evaluation.long_context import output_gates, plot_output_gates
 
     teacher = tiny_teacher("llama")
@@ -93,6 +94,10 @@ def test_output_gates_report_the_memorys_share_per_layer_and_head(tmp_path):
     assert gates["tokens"] == {"inside": 10, "beyond": 20}
     start = torch.sigmoid(torch.tensor(-3.0)).item()
     torch.testing.assert_close(torch.tensor(gates["beyond"]), torch.full((2, 4), start), atol=1e-6, rtol=1e-6)
+    assert torch.tensor(gates["inside"]).eq(0).all()  # exact_within_window (the default): the window branch alone
+    learned = xd.convert(teacher, xd.HybridConfig(window_size=8, num_sink_tokens=2, exact_within_window=False))
+    torch.testing.assert_close(torch.tensor(output_gates(learned, documents, reach=10)["inside"]),
+                               torch.full((2, 4), start), atol=1e-6, rtol=1e-6)
     assert output_gates(xd.convert(teacher, xd.HybridConfig(mixer="swa")), documents, 10) == {}
     # heads that keep full attention use no gate: NaN (KV head 1 of layer 0 = query heads 2, 3; all of layer 1)
     kept = xd.convert(teacher, xd.HybridConfig(window_size=8, num_sink_tokens=2, full_attention_heads=[[0, 1]],

@@ -200,7 +200,8 @@ def by_position(student: torch.nn.Module, teacher: torch.nn.Module, documents: S
 @torch.no_grad()
 def output_gates(student: torch.nn.Module, documents: Sequence[torch.Tensor], reach: int) -> dict[str, list]:
     """How much each head uses its memory: the output gate o (the memory's share of the mix) of every layer and
-    head, averaged over the tokens of ``documents`` inside the window's reach (positions < ``reach``) and beyond it.
+    head as the mixer applies it (0 within the window's reach of a student with ``exact_within_window``), averaged
+    over the tokens of ``documents`` inside the window's reach (positions < ``reach``) and beyond it.
     Returns ``{"inside": [[...] per head] per layer, "beyond": ...}`` (NaN for heads that keep full attention and for
     layers that keep the teacher's sliding-window attention); empty for a mixer without an output gate."""
     layers = [layer.self_attn for layer in student.model.layers]
@@ -220,6 +221,9 @@ def output_gates(student: torch.nn.Module, documents: Sequence[torch.Tensor], re
             inside = torch.arange(len(doc), device=device) < reach  # (T,)
             for index, gates in captured.items():
                 o = torch.sigmoid(gates[0, :, -layers[index].num_heads:].float())  # (T, NH)
+                exact_reach = getattr(layers[index], "exact_reach", None)  # the window branch alone below it
+                if exact_reach is not None:
+                    o = o.masked_fill((torch.arange(len(doc), device=device) < exact_reach)[:, None], 0.0)
                 for part, where in (("inside", inside), ("beyond", ~inside)):
                     sums[part][index] += o[where].sum(0).double().cpu()
             counts["inside"] += int(inside.sum())
