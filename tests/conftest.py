@@ -1,4 +1,4 @@
-"""Test-session settings shared by every test module."""
+"""Settings shared by every test module."""
 
 import os
 

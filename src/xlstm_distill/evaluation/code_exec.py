@@ -81,7 +81,7 @@ def run_program(program: str, limits: SandboxLimits = SandboxLimits()) -> ExecRe
             _kill_group(proc)
             try:
                 out, _ = proc.communicate(timeout=5)
-            except subprocess.TimeoutExpired:  # a descendant in another session still holds the output pipe
+            except subprocess.TimeoutExpired:  # a descendant outside the killed process group still holds the output pipe
                 out = b""
             return ExecResult("timeout", None, _tail(out, limits.output_chars))
         finally:
