@@ -204,6 +204,8 @@ def output_gates(student: torch.nn.Module, documents: Sequence[torch.Tensor], re
     over the tokens of ``documents`` inside the window's reach (positions < ``reach``) and beyond it.
     Returns ``{"inside": [[...] per head] per layer, "beyond": ...}`` (NaN for heads that keep full attention and for
     layers that keep the teacher's sliding-window attention); empty for a mixer without an output gate."""
+    from xlstm_distill.modeling.attention import window_only_within_reach
+
     layers = [layer.self_attn for layer in student.model.layers]
     gated = [i for i, mixer in enumerate(layers) if hasattr(mixer, "gate_proj") and mixer.gate_proj.output_gate]
     if not gated:
@@ -218,12 +220,13 @@ def output_gates(student: torch.nn.Module, documents: Sequence[torch.Tensor], re
         for doc in documents:
             captured.clear()
             student(doc.to(device)[None])
-            inside = torch.arange(len(doc), device=device) < reach  # (T,)
+            position = torch.arange(len(doc), device=device)[None]  # (1, T)
+            inside = position[0] < reach  # (T,)
             for index, gates in captured.items():
-                o = torch.sigmoid(gates[0, :, -layers[index].num_heads:].float())  # (T, NH)
-                exact_reach = getattr(layers[index], "exact_reach", None)  # the window branch alone below it
-                if exact_reach is not None:
-                    o = o.masked_fill((torch.arange(len(doc), device=device) < exact_reach)[:, None], 0.0)
+                mixer, gates = layers[index], gates.transpose(1, 2)  # (1, G*NH, T)
+                if mixer.exact_reach is not None:  # as the mixer applies it: the window branch alone within the reach
+                    gates = window_only_within_reach(gates, position, mixer.exact_reach, mixer.num_heads)
+                o = torch.sigmoid(gates[0, -mixer.num_heads:].float()).T  # (T, NH)
                 for part, where in (("inside", inside), ("beyond", ~inside)):
                     sums[part][index] += o[where].sum(0).double().cpu()
             counts["inside"] += int(inside.sum())
