@@ -4,11 +4,14 @@ every way of choosing (the retrieval probe, the text probe, random heads), those
 student is measured: held-out KL(teacher || student) all / inside / beyond the window, and retrieval on fresh
 key-value probes (every answer token the argmax, teacher-forced; the teacher alongside). With ``--ruler``, the heads
 chosen by the retrieval probe are also scored on RULER's needle-in-a-haystack tasks at every length (greedy
-generation through lm-evaluation-harness; the teacher once, the same documents for every budget).
+generation as lm-evaluation-harness does it; the teacher once, the same documents for every budget); ``--ruler-file``
+scores a RULER set built elsewhere (``xlstm-distill data ruler``) instead, on a machine without lm-eval.
 
     python benchmarks/full_heads.py --recipe recipes/demo-cpu.yaml --out DIR --budgets 0,0.02,0.05,0.1
     python benchmarks/full_heads.py --recipe recipes/smollm2-135m-gpu.yaml --student runs/smollm2-135m-gpu/stage2 \
         --out DIR --ruler niah_single_1,niah_multikey_2 --ruler-lengths 1024,2048,4096,8192 --ruler-samples 20
+    python benchmarks/full_heads.py --recipe recipes/smollm2-135m-gpu.yaml --student runs/smollm2-135m-gpu/stage2 \
+        --out DIR --ruler-file runs/ruler.json
 
 DIR gets full_heads.json, .md and .png (rewritten after every row), and heads_<probe>.json / .png (the scores of
 every head).
@@ -17,6 +20,7 @@ every head).
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 from collections.abc import Callable
@@ -28,7 +32,7 @@ from xlstm_distill.benchmarks.report import write_results
 from xlstm_distill.data.documents import long_documents
 from xlstm_distill.evaluation.heads import (Calibration, choose_heads, head_scores, retrieval_probes,
                                             text_calibration, write_head_scores)
-from xlstm_distill.evaluation.long_context import RulerTasks
+from xlstm_distill.evaluation.long_context import RulerSet, RulerTasks
 from xlstm_distill.stages import Recipe, RunContext
 from xlstm_distill.stages import convert
 from xlstm_distill.stages.common import autocast, compare_to_teacher
@@ -49,11 +53,14 @@ def retrieval_accuracy(model: torch.nn.Module, probes: list[Calibration]) -> flo
 
 def run(recipe_path: Path, out: Path, budgets: list[float], student_dir: Path | None, samples: int,
         eval_probes: int, overrides: list[str], ruler_spec: tuple[list[str], list[int], int],
-        write: Callable[[list[dict]], None]) -> list[dict]:
+        write: Callable[[list[dict]], None], ruler_file: Path | None = None) -> list[dict]:
     ctx = RunContext(Recipe.load(recipe_path, overrides))
     student = ctx.load_student(student_dir or convert.run(ctx)).eval()
     teacher, tokenizer = ctx.teacher, ctx.tokenizer
-    ruler = RulerTasks(tokenizer, *ruler_spec) if ruler_spec[0] else None  # the same documents for every model
+    if ruler_file is not None:  # the same documents for every model
+        ruler = RulerSet.load(ruler_file, tokenizer)
+    else:
+        ruler = RulerTasks(tokenizer, *ruler_spec).ruler_set() if ruler_spec[0] else None
     length, seed = ctx.recipe.data.seq_len, ctx.recipe.seed
     calibration = {
         "retrieval": retrieval_probes(tokenizer, samples, length, seed=seed),
@@ -144,19 +151,24 @@ def main() -> None:
     parser.add_argument("--ruler", default="", help="RULER tasks for the retrieval probe's heads (comma-separated).")
     parser.add_argument("--ruler-lengths", default="1024,2048,4096,8192", help="RULER context lengths.")
     parser.add_argument("--ruler-samples", type=int, default=20, help="RULER samples per task and length.")
+    parser.add_argument("--ruler-file", type=Path, default=None, help="A RULER set built by `xlstm-distill data "
+                        "ruler` (replaces --ruler, --ruler-lengths and --ruler-samples).")
     args = parser.parse_args()
     budgets = [float(b) for b in args.budgets.split(",")]
     command = "python benchmarks/full_heads.py " + shlex.join(sys.argv[1:])
     columns = ["chosen by", "budget", "heads", "kv_cache_share", "kl", "kl_in_window", "kl_beyond_window",
                "student_ppl", "retrieval", "teacher_retrieval"]
     tasks, lengths = [t for t in args.ruler.split(",") if t], [int(n) for n in args.ruler_lengths.split(",")]
+    if args.ruler_file is not None:
+        built = json.loads(args.ruler_file.read_text())
+        tasks, lengths = built["tasks"], built["lengths"]
     columns += [f"ruler {t} {n}" for t in tasks for n in lengths]
 
     def write(rows: list[dict]) -> None:
         write_results(args.out, "full_heads", rows, command, columns, plot)
 
     run(args.recipe, args.out, budgets, args.student, args.samples, args.eval_probes, args.overrides,
-        (tasks, lengths, args.ruler_samples), write)
+        (tasks, lengths, args.ruler_samples), write, args.ruler_file)
 
 
 if __name__ == "__main__":

@@ -51,3 +51,33 @@ def test_command_reference_is_current(tmp_path):
     subprocess.run([str(typer), "xlstm_distill.cli", "utils", "docs", "--name", "xlstm-distill", "--title",
                     "Command reference", "--output", str(out)], check=True, capture_output=True)
     assert (Path(__file__).parents[1] / "docs" / "cli.md").read_text() == out.read_text()
+
+
+def test_ruler_set_is_built_once_and_scored_by_evaluate(tmp_path, monkeypatch):
+    """`data ruler` writes the prompts lm-eval builds; `evaluate --ruler-file` scores teacher and student from that
+    file (generation replaced by an oracle that answers the needles at 384 tokens only) and writes the long-context
+    report; a file that is not a RULER set is refused."""
+    from xlstm_distill.evaluation import long_context
+
+    tiny_recipe(tmp_path, "unused")
+    teacher = tmp_path / "teacher"
+    ruler = tmp_path / "ruler.json"
+    result = runner.invoke(app, ["data", "ruler", "--tokenizer", str(teacher), "--task", "niah_single_1",
+                                 "--lengths", "384,512", "--samples", "2", "--out", str(ruler)])
+    assert result.exit_code == 0, result.output
+    assert "4 prompts (niah_single_1 at 384, 512 tokens)" in result.output
+    student = tmp_path / "student"
+    assert runner.invoke(app, ["convert", "--teacher", str(teacher), "--out", str(student), "--window", "16"]).exit_code == 0
+    monkeypatch.setattr(long_context, "generate_answers", lambda model, tok, requests, max_length, batch_size=8: [
+        " ".join(r["outputs"]) if r["length"] == 384 else "no" for r in requests])
+    result = runner.invoke(app, ["evaluate", "--teacher", str(teacher), "--student", f"hybrid={student}",
+                                 "--ruler-file", str(ruler), "--device", "cpu", "--output-dir", str(tmp_path / "ev")])
+    assert result.exit_code == 0, result.output
+    report = (tmp_path / "ev" / "long_context.md").read_text()
+    assert "| niah_single_1 | hybrid | 1.000 | 0.000 |" in report
+    (tmp_path / "other.json").write_text("[]")
+    result = runner.invoke(app, ["evaluate", "--teacher", str(teacher), "--student", str(student),
+                                 "--ruler-file", str(tmp_path / "other.json"),
+                                 "--device", "cpu", "--output-dir", str(tmp_path / "ev2")])
+    message = " ".join(result.output.replace("│", " ").split())
+    assert result.exit_code != 0 and "is not a RULER set" in message, message

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +69,22 @@ def resolve_teacher(name_or_path: str | Path) -> tuple[str, str | None]:
     return name, None
 
 
+def load_tokenizer(name_or_path: str | Path = DEFAULT_TEACHER) -> PreTrainedTokenizerBase:
+    """The tokenizer of a teacher reference (as :func:`load_teacher` takes it), without loading the model; padding
+    falls back to the end-of-sequence token."""
+    source, gguf_file = resolve_teacher(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(source, **({"gguf_file": gguf_file} if gguf_file else {}))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def tokenizer_hash(tokenizer: PreTrainedTokenizerBase) -> str:
+    """Stable fingerprint of a tokenizer's vocabulary (ids must mean the same tokens for teacher and student)."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
+
+
 def load_teacher(
     name_or_path: str | Path = DEFAULT_TEACHER,
     dtype: torch.dtype = torch.float32,
@@ -82,7 +100,7 @@ def load_teacher(
     local = Path(source).is_dir()
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        tokenizer = load_tokenizer(name_or_path)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     except OSError as err:
         where = "local folder" if local else "hub id (no local folder of that name exists)"
@@ -94,8 +112,6 @@ def load_teacher(
     if gguf_file:
         model = _dequantized_copy(model, dtype)
         model.config.name_or_path = str(name_or_path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     return model.to(device).eval(), tokenizer
 
 

@@ -27,36 +27,76 @@ def test_ruler_tasks_are_built_offline_and_scored_per_length(tokenizer, tasks, m
     """The tasks build their haystacks offline at each length (prompts within the length), the first `samples`
     documents of each length are evaluated, and the score is RULER's string match per length: answering with the
     needles scores 1, a wrong answer 0 (generation replaced by an oracle that is right on every second document)."""
+    from xlstm_distill.evaluation import long_context
+
+    built = tasks.ruler_set()
+    for name in tasks.names:
+        chosen = [r for r in built.requests if r["task"] == name]
+        assert [r["length"] for r in chosen] == [512, 512, 1024, 1024]
+        assert all(len(tokenizer(r["context"]).input_ids) <= r["length"] for r in chosen)
+
+    def oracle(model, tok, requests, max_length, batch_size=8):
+        return [" ".join(r["outputs"]).upper() if r["index"] % 2 == 0 else " nothing" for r in requests]
+
+    monkeypatch.setattr(long_context, "generate_answers", oracle)
+    model = tiny_teacher("llama", vocab_size=len(tokenizer))
+    assert built.score(model, tokenizer, batch_size=2) == {name: {512: 0.5, 1024: 0.5} for name in tasks.names}
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_ruler_answers_are_lm_evals_answers(tokenizer, batch_size):
+    """The built-in scorer answers every request exactly as lm-eval's HF model does (greedy, batched with left
+    padding, longest first): the same text for the same prompts, a teacher and a student, batch 1 and 3."""
     from lm_eval.models.huggingface import HFLM
 
-    for name in tasks.names:
-        docs = list(tasks.tasks[name].test_docs())
-        chosen = [docs[i] for i in tasks.indices[name]]
-        assert [d["max_length"] for d in chosen] == [512, 512, 1024, 1024]
-        assert all(len(tokenizer(d["input"]).input_ids) <= d["max_length"] for d in chosen)
+    built = RulerTasks(tokenizer, ["niah_single_1"], [384], samples=4)
+    teacher = tiny_teacher("llama", vocab_size=len(tokenizer))
+    student = xd.convert(teacher, xd.HybridConfig(window_size=16, num_sink_tokens=2))
+    ruler = built.ruler_set()
+    for model in (teacher, student):
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=384)
+        theirs = lm.generate_until(built.tasks["niah_single_1"].instances, disable_tqdm=True)
+        ours = ruler.answers(model, tokenizer, batch_size=batch_size)
+        assert len(ours) == 4 and any(ours)
+        assert ours == theirs
 
-    def oracle(self, requests, disable_tqdm=False):
-        return [" ".join(r.doc["outputs"]) if r.doc["index"] % 2 == 0 else " nothing" for r in requests]
 
-    monkeypatch.setattr(HFLM, "generate_until", oracle)
-    model = tiny_teacher("llama", vocab_size=len(tokenizer))
-    scores = tasks.score(model, tokenizer, batch_size=2)
-    assert scores == {name: {512: 0.5, 1024: 0.5} for name in tasks.names}
+def test_ruler_set_is_saved_and_refused_with_another_tokenizer(tokenizer, tasks, tmp_path):
+    """A saved RULER set loads back as it was and is scored without lm-eval; another tokenizer (its haystacks were
+    sized in this one's tokens) and a file that is not a RULER set are refused with the command that builds one."""
+    from transformers import AutoTokenizer
+
+    from xlstm_distill.evaluation.long_context import RulerSet
+
+    path = tasks.ruler_set().save(tmp_path / "ruler.json")
+    loaded = RulerSet.load(path, tokenizer)
+    assert (loaded.names, loaded.lengths, loaded.samples) == (tasks.names, [512, 1024], 2)
+    assert loaded.requests == tasks.ruler_set().requests
+    other = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
+    other.add_tokens(["<needle>"])
+    with pytest.raises(ValueError, match="built with another tokenizer"):
+        RulerSet.load(path, other)
+    (tmp_path / "other.json").write_text("{}")
+    with pytest.raises(ValueError, match="not a RULER set.*xlstm-distill data ruler"):
+        RulerSet.load(tmp_path / "other.json", tokenizer)
+    with pytest.raises(FileNotFoundError, match="xlstm-distill data ruler"):
+        RulerSet.load(tmp_path / "missing.json", tokenizer)
 
 
 def test_ruler_scores_runs_every_model_and_writes_the_report(tokenizer, tasks, tmp_path, monkeypatch):
-    from lm_eval.models.huggingface import HFLM
-
     from xlstm_distill.evaluation import long_context
 
-    monkeypatch.setattr(long_context, "RulerTasks", lambda *args: tasks)  # built once for the module
-    monkeypatch.setattr(HFLM, "generate_until", lambda self, requests, disable_tqdm=False: [
-        " ".join(r.doc["outputs"]) for r in requests])
+    path = tasks.ruler_set().save(tmp_path / "ruler.json")
+    monkeypatch.setattr(long_context, "generate_answers", lambda model, tok, requests, max_length, batch_size=8: [
+        " ".join(r["outputs"]) for r in requests])
     teacher = tiny_teacher("llama", vocab_size=len(tokenizer))
     student = xd.convert(teacher, xd.HybridConfig(window_size=16, num_sink_tokens=2))
-    results = ruler_scores({"teacher": (teacher, tokenizer), "student": (student, tokenizer)}, tokenizer)
+    results = ruler_scores({"teacher": (teacher, tokenizer), "student": (student, tokenizer)}, tokenizer,
+                           ruler_file=path)
     perfect = {name: {512: 1.0, 1024: 1.0} for name in tasks.names}
     assert results["models"] == {"teacher": perfect, "student": perfect}
+    assert results["settings"]["lengths"] == [512, 1024]
     files = write_long_context(results, tmp_path)
     assert "| niah_multikey_2 | student | 1.000 | 1.000 |" in files["markdown"].read_text()
     assert files["plot"].stat().st_size > 0

@@ -50,3 +50,31 @@ def offline(
             f"dropped {info['dropped_contaminated']:5d} contaminated  -> {out / info['file']}"
         )
     typer.echo(f"manifest: {out / 'manifest.json'}")
+
+
+@app.command()
+def ruler(
+    out: Path = typer.Option(..., "--out", help="The RULER set's JSON file."),
+    tokenizer: str = typer.Option("smollm2-135m", help="Whose tokens size the haystacks: a teacher name, .gguf, "
+                                  "folder or hub id (the models scored with the set must share it)."),
+    task: list[str] = typer.Option(["niah_single_1"], "--task", help="RULER tasks (repeatable): niah_single_1, "
+                                   "niah_multikey_2, niah_multikey_3."),
+    lengths: str = typer.Option("1k,2k,4k,8k", help="Context lengths, comma-separated."),
+    samples: int = typer.Option(50, help="Samples per task and length."),
+) -> None:
+    """Build RULER's needle-in-a-haystack prompts with lm-evaluation-harness (offline) into one file that
+    `xlstm-distill evaluate --ruler-file` and the recipes' `evaluate.ruler_file` score anywhere, lm-eval or not."""
+    from xlstm_distill.evaluation.long_context import RulerTasks
+    from xlstm_distill.teacher import load_tokenizer
+
+    try:
+        sizes = [int(float(s[:-1]) * 1024) if s.lower().endswith("k") else int(s) for s in lengths.split(",") if s]
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated sizes such as 1k,4k,8k, got {lengths!r}") from None
+    try:
+        built = RulerTasks(load_tokenizer(tokenizer), task, sizes, samples).ruler_set()
+    except (ValueError, ImportError) as err:
+        raise typer.BadParameter(str(err)) from None
+    built.save(out)
+    typer.echo(f"{len(built.requests)} prompts ({', '.join(built.names)} at {', '.join(map(str, built.lengths))} "
+               f"tokens) -> {out}")

@@ -79,6 +79,11 @@ def evaluate(
     ] = None,
     ruler_lengths: Annotated[str, typer.Option(help="Context lengths of the RULER tasks.")] = "1k,2k,4k,8k",
     ruler_samples: Annotated[int, typer.Option(help="RULER samples per task and length.")] = 50,
+    ruler_file: Annotated[
+        Optional[Path],
+        typer.Option(help="A RULER set built by `xlstm-distill data ruler` (instead of --ruler, --ruler-lengths and "
+                     "--ruler-samples; no lm-eval needed)."),
+    ] = None,
     positions: Annotated[
         Optional[Path],
         typer.Option("--positions", help="Long context: an offline corpora folder or a data file whose held-out long "
@@ -98,7 +103,7 @@ def evaluate(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = _torch_dtype(dtype, device)
     ruler_tasks = _split_commas(ruler)
-    task_list = _split_commas(tasks) or ([] if ruler_tasks or positions else list(DEFAULT_TASKS))
+    task_list = _split_commas(tasks) or ([] if ruler_tasks or ruler_file or positions else list(DEFAULT_TASKS))
     try:
         shot_overrides = {k: int(v) for k, v in parse_assignments(shots, "--shots").items()}
     except ValueError as err:
@@ -140,8 +145,9 @@ def evaluate(
         if positions is not None:
             _positions(models, teacher_key, positions, position_length, position_documents, position_bucket,
                        output_dir)
-        if ruler_tasks:
-            _ruler(models, teacher_key, ruler_tasks, _sizes(ruler_lengths), ruler_samples, bs, device, output_dir)
+        if ruler_tasks or ruler_file:
+            _ruler(models, teacher_key, ruler_tasks, _sizes(ruler_lengths), ruler_samples, bs, device, output_dir,
+                   ruler_file)
         if not task_list:
             return
         results = evaluate_models(
@@ -171,14 +177,14 @@ def _sizes(text: str) -> list[int]:
 
 
 def _ruler(models: dict, teacher_key: str, tasks: list[str], lengths: list[int], samples: int, batch_size,
-           device: str, output_dir: Path) -> None:
+           device: str, output_dir: Path, ruler_file: Path | None = None) -> None:
     """RULER accuracy by context length for every model (long_context.json, .md, .png)."""
     from xlstm_distill.evaluation.long_context import ruler_scores, write_long_context
 
     teacher = models[teacher_key]()
     loaded = {name: teacher if name == teacher_key else spec for name, spec in models.items()}
     scores = ruler_scores(loaded, teacher[1], tasks, lengths, samples, batch_size if isinstance(batch_size, int) else 8,
-                          device=device)
+                          device=device, ruler_file=ruler_file)
     files = write_long_context(scores, output_dir)
     typer.echo(files["markdown"].read_text())
 

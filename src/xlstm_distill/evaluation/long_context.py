@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from torch.nn import functional as F
+from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +62,16 @@ def _missing_dependencies() -> list[str]:
 
 
 class RulerTasks:
-    """RULER tasks built once for a tokenizer and a set of lengths (the same documents for every model)."""
+    """RULER tasks built by lm-evaluation-harness for a tokenizer and a set of lengths (the same documents for every
+    model): the first ``samples`` documents of each length, as the requests lm-eval would send a model."""
 
     def __init__(self, tokenizer: Any, tasks: Sequence[str] = RULER_TASKS, lengths: Sequence[int] = RULER_LENGTHS,
                  samples: int = 50) -> None:
         missing = _missing_dependencies()
         if missing:
             raise ImportError(f"The RULER tasks need {', '.join(missing)}: pip install wonderwords nltk "
-                              "(or pip install 'lm-eval[ruler]').")
+                              "(or pip install 'lm-eval[ruler]'); or score a RULER set built elsewhere "
+                              "(`xlstm-distill data ruler`, evaluate.ruler_file).")
         unknown = sorted(set(tasks) - set(RULER_TASKS))
         if unknown:
             raise ValueError(f"{', '.join(unknown)}: not a RULER task that builds its data offline; "
@@ -78,6 +81,7 @@ class RulerTasks:
         from lm_eval.tasks import TaskManager
 
         self.lengths, self.samples = [int(n) for n in lengths], samples
+        self.tokenizer = tokenizer
         self._dir = tempfile.TemporaryDirectory()
         tokenizer.save_pretrained(self._dir.name)  # the tasks load the tokenizer by name
         with offline_ruler():
@@ -94,37 +98,149 @@ class RulerTasks:
                     by_length[doc["max_length"]].append(index)
             self.indices[name] = [i for n in self.lengths for i in by_length[n]]
 
-    def score(self, model: torch.nn.Module, tokenizer: Any, batch_size: int = 8) -> dict[str, dict[int, float]]:
-        """{task: {length: accuracy}} (RULER's string match: the share of the needle values in the answer)."""
-        import lm_eval
-        from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks.ruler.common_utils import postprocess_pred, string_match_all
+    def ruler_set(self) -> RulerSet:
+        from xlstm_distill.teacher import tokenizer_hash
 
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max(self.lengths))
-        with offline_ruler():
-            raw = lm_eval.simple_evaluate(model=lm, tasks=[self.tasks[n] for n in self.names], samples=self.indices,
-                                          log_samples=True, random_seed=0, numpy_random_seed=1234,
-                                          torch_random_seed=1234, fewshot_random_seed=1234)
-        out: dict[str, dict[int, float]] = {}
+        """The chosen documents as lm-eval's requests: the prompt exactly as lm-eval builds it (template and answer
+        prefix), its generation settings and the needle values that score it."""
+        requests = []
         for name in self.names:
-            per_length: dict[int, list[float]] = {n: [] for n in self.lengths}
-            for sample in raw["samples"][name]:
-                pred = postprocess_pred([r[0] if isinstance(r, list) else r for r in sample["filtered_resps"]])
-                per_length[sample["doc"]["max_length"]].append(string_match_all(pred, [sample["doc"]["outputs"]]))
-            out[name] = {n: sum(v) / len(v) for n, v in per_length.items() if v}
-        return out
+            task = self.tasks[name]
+            with offline_ruler():
+                task.build_all_requests(samples=self.indices[name], rank=0, world_size=1)
+            for instance in task.instances:
+                context, gen_kwargs = instance.args
+                until = gen_kwargs.get("until") or []
+                requests.append({"task": name, "length": int(instance.doc["max_length"]),
+                                 "index": int(instance.doc_id), "context": context,
+                                 "max_gen_toks": int(gen_kwargs.get("max_gen_toks", 256)),
+                                 "until": [until] if isinstance(until, str) else list(until),
+                                 "outputs": list(instance.doc["outputs"])})
+        return RulerSet(self.names, self.lengths, self.samples, requests, tokenizer_hash(self.tokenizer))
+
+
+class RulerSet:
+    """RULER requests ready to score without lm-eval: built by :class:`RulerTasks` (or ``xlstm-distill data
+    ruler``), saved as JSON and scored on any machine with the tokenizer that built them. Scoring is lm-eval's: every
+    prompt greedy-decoded as lm-eval's HF model does (prompts sorted longest first, batched with left padding, cut at
+    the stop strings and the end-of-sequence token), then RULER's string match (the share of the needle values in the
+    answer, case-insensitive)."""
+
+    FORMAT = "xlstm-distill-ruler/1"
+
+    def __init__(self, names: Sequence[str], lengths: Sequence[int], samples: int, requests: list[dict],
+                 fingerprint: str) -> None:
+        self.names, self.lengths, self.samples = list(names), [int(n) for n in lengths], samples
+        self.requests, self.fingerprint = requests, fingerprint
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Written atomically (a temporary file renamed into place)."""
+        import json
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps({"format": self.FORMAT, "tasks": self.names, "lengths": self.lengths,
+                                   "samples": self.samples, "tokenizer": self.fingerprint, "requests": self.requests}))
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, tokenizer: Any) -> RulerSet:
+        """The set in ``path``, refused when it was built with another tokenizer than ``tokenizer``."""
+        import json
+
+        from xlstm_distill.teacher import tokenizer_hash
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"RULER set {path} not found: build it with `xlstm-distill data ruler --out {path}`.")
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict) or data.get("format") != cls.FORMAT:
+            raise ValueError(f"{path} is not a RULER set (format {cls.FORMAT}): build it with `xlstm-distill data "
+                             "ruler`.")
+        if data["tokenizer"] != tokenizer_hash(tokenizer):
+            raise ValueError(f"{path} was built with another tokenizer (its haystacks are sized in that tokenizer's "
+                             "tokens): build it again with the tokenizer of the models under test.")
+        return cls(data["tasks"], data["lengths"], data["samples"], data["requests"], data["tokenizer"])
+
+    def answers(self, model: torch.nn.Module, tokenizer: Any, batch_size: int = 8) -> list[str]:
+        """The model's answer to every request (in the order of ``requests``)."""
+        return generate_answers(model, tokenizer, self.requests, max(self.lengths), batch_size)
+
+    def score(self, model: torch.nn.Module, tokenizer: Any, batch_size: int = 8) -> dict[str, dict[int, float]]:
+        """{task: {length: accuracy}} (RULER's string match of the needle values in the answer)."""
+        per_length: dict[str, dict[int, list[float]]] = {name: {n: [] for n in self.lengths} for name in self.names}
+        for request, answer in zip(self.requests, self.answers(model, tokenizer, batch_size)):
+            per_length[request["task"]][request["length"]].append(string_match_all(answer, request["outputs"]))
+        return {name: {n: sum(v) / len(v) for n, v in lengths.items() if v} for name, lengths in per_length.items()}
+
+
+def string_match_all(answer: str, needles: Sequence[str]) -> float:
+    """RULER's score of one answer: the share of ``needles`` found in it, case-insensitive, after its clean-up
+    (surrounding space stripped, control characters made line breaks)."""
+    import re
+
+    answer = re.sub(r"[\x00-\x1f]", "\n", answer.strip()).strip().lower()
+    return sum(needle.lower() in answer for needle in needles) / len(needles)
+
+
+@torch.no_grad()
+def generate_answers(model: torch.nn.Module, tokenizer: Any, requests: Sequence[Mapping[str, Any]], max_length: int,
+                     batch_size: int = 8) -> list[str]:
+    """Greedy answers as lm-eval's HF model gives them: requests grouped by generation settings, longest prompt
+    first, batches left-padded, each prompt left-truncated to ``max_length - max_gen_toks`` tokens, generation stopped
+    at the end-of-sequence token and cut at the first stop string."""
+    device = next(model.parameters()).device
+    eos = tokenizer.decode([tokenizer.eos_token_id], skip_special_tokens=False)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stop_ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)  # what generate() stops at
+    stop_ids = sorted({tokenizer.eos_token_id, *([] if stop_ids is None else torch.tensor(stop_ids).view(-1).tolist())})
+    lengths = [len(tokenizer(r["context"]).input_ids) for r in requests]
+    groups: dict[tuple, list[int]] = {}  # by generation settings, each longest prompt first
+    for i, r in enumerate(requests):
+        groups.setdefault((tuple(r["until"]), r["max_gen_toks"]), []).append(i)
+    batches = [order[k:k + batch_size] for order in (sorted(g, key=lambda i: (-lengths[i], requests[i]["context"]))
+                                                     for g in groups.values()) for k in range(0, len(order), batch_size)]
+    answers: list[str] = [""] * len(requests)
+    side = tokenizer.padding_side
+    progress = tqdm(total=len(requests), desc="RULER", unit="prompt", disable=not requests)
+    for batch in batches:
+        until, max_new = requests[batch[0]]["until"], requests[batch[0]]["max_gen_toks"]
+        tokenizer.padding_side = "left"
+        try:
+            enc = tokenizer([requests[i]["context"] for i in batch], padding="longest", return_tensors="pt")
+        finally:
+            tokenizer.padding_side = side
+        keep = max_length - max_new
+        ids, mask = enc.input_ids[:, -keep:].to(device), enc.attention_mask[:, -keep:].to(device)  # (B, T)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
+                             pad_token_id=pad, eos_token_id=stop_ids, use_cache=True)
+        for i, row in zip(batch, out[:, ids.shape[1]:].tolist()):
+            text = tokenizer.decode(row, skip_special_tokens=True)
+            for stop in [*until, eos]:
+                if stop:
+                    text = text.split(stop)[0]
+            answers[i] = text
+        progress.update(len(batch))
+    progress.close()
+    return answers
 
 
 def ruler_scores(models: Mapping[str, Any], tokenizer: Any, tasks: Sequence[str] = RULER_TASKS,
                  lengths: Sequence[int] = RULER_LENGTHS, samples: int = 50, batch_size: int = 8,
-                 device: str | None = None) -> dict[str, Any]:
+                 device: str | None = None, ruler_file: str | os.PathLike | None = None) -> dict[str, Any]:
     """RULER accuracy of every model by task and length. ``models``: ``{name: spec}`` as for
     :func:`xlstm_distill.evaluation.evaluate_models` (a loaded ``(model, tokenizer)``, a reference or a loader);
     loaded from references one at a time. ``tokenizer`` sizes the haystacks (the teacher's: students share it).
-    Returns ``{"settings", "models": {name: {task: {length: accuracy}}}, "seconds": {name: s}}``."""
+    ``ruler_file``: a saved :class:`RulerSet` (its tasks, lengths and samples replace the arguments; no lm-eval
+    needed). Returns ``{"settings", "models": {name: {task: {length: accuracy}}}, "seconds": {name: s}}``."""
     from xlstm_distill.evaluation.harness import load_model
 
-    built = RulerTasks(tokenizer, tasks, lengths, samples)
+    if ruler_file is not None:
+        built = RulerSet.load(ruler_file, tokenizer)
+    else:
+        built = RulerTasks(tokenizer, tasks, lengths, samples).ruler_set()
     out: dict[str, Any] = {"settings": {"tasks": built.names, "lengths": built.lengths, "samples": built.samples,
                                         "batch_size": batch_size}, "models": {}, "seconds": {}}
     for name, spec in models.items():

@@ -69,20 +69,22 @@ def choose_kernel(op: str, options: KernelOptions, device: torch.device, *, gate
 
     - ``mlstm``: ``auto`` is ``tfla`` on CUDA when mlstm_kernels is installed, else ``native``; an ungated memory
       (plain linear attention, ``gated=False``) always runs ``native`` unless ``recurrent`` is asked for (TFLA and
-      ``triton`` have only the mLSTM's gates and normalizer). ``auto`` stays ``tfla`` until ``triton`` is measured
-      faster on the GPU (docs/decisions.md).
+      ``triton`` have only the mLSTM's gates and normalizer). ``auto`` stays ``tfla``: on an H200 ``triton`` is slower
+      in the forward and faster in forward + backward, and the whole training step with it is unmeasured
+      (docs/decisions.md).
     - ``swa``: ``auto`` is ``flex`` on CUDA, else ``native``; ``flex`` on CPU runs only without gradients
       (FlexAttention has no CPU backward), ``native`` otherwise.
     - ``mlstm_step``, ``swa_cached``: ``native`` (the decode step is compiled and graphed as a whole).
     - ``mixer`` (the whole mixer forward of a ``mlstm_swa`` layer): ``auto`` is ``native`` (the model keeps its
-      separate ``swa`` and ``mlstm`` calls) until the fused kernel is measured on the GPU; ``triton`` runs only
+      separate ``swa`` and ``mlstm`` calls: on an H200 the fused kernel is slower on one document per row,
+      docs/decisions.md); ``triton`` runs only
       without gradients (forward only), for the gated mLSTM (an ungated memory: ``native``), for a forward that does
       not continue a cache (prefill from empty; continuing a cache and decode steps: ``native``), for head and
       feature sizes up to 128 (``head_dim``: the larger; tiles of 256 need more than an H200's shared memory), and
       on CUDA or in Triton's interpreter (``TRITON_INTERPRET=1``; elsewhere ``native``). The model reads ``native``
       as "today's path"; the registered ``native`` implementation is the PyTorch reference.
-    - ``mixer_step``: ``auto`` is ``native`` (the unfused step) until the fused kernel is measured on the GPU
-      (docs/decisions.md); ``triton`` runs on CUDA, on CPU only in Triton's interpreter (``TRITON_INTERPRET=1``),
+    - ``mixer_step``: ``auto`` is ``native`` (the unfused step) until the fused kernel is timed against it
+      on one device (docs/decisions.md); ``triton`` runs on CUDA, on CPU only in Triton's interpreter (``TRITON_INTERPRET=1``),
       and never with gradients (it has no backward): ``native`` otherwise.
     """
     cuda = device.type == "cuda"

@@ -1,6 +1,7 @@
 """The recipe's benchmark step: teacher against the final student (and the merged experts) on real benchmarks
 through lm-evaluation-harness, with identical settings, when the recipe's ``evaluate`` section lists ``tasks``; and
-on RULER's long-context retrieval tasks when it lists ``ruler_tasks`` (``report/long_context/``)."""
+on RULER's long-context retrieval tasks when it lists ``ruler_tasks`` or names a ``ruler_file``
+(``report/long_context/``)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from xlstm_distill.stages.trainer import is_main_process
 def run(ctx: RunContext) -> Path | None:
     """``report/benchmarks/`` (results.json, report.md, win_and_tie.png); None without tasks."""
     cfg = ctx.recipe.evaluate
-    if not (cfg.tasks or cfg.ruler_tasks) or not is_main_process():
+    if not (cfg.tasks or cfg.ruler_tasks or cfg.ruler_file) or not is_main_process():
         return None
     from xlstm_distill.evaluation import evaluate_models, write_long_context, write_report
     from xlstm_distill.evaluation.long_context import ruler_scores
@@ -30,9 +31,9 @@ def run(ctx: RunContext) -> Path | None:
                                   batch_size=cfg.batch_size, output_dir=out)
         files = write_report(results, "teacher", out)
         Console().print(files["markdown"].read_text())
-    if cfg.ruler_tasks:
+    if cfg.ruler_tasks or cfg.ruler_file:
         scores = ruler_scores(models, ctx.tokenizer, cfg.ruler_tasks, cfg.ruler_lengths, cfg.ruler_samples,
-                              cfg.batch_size, device=str(ctx.device))
+                              cfg.batch_size, device=str(ctx.device), ruler_file=cfg.ruler_file)
         files = write_long_context(scores, ctx.report_dir / "long_context")
         Console().print(files["markdown"].read_text())
     return out

@@ -19,9 +19,8 @@ from xlstm_distill.data import (SPLIT_RULE, SPLITS, PackedDataset, Source, build
 from xlstm_distill.modeling import HybridConfig, HybridForCausalLM
 from xlstm_distill.stages.distributed import Distributed
 from xlstm_distill.stages.recipe import Recipe
-from xlstm_distill.stages.targets import tokenizer_hash
 from xlstm_distill.stages.trainer import is_main_process
-from xlstm_distill.teacher import load_teacher
+from xlstm_distill.teacher import load_teacher, tokenizer_hash
 
 console = Console(stderr=True)
 

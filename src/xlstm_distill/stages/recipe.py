@@ -196,6 +196,8 @@ class EvaluateSection:
                                          "niah_multikey_2, niah_multikey_3); empty: none.")
     ruler_lengths: list[int] = setting([1024, 2048, 4096, 8192], "Context lengths of the RULER tasks.")
     ruler_samples: int = setting(50, "RULER samples per task and length.")
+    ruler_file: str | None = setting(None, "A RULER set built by `xlstm-distill data ruler` (its tasks, lengths and "
+                                           "samples replace the three settings above; no lm-eval needed to score it).")
 
     def __post_init__(self) -> None:
         from xlstm_distill.evaluation.long_context import RULER_TASKS

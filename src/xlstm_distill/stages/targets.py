@@ -16,7 +16,6 @@ The manifest records the measured ``bytes_per_token`` of the shards written.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -100,12 +99,6 @@ def bytes_per_token(k: int, encoding: str = "exact") -> float:
     codec = CompactCodec()
     head = min(codec.exact_head, k)
     return k * 7.2 / 8 + (k - head) * codec.value_bits / 8 + head * 3 + 6 + 3
-
-
-def tokenizer_hash(tokenizer: Any) -> str:
-    """Stable fingerprint of a tokenizer's vocabulary (ids must mean the same tokens for teacher and student)."""
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
-    return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
 
 
 def topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
