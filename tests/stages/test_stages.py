@@ -1,5 +1,6 @@
 """Stage I lowers every layer's MSE, Stage II lowers held-out KL, resume is exact, bad targets are refused."""
 
+import itertools
 import json
 import shutil
 
@@ -361,3 +362,39 @@ def layer_losses_values(student, teacher, batch):
     from xlstm_distill.stages.align import layer_losses
 
     return [mse.item() for mse in layer_losses(student, teacher, batch)]
+
+
+def test_prefetched_targets_are_the_readers_batches_and_resume_after_the_last_one_taken(tmp_path):
+    """Stage II's targets read ahead in a thread: the same batches in the same order as the plain reader (across an
+    epoch), a state that counts only the batches handed out (the thread has read further), exact resume from it, and
+    the reader's refusal of a corrupt shard raised in the loop."""
+    import time
+
+    from xlstm_distill.stages.trainer import Prefetched
+
+    manifest = _write(tiny_teacher("llama"), tmp_path / "t", encoding="compact")
+    plain = iter(TargetShards(tmp_path / "t", batch_size=2, seed=3))
+    expected = [next(plain) for _ in range(6)]  # 6 sequences: 3 batches an epoch, two epochs
+
+    ahead = Prefetched(TargetShards(tmp_path / "t", batch_size=2, seed=3), depth=3)
+    batches = iter(ahead)
+    taken = [next(batches) for _ in range(2)]
+    time.sleep(0.5)  # the thread reads up to 3 batches further
+    state = ahead.state_dict()
+    assert state == {"epoch": 0, "consumed": 4, "seed": 3, "global_batch": 2}
+    resumed = Prefetched(TargetShards(tmp_path / "t", batch_size=2, seed=3))
+    resumed.load_state_dict(state)
+    taken += list(itertools.islice(iter(resumed), 4))
+    for got, want in zip(taken, expected, strict=True):
+        assert all(torch.equal(got[key], want[key]) for key in want)
+    with pytest.raises(RuntimeError, match="before iterating"):
+        ahead.load_state_dict(state)
+
+    shard = tmp_path / "t" / manifest["shards"][1]["file"]
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    reading = iter(Prefetched(TargetShards(tmp_path / "t", batch_size=2, seed=0)))
+    with pytest.raises(TargetMismatchError, match="corrupt"):
+        for _ in range(3):  # both shards within an epoch
+            next(reading)

@@ -25,7 +25,7 @@ from xlstm_distill.stages.common import (PackedBatches, autocast, masked_mean, n
 from xlstm_distill.stages.context import RunContext
 from xlstm_distill.stages.recipe import TOPK_MODES, TRAIN_MODES
 from xlstm_distill.stages.targets import TargetShards, topk_logprobs
-from xlstm_distill.stages.trainer import Trainer, checkpoint_layers, param_dtype, prepare_model
+from xlstm_distill.stages.trainer import Prefetched, Trainer, checkpoint_layers, param_dtype, prepare_model
 
 
 def run(ctx: RunContext, stage1: Path | None = None) -> Path:
@@ -63,8 +63,8 @@ def make_trainer(ctx: RunContext, stage1: Path, target_dir: Path | None) -> Trai
         data = OnlineTargets(ctx.teacher, PackedBatches(ctx.packed(), cfg.batch_size), ctx.recipe.targets.k)
     else:
         meta = ctx.target_meta()
-        data = TargetShards(target_dir, cfg.batch_size, seed=ctx.recipe.seed, rank=ctx.dist.rank,
-                            world_size=ctx.dist.world_size, expect=meta)
+        data = Prefetched(TargetShards(target_dir, cfg.batch_size, seed=ctx.recipe.seed, rank=ctx.dist.rank,
+                                       world_size=ctx.dist.world_size, expect=meta))  # decoded while the step runs
     # compile: the student's forward as one graph (docs/decisions.md); one process: fullgraph, so that a graph
     # break is an error, not a silent slowdown
     forward = torch.compile(model, fullgraph=ctx.dist.world_size == 1) if cfg.compile else model

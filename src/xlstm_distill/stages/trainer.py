@@ -15,11 +15,14 @@ A stage supplies a ``step_fn(batch, scale, step) -> metrics`` that runs forward 
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import json
 import math
 import os
+import queue
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -40,6 +43,67 @@ class ResumableData(Protocol):
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class Prefetched:
+    """``data`` read ``depth`` batches ahead in a background thread, so that reading (decoding compact Stage II
+    targets, say) overlaps the training step instead of adding to it. Its state is that of the batches handed out,
+    not of those read ahead: a checkpoint resumes right after the last batch the loop took. An error of the reader
+    is raised in the loop, at the batch it failed on."""
+
+    _END = object()
+
+    def __init__(self, data: ResumableData, depth: int = 2) -> None:
+        if depth < 1:
+            raise ValueError(f"Prefetched needs depth >= 1, got {depth}.")
+        self.data, self.depth = data, depth
+        self._state = copy.deepcopy(data.state_dict())
+        self._started = False
+
+    def state_dict(self) -> dict[str, Any]:
+        return copy.deepcopy(self._state)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self._started:
+            raise RuntimeError("Prefetched.load_state_dict after reading began: load the state before iterating.")
+        self.data.load_state_dict(state)
+        self._state = copy.deepcopy(self.data.state_dict())
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        self._started = True
+        ready: queue.Queue = queue.Queue(maxsize=self.depth)
+        stop = threading.Event()
+
+        def put(item: Any) -> bool:  # False once the loop has stopped listening
+            while not stop.is_set():
+                try:
+                    ready.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def read() -> None:
+            try:
+                for batch in self.data:
+                    if not put((batch, copy.deepcopy(self.data.state_dict()))):
+                        return
+                put(self._END)
+            except BaseException as err:  # handed to the loop, raised there
+                put(err)
+
+        threading.Thread(target=read, name="prefetch", daemon=True).start()
+        try:
+            while True:
+                item = ready.get()
+                if item is self._END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                batch, self._state = item
+                yield batch
+        finally:
+            stop.set()
 
 
 @dataclass
