@@ -99,10 +99,10 @@ class RulerTasks:
             self.indices[name] = [i for n in self.lengths for i in by_length[n]]
 
     def ruler_set(self) -> RulerSet:
-        from xlstm_distill.teacher import tokenizer_hash
-
         """The chosen documents as lm-eval's requests: the prompt exactly as lm-eval builds it (template and answer
         prefix), its generation settings and the needle values that score it."""
+        from xlstm_distill.teacher import tokenizer_hash
+
         requests = []
         for name in self.names:
             task = self.tasks[name]
