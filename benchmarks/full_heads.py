@@ -20,7 +20,6 @@ every head).
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 from collections.abc import Callable
@@ -159,13 +158,10 @@ def main() -> None:
     columns = ["chosen by", "budget", "heads", "kv_cache_share", "kl", "kl_in_window", "kl_beyond_window",
                "student_ppl", "retrieval", "teacher_retrieval"]
     tasks, lengths = [t for t in args.ruler.split(",") if t], [int(n) for n in args.ruler_lengths.split(",")]
-    if args.ruler_file is not None:
-        built = json.loads(args.ruler_file.read_text())
-        tasks, lengths = built["tasks"], built["lengths"]
-    columns += [f"ruler {t} {n}" for t in tasks for n in lengths]
 
-    def write(rows: list[dict]) -> None:
-        write_results(args.out, "full_heads", rows, command, columns, plot)
+    def write(rows: list[dict]) -> None:  # RULER columns (task and length) as the rows carry them
+        write_results(args.out, "full_heads", rows, command,
+                      columns + [k for k in rows[0] if k.startswith("ruler ")], plot)
 
     run(args.recipe, args.out, budgets, args.student, args.samples, args.eval_probes, args.overrides,
         (tasks, lengths, args.ruler_samples), write, args.ruler_file)

@@ -39,6 +39,14 @@ def split_commas(values: list[str] | None) -> list[str]:
     return [v.strip() for value in values or [] for v in value.split(",") if v.strip()]
 
 
+def parse_sizes(text: str) -> list[int]:
+    """'1k,4k,32768' -> [1024, 4096, 32768]."""
+    try:
+        return [int(float(s[:-1]) * 1024) if s.lower().endswith("k") else int(s) for s in split_commas([text])]
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated sizes such as 1k,4k,8k, got {text!r}") from None
+
+
 def parse_assignments(values: list[str] | None, option: str) -> dict[str, str]:
     """``["a=1", "b=2"]`` (or ``["a=1,b=2"]``) -> ``{"a": "1", "b": "2"}`` with a clear error otherwise."""
     out: dict[str, str] = {}

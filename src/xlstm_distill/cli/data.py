@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from xlstm_distill.cli.common import parse_sizes
 from xlstm_distill.data.offline import DOMAINS, build_offline_corpora
 
 app = typer.Typer(help="Training data: offline corpora.", no_args_is_help=True)
@@ -68,11 +69,7 @@ def ruler(
     from xlstm_distill.teacher import load_tokenizer
 
     try:
-        sizes = [int(float(s[:-1]) * 1024) if s.lower().endswith("k") else int(s) for s in lengths.split(",") if s]
-    except ValueError:
-        raise typer.BadParameter(f"expected comma-separated sizes such as 1k,4k,8k, got {lengths!r}") from None
-    try:
-        built = RulerTasks(load_tokenizer(tokenizer), task, sizes, samples).ruler_set()
+        built = RulerTasks(load_tokenizer(tokenizer), task, parse_sizes(lengths), samples).ruler_set()
     except (ValueError, ImportError) as err:
         raise typer.BadParameter(str(err)) from None
     built.save(out)

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from xlstm_distill.cli.common import fail as _fail
-from xlstm_distill.cli.common import parse_assignments, split_commas as _split_commas, torch_dtype as _torch_dtype
+from xlstm_distill.cli.common import parse_assignments, parse_sizes, split_commas as _split_commas, torch_dtype as _torch_dtype
 from xlstm_distill.evaluation.harness import DEFAULT_TASKS
 from xlstm_distill.teacher import DEFAULT_TEACHER
 
@@ -146,7 +146,7 @@ def evaluate(
             _positions(models, teacher_key, positions, position_length, position_documents, position_bucket,
                        output_dir)
         if ruler_tasks or ruler_file:
-            _ruler(models, teacher_key, ruler_tasks, _sizes(ruler_lengths), ruler_samples, bs, device, output_dir,
+            _ruler(models, teacher_key, ruler_tasks, parse_sizes(ruler_lengths), ruler_samples, bs, device, output_dir,
                    ruler_file)
         if not task_list:
             return
@@ -166,14 +166,6 @@ def evaluate(
     paths = write_report(results, teacher_key, output_dir, baselines=baseline_names or None)
     _print_summary(paths["json"])
     typer.echo(f"Report: {paths['markdown']}  plot: {paths['plot']}  data: {paths['json']}")
-
-
-def _sizes(text: str) -> list[int]:
-    """'1k,4k,32768' -> [1024, 4096, 32768]."""
-    try:
-        return [int(float(s[:-1]) * 1024) if s.lower().endswith("k") else int(s) for s in _split_commas([text])]
-    except ValueError:
-        raise typer.BadParameter(f"expected comma-separated sizes such as 1k,4k,8k, got {text!r}") from None
 
 
 def _ruler(models: dict, teacher_key: str, tasks: list[str], lengths: list[int], samples: int, batch_size,
