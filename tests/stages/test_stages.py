@@ -368,6 +368,7 @@ def test_prefetched_targets_are_the_readers_batches_and_resume_after_the_last_on
     """Stage II's targets read ahead in a thread: the same batches in the same order as the plain reader (across an
     epoch), a state that counts only the batches handed out (the thread has read further), exact resume from it, and
     the reader's refusal of a corrupt shard raised in the loop."""
+    import threading
     import time
 
     from xlstm_distill.stages.trainer import Prefetched
@@ -384,11 +385,19 @@ def test_prefetched_targets_are_the_readers_batches_and_resume_after_the_last_on
     assert state == {"epoch": 0, "consumed": 4, "seed": 3, "global_batch": 2}
     resumed = Prefetched(TargetShards(tmp_path / "t", batch_size=2, seed=3))
     resumed.load_state_dict(state)
-    taken += list(itertools.islice(iter(resumed), 4))
+    reading = iter(resumed)
+    taken += [next(reading) for _ in range(4)]
+    reading.close()
     for got, want in zip(taken, expected, strict=True):
         assert all(torch.equal(got[key], want[key]) for key in want)
-    with pytest.raises(RuntimeError, match="before iterating"):
+    with pytest.raises(RuntimeError, match="reading ahead"):
         ahead.load_state_dict(state)
+    batches.close()  # what the trainer does at its last step: the reader thread ends with the iteration
+    assert not any(t.name == "prefetch" for t in threading.enumerate())
+    again = iter(ahead)  # a new iteration continues after the last batch taken, not after what was read ahead
+    again = [next(again) for _ in range(4)]
+    for got, want in zip(again, expected[2:], strict=True):
+        assert all(torch.equal(got[key], want[key]) for key in want)
 
     shard = tmp_path / "t" / manifest["shards"][1]["file"]
     data = bytearray(shard.read_bytes())
@@ -398,3 +407,28 @@ def test_prefetched_targets_are_the_readers_batches_and_resume_after_the_last_on
     with pytest.raises(TargetMismatchError, match="corrupt"):
         for _ in range(3):  # both shards within an epoch
             next(reading)
+
+
+def test_training_on_prefetched_targets_ends_the_reader_thread(tmp_path):
+    """A thread left reading inside torch when the interpreter exits aborts the process; the trainer closes its data
+    iteration when it stops, also when a step fails."""
+    import threading
+
+    from xlstm_distill.stages.trainer import Prefetched
+
+    student, teacher = student_and_teacher()
+    _write(teacher, tmp_path / "t", num_sequences=8)
+    data = Prefetched(TargetShards(tmp_path / "t", batch_size=2, seed=0))
+    _stage2(student, teacher, tmp_path / "run", steps=3, data=data)  # 3 of 4 batches: the thread had more to read
+    assert not any(t.name == "prefetch" for t in threading.enumerate())
+
+    model = set_stage2_trainable(student, "full")
+    cfg = TrainConfig(steps=3, checkpoint_every=0)
+
+    def failing_step(batch, scale, step):
+        raise ValueError("a failing step")
+
+    with pytest.raises(ValueError, match="a failing step"):
+        Trainer(model, failing_step, Prefetched(TargetShards(tmp_path / "t", batch_size=2, seed=0)), cfg,
+                tmp_path / "fail", "distill").fit()
+    assert not any(t.name == "prefetch" for t in threading.enumerate())

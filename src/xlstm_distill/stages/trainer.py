@@ -58,19 +58,22 @@ class Prefetched:
             raise ValueError(f"Prefetched needs depth >= 1, got {depth}.")
         self.data, self.depth = data, depth
         self._state = copy.deepcopy(data.state_dict())
-        self._started = False
+        self._reading = False
 
     def state_dict(self) -> dict[str, Any]:
         return copy.deepcopy(self._state)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self._started:
-            raise RuntimeError("Prefetched.load_state_dict after reading began: load the state before iterating.")
+        if self._reading:
+            raise RuntimeError("Prefetched.load_state_dict while an iteration is reading ahead: close it first.")
         self.data.load_state_dict(state)
         self._state = copy.deepcopy(self.data.state_dict())
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        self._started = True
+        if self._reading:
+            raise RuntimeError("Prefetched is read by one iteration at a time: close the other one first.")
+        self._reading = True
+        self.data.load_state_dict(copy.deepcopy(self._state))  # forget what an earlier iteration read ahead
         ready: queue.Queue = queue.Queue(maxsize=self.depth)
         stop = threading.Event()
 
@@ -92,7 +95,8 @@ class Prefetched:
             except BaseException as err:  # handed to the loop, raised there
                 put(err)
 
-        threading.Thread(target=read, name="prefetch", daemon=True).start()
+        reader = threading.Thread(target=read, name="prefetch", daemon=True)
+        reader.start()
         try:
             while True:
                 item = ready.get()
@@ -102,8 +106,10 @@ class Prefetched:
                     raise item
                 batch, self._state = item
                 yield batch
-        finally:
-            stop.set()
+        finally:  # the loop is done (or closed this iterator): stop the reader and wait for it, so that no thread
+            stop.set()  # is left inside torch when the interpreter shuts down (that aborts the process)
+            reader.join()
+            self._reading = False
 
 
 @dataclass
@@ -329,6 +335,20 @@ class Trainer:
         rows = []
         bar = tqdm(total=cfg.steps, initial=self.step, desc=self.name, disable=not main, dynamic_ncols=True)
         self.model.train()
+        try:
+            self._train_steps(log_path, writer, bar, rows)
+        finally:
+            if self._iter is not None and hasattr(self._iter, "close"):  # ends a read-ahead thread (Prefetched)
+                self._iter.close()
+            self._iter = None
+            bar.close()
+            if writer is not None:
+                writer.close()
+        self.model.eval()
+        return rows
+
+    def _train_steps(self, log_path: Path, writer, bar, rows: list[dict[str, float]]) -> None:
+        cfg, main = self.cfg, is_main_process()
         while self.step < cfg.steps:
             start = time.perf_counter()
             lr = lr_at(self.step, cfg)
@@ -369,11 +389,6 @@ class Trainer:
             bar.update(1)
             if cfg.checkpoint_every and (self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps):
                 self.save_checkpoint()
-        bar.close()
-        if writer is not None:
-            writer.close()
-        self.model.eval()
-        return rows
 
 
 def _barrier() -> None:
