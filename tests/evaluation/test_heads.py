@@ -9,8 +9,8 @@ from typer.testing import CliRunner
 
 import xlstm_distill as xd
 from helpers import perturb_new_parameters, tiny_recipe, tiny_teacher
-from xlstm_distill.evaluation.heads import (Calibration, choose_heads, head_scores, retrieval_probes, text_calibration,
-                                            write_head_scores)
+from xlstm_distill.evaluation.heads import (Calibration, choose_heads, head_scores, needle_probes, retrieval_probes,
+                                            text_calibration, write_head_scores)
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +36,29 @@ def test_retrieval_probes_score_the_answer_of_a_key_in_the_list(tokenizer):
         assert answer == f"{value}\n"
     with pytest.raises(ValueError, match="length >= 32"):
         retrieval_probes(tokenizer, 1, 16)
+
+
+def test_needle_probes_hide_facts_beyond_the_window_and_score_the_asked_digits(tokenizer):
+    text = "A sentence of plain text. Another one follows here! Does a third ask? " * 40
+    documents = [torch.tensor([tokenizer.eos_token_id] + tokenizer(text)["input_ids"])]  # a special token: dropped
+    probes = needle_probes(documents, tokenizer, count=4, length=160, reach=48, needles=2, seed=3)
+    assert probes[1].input_ids.tolist() == needle_probes(documents, tokenizer, 4, 160, 48, 2, seed=3)[1].input_ids.tolist()
+    for probe in probes:
+        assert len(probe.input_ids) <= 160 and tokenizer.eos_token_id not in probe.input_ids.tolist()
+        text = tokenizer.decode(probe.input_ids)
+        key = text.split("Question: What is the ")[1].split(" code?")[0]
+        scored = probe.scored.nonzero().flatten()
+        value = tokenizer.decode(probe.input_ids[scored + 1])  # the tokens the scored positions predict
+        assert value.isdigit() and len(value) == 6  # the digits alone (the space before them is in the prompt)
+        fact = tokenizer(f" The {key} code is {value}.", add_special_tokens=False)["input_ids"]
+        ids = probe.input_ids.tolist()
+        at = next(i for i in range(len(ids)) if ids[i:i + len(fact)] == fact)  # the fact, as inserted
+        assert scored[0] - (at + len(fact)) > 48  # beyond the window's reach from the answer
+        assert text.count(" code is ") == 3  # two facts and the question
+        before = tokenizer.decode(ids[at - 1:at])
+        assert before.rstrip(" ")[-1] in ".!?\n"  # inserted at the end of a sentence
+    with pytest.raises(ValueError, match="no room"):
+        needle_probes(documents, tokenizer, 1, 80, reach=70)
 
 
 def test_text_calibration_scores_only_past_the_window():
@@ -119,3 +142,47 @@ def test_recipe_step_and_command_write_the_chosen_heads_into_the_student(tmp_pat
     # conflicting choices are refused at load
     with pytest.raises(ValueError, match="give one of them"):
         Recipe.load(path, ["student.full_attention_heads=[[0, 0]]"])
+
+
+def test_recipe_step_scores_heads_on_needles_hidden_in_training_text(tmp_path):
+    from xlstm_distill.stages import Pipeline, Recipe
+
+    from helpers import REAL_TEXT
+
+    (tmp_path / "long.jsonl").write_text("".join(json.dumps({"text": REAL_TEXT[i:i + 2000]}) + "\n"
+                                                 for i in (0, 2000, 4000)))
+    select = {"budget": 0.25, "probe": "needles", "method": "single", "samples": 2, "length": 96, "batch_size": 2}
+    data = {"sources": [{"path": str(tmp_path / "long.jsonl"), "name": "long"}], "seq_len": 96}
+    path = tiny_recipe(tmp_path, "needles", select_heads=select, data=data)
+    Pipeline(Recipe.load(path)).convert()
+    saved = json.loads((tmp_path / "needles" / "select_heads" / "heads.json").read_text())
+    assert saved["probe"] == "needles" and saved["scored_tokens"] == 2 * 6  # the 6 digits of each answer
+    assert len(saved["chosen"]) == 1
+    # greedy on the saved scores: two heads, one at a time, the KL after each choice recorded
+    Pipeline(Recipe.load(path, ["select_heads.method=greedy", "select_heads.budget=0.5"])).convert()
+    greedy = json.loads((tmp_path / "needles" / "select_heads" / "heads.json").read_text())
+    assert greedy["scores"] == saved["scores"] and len(greedy["chosen"]) == 2 and greedy["method"] == "greedy"
+    assert len(greedy["kl_after_each_choice"]) == 2 and greedy["kl_after_each_choice"][0] < saved["baseline_kl"]
+    config = json.loads((tmp_path / "needles" / "student-init" / "config.json").read_text())
+    assert config["full_attention_heads"] == greedy["chosen"]
+    with pytest.raises(ValueError, match="single, greedy"):
+        Recipe.load(path, ["select_heads.method=best"])
+
+
+def test_greedy_choice_adds_the_head_that_helps_most_given_those_chosen():
+    from xlstm_distill.evaluation.heads import choose_heads_greedy
+
+    teacher = tiny_teacher(num_hidden_layers=3)
+    student = xd.convert(teacher, xd.HybridConfig(window_size=4, num_sink_tokens=1, chunk_size=4))
+    perturb_new_parameters(student)
+    g = torch.Generator().manual_seed(1)
+    calibration = [Calibration(torch.randint(3, 128, (24,), generator=g), torch.arange(24) >= 8) for _ in range(3)]
+    single = head_scores(student, teacher, calibration, batch_size=2)
+    chosen, kl_after = choose_heads_greedy(student, teacher, calibration, single, budget=0.5, pool=2, batch_size=2)
+    assert len(chosen) == 3 and student.config.full_attention_heads == []  # 50% of 6; the student left as it was
+    first = choose_heads(single.scores, 1 / 6)[0]
+    assert first in chosen and kl_after[0] == pytest.approx(single.baseline - float(single.scores.max()), rel=1e-4)
+    assert kl_after == sorted(kl_after, reverse=True)  # each choice lowers the KL (the best of its round)
+    student.set_full_attention(chosen)  # the last KL is that of the student with the chosen heads
+    assert head_scores(student, teacher, calibration, batch_size=2, candidates=[]).baseline == pytest.approx(
+        kl_after[-1], rel=1e-4)

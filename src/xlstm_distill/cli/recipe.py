@@ -47,23 +47,29 @@ def register(app: typer.Typer) -> None:
 
 def select_heads(
     recipe: Path = RECIPE,
-    budget: float = typer.Option(0.05, help="Fraction of all KV heads that keep full attention."),
-    probe: str = typer.Option("retrieval", help="`retrieval` (synthetic key-value probes) or `text` (training text "
-                              "past the window)."),
-    samples: int = typer.Option(16, help="Calibration sequences."),
+    budget: float | None = typer.Option(None, help="Fraction of all KV heads that keep full attention (default: the "
+                                        "recipe's select_heads.budget, else 0.05)."),
+    probe: str | None = typer.Option(None, help="`needles` (facts hidden in training text), `retrieval` (a synthetic "
+                                     "key-value list) or `text` (training text past the window); default: the "
+                                     "recipe's, else select_heads.probe's default."),
+    method: str | None = typer.Option(None, help="`single` (each head scored alone) or `greedy` (one head at a time, "
+                                      "given those chosen before)."),
+    samples: int | None = typer.Option(None, help="Calibration sequences."),
     length: int | None = typer.Option(None, help="Tokens per calibration sequence (default: the recipe's seq_len)."),
     overrides: list[str] | None = OVERRIDES,
 ) -> None:
     """Choose the KV heads that keep the teacher's full attention: score every head of the converted student on a
     calibration set, keep the best BUDGET of them (written into out_dir/student-init; scores and heat map in
-    out_dir/select_heads/)."""
+    out_dir/select_heads/). Options left out take the recipe's select_heads section, then its defaults
+    (docs/recipes.md)."""
     from xlstm_distill.stages import Pipeline, Recipe
 
-    settings = [f"select_heads.budget={budget}", f"select_heads.probe={probe}", f"select_heads.samples={samples}"]
-    if length is not None:
-        settings.append(f"select_heads.length={length}")
+    given = {"budget": budget, "probe": probe, "method": method, "samples": samples, "length": length}
+    settings = [f"select_heads.{key}={value}" for key, value in given.items() if value is not None]
     try:
         loaded = Recipe.load(recipe, [*(overrides or []), *settings])
+        if loaded.select_heads is None:  # a recipe without the section and no option given: its defaults
+            loaded = Recipe.load(recipe, [*(overrides or []), "select_heads={}"])
     except ValueError as err:
         raise fail(str(err)) from None
     path = Pipeline(loaded).convert()

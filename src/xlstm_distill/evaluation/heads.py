@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from tqdm.auto import tqdm
 
-PROBES = ("retrieval", "text")
+PROBES = ("needles", "retrieval", "text")
 
 
 @dataclass
@@ -37,6 +37,7 @@ class HeadScores:
     scores: torch.Tensor  # (L, KV) KL(teacher || student) lowered by restoring each head alone
     baseline: float  # the KL with no head restored (beyond those the student already keeps)
     tokens: int  # scored predictions
+    teacher_logp: list[torch.Tensor] | None = None  # the teacher's log-probabilities per batch (N, V), for reuse
 
 
 def retrieval_probes(tokenizer: Any, count: int, length: int, seed: int = 0) -> list[Calibration]:
@@ -78,6 +79,57 @@ def retrieval_probes(tokenizer: Any, count: int, length: int, seed: int = 0) -> 
     return out
 
 
+NEEDLE_KEYS = ("amber", "cobalt", "violet", "maple", "falcon", "harbor", "silver", "meadow", "copper", "willow",
+               "granite", "saffron", "orchid", "lantern", "glacier", "thistle")
+
+
+def needle_probes(documents: list[torch.Tensor], tokenizer: Any, count: int, length: int, reach: int = 0,
+                  needles: int = 2, seed: int = 0) -> list[Calibration]:
+    """Key-value facts hidden in real text: ``needles`` sentences ``The <key> code is <6 digits>.`` inserted at
+    sentence ends of a training document (1-D token tensors; special tokens dropped), then a question about one of
+    them; the answer's digits are scored. Every fact lies more than ``reach`` tokens before the answer, where the
+    window alone cannot see it. Unlike RULER's needle tasks (a synthetic haystack and the "special magic number"
+    template), which evaluation uses, the haystack is the student's own kind of text."""
+    if count < 1 or needles < 1 or not documents:
+        raise ValueError("needle_probes needs count >= 1, needles >= 1 and at least one document.")
+    rng = random.Random(seed)
+    special = set(tokenizer.all_special_ids)
+    header = ("Some codes are hidden in the following text. Remember them: you will be asked about one of them "
+              "afterwards.\n\n")
+
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    out = []
+    for index in range(count):
+        keys = rng.sample(NEEDLE_KEYS, needles)
+        values = [str(rng.randrange(100_000, 1_000_000)) for _ in keys]
+        facts = [ids(f" The {key} code is {value}.") for key, value in zip(keys, values)]
+        asked = rng.randrange(needles)
+        question = ids(f"\n\nQuestion: What is the {keys[asked]} code?\nAnswer: The {keys[asked]} code is")
+        answer = ids(f" {values[asked]}")
+        room = length - len(ids(header)) - len(question) - len(answer) - sum(map(len, facts))  # haystack tokens
+        if room - reach < needles:
+            raise ValueError(f"needle_probes: {length} tokens leave no room for {needles} facts more than {reach} "
+                             "tokens before the answer; use longer probes or fewer needles.")
+        haystack = [t for t in documents[index % len(documents)].tolist() if t not in special][:room]
+        if len(haystack) < room:
+            raise ValueError(f"needle_probes needs documents of at least {room} tokens, got {len(haystack)}.")
+        ends = [i for i in range(1, room - reach) if tokenizer.decode(haystack[i - 1:i]).rstrip(" ")[-1:] in ".!?\n"]
+        depths = sorted(rng.sample(ends if len(ends) >= needles else range(room - reach), needles))
+        prompt = ids(header)
+        for depth, fact, start in zip(depths, facts, [0] + depths):
+            prompt += haystack[start:depth] + fact
+        prompt += haystack[depths[-1]:] + question
+        while tokenizer.decode(answer[:1]).strip() == "":  # the space before the digits (a token of its own in some
+            prompt, answer = prompt + answer[:1], answer[1:]  # vocabularies) is not what retrieval is about
+        full = torch.tensor(prompt + answer, dtype=torch.long)
+        scored = torch.zeros(len(full), dtype=torch.bool)
+        scored[len(prompt) - 1:len(full) - 1] = True  # the predictions of the answer's tokens
+        out.append(Calibration(full, scored))
+    return out
+
+
 def text_calibration(sequences: list[torch.Tensor], reach: int, per_sequence: int = 128,
                      seed: int = 0) -> list[Calibration]:
     """Text sequences (1-D token tensors, one document each), scored at up to ``per_sequence`` random positions past
@@ -98,16 +150,20 @@ def text_calibration(sequences: list[torch.Tensor], reach: int, per_sequence: in
 
 @torch.no_grad()
 def head_scores(student: torch.nn.Module, teacher: torch.nn.Module, calibration: list[Calibration],
-                batch_size: int = 4) -> HeadScores:
-    """KL(teacher || student) at the scored positions with every KV head restored alone, against none restored.
-    The teacher runs once; a head of layer l reruns the student from layer l only (the inputs of every layer are kept
-    from the pass with none restored), about half a student forward per head on average."""
+                batch_size: int = 4, candidates: list[list[int]] | None = None,
+                teacher_logp: list[torch.Tensor] | None = None) -> HeadScores:
+    """KL(teacher || student) at the scored positions with every KV head (or every one of ``candidates``) restored
+    alone, against none restored (beyond those the student keeps already); heads not scored get 0. The teacher runs
+    once (or not at all: ``teacher_logp`` from an earlier call on the same calibration); a head of layer l reruns the
+    student from layer l only (the inputs of every layer are kept from the pass with none restored), about half a
+    student forward per head on average."""
     config = student.config
     kept_heads = [list(p) for p in config.full_attention_heads]
     kept_layers = list(config.full_attention_layers)
     device = next(student.parameters()).device
     batches = _batches(calibration, batch_size, device)
-    teacher_logp = [_scored_logp(teacher(input_ids=ids).logits, scored) for ids, scored in batches]
+    if teacher_logp is None:
+        teacher_logp = [_scored_logp(teacher(input_ids=ids).logits, scored) for ids, scored in batches]
     tokens = sum(int(s.sum()) for _, s in batches)
     layer_inputs = []  # per batch, the input of every decoder layer with no head restored
     baseline = 0.0
@@ -125,9 +181,9 @@ def head_scores(student: torch.nn.Module, teacher: torch.nn.Module, calibration:
 
     L, KV = config.num_hidden_layers, config.num_key_value_heads
     scores = torch.zeros(L, KV)
+    todo = [(l, h) for l in range(L) for h in range(KV)] if candidates is None else [tuple(c) for c in candidates]
     try:
-        for layer, head in tqdm([(l, h) for l in range(L) for h in range(KV)], desc="scoring heads", unit="head",
-                                dynamic_ncols=True):
+        for layer, head in tqdm(todo, desc="scoring heads", unit="head", dynamic_ncols=True):
             if layer in kept_layers or [layer, head] in kept_heads:
                 continue  # already kept: nothing to restore
             student.set_full_attention(kept_heads + [[layer, head]], kept_layers)
@@ -138,18 +194,45 @@ def head_scores(student: torch.nn.Module, teacher: torch.nn.Module, calibration:
             scores[layer, head] = baseline - total / tokens
     finally:
         student.set_full_attention(kept_heads, kept_layers)
-    return HeadScores(scores, baseline, tokens)
+    return HeadScores(scores, baseline, tokens, teacher_logp)
 
 
 def choose_heads(scores: torch.Tensor, budget: float) -> list[list[int]]:
     """The ``round(budget x layers x KV heads)`` highest-scoring heads (at least one for a budget > 0), as
     ``[[layer, kv_head], ...]`` sorted by layer."""
-    if not 0.0 <= budget <= 1.0:
-        raise ValueError(f"The budget is a fraction of the KV heads in [0, 1], got {budget!r}.")
-    count = 0 if budget == 0 else max(1, round(budget * scores.numel()))
+    count = _count(scores, budget)
     flat = torch.argsort(scores.flatten(), descending=True, stable=True)[:count]
     KV = scores.shape[1]
     return sorted([int(i) // KV, int(i) % KV] for i in flat)
+
+
+@torch.no_grad()
+def choose_heads_greedy(student: torch.nn.Module, teacher: torch.nn.Module, calibration: list[Calibration],
+                        scores: HeadScores, budget: float, pool: int = 3,
+                        batch_size: int = 4) -> tuple[list[list[int]], list[float]]:
+    """Heads chosen one at a time, each the one that lowers the KL most given those chosen before it: heads that
+    only help together (one finds the fact, another copies it) and heads that do the same work are told apart, which
+    scoring each head alone cannot do. Each round rescores the ``pool`` x (heads to choose) best heads of the
+    single-head ``scores``. Returns the heads sorted by layer and the KL after each choice."""
+    count = _count(scores.scores, budget)
+    order = [[int(i) // scores.scores.shape[1], int(i) % scores.scores.shape[1]]
+             for i in torch.argsort(scores.scores.flatten(), descending=True, stable=True)]
+    shortlist = order[:pool * count]
+    kept_heads = [list(p) for p in student.config.full_attention_heads]
+    kept_layers = list(student.config.full_attention_layers)
+    chosen: list[list[int]] = []
+    kl_after: list[float] = []
+    try:
+        for _ in range(count):
+            student.set_full_attention(kept_heads + chosen, kept_layers)
+            candidates = [h for h in shortlist if h not in chosen]
+            result = head_scores(student, teacher, calibration, batch_size, candidates, scores.teacher_logp)
+            best = max(candidates, key=lambda h: float(result.scores[h[0], h[1]]))
+            chosen.append(best)
+            kl_after.append(result.baseline - float(result.scores[best[0], best[1]]))
+    finally:
+        student.set_full_attention(kept_heads, kept_layers)
+    return sorted(chosen), kl_after
 
 
 def write_head_scores(result: HeadScores, chosen: list[list[int]], out: Path, meta: dict[str, Any]) -> dict[str, Path]:
@@ -181,6 +264,12 @@ def write_head_scores(result: HeadScores, chosen: list[list[int]], out: Path, me
     plt.close(fig)
     tmp.replace(files["json"])  # written last: its presence means the scoring finished
     return files
+
+
+def _count(scores: torch.Tensor, budget: float) -> int:
+    if not 0.0 <= budget <= 1.0:
+        raise ValueError(f"The budget is a fraction of the KV heads in [0, 1], got {budget!r}.")
+    return 0 if budget == 0 else max(1, round(budget * scores.numel()))
 
 
 def _batches(calibration: list[Calibration], batch_size: int, device: torch.device):

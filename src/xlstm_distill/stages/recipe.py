@@ -71,8 +71,15 @@ class SelectHeadsSection:
     student (``xlstm-distill select-heads``); the chosen heads go into the student's config."""
 
     budget: float = setting(0.05, "Fraction of all KV heads kept (rounded; at least one when above 0).")
-    probe: str = setting("retrieval", "Calibration data: `retrieval` (synthetic key-value retrieval probes, the "
-                                      "answers scored) or `text` (training text, positions past the window scored).")
+    probe: str = setting("needles", "Calibration data: `needles` (key-value facts hidden in training text past "
+                                      "the window, the asked value's digits scored), `retrieval` (a synthetic list "
+                                      "of key-value lines, the answer scored) or `text` (training text, positions "
+                                      "past the window scored).")
+    method: str = setting("greedy", "`greedy`: one head at a time, the one that lowers the KL most given those "
+                                    "chosen before (`pool` x (heads chosen) more head scorings than `single`); "
+                                    "`single`: the heads whose restoring alone lowers it most.")
+    pool: int = setting(3, "greedy: each round rescores the best `pool` x (heads to choose) heads of the single "
+                           "scores.")
     samples: int = setting(16, "Calibration sequences.")
     length: int | None = setting(None, "Tokens per calibration sequence (default: data.seq_len).")
     batch_size: int = setting(4, "Sequences per forward.")
@@ -83,6 +90,8 @@ class SelectHeadsSection:
         if not isinstance(self.budget, (int, float)) or not 0.0 <= self.budget <= 1.0:
             raise ValueError(f"select_heads.budget is a fraction of the KV heads in [0, 1], got {self.budget!r}.")
         _check_choice("select_heads.probe", self.probe, PROBES)
+        _check_choice("select_heads.method", self.method, ("single", "greedy"))
+        _check_positive("select_heads.pool", self.pool)
         _check_positive("select_heads.samples", self.samples)
         _check_positive("select_heads.batch_size", self.batch_size)
         if self.length is not None:

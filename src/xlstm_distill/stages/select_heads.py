@@ -1,9 +1,10 @@
 """Before Stage I: choose the KV heads that keep the teacher's full attention (recipe section ``select_heads``).
 
 Every KV head of the converted student is scored by the KL to the teacher it removes when restored alone
-(:mod:`xlstm_distill.evaluation.heads`); the best ``budget`` of them are written into ``student-init``'s config, so
-that every later stage trains and evaluates that student. ``out_dir/select_heads/heads.json`` and ``heads.png``
-keep the scores (made once; a later run reuses them).
+(:mod:`xlstm_distill.evaluation.heads`); the best ``budget`` of them (``method: single``), or heads added one at a
+time, each the best given those before (``method: greedy``), are written into ``student-init``'s config, so that
+every later stage trains and evaluates that student. ``out_dir/select_heads/heads.json`` and ``heads.png`` keep the
+scores (made once; a later run with another budget or method reuses them).
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from pathlib import Path
 import torch
 
 from xlstm_distill.data.documents import long_documents
-from xlstm_distill.evaluation.heads import (HeadScores, choose_heads, head_scores, retrieval_probes, text_calibration,
-                                            write_head_scores)
+from xlstm_distill.evaluation.heads import (Calibration, HeadScores, choose_heads, choose_heads_greedy, head_scores,
+                                            needle_probes, retrieval_probes, text_calibration, write_head_scores)
 from xlstm_distill.stages.common import autocast
 from xlstm_distill.stages.context import RunContext, console
 
@@ -29,31 +30,46 @@ def run(ctx: RunContext, converted: Path) -> list[list[int]] | None:
     out = ctx.out / "select_heads"
     scores_file = out / "heads.json"
     length = cfg.length or ctx.recipe.data.seq_len
-    meta = {"probe": cfg.probe, "samples": cfg.samples, "length": length, "budget": cfg.budget,
-            "measure": "KL(teacher || student) at the scored positions, lowered by restoring one head alone"}
+    meta = {"probe": cfg.probe, "samples": cfg.samples, "length": length, "budget": cfg.budget, "method": cfg.method,
+            "pool": cfg.pool, "measure": "scores: KL(teacher || student) at the scored positions, lowered by "
+                                         "restoring one head alone"}
     saved = json.loads(scores_file.read_text()) if scores_file.exists() else None
-    if saved is not None and all(saved.get(k) == meta[k] for k in ("probe", "samples", "length")):
-        if saved["budget"] != cfg.budget:  # same measurement, another budget: choose again from the saved scores
+    measured = saved is not None and all(saved.get(k) == meta[k] for k in ("probe", "samples", "length"))
+    if not (measured and all(saved.get(k) == meta[k] for k in ("method", "pool", "budget"))):
+        student = calibration = None
+        if measured:  # the same measurement, another budget or method: choose again from the saved scores
             result = HeadScores(torch.tensor(saved["scores"]), saved["baseline_kl"], saved["scored_tokens"])
-            write_head_scores(result, choose_heads(result.scores, cfg.budget), out, meta)
-    else:
-        student = ctx.load_student(converted).eval()
-        if cfg.probe == "retrieval":
-            calibration = retrieval_probes(ctx.tokenizer, cfg.samples, length, seed=ctx.recipe.seed)
         else:
-            documents = long_documents(ctx.sources("train"), ctx.tokenizer, length, cfg.samples)
-            if not documents:
-                raise ValueError(f"select_heads: no training document has {length} tokens; lower select_heads.length.")
-            calibration = text_calibration(documents, student.config.window_reach or 0, seed=ctx.recipe.seed)
-        with autocast(ctx.device, ctx.autocast):
-            result = head_scores(student, ctx.teacher, calibration, cfg.batch_size)
-        chosen = choose_heads(result.scores, cfg.budget)
+            student = ctx.load_student(converted).eval()
+            calibration = _calibration(ctx, cfg.probe, cfg.samples, length, student.config.window_reach or 0)
+            with autocast(ctx.device, ctx.autocast):
+                result = head_scores(student, ctx.teacher, calibration, cfg.batch_size)
+        if cfg.method == "greedy":
+            student = student or ctx.load_student(converted).eval()
+            calibration = calibration or _calibration(ctx, cfg.probe, cfg.samples, length,
+                                                      student.config.window_reach or 0)
+            with autocast(ctx.device, ctx.autocast):
+                chosen, meta["kl_after_each_choice"] = choose_heads_greedy(student, ctx.teacher, calibration, result,
+                                                                           cfg.budget, cfg.pool, cfg.batch_size)
+        else:
+            chosen = choose_heads(result.scores, cfg.budget)
         write_head_scores(result, chosen, out, meta)
         console.print(f"[green]selected heads[/] {chosen} (KL {result.baseline:.4f} with none restored) -> "
                       f"{scores_file}")
     chosen = json.loads(scores_file.read_text())["chosen"]
     _record(converted / "config.json", chosen)
     return chosen
+
+
+def _calibration(ctx: RunContext, probe: str, samples: int, length: int, reach: int) -> list[Calibration]:
+    if probe == "retrieval":
+        return retrieval_probes(ctx.tokenizer, samples, length, seed=ctx.recipe.seed)
+    documents = long_documents(ctx.sources("train"), ctx.tokenizer, length, samples)
+    if not documents:
+        raise ValueError(f"select_heads: no training document has {length} tokens; lower select_heads.length.")
+    if probe == "needles":
+        return needle_probes(documents, ctx.tokenizer, samples, length, reach, seed=ctx.recipe.seed)
+    return text_calibration(documents, reach, seed=ctx.recipe.seed)
 
 
 def _record(config_file: Path, chosen: list[list[int]]) -> None:
