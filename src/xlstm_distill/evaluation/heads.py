@@ -1,11 +1,13 @@
 """Which heads should keep the teacher's full attention? Every KV head is scored by how much restoring it alone (its
 query group attending to the whole prefix, as in the teacher) lowers the student's KL to the teacher on a
-calibration set: synthetic key-value retrieval probes (the default; unlike RULER's needle tasks, which evaluation
-uses) or long training text beyond the window. The highest-scoring heads within a budget are kept.
+calibration set: key-value facts hidden in training text beyond the window (the default; unlike RULER's needle
+tasks, which evaluation uses), a synthetic key-value list, or long training text beyond the window. Within a budget,
+the best heads alone are kept, or heads are added one at a time, each the best given those before (greedy).
 
-    probes = retrieval_probes(tokenizer, count=16, length=1024)
+    probes = needle_probes(documents, tokenizer, count=16, length=1024, reach=student.config.window_reach)
     scores = head_scores(student, teacher, probes)        # (layers, kv_heads) KL lowered by restoring each head
     heads = choose_heads(scores.scores, budget=0.05)      # [[layer, kv_head], ...] -> HybridConfig.full_attention_heads
+    heads, kl_after = choose_heads_greedy(student, teacher, probes, scores, budget=0.05)
 """
 
 from __future__ import annotations
