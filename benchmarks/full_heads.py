@@ -30,25 +30,12 @@ import torch
 
 from xlstm_distill.benchmarks.report import write_results
 from xlstm_distill.data.documents import long_documents
-from xlstm_distill.evaluation.heads import (Calibration, choose_heads, head_scores, needle_probes, retrieval_probes,
-                                            text_calibration, write_head_scores)
+from xlstm_distill.evaluation.heads import (choose_heads, head_scores, needle_probes, probe_accuracy,
+                                            retrieval_probes, text_calibration, write_head_scores)
 from xlstm_distill.evaluation.long_context import RulerSet, RulerTasks
 from xlstm_distill.stages import Recipe, RunContext
 from xlstm_distill.stages import convert
 from xlstm_distill.stages.common import autocast, compare_to_teacher
-
-
-@torch.no_grad()
-def retrieval_accuracy(model: torch.nn.Module, probes: list[Calibration]) -> float:
-    """Share of probes whose every answer token is the model's argmax (teacher-forced: greedy decoding's answer)."""
-    device = next(model.parameters()).device
-    hits = 0
-    for probe in probes:
-        ids = probe.input_ids[None].to(device)
-        where = probe.scored.nonzero().flatten().to(device)
-        predicted = model(input_ids=ids).logits[0, where].argmax(-1)
-        hits += bool(torch.equal(predicted, ids[0, where + 1]))
-    return hits / len(probes)
 
 
 def run(recipe_path: Path, out: Path, budgets: list[float], student_dir: Path | None, samples: int,
@@ -84,7 +71,7 @@ def run(recipe_path: Path, out: Path, budgets: list[float], student_dir: Path | 
                           {"probe": probe, "samples": samples, "length": length})
         choices[probe] = result.scores
     choices["random"] = torch.rand(layers, kv, generator=torch.Generator().manual_seed(seed))
-    teacher_accuracy = {f"teacher_{kind}": retrieval_accuracy(teacher, probes) for kind, probes in tests.items()}
+    teacher_accuracy = {f"teacher_{kind}": probe_accuracy(teacher, probes) for kind, probes in tests.items()}
     teacher_ruler = _ruler_columns(ruler.score(teacher, tokenizer), "teacher ") if ruler else {}
     rows = []
     for budget in budgets:
@@ -95,7 +82,7 @@ def run(recipe_path: Path, out: Path, budgets: list[float], student_dir: Path | 
             student.set_full_attention(heads)
             with autocast(ctx.device, ctx.autocast):
                 row = compare_to_teacher(student, teacher, batches)
-                accuracy = {kind: retrieval_accuracy(student, probes) for kind, probes in tests.items()}
+                accuracy = {kind: probe_accuracy(student, probes) for kind, probes in tests.items()}
                 ruled = _ruler_columns(ruler.score(student, tokenizer), "") if ruler and method == ruler_probe else {}
             rows.append({"chosen by": method if budget else "-", "budget": budget, "heads": len(heads),
                          "kv_cache_share": len(heads) / (layers * kv), **row, **accuracy,

@@ -21,25 +21,11 @@ import shlex
 import sys
 from pathlib import Path
 
-import torch
-
 from xlstm_distill.benchmarks.report import write_results
 from xlstm_distill.data.documents import long_documents
-from xlstm_distill.evaluation.heads import Calibration, head_scores, needle_probes
-from xlstm_distill.stages import Recipe, RunContext
+from xlstm_distill.evaluation.heads import head_scores, needle_probes, probe_accuracy
+from xlstm_distill.stages import Recipe, RunContext, select_heads
 from xlstm_distill.stages.common import autocast
-
-
-@torch.no_grad()
-def accuracy(model: torch.nn.Module, probes: list[Calibration]) -> float:
-    """Share of probes whose every answer token is the model's argmax (teacher-forced)."""
-    device = next(model.parameters()).device
-    hits = 0
-    for probe in probes:
-        ids = probe.input_ids[None].to(device)
-        where = probe.scored.nonzero().flatten().to(device)
-        hits += bool(torch.equal(model(input_ids=ids).logits[0, where].argmax(-1), ids[0, where + 1]))
-    return hits / len(probes)
 
 
 def run(recipe_path: Path, models: dict[str, Path], probes: int, overrides: list[str]) -> list[dict]:
@@ -50,15 +36,14 @@ def run(recipe_path: Path, models: dict[str, Path], probes: int, overrides: list
     students = {name: ctx.load_student(path).eval() for name, path in models.items()}
     reach = max(s.config.window_reach or 0 for s in students.values())
     tokenizer, seed = ctx.tokenizer, ctx.recipe.seed
-    calibration = needle_probes(long_documents(ctx.sources("train"), tokenizer, length, samples), tokenizer, samples,
-                                length, reach, seed=seed)
+    calibration = select_heads.calibration(ctx, "needles", samples, length, reach)  # the ones select_heads scores
     held_out = needle_probes(long_documents(ctx.sources("held_out"), tokenizer, length, probes), tokenizer, probes,
                              length, reach, seed=seed + 1000)
-    rows = [{"model": "teacher", "needles": accuracy(ctx.teacher, held_out)}]
+    rows = [{"model": "teacher", "needles": probe_accuracy(ctx.teacher, held_out)}]
     for name, student in students.items():
         with autocast(ctx.device, ctx.autocast):
             kl = head_scores(student, ctx.teacher, calibration, candidates=[]).baseline
-            rows.append({"model": name, "path": str(models[name]), "needles": accuracy(student, held_out),
+            rows.append({"model": name, "path": str(models[name]), "needles": probe_accuracy(student, held_out),
                          "calibration_kl": kl, "full_attention_heads": student.config.full_attention_heads})
         print(rows[-1], flush=True)
     return rows

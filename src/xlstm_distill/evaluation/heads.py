@@ -132,6 +132,18 @@ def needle_probes(documents: list[torch.Tensor], tokenizer: Any, count: int, len
     return out
 
 
+@torch.no_grad()
+def probe_accuracy(model: torch.nn.Module, probes: list[Calibration]) -> float:
+    """Share of probes whose every scored token is the model's argmax (teacher-forced: greedy decoding's answer)."""
+    device = next(model.parameters()).device
+    hits = 0
+    for probe in probes:
+        ids = probe.input_ids[None].to(device)
+        where = probe.scored.nonzero().flatten().to(device)
+        hits += bool(torch.equal(model(input_ids=ids).logits[0, where].argmax(-1), ids[0, where + 1]))
+    return hits / len(probes)
+
+
 def text_calibration(sequences: list[torch.Tensor], reach: int, per_sequence: int = 128,
                      seed: int = 0) -> list[Calibration]:
     """Text sequences (1-D token tensors, one document each), scored at up to ``per_sequence`` random positions past

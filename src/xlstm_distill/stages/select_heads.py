@@ -36,20 +36,18 @@ def run(ctx: RunContext, converted: Path) -> list[list[int]] | None:
     saved = json.loads(scores_file.read_text()) if scores_file.exists() else None
     measured = saved is not None and all(saved.get(k) == meta[k] for k in ("probe", "samples", "length"))
     if not (measured and all(saved.get(k) == meta[k] for k in ("method", "pool", "budget"))):
-        student = calibration = None
+        student = probes = None
+        if not measured or cfg.method == "greedy":  # scoring and greedy choice run the student
+            student = ctx.load_student(converted).eval()
+            probes = calibration(ctx, cfg.probe, cfg.samples, length, student.config.window_reach or 0)
         if measured:  # the same measurement, another budget or method: choose again from the saved scores
             result = HeadScores(torch.tensor(saved["scores"]), saved["baseline_kl"], saved["scored_tokens"])
         else:
-            student = ctx.load_student(converted).eval()
-            calibration = _calibration(ctx, cfg.probe, cfg.samples, length, student.config.window_reach or 0)
             with autocast(ctx.device, ctx.autocast):
-                result = head_scores(student, ctx.teacher, calibration, cfg.batch_size)
+                result = head_scores(student, ctx.teacher, probes, cfg.batch_size)
         if cfg.method == "greedy":
-            student = student or ctx.load_student(converted).eval()
-            calibration = calibration or _calibration(ctx, cfg.probe, cfg.samples, length,
-                                                      student.config.window_reach or 0)
             with autocast(ctx.device, ctx.autocast):
-                chosen, meta["kl_after_each_choice"] = choose_heads_greedy(student, ctx.teacher, calibration, result,
+                chosen, meta["kl_after_each_choice"] = choose_heads_greedy(student, ctx.teacher, probes, result,
                                                                            cfg.budget, cfg.pool, cfg.batch_size)
         else:
             chosen = choose_heads(result.scores, cfg.budget)
@@ -61,7 +59,8 @@ def run(ctx: RunContext, converted: Path) -> list[list[int]] | None:
     return chosen
 
 
-def _calibration(ctx: RunContext, probe: str, samples: int, length: int, reach: int) -> list[Calibration]:
+def calibration(ctx: RunContext, probe: str, samples: int, length: int, reach: int) -> list[Calibration]:
+    """The calibration set of ``probe`` from the recipe's training data (the recipe's seed)."""
     if probe == "retrieval":
         return retrieval_probes(ctx.tokenizer, samples, length, seed=ctx.recipe.seed)
     documents = long_documents(ctx.sources("train"), ctx.tokenizer, length, samples)
