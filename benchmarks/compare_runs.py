@@ -1,0 +1,148 @@
+"""Put the final students of several recipe runs side by side: held-out KL, RULER accuracy by length and KL by position
+in one table and one figure each, and, when the runs keep different numbers of full-attention heads, retrieval and
+KL against the share of KV heads kept.
+
+Each run is a recipe's ``out_dir`` after ``xlstm-distill run`` (its ``report/`` folder) and a RULER evaluation of its
+Stage II student (``long_context.json`` in ``ruler/`` or ``report/``: ``xlstm-distill evaluate -s student=DIR/stage2/model
+--ruler-file ... --output-dir DIR/ruler``). The teacher's RULER scores are taken from the first run.
+
+    python benchmarks/compare_runs.py --out DIR --run "no kept heads=runs/none" --run "4 kept heads=runs/heads4"
+
+DIR gets compare.json / .md, long_context.{json,md,png} and by_position.{json,md,png} of every run's final student,
+and budget.png (retrieval at each length and held-out KL beyond the window against the share of KV heads kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from xlstm_distill.evaluation.long_context import write_by_position, write_long_context
+
+
+def load_run(folder: Path) -> dict[str, Any]:
+    """A run's final student: its held-out row, by-position row, RULER scores (and the teacher's) and kept heads."""
+    report = folder / "report"
+    held_out = json.loads((report / "held_out.json").read_text())
+    final = list(held_out["rows"])[-1]
+    ruler_file = next((p for p in (folder / "ruler" / "long_context.json", report / "long_context.json") if p.exists()),
+                      None)
+    if ruler_file is None:
+        raise SystemExit(f"{folder}: no long_context.json in ruler/ or report/; run xlstm-distill evaluate with "
+                         f"--ruler-file and --output-dir {folder / 'ruler'} first.")
+    ruler = json.loads(ruler_file.read_text())
+    names = list(ruler["models"])  # xlstm-distill evaluate writes the teacher first, the student last
+    teacher, student = (names[0], names[-1]) if len(names) > 1 else (None, names[0])
+    config = json.loads((folder / "stage2" / "model" / "config.json").read_text())
+    by_position = folder / "report" / "by_position.json"
+    return {
+        "stage": final,
+        "held_out": held_out["rows"][final],
+        "ruler": ruler["models"][student],
+        "teacher_ruler": ruler["models"][teacher] if teacher else None,
+        "settings": ruler["settings"],
+        "by_position": json.loads(by_position.read_text()) if by_position.exists() else None,
+        "heads": config.get("full_attention_heads") or [],
+        "kv_heads": config["num_hidden_layers"] * config["num_key_value_heads"],
+    }
+
+
+def compare(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for label, run in runs.items():
+        held = run["held_out"]
+        row = {"run": label, "kept heads": len(run["heads"]), "kept share": len(run["heads"]) / run["kv_heads"],
+               "perplexity": held["student_ppl"], "kl": held["kl"], "kl_in_window": held["kl_in_window"],
+               "kl_beyond_window": held["kl_beyond_window"], "full_attention_heads": run["heads"]}
+        for task, by_length in run["ruler"].items():
+            for length, accuracy in by_length.items():
+                row[f"ruler {task} {length}"] = accuracy
+        rows.append(row)
+    return rows
+
+
+def write(runs: dict[str, dict[str, Any]], rows: list[dict[str, Any]], out: Path, command: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    first = next(iter(runs.values()))
+    teacher = first["teacher_ruler"]
+    models = ({"teacher": teacher} if teacher else {}) | {label: run["ruler"] for label, run in runs.items()}
+    write_long_context({"settings": first["settings"], "models": models}, out)
+    positions = {label: run["by_position"] for label, run in runs.items() if run["by_position"]}
+    if positions:
+        any_run = next(iter(positions.values()))
+        rows_by_label = {label: p["rows"][list(p["rows"])[-1]] for label, p in positions.items()}
+        write_by_position(rows_by_label, out, any_run["documents"], any_run["length"], any_run["bucket"],
+                          any_run["window"])
+    ruler_keys = [k for k in rows[0] if k.startswith("ruler ")]
+    teacher_row = {f"ruler {task} {n}": acc for task, by_length in (teacher or {}).items() for n, acc in by_length.items()}
+    (out / "compare.json").write_text(json.dumps({"command": command, "teacher": teacher_row, "rows": rows}, indent=2))
+    columns = ["run", "kept heads", "kept share", "perplexity", "kl", "kl_in_window", "kl_beyond_window", *ruler_keys]
+    lines = [f"Command: `{command}`", "", f"Final student of each run ({first['stage']}); RULER: "
+             f"{first['settings']['samples']} samples per task and length.", "",
+             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(row[c]) for c in columns) + " |" for row in rows]
+    if teacher_row:
+        lines.append("| teacher | | | | 0 | 0 | 0 | " + " | ".join(_cell(teacher_row.get(k)) for k in ruler_keys) + " |")
+    (out / "compare.md").write_text("\n".join(lines) + "\n")
+    if len({row["kept heads"] for row in rows}) > 1:
+        plot_budget(rows, teacher_row, out / "budget.png")
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def plot_budget(rows: list[dict[str, Any]], teacher: dict[str, float], path: Path) -> None:
+    """RULER accuracy per length (left) and held-out KL beyond the window (right) against the share of KV heads kept."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted(rows, key=lambda r: r["kept share"])
+    share = [100 * r["kept share"] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for key in (k for k in rows[0] if k.startswith("ruler ")):
+        line, = left.plot(share, [r[key] for r in rows], "-o", label=key[len("ruler "):])
+        if key in teacher:
+            left.axhline(teacher[key], color=line.get_color(), lw=0.8, ls="--")
+    left.set_ylim(-0.03, 1.03)
+    left.set_ylabel("RULER accuracy (teacher dashed)")
+    right.plot(share, [r["kl_beyond_window"] for r in rows], "-o", label="beyond the window")
+    right.plot(share, [r["kl"] for r in rows], "-o", label="all tokens")
+    right.set_ylabel("held-out KL(teacher || student)")
+    for ax in (left, right):
+        ax.set_xlabel("KV heads kept as full attention (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--run", action="append", required=True, metavar="LABEL=DIR",
+                        help="A recipe run's out_dir and its label (repeat; the first run's RULER teacher is shown).")
+    args = parser.parse_args(argv)
+    runs = {}
+    for item in args.run:
+        label, sep, folder = item.partition("=")
+        if not sep or not label or not folder:
+            raise SystemExit(f"--run {item!r}: give LABEL=DIR.")
+        runs[label] = load_run(Path(folder))
+    rows = compare(runs)
+    command = "python benchmarks/compare_runs.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    write(runs, rows, args.out, command)
+    print((args.out / "compare.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
