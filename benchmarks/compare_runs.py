@@ -38,7 +38,7 @@ def load_run(folder: Path) -> dict[str, Any]:
     names = list(ruler["models"])  # xlstm-distill evaluate writes the teacher first, the student last
     teacher, student = (names[0], names[-1]) if len(names) > 1 else (None, names[0])
     config = json.loads((folder / "stage2" / "model" / "config.json").read_text())
-    by_position = folder / "report" / "by_position.json"
+    by_position = report / "by_position.json"
     return {
         "stage": final,
         "held_out": held_out["rows"][final],

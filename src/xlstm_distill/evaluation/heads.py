@@ -214,10 +214,7 @@ def head_scores(student: torch.nn.Module, teacher: torch.nn.Module, calibration:
 def choose_heads(scores: torch.Tensor, budget: float) -> list[list[int]]:
     """The ``round(budget x layers x KV heads)`` highest-scoring heads (at least one for a budget > 0), as
     ``[[layer, kv_head], ...]`` sorted by layer."""
-    count = _count(scores, budget)
-    flat = torch.argsort(scores.flatten(), descending=True, stable=True)[:count]
-    KV = scores.shape[1]
-    return sorted([int(i) // KV, int(i) % KV] for i in flat)
+    return sorted(_ranked(scores)[:_count(scores, budget)])
 
 
 @torch.no_grad()
@@ -229,9 +226,7 @@ def choose_heads_greedy(student: torch.nn.Module, teacher: torch.nn.Module, cali
     scoring each head alone cannot do. Each round rescores the ``pool`` x (heads to choose) best heads of the
     single-head ``scores``. Returns the heads sorted by layer and the KL after each choice."""
     count = _count(scores.scores, budget)
-    order = [[int(i) // scores.scores.shape[1], int(i) % scores.scores.shape[1]]
-             for i in torch.argsort(scores.scores.flatten(), descending=True, stable=True)]
-    shortlist = order[:pool * count]
+    shortlist = _ranked(scores.scores)[:pool * count]
     kept_heads = [list(p) for p in student.config.full_attention_heads]
     kept_layers = list(student.config.full_attention_layers)
     chosen: list[list[int]] = []
@@ -278,6 +273,12 @@ def write_head_scores(result: HeadScores, chosen: list[list[int]], out: Path, me
     plt.close(fig)
     tmp.replace(files["json"])  # written last: its presence means the scoring finished
     return files
+
+
+def _ranked(scores: torch.Tensor) -> list[list[int]]:
+    """Every head of ``scores`` (L, KV) as [layer, kv_head], highest score first (ties in layer order)."""
+    KV = scores.shape[1]
+    return [[int(i) // KV, int(i) % KV] for i in torch.argsort(scores.flatten(), descending=True, stable=True)]
 
 
 def _count(scores: torch.Tensor, budget: float) -> int:
