@@ -1,6 +1,7 @@
 """Put the final students of several recipe runs side by side: held-out KL, RULER accuracy by length and KL by position
-in one table and one figure each, and, when the runs keep different numbers of full-attention heads, retrieval and
-KL against the share of KV heads kept.
+in one table and one figure each, the held-out KL of every run paired with the first run's on the same sequences (its
+difference and standard error), and, when the runs keep different numbers of full-attention heads, retrieval and KL
+against the share of KV heads kept.
 
 Each run is a recipe's ``out_dir`` after ``xlstm-distill run`` (its ``report/`` folder) and a RULER evaluation of its
 Stage II student (``long_context.json`` in ``ruler/`` or ``report/``: ``xlstm-distill evaluate -s student=DIR/stage2/model
@@ -8,7 +9,8 @@ Stage II student (``long_context.json`` in ``ruler/`` or ``report/``: ``xlstm-di
 
     python benchmarks/compare_runs.py --out DIR --run "no kept heads=runs/none" --run "4 kept heads=runs/heads4"
 
-DIR gets compare.json / .md, long_context.{json,md,png} and by_position.{json,md,png} of every run's final student,
+DIR gets compare.json / .md, long_context.{json,md,png} (with the share of needles inside each student window: what a
+student that retrieves nothing beyond its window scores) and by_position.{json,md,png} of every run's final student,
 and budget.png (retrieval at each length and held-out KL beyond the window against the share of KV heads kept).
 """
 
@@ -22,6 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from xlstm_distill.evaluation.long_context import write_by_position, write_long_context
+from xlstm_distill.metrics import paired_kl_difference
+
+PAIRED = ("kl", "kl_beyond_window")  # held-out KL parts paired with the first run's
 
 
 def load_run(folder: Path) -> dict[str, Any]:
@@ -45,7 +50,10 @@ def load_run(folder: Path) -> dict[str, Any]:
         "ruler": ruler["models"][student],
         "teacher_ruler": ruler["models"][teacher] if teacher else None,
         "settings": ruler["settings"],
+        "within_window": ruler.get("within_window") or {},
         "by_position": json.loads(by_position.read_text()) if by_position.exists() else None,
+        "mixer": config.get("mixer"),
+        "window": config.get("window_size") if config.get("mixer") in ("mlstm_swa", "linear_swa", "swa") else None,
         "heads": config.get("full_attention_heads") or [],
         "kv_heads": config["num_hidden_layers"] * config["num_key_value_heads"],
     }
@@ -53,11 +61,18 @@ def load_run(folder: Path) -> dict[str, Any]:
 
 def compare(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
+    first_label = next(iter(runs))
+    first = runs[first_label]["held_out"].get("per_sequence")
     for label, run in runs.items():
         held = run["held_out"]
-        row = {"run": label, "kept heads": len(run["heads"]), "kept share": len(run["heads"]) / run["kv_heads"],
-               "perplexity": held["student_ppl"], "kl": held["kl"], "kl_in_window": held["kl_in_window"],
-               "kl_beyond_window": held["kl_beyond_window"], "full_attention_heads": run["heads"]}
+        row = {"run": label, "mixer": run["mixer"], "kept heads": len(run["heads"]),
+               "kept share": len(run["heads"]) / run["kv_heads"], "perplexity": held["student_ppl"], "kl": held["kl"],
+               "kl_in_window": held["kl_in_window"], "kl_beyond_window": held["kl_beyond_window"],
+               "full_attention_heads": run["heads"]}
+        own = held.get("per_sequence")
+        for part in PAIRED:  # this run minus the first on the same held-out sequences
+            paired = own and first and label != first_label
+            row[f"{part} - first run"] = paired_kl_difference(own[part], first[part]) if paired else None
         for task, by_length in run["ruler"].items():
             for length, accuracy in by_length.items():
                 row[f"ruler {task} {length}"] = accuracy
@@ -65,12 +80,28 @@ def compare(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def write(runs: dict[str, dict[str, Any]], rows: list[dict[str, Any]], out: Path, command: str) -> None:
+def within_window(runs: dict[str, dict[str, Any]], ruler_file: Path | None, tokenizer: str) -> dict[str, Any]:
+    """The share of needles inside each window of the runs' students: from their RULER results, or computed from
+    the RULER set they were scored on (``--ruler-file``) for results written before it was recorded."""
+    shares = {w: s for run in runs.values() for w, s in run["within_window"].items()}
+    missing = {str(run["window"]) for run in runs.values() if run["window"] is not None} - set(shares)
+    if missing and ruler_file is not None:
+        from xlstm_distill.evaluation.long_context import RulerSet
+        from xlstm_distill.teacher import load_tokenizer
+
+        tok = load_tokenizer(tokenizer)
+        ruler = RulerSet.load(ruler_file, tok)
+        shares |= {w: ruler.within_window(tok, int(w)) for w in sorted(missing, key=int)}
+    return shares
+
+
+def write(runs: dict[str, dict[str, Any]], rows: list[dict[str, Any]], out: Path, command: str,
+          windows: dict[str, Any] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     first = next(iter(runs.values()))
     teacher = first["teacher_ruler"]
     models = ({"teacher": teacher} if teacher else {}) | {label: run["ruler"] for label, run in runs.items()}
-    write_long_context({"settings": first["settings"], "models": models}, out)
+    write_long_context({"settings": first["settings"], "models": models, "within_window": windows or {}}, out)
     positions = {label: run["by_position"] for label, run in runs.items() if run["by_position"]}
     if positions:
         any_run = next(iter(positions.values()))
@@ -80,19 +111,25 @@ def write(runs: dict[str, dict[str, Any]], rows: list[dict[str, Any]], out: Path
     ruler_keys = [k for k in rows[0] if k.startswith("ruler ")]
     teacher_row = {f"ruler {task} {n}": acc for task, by_length in (teacher or {}).items() for n, acc in by_length.items()}
     (out / "compare.json").write_text(json.dumps({"command": command, "teacher": teacher_row, "rows": rows}, indent=2))
-    columns = ["run", "kept heads", "kept share", "perplexity", "kl", "kl_in_window", "kl_beyond_window", *ruler_keys]
+    paired = [f"{part} - first run" for part in PAIRED]
+    columns = ["run", "mixer", "kept heads", "kept share", "perplexity", "kl", "kl_in_window", "kl_beyond_window",
+               *paired, *ruler_keys]
     lines = [f"Command: `{command}`", "", f"Final student of each run ({first['stage']}); RULER: "
-             f"{first['settings']['samples']} samples per task and length.", "",
+             f"{first['settings']['samples']} samples per task and length; `- first run`: the held-out KL minus the "
+             f"first run's, paired over the same sequences (± 2 standard errors).", "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_cell(row[c]) for c in columns) + " |" for row in rows]
     if teacher_row:
-        lines.append("| teacher | | | | 0 | 0 | 0 | " + " | ".join(_cell(teacher_row.get(k)) for k in ruler_keys) + " |")
+        lines.append("| teacher | | | | | 0 | 0 | 0 | | | " + " | ".join(_cell(teacher_row.get(k)) for k in ruler_keys)
+                     + " |")
     (out / "compare.md").write_text("\n".join(lines) + "\n")
     if len({row["kept heads"] for row in rows}) > 1:
         plot_budget(rows, teacher_row, out / "budget.png")
 
 
 def _cell(value: Any) -> str:
+    if isinstance(value, dict):  # a paired difference
+        return f"{value['difference']:+.4f} ± {2 * value['stderr']:.4f}"
     if isinstance(value, float):
         return f"{value:.4g}"
     return "" if value is None else str(value)
@@ -131,6 +168,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--run", action="append", required=True, metavar="LABEL=DIR",
                         help="A recipe run's out_dir and its label (repeat; the first run's RULER teacher is shown).")
+    parser.add_argument("--ruler-file", type=Path, help="The RULER set the runs were scored on: the share of needles "
+                        "inside each student's window is computed from it where the runs' results do not hold it.")
+    parser.add_argument("--tokenizer", default="smollm2-135m", help="The tokenizer of --ruler-file (the teacher's).")
     args = parser.parse_args(argv)
     runs = {}
     for item in args.run:
@@ -140,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
         runs[label] = load_run(Path(folder))
     rows = compare(runs)
     command = "python benchmarks/compare_runs.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    write(runs, rows, args.out, command)
+    write(runs, rows, args.out, command, within_window(runs, args.ruler_file, args.tokenizer))
     print((args.out / "compare.md").read_text())
 
 

@@ -22,7 +22,9 @@ def module(monkeypatch):
 
 
 def _row(kl: float) -> dict:
-    return {"student_ppl": 9.0 + kl, "kl": kl, "kl_in_window": kl / 10, "kl_beyond_window": 2 * kl}
+    sums = {"sum": [kl * 10, kl * 30], "tokens": [10, 10]}  # two held-out sequences, per-sequence KL kl and 3 kl
+    return {"student_ppl": 9.0 + kl, "kl": 2 * kl, "kl_in_window": kl / 10, "kl_beyond_window": 2 * kl,
+            "per_sequence": {"kl": sums, "kl_beyond_window": sums}}
 
 
 def _run(folder: Path, kl: float, accuracy: float, heads: list[list[int]], ruler: bool = True) -> Path:
@@ -35,13 +37,14 @@ def _run(folder: Path, kl: float, accuracy: float, heads: list[list[int]], ruler
         {"documents": 1, "length": 8, "bucket": 4, "window": 4,
          "rows": {"converted (untrained)": positions, "after Stage II": positions}}))
     (folder / "stage2" / "model" / "config.json").write_text(json.dumps(
-        {"num_hidden_layers": 2, "num_key_value_heads": 2, "full_attention_heads": heads}))
+        {"num_hidden_layers": 2, "num_key_value_heads": 2, "full_attention_heads": heads, "mixer": "mlstm_swa"}))
     if ruler:
         (folder / "ruler").mkdir()
         (folder / "ruler" / "long_context.json").write_text(json.dumps(
             {"settings": {"tasks": ["niah_single_1"], "lengths": [1024, 2048], "samples": 4},
              "models": {"teacher.gguf": {"niah_single_1": {"1024": 1.0, "2048": 0.75}},
-                        "student": {"niah_single_1": {"1024": accuracy, "2048": accuracy / 2}}}}))
+                        "student": {"niah_single_1": {"1024": accuracy, "2048": accuracy / 2}}},
+             "within_window": {"4": {"niah_single_1": {"1024": 0.5, "2048": 0.25}}}}))
     return folder
 
 
@@ -51,15 +54,23 @@ def test_runs_side_by_side(module, tmp_path):
     out = tmp_path / "out"
     module.main(["--out", str(out), "--run", f"no heads={none}", "--run", f"one head={kept}"])
     data = json.loads((out / "compare.json").read_text())
-    assert [(r["run"], r["kept heads"], r["kept share"], r["kl"], r["kl_beyond_window"]) for r in data["rows"]] == [
-        ("no heads", 0, 0.0, 0.5, 1.0), ("one head", 1, 0.25, 0.25, 0.5)]
+    assert [(r["run"], r["mixer"], r["kept heads"], r["kept share"], r["kl"], r["kl_beyond_window"])
+            for r in data["rows"]] == [("no heads", "mlstm_swa", 0, 0.0, 1.0, 1.0), ("one head", "mlstm_swa", 1, 0.25, 0.5, 0.5)]
+    # paired with the first run: (0.25 - 0.5) x (10 + 30) / 20 tokens = -0.5, the same on both sequences' scale
+    assert data["rows"][0]["kl - first run"] is None
+    paired = data["rows"][1]["kl - first run"]
+    assert paired["difference"] == pytest.approx(-0.5) and paired["sequences"] == 2
+    assert paired["stderr"] == pytest.approx(0.25)  # d_i - D n_i = -2.5 + 5 = 2.5 and -7.5 + 5 = -2.5
     assert data["rows"][1]["ruler niah_single_1 2048"] == 0.5
     assert data["teacher"] == {"ruler niah_single_1 1024": 1.0, "ruler niah_single_1 2048": 0.75}
     ruler = json.loads((out / "long_context.json").read_text())
     assert list(ruler["models"]) == ["teacher", "no heads", "one head"]
+    assert ruler["within_window"] == {"4": {"niah_single_1": {"1024": 0.5, "2048": 0.25}}}
+    assert "| niah_single_1 | _needle in the last 4 tokens_ | 0.500 | 0.250 |" in (out / "long_context.md").read_text()
     assert list(json.loads((out / "by_position.json").read_text())["rows"]) == ["no heads", "one head"]
     table = (out / "compare.md").read_text()
-    assert "| one head | 1 | 0.25 |" in table and "| teacher |" in table
+    assert "| one head | mlstm_swa | 1 | 0.25 |" in table and "| teacher |" in table
+    assert "-0.5000 ± 0.5000" in table
     for name in ("budget.png", "long_context.png", "by_position.png"):
         assert (out / name).stat().st_size > 0
 

@@ -1,6 +1,8 @@
 """Long-context evaluation: RULER tasks built offline with the model's tokenizer and scored per length; KL and
 perplexity by position against simple truths (a student that is the teacher inside its window)."""
 
+import json
+
 import pytest
 import torch
 
@@ -97,11 +99,36 @@ def test_ruler_scores_runs_every_model_and_writes_the_report(tokenizer, tasks, t
     perfect = {name: {512: 1.0, 1024: 1.0} for name in tasks.names}
     assert results["models"] == {"teacher": perfect, "student": perfect}
     assert results["settings"]["lengths"] == [512, 1024]
+    assert list(results["within_window"]) == ["16"]  # the student's window; the teacher has none
     files = write_long_context(results, tmp_path)
-    assert "| niah_multikey_2 | student | 1.000 | 1.000 |" in files["markdown"].read_text()
+    table = files["markdown"].read_text()
+    assert "| niah_multikey_2 | student | 1.000 | 1.000 |" in table
+    assert "| niah_multikey_2 | _needle in the last 16 tokens_ |" in table
     assert files["plot"].stat().st_size > 0
+    # read back from JSON (lengths as strings), the table is the same
+    again = write_long_context(json.loads(files["json"].read_text()), tmp_path / "again")
+    assert again["markdown"].read_text() == table
     with pytest.raises(ValueError, match="niah_single_2: not a RULER task that builds its data offline"):
         RulerTasks(tokenizer, ["niah_single_2"])
+
+
+def test_within_window_counts_the_needles_a_window_can_see(tokenizer):
+    """The share of needle values that begin within the last W tokens of the prompt: a needle near the end is seen
+    by a window of 64, one at the start only by a window covering the whole prompt; a task with two values scores
+    the share of its values inside."""
+    from xlstm_distill.evaluation.long_context import RulerSet
+
+    filler = " The grass is green." * 40  # about 200 tokens
+    near_end = {"task": "niah_single_1", "length": 512, "index": 0, "max_gen_toks": 16, "until": [],
+                "context": "Remember the number." + filler + " The number is 4096417. What is it?", "outputs": ["4096417"]}
+    at_start = {**near_end, "index": 1, "context": "Remember the number. The number is 5551212." + filler + " What is it?",
+                "outputs": ["5551212"]}
+    both = {**near_end, "task": "niah_multikey_2", "context": at_start["context"][:-12] + " And 4096417. What are they?",
+            "outputs": ["5551212", "4096417"]}
+    ruler = RulerSet(["niah_single_1", "niah_multikey_2"], [512], 1, [near_end, at_start, both], "unused")
+    assert ruler.within_window(tokenizer, 64) == {"niah_single_1": {512: 0.5}, "niah_multikey_2": {512: 0.5}}
+    assert ruler.within_window(tokenizer, 512) == {"niah_single_1": {512: 1.0}, "niah_multikey_2": {512: 1.0}}
+    assert ruler.within_window(tokenizer, 2) == {"niah_single_1": {512: 0.0}, "niah_multikey_2": {512: 0.0}}
 
 
 def test_by_position_is_zero_where_the_student_sees_what_the_teacher_sees(tmp_path):

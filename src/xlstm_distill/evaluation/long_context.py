@@ -168,6 +168,22 @@ class RulerSet:
         """The model's answer to every request (in the order of ``requests``)."""
         return generate_answers(model, tokenizer, self.requests, max(self.lengths), batch_size)
 
+    def within_window(self, tokenizer: Any, window: int) -> dict[str, dict[int, float]]:
+        """{task: {length: share}}: the score of a model that reads only the last ``window`` tokens of each prompt
+        and answers every needle it sees there: the share of needle values that begin within ``window`` tokens of
+        the prompt's end (as the model gets it: cut to the longest length less the answer's tokens). A student whose
+        RULER accuracy equals this retrieves nothing from its memory beyond the window."""
+        keep = max(self.lengths)
+        per_length: dict[str, dict[int, list[float]]] = {name: {n: [] for n in self.lengths} for name in self.names}
+        for request in self.requests:
+            context = request["context"]
+            total = min(len(tokenizer(context).input_ids), keep - request["max_gen_toks"])
+            seen = [context.rfind(value) for value in request["outputs"]]  # the last copy of each value
+            ends = [total - len(tokenizer(context[:at]).input_ids) if at >= 0 else None for at in seen]
+            share = sum(end is not None and end <= window for end in ends) / len(ends)
+            per_length[request["task"]][request["length"]].append(share)
+        return {name: {n: sum(v) / len(v) for n, v in lengths.items() if v} for name, lengths in per_length.items()}
+
     def score(self, model: torch.nn.Module, tokenizer: Any, batch_size: int = 8) -> dict[str, dict[int, float]]:
         """{task: {length: accuracy}} (RULER's string match of the needle values in the answer)."""
         per_length: dict[str, dict[int, list[float]]] = {name: {n: [] for n in self.lengths} for name in self.names}
@@ -234,7 +250,9 @@ def ruler_scores(models: Mapping[str, Any], tokenizer: Any, tasks: Sequence[str]
     :func:`xlstm_distill.evaluation.evaluate_models` (a loaded ``(model, tokenizer)``, a reference or a loader);
     loaded from references one at a time. ``tokenizer`` sizes the haystacks (the teacher's: students share it).
     ``ruler_file``: a saved :class:`RulerSet` (its tasks, lengths and samples replace the arguments; no lm-eval
-    needed). Returns ``{"settings", "models": {name: {task: {length: accuracy}}}, "seconds": {name: s}}``."""
+    needed). Returns ``{"settings", "models": {name: {task: {length: accuracy}}}, "seconds": {name: s},
+    "within_window": {window: {task: {length: share}}}}``, the last for each window of the students scored
+    (:meth:`RulerSet.within_window`: what the window alone can answer)."""
     from xlstm_distill.evaluation.harness import load_model
 
     if ruler_file is not None:
@@ -242,7 +260,7 @@ def ruler_scores(models: Mapping[str, Any], tokenizer: Any, tasks: Sequence[str]
     else:
         built = RulerTasks(tokenizer, tasks, lengths, samples).ruler_set()
     out: dict[str, Any] = {"settings": {"tasks": built.names, "lengths": built.lengths, "samples": built.samples,
-                                        "batch_size": batch_size}, "models": {}, "seconds": {}}
+                                        "batch_size": batch_size}, "models": {}, "seconds": {}, "within_window": {}}
     for name, spec in models.items():
         start = time.perf_counter()
         loaded_here = not isinstance(spec, tuple)
@@ -255,6 +273,9 @@ def ruler_scores(models: Mapping[str, Any], tokenizer: Any, tasks: Sequence[str]
         log.info("RULER: %s", name)
         out["models"][name] = built.score(model, tok, batch_size)
         out["seconds"][name] = round(time.perf_counter() - start, 1)
+        window = getattr(model.config, "window_size", None) if getattr(model.config, "uses_swa", False) else None
+        if window is not None and str(window) not in out["within_window"]:
+            out["within_window"][str(window)] = built.within_window(tokenizer, window)
         if loaded_here:
             del model, tok
             gc.collect()
@@ -262,8 +283,8 @@ def ruler_scores(models: Mapping[str, Any], tokenizer: Any, tasks: Sequence[str]
 
 
 def write_long_context(results: Mapping[str, Any], out_dir: str | os.PathLike) -> dict[str, Path]:
-    """``long_context.json``, ``long_context.md`` (accuracy per task and length, every model) and
-    ``long_context.png`` (accuracy against length) in ``out_dir``."""
+    """``long_context.json``, ``long_context.md`` (accuracy per task and length, every model, and the share of needles
+    inside each student window) and ``long_context.png`` (accuracy against length) in ``out_dir``."""
     import json
 
     out = Path(out_dir)
@@ -271,17 +292,26 @@ def write_long_context(results: Mapping[str, Any], out_dir: str | os.PathLike) -
     settings = results["settings"]
     lengths = settings["lengths"]
     lines = [f"RULER accuracy ({settings['samples']} samples per task and length; lm-evaluation-harness tasks built "
-             "offline, string match of the needle values).", "",
+             "offline, string match of the needle values). _Needle in the last W tokens_: the share of needles that a "
+             "model reading only its window of W tokens can see.", "",
              "| task | model | " + " | ".join(f"{n:,}" for n in lengths) + " |", "|---|---|" + "---|" * len(lengths)]
     for task in settings["tasks"]:
         for name, scores in results["models"].items():
-            cells = [f"{scores[task][n]:.3f}" if n in scores[task] else "" for n in lengths]
-            lines.append(f"| {task} | {name} | " + " | ".join(cells) + " |")
+            lines.append(f"| {task} | {name} | " + " | ".join(_cells(scores[task], lengths)) + " |")
+        for window, scores in results.get("within_window", {}).items():
+            lines.append(f"| {task} | _needle in the last {window} tokens_ | " + " | ".join(_cells(scores[task], lengths))
+                         + " |")
     paths = {"json": out / "long_context.json", "markdown": out / "long_context.md", "plot": out / "long_context.png"}
     paths["json"].write_text(json.dumps(results, indent=2))
     paths["markdown"].write_text("\n".join(lines) + "\n")
     plot_ruler(results, paths["plot"])
     return paths
+
+
+def _cells(by_length: Mapping[Any, float], lengths: Sequence[int]) -> list[str]:
+    """Table cells of one row {length: accuracy}, the lengths as numbers or (read back from JSON) as strings."""
+    values = [by_length.get(n, by_length.get(str(n))) for n in lengths]
+    return ["" if v is None else f"{v:.3f}" for v in values]
 
 
 # ------------------------------------------------------------------------------------- KL and perplexity by position
@@ -422,6 +452,9 @@ def plot_ruler(results: Mapping[str, Any], path: Path) -> None:
         for name, scores in results["models"].items():
             points = sorted((int(n), acc) for n, acc in scores[task].items())
             ax.plot(*zip(*points), "--o" if name == "teacher" else "-o", label=name, markersize=4)
+        for window, scores in results.get("within_window", {}).items():
+            points = sorted((int(n), share) for n, share in scores[task].items())
+            ax.plot(*zip(*points), ":", color="0.4", label=f"needle in the last {window} tokens")
         ax.set_xscale("log", base=2)
         ax.set_ylim(-0.03, 1.03)
         ax.set_title(task)
