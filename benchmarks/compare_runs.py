@@ -51,6 +51,8 @@ def load_run(folder: Path) -> dict[str, Any]:
         "teacher_ruler": ruler["models"][teacher] if teacher else None,
         "settings": ruler["settings"],
         "within_window": ruler.get("within_window") or {},
+        "beyond_window": {w: {"teacher": by_model.get(teacher), "student": by_model[student]}
+                          for w, by_model in (ruler.get("beyond_window") or {}).items()},
         "by_position": json.loads(by_position.read_text()) if by_position.exists() else None,
         "mixer": config.get("mixer"),
         "window": config.get("window_size") if config.get("mixer") in ("mlstm_swa", "linear_swa", "swa") else None,
@@ -101,7 +103,14 @@ def write(runs: dict[str, dict[str, Any]], rows: list[dict[str, Any]], out: Path
     first = next(iter(runs.values()))
     teacher = first["teacher_ruler"]
     models = ({"teacher": teacher} if teacher else {}) | {label: run["ruler"] for label, run in runs.items()}
-    write_long_context({"settings": first["settings"], "models": models, "within_window": windows or {}}, out)
+    beyond: dict[str, dict[str, Any]] = {}  # per window: the teacher (first run's), then each run's student
+    for label, run in runs.items():
+        for window, by_model in run["beyond_window"].items():
+            if by_model["teacher"] is not None:
+                beyond.setdefault(window, {}).setdefault("teacher", by_model["teacher"])
+            beyond.setdefault(window, {})[label] = by_model["student"]
+    write_long_context({"settings": first["settings"], "models": models, "within_window": windows or {},
+                        "beyond_window": beyond}, out)
     positions = {label: run["by_position"] for label, run in runs.items() if run["by_position"]}
     if positions:
         any_run = next(iter(positions.values()))

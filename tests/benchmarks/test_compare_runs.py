@@ -44,7 +44,9 @@ def _run(folder: Path, kl: float, accuracy: float, heads: list[list[int]], ruler
             {"settings": {"tasks": ["niah_single_1"], "lengths": [1024, 2048], "samples": 4},
              "models": {"teacher.gguf": {"niah_single_1": {"1024": 1.0, "2048": 0.75}},
                         "student": {"niah_single_1": {"1024": accuracy, "2048": accuracy / 2}}},
-             "within_window": {"4": {"niah_single_1": {"1024": 0.5, "2048": 0.25}}}}))
+             "within_window": {"4": {"niah_single_1": {"1024": 0.5, "2048": 0.25}}},
+             "beyond_window": {"4": {name: {"niah_single_1": {"1024": {"accuracy": acc, "requests": 2}}}
+                                     for name, acc in (("teacher.gguf", 1.0), ("student", accuracy / 2))}}}))
     return folder
 
 
@@ -67,6 +69,9 @@ def test_runs_side_by_side(module, tmp_path):
     assert list(ruler["models"]) == ["teacher", "no heads", "one head"]
     assert ruler["within_window"] == {"4": {"niah_single_1": {"1024": 0.5, "2048": 0.25}}}
     assert "| niah_single_1 | _needle in the last 4 tokens_ | 0.500 | 0.250 |" in (out / "long_context.md").read_text()
+    assert list(ruler["beyond_window"]["4"]) == ["teacher", "no heads", "one head"]
+    assert ruler["beyond_window"]["4"]["one head"]["niah_single_1"]["1024"] == {"accuracy": 0.5, "requests": 2}
+    assert "| niah_single_1 | one head | 0.500 (2) |" in (out / "long_context.md").read_text()
     assert list(json.loads((out / "by_position.json").read_text())["rows"]) == ["no heads", "one head"]
     table = (out / "compare.md").read_text()
     assert "| one head | mlstm_swa | 1 | 0.25 |" in table and "| teacher |" in table

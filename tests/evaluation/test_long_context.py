@@ -100,10 +100,14 @@ def test_ruler_scores_runs_every_model_and_writes_the_report(tokenizer, tasks, t
     assert results["models"] == {"teacher": perfect, "student": perfect}
     assert results["settings"]["lengths"] == [512, 1024]
     assert list(results["within_window"]) == ["16"]  # the student's window; the teacher has none
+    assert results["per_request"]["student"] == [1.0] * len(results["needle_distance"])
+    beyond = results["beyond_window"]["16"]["student"]["niah_single_1"][1024]  # most needles lie beyond 16 tokens
+    assert beyond["accuracy"] == 1.0 and 1 <= beyond["requests"] <= 2
     files = write_long_context(results, tmp_path)
     table = files["markdown"].read_text()
     assert "| niah_multikey_2 | student | 1.000 | 1.000 |" in table
     assert "| niah_multikey_2 | _needle in the last 16 tokens_ |" in table
+    assert "more than 16 tokens before the prompt's end" in table and "| niah_single_1 | student | 1.000 (" in table
     assert files["plot"].stat().st_size > 0
     # read back from JSON (lengths as strings), the table is the same
     again = write_long_context(json.loads(files["json"].read_text()), tmp_path / "again")
@@ -129,6 +133,12 @@ def test_within_window_counts_the_needles_a_window_can_see(tokenizer):
     assert ruler.within_window(tokenizer, 64) == {"niah_single_1": {512: 0.5}, "niah_multikey_2": {512: 0.5}}
     assert ruler.within_window(tokenizer, 512) == {"niah_single_1": {512: 1.0}, "niah_multikey_2": {512: 1.0}}
     assert ruler.within_window(tokenizer, 2) == {"niah_single_1": {512: 0.0}, "niah_multikey_2": {512: 0.0}}
+    # accuracy beyond a window of 64: only the request whose every needle lies outside it counts
+    distances = ruler.needle_distances(tokenizer)
+    assert distances[0][0] <= 64 < distances[1][0] and distances[2][1] <= 64 < distances[2][0]
+    assert ruler.beyond_window([1.0, 0.0, 0.5], 64, distances) == {
+        "niah_single_1": {512: {"accuracy": 0.0, "requests": 1}}, "niah_multikey_2": {}}
+    assert ruler.beyond_window([1.0, 1.0, 0.5], 64, distances)["niah_single_1"][512]["accuracy"] == 1.0
 
 
 def test_by_position_is_zero_where_the_student_sees_what_the_teacher_sees(tmp_path):

@@ -168,28 +168,57 @@ class RulerSet:
         """The model's answer to every request (in the order of ``requests``)."""
         return generate_answers(model, tokenizer, self.requests, max(self.lengths), batch_size)
 
-    def within_window(self, tokenizer: Any, window: int) -> dict[str, dict[int, float]]:
-        """{task: {length: share}}: the score of a model that reads only the last ``window`` tokens of each prompt
-        and answers every needle it sees there: the share of needle values that begin within ``window`` tokens of
-        the prompt's end (as the model gets it: cut to the longest length less the answer's tokens). A student whose
-        RULER accuracy equals this retrieves nothing from its memory beyond the window."""
+    def needle_distances(self, tokenizer: Any) -> list[list[int | None]]:
+        """Per request, for each needle value: the prompt tokens from where the value begins (its last copy) to the
+        prompt's end, as the model gets the prompt (cut to the longest length less the answer's tokens); None for a
+        value the prompt does not hold."""
         keep = max(self.lengths)
-        per_length: dict[str, dict[int, list[float]]] = {name: {n: [] for n in self.lengths} for name in self.names}
+        distances = []
         for request in self.requests:
             context = request["context"]
             total = min(len(tokenizer(context).input_ids), keep - request["max_gen_toks"])
-            seen = [context.rfind(value) for value in request["outputs"]]  # the last copy of each value
-            ends = [total - len(tokenizer(context[:at]).input_ids) if at >= 0 else None for at in seen]
-            share = sum(end is not None and end <= window for end in ends) / len(ends)
-            per_length[request["task"]][request["length"]].append(share)
+            found = [context.rfind(value) for value in request["outputs"]]
+            distances.append([total - len(tokenizer(context[:at]).input_ids) if at >= 0 else None for at in found])
+        return distances
+
+    def within_window(self, tokenizer: Any, window: int,
+                      distances: list[list[int | None]] | None = None) -> dict[str, dict[int, float]]:
+        """{task: {length: share}}: the score of a model that reads only the last ``window`` tokens of each prompt
+        and answers every needle it sees there: the share of needle values that begin within ``window`` tokens of
+        the prompt's end. A student whose RULER accuracy equals this retrieves nothing from beyond its window."""
+        distances = self.needle_distances(tokenizer) if distances is None else distances
+        return self.by_length([sum(d is not None and d <= window for d in row) / len(row) for row in distances])
+
+    def beyond_window(self, scores: Sequence[float], window: int,
+                      distances: list[list[int | None]]) -> dict[str, dict[int, dict[str, float]]]:
+        """{task: {length: {"accuracy", "requests"}}}: a model's mean score (``scores``, one per request, from
+        :meth:`score_requests`) on the requests whose every needle value begins more than ``window`` tokens before
+        the prompt's end: what it retrieves from beyond a window of that size (its memory or full-attention heads)."""
+        beyond = [all(d is not None and d > window for d in row) for row in distances]
+        out: dict[str, dict[int, dict[str, float]]] = {name: {} for name in self.names}
+        for name in self.names:
+            for n in self.lengths:
+                chosen = [x for x, r, far in zip(scores, self.requests, beyond)
+                          if far and r["task"] == name and r["length"] == n]
+                if chosen:
+                    out[name][n] = {"accuracy": sum(chosen) / len(chosen), "requests": len(chosen)}
+        return out
+
+    def by_length(self, values: Sequence[float]) -> dict[str, dict[int, float]]:
+        """{task: {length: mean}} of one value per request."""
+        per_length: dict[str, dict[int, list[float]]] = {name: {n: [] for n in self.lengths} for name in self.names}
+        for request, value in zip(self.requests, values):
+            per_length[request["task"]][request["length"]].append(value)
         return {name: {n: sum(v) / len(v) for n, v in lengths.items() if v} for name, lengths in per_length.items()}
+
+    def score_requests(self, model: torch.nn.Module, tokenizer: Any, batch_size: int = 8) -> list[float]:
+        """RULER's string match of the model's answer to every request (in the order of ``requests``)."""
+        answers = self.answers(model, tokenizer, batch_size)
+        return [string_match_all(answer, request["outputs"]) for request, answer in zip(self.requests, answers)]
 
     def score(self, model: torch.nn.Module, tokenizer: Any, batch_size: int = 8) -> dict[str, dict[int, float]]:
         """{task: {length: accuracy}} (RULER's string match of the needle values in the answer)."""
-        per_length: dict[str, dict[int, list[float]]] = {name: {n: [] for n in self.lengths} for name in self.names}
-        for request, answer in zip(self.requests, self.answers(model, tokenizer, batch_size)):
-            per_length[request["task"]][request["length"]].append(string_match_all(answer, request["outputs"]))
-        return {name: {n: sum(v) / len(v) for n, v in lengths.items() if v} for name, lengths in per_length.items()}
+        return self.by_length(self.score_requests(model, tokenizer, batch_size))
 
 
 def string_match_all(answer: str, needles: Sequence[str]) -> float:
@@ -251,8 +280,11 @@ def ruler_scores(models: Mapping[str, Any], tokenizer: Any, tasks: Sequence[str]
     loaded from references one at a time. ``tokenizer`` sizes the haystacks (the teacher's: students share it).
     ``ruler_file``: a saved :class:`RulerSet` (its tasks, lengths and samples replace the arguments; no lm-eval
     needed). Returns ``{"settings", "models": {name: {task: {length: accuracy}}}, "seconds": {name: s},
-    "within_window": {window: {task: {length: share}}}}``, the last for each window of the students scored
-    (:meth:`RulerSet.within_window`: what the window alone can answer)."""
+    "per_request": {name: [score of each request]}, "needle_distance": [[tokens from each needle value to the
+    prompt's end] per request], "within_window": {window: {task: {length: share}}}, "beyond_window": {window: {name:
+    {task: {length: {"accuracy", "requests"}}}}}}``, the last two for each window of the students scored
+    (:meth:`RulerSet.within_window`: what the window alone can answer; :meth:`RulerSet.beyond_window`: each model's
+    accuracy on the needles outside it)."""
     from xlstm_distill.evaluation.harness import load_model
 
     if ruler_file is not None:
@@ -260,7 +292,8 @@ def ruler_scores(models: Mapping[str, Any], tokenizer: Any, tasks: Sequence[str]
     else:
         built = RulerTasks(tokenizer, tasks, lengths, samples).ruler_set()
     out: dict[str, Any] = {"settings": {"tasks": built.names, "lengths": built.lengths, "samples": built.samples,
-                                        "batch_size": batch_size}, "models": {}, "seconds": {}, "within_window": {}}
+                                        "batch_size": batch_size}, "models": {}, "seconds": {}, "per_request": {},
+                           "needle_distance": built.needle_distances(tokenizer), "within_window": {}, "beyond_window": {}}
     for name, spec in models.items():
         start = time.perf_counter()
         loaded_here = not isinstance(spec, tuple)
@@ -271,20 +304,25 @@ def ruler_scores(models: Mapping[str, Any], tokenizer: Any, tasks: Sequence[str]
         else:
             model, tok = spec
         log.info("RULER: %s", name)
-        out["models"][name] = built.score(model, tok, batch_size)
+        out["per_request"][name] = built.score_requests(model, tok, batch_size)
+        out["models"][name] = built.by_length(out["per_request"][name])
         out["seconds"][name] = round(time.perf_counter() - start, 1)
         window = getattr(model.config, "window_size", None) if getattr(model.config, "uses_swa", False) else None
         if window is not None and str(window) not in out["within_window"]:
-            out["within_window"][str(window)] = built.within_window(tokenizer, window)
+            out["within_window"][str(window)] = built.within_window(tokenizer, window, out["needle_distance"])
         if loaded_here:
             del model, tok
             gc.collect()
+    for window in out["within_window"]:
+        out["beyond_window"][window] = {name: built.beyond_window(scores, int(window), out["needle_distance"])
+                                        for name, scores in out["per_request"].items()}
     return out
 
 
 def write_long_context(results: Mapping[str, Any], out_dir: str | os.PathLike) -> dict[str, Path]:
     """``long_context.json``, ``long_context.md`` (accuracy per task and length, every model, and the share of needles
-    inside each student window) and ``long_context.png`` (accuracy against length) in ``out_dir``."""
+    inside each student window; then each model's accuracy on the needles beyond that window) and
+    ``long_context.png`` (accuracy against length) in ``out_dir``."""
     import json
 
     out = Path(out_dir)
@@ -301,6 +339,14 @@ def write_long_context(results: Mapping[str, Any], out_dir: str | os.PathLike) -
         for window, scores in results.get("within_window", {}).items():
             lines.append(f"| {task} | _needle in the last {window} tokens_ | " + " | ".join(_cells(scores[task], lengths))
                          + " |")
+    for window, models in results.get("beyond_window", {}).items():
+        lines += ["", f"Accuracy on the needles that begin more than {window} tokens before the prompt's end (beyond the "
+                  "window: what the memory or full-attention heads retrieve), with the number of such requests.", "",
+                  "| task | model | " + " | ".join(f"{n:,}" for n in lengths) + " |", "|---|---|" + "---|" * len(lengths)]
+        for task in settings["tasks"]:
+            for name, scores in models.items():
+                cells = _cells(scores[task], lengths, lambda c: f"{c['accuracy']:.3f} ({c['requests']})")
+                lines.append(f"| {task} | {name} | " + " | ".join(cells) + " |")
     paths = {"json": out / "long_context.json", "markdown": out / "long_context.md", "plot": out / "long_context.png"}
     paths["json"].write_text(json.dumps(results, indent=2))
     paths["markdown"].write_text("\n".join(lines) + "\n")
@@ -308,10 +354,10 @@ def write_long_context(results: Mapping[str, Any], out_dir: str | os.PathLike) -
     return paths
 
 
-def _cells(by_length: Mapping[Any, float], lengths: Sequence[int]) -> list[str]:
-    """Table cells of one row {length: accuracy}, the lengths as numbers or (read back from JSON) as strings."""
+def _cells(by_length: Mapping[Any, Any], lengths: Sequence[int], fmt: Any = "{:.3f}".format) -> list[str]:
+    """Table cells of one row {length: value}, the lengths as numbers or (read back from JSON) as strings."""
     values = [by_length.get(n, by_length.get(str(n))) for n in lengths]
-    return ["" if v is None else f"{v:.3f}" for v in values]
+    return ["" if v is None else fmt(v) for v in values]
 
 
 # ------------------------------------------------------------------------------------- KL and perplexity by position
