@@ -46,6 +46,7 @@ def load_run(folder: Path) -> dict[str, Any]:
     by_position = report / "by_position.json"
     return {
         "stage": final,
+        "data": held_out.get("data"),  # the held-out tokens' fingerprint (reports that predate it: None)
         "held_out": held_out["rows"][final],
         "ruler": ruler["models"][student],
         "teacher_ruler": ruler["models"][teacher] if teacher else None,
@@ -65,6 +66,7 @@ def compare(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     first_label = next(iter(runs))
     first = runs[first_label]["held_out"].get("per_sequence")
+    first_data = runs[first_label]["data"]
     for label, run in runs.items():
         held = run["held_out"]
         row = {"run": label, "mixer": run["mixer"], "kept heads": len(run["heads"]),
@@ -73,7 +75,8 @@ def compare(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                "full_attention_heads": run["heads"]}
         own = held.get("per_sequence")
         for part in PAIRED:  # this run minus the first on the same held-out sequences
-            paired = own and first and label != first_label
+            same_data = first_data is None or run["data"] is None or run["data"] == first_data
+            paired = own and first and label != first_label and same_data
             row[f"{part} - first run"] = paired_kl_difference(own[part], first[part]) if paired else None
         for task, by_length in run["ruler"].items():
             for length, accuracy in by_length.items():

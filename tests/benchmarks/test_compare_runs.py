@@ -88,5 +88,11 @@ def test_same_heads_no_budget_plot_and_missing_ruler_refused(module, tmp_path):
     c = _run(tmp_path / "c", 0.4, 0.5, [], ruler=False)
     with pytest.raises(SystemExit, match="no long_context.json"):
         module.main(["--out", str(tmp_path / "out2"), "--run", f"c={c}"])
+    # held-out data of another mixture (another fingerprint): no pairing
+    for folder, data in ((a, "aaaa"), (b, "bbbb")):
+        held = json.loads((folder / "report" / "held_out.json").read_text())
+        (folder / "report" / "held_out.json").write_text(json.dumps({**held, "data": data}))
+    module.main(["--out", str(tmp_path / "out4"), "--run", f"a={a}", "--run", f"b={b}"])
+    assert json.loads((tmp_path / "out4" / "compare.json").read_text())["rows"][1]["kl - first run"] is None
     with pytest.raises(SystemExit, match="LABEL=DIR"):
         module.main(["--out", str(tmp_path / "out3"), "--run", str(a)])

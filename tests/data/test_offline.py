@@ -57,10 +57,10 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     return out, manifest
 
 
-def test_builds_four_nonempty_domains(corpus: tuple[Path, dict]) -> None:
+def test_builds_every_domain_nonempty(corpus: tuple[Path, dict]) -> None:
     out, manifest = corpus
     assert json.loads((out / "manifest.json").read_text()) == manifest
-    assert set(manifest["domains"]) == set(DOMAINS) == {"chat", "code", "prose", "math"}
+    assert set(manifest["domains"]) == set(DOMAINS) == {"chat", "code", "prose", "math", "recall"}
     for domain, info in manifest["domains"].items():
         lines = (out / f"{domain}.jsonl").read_text(encoding="utf-8").splitlines()
         assert len(lines) == info["docs"] > 0

@@ -30,8 +30,11 @@ def test_run_with_experts_and_report(tmp_path):
     torch.testing.assert_close(m[key], 0.75 * a[key] + 0.25 * b[key])
     assert not torch.equal(a[key], b[key])
     assert AutoModelForCausalLM.from_pretrained(out / "merged") is not None
-    report = json.loads((out / "report" / "held_out.json").read_text())["rows"]
+    held_out = json.loads((out / "report" / "held_out.json").read_text())
+    report = held_out["rows"]
     assert set(report) == {"converted (untrained)", "after Stage I", "after Stage II", "merged experts (Stage III)"}
+    from xlstm_distill.stages.report import fingerprint  # the held-out tokens' identity, for pairing across runs
+    assert held_out["data"] == fingerprint(RunContext(Recipe.load(path)).held_out_batches())
     assert all({"kl_in_window", "kl_beyond_window", "tokens_beyond_window"} <= set(r) for r in report.values())
     assert (out / "report" / "held_out.png").stat().st_size > 0
     by_position = json.loads((out / "report" / "by_position.json").read_text())  # long held-out documents

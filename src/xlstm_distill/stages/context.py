@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from xlstm_distill.data import (SPLIT_RULE, SPLITS, PackedDataset, Source, build_offline_corpora, data_split,
+from xlstm_distill.data import (DOMAINS, SPLIT_RULE, SPLITS, PackedDataset, Source, build_offline_corpora, data_split,
                                 long_documents, offline_sources)
 from xlstm_distill.modeling import HybridConfig, HybridForCausalLM
 from xlstm_distill.stages.distributed import Distributed
@@ -100,9 +100,12 @@ class RunContext:
         data = self.recipe.data
         if data.offline_corpora is not None:
             folder = Path(data.offline_corpora)
-            if not (folder / "manifest.json").exists() and is_main_process():
+            manifest = folder / "manifest.json"
+            built = set(json.loads(manifest.read_text())["domains"]) if manifest.exists() else set()
+            wanted = set(data.weights or DOMAINS) & set(DOMAINS)
+            if (not built or wanted - built) and is_main_process():  # first use, or a domain added to the weights
                 build_offline_corpora(folder, max_bytes_per_domain=int(data.max_mb_per_domain * 1e6),
-                                      seed=self.recipe.seed)
+                                      seed=self.recipe.seed, domains=sorted(wanted - built))
             self.dist.barrier()
             base = offline_sources(folder, data.weights, loss_on=data.loss_on)
         else:

@@ -42,13 +42,25 @@ def run(ctx: RunContext) -> dict[str, dict[str, float]]:
         Console().print(line)
     out = ctx.report_dir
     out.mkdir(exist_ok=True)
-    (out / "held_out.json").write_text(json.dumps({"teacher": ctx.recipe.teacher, "rows": rows, "changes": changes},
-                                                  indent=2))
+    (out / "held_out.json").write_text(json.dumps({"teacher": ctx.recipe.teacher, "data": fingerprint(batches),
+                                                   "rows": rows, "changes": changes}, indent=2))
     plot(rows, out / "held_out.png")
     if ctx.recipe.evaluate.long_documents:
         position_report(ctx, students, out)
     domains.run(ctx)
     return rows
+
+
+def fingerprint(batches: list[dict[str, torch.Tensor]]) -> str:
+    """The held-out tokens' identity (sha256 of input ids and loss masks, 16 hex digits): reports of different runs
+    are paired sequence by sequence only when it is the same."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for batch in batches:
+        for key in ("input_ids", "loss_mask"):
+            digest.update(batch[key].cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def position_report(ctx: RunContext, students: dict[str, Path], out: Path) -> dict[str, dict[str, list[float]]]:
