@@ -25,6 +25,7 @@ from typing import Any
 
 from xlstm_distill.evaluation.long_context import write_by_position, write_long_context
 from xlstm_distill.metrics import paired_kl_difference
+from xlstm_distill.modeling import HybridConfig
 
 PAIRED = ("kl", "kl_beyond_window")  # held-out KL parts paired with the first run's
 
@@ -43,6 +44,7 @@ def load_run(folder: Path) -> dict[str, Any]:
     names = list(ruler["models"])  # xlstm-distill evaluate writes the teacher first, the student last
     teacher, student = (names[0], names[-1]) if len(names) > 1 else (None, names[0])
     config = json.loads((folder / "stage2" / "model" / "config.json").read_text())
+    student_config = HybridConfig.from_dict(config)
     by_position = report / "by_position.json"
     return {
         "stage": final,
@@ -56,7 +58,7 @@ def load_run(folder: Path) -> dict[str, Any]:
                           for w, by_model in (ruler.get("beyond_window") or {}).items()},
         "by_position": json.loads(by_position.read_text()) if by_position.exists() else None,
         "mixer": config.get("mixer"),
-        "window": config.get("window_size") if config.get("mixer") in ("mlstm_swa", "linear_swa", "swa") else None,
+        "window": student_config.window_size if student_config.uses_swa else None,
         "heads": config.get("full_attention_heads") or [],
         "kv_heads": config["num_hidden_layers"] * config["num_key_value_heads"],
     }
@@ -74,9 +76,9 @@ def compare(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                "kl_in_window": held["kl_in_window"], "kl_beyond_window": held["kl_beyond_window"],
                "full_attention_heads": run["heads"]}
         own = held.get("per_sequence")
+        same_data = first_data is None or run["data"] is None or run["data"] == first_data
+        paired = own and first and label != first_label and same_data
         for part in PAIRED:  # this run minus the first on the same held-out sequences
-            same_data = first_data is None or run["data"] is None or run["data"] == first_data
-            paired = own and first and label != first_label and same_data
             row[f"{part} - first run"] = paired_kl_difference(own[part], first[part]) if paired else None
         for task, by_length in run["ruler"].items():
             for length, accuracy in by_length.items():

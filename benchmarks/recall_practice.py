@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import shutil
 import sys
 from pathlib import Path
 
@@ -42,9 +43,9 @@ def run(recipe_path: Path, out: Path, recall: float, probes: int, overrides: lis
     weights = dict(base.data.weights or {src.name: src.weight for src in ctx.sources()})
     if "recall" in weights:
         raise SystemExit(f"{recipe_path} trains on the recall corpus already: compare against a recipe without it.")
-    variants = {"plain": base,
-                "recall": Recipe.load(recipe_path, overrides + [f"out_dir={out / 'recall'}",
-                                                               f"data.weights={dict(weights, recall=recall)}"])}
+    variants = {"plain": (base, 0.0),
+                "recall": (Recipe.load(recipe_path, overrides + [f"out_dir={out / 'recall'}",
+                                                                f"data.weights={dict(weights, recall=recall)}"]), recall)}
     teacher, tokenizer = ctx.teacher, ctx.tokenizer
     converted = convert.run(ctx)
     reach = ctx.load_student(converted).config.window_reach or 0
@@ -58,11 +59,11 @@ def run(recipe_path: Path, out: Path, recall: float, probes: int, overrides: lis
     if ruler:
         teacher_row["teacher ruler"] = _mean(ruler.score_requests(teacher, tokenizer))
     students = {"converted": (converted, 0.0, 0)}
-    for name, recipe in variants.items():
+    for name, (recipe, weight) in variants.items():
         run_ctx = RunContext(recipe)
-        convert.run(run_ctx)
-        students[f"Stage I, {name}"] = (align.run(run_ctx), recipe.data.weights.get("recall", 0.0) if
-                                        recipe.data.weights else 0.0, recipe.align.steps)
+        if run_ctx.converted_dir != converted:  # both runs start from the one converted student
+            shutil.copytree(converted, run_ctx.converted_dir, dirs_exist_ok=True)
+        students[f"Stage I, {name}"] = (align.run(run_ctx), weight, recipe.align.steps)
     rows = []
     for name, (folder, weight, steps) in students.items():
         student = ctx.load_student(folder).eval()

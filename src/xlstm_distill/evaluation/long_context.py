@@ -194,15 +194,12 @@ class RulerSet:
         """{task: {length: {"accuracy", "requests"}}}: a model's mean score (``scores``, one per request, from
         :meth:`score_requests`) on the requests whose every needle value begins more than ``window`` tokens before
         the prompt's end: what it retrieves from beyond a window of that size (its memory or full-attention heads)."""
-        beyond = [all(d is not None and d > window for d in row) for row in distances]
-        out: dict[str, dict[int, dict[str, float]]] = {name: {} for name in self.names}
-        for name in self.names:
-            for n in self.lengths:
-                chosen = [x for x, r, far in zip(scores, self.requests, beyond)
-                          if far and r["task"] == name and r["length"] == n]
-                if chosen:
-                    out[name][n] = {"accuracy": sum(chosen) / len(chosen), "requests": len(chosen)}
-        return out
+        chosen: dict[str, dict[int, list[float]]] = {name: {} for name in self.names}
+        for score, request, row in zip(scores, self.requests, distances):
+            if all(d is not None and d > window for d in row):
+                chosen[request["task"]].setdefault(request["length"], []).append(score)
+        return {name: {n: {"accuracy": sum(v) / len(v), "requests": len(v)} for n in self.lengths if (v := by.get(n))}
+                for name, by in chosen.items()}
 
     def by_length(self, values: Sequence[float]) -> dict[str, dict[int, float]]:
         """{task: {length: mean}} of one value per request."""
