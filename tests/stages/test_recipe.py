@@ -32,7 +32,8 @@ def test_run_with_experts_and_report(tmp_path):
     assert AutoModelForCausalLM.from_pretrained(out / "merged") is not None
     held_out = json.loads((out / "report" / "held_out.json").read_text())
     report = held_out["rows"]
-    assert set(report) == {"converted (untrained)", "after Stage I", "after Stage II", "merged experts (Stage III)"}
+    assert set(report) == {"converted (untrained)", "after Stage I", "after Stage II", "merged experts (Stage III)",
+                           "merged experts, uniform (Stage III)"}
     from xlstm_distill.stages.report import fingerprint  # the held-out tokens' identity, for pairing across runs
     assert held_out["data"] == fingerprint(RunContext(Recipe.load(path)).held_out_batches())
     assert all({"kl_in_window", "kl_beyond_window", "tokens_beyond_window"} <= set(r) for r in report.values())
@@ -52,12 +53,15 @@ def test_run_with_experts_and_report(tmp_path):
 
 def check_domain_report(path, out):
     """Stage III per domain: every model on every domain's held-out documents, the numbers those of
-    compare_to_teacher on that domain's held-out batches, merged - generalist paired per domain."""
+    compare_to_teacher on that domain's held-out batches, each merged model - generalist paired per domain; the
+    uniform merge of the same experts written beside the given weights' merge."""
     from xlstm_distill.stages.common import compare_to_teacher
     from xlstm_distill.stages.domains import GENERALIST
 
     report = json.loads((out / "report" / "domains.json").read_text())
-    labels = ["expert a", "expert b", "merged (given weights)", GENERALIST]
+    labels = ["expert a", "expert b", "merged (given weights)", "merged (uniform)", GENERALIST]
+    info = json.loads((out / "merged-uniform" / "merge_info.json").read_text())
+    assert info["normalized_weights"] == [0.5, 0.5] and "sweep" not in info
     assert list(report["models"]) == labels and set(report["domains"]) == {"a", "b"}
     ctx = RunContext(Recipe.load(path))
     for domain, d in report["domains"].items():
@@ -66,15 +70,17 @@ def check_domain_report(path, out):
         generalist = compare_to_teacher(ctx.load_student(out / "stage2" / "model").eval(), ctx.teacher, batches)
         assert d["rows"][GENERALIST]["kl"] == pytest.approx(generalist["kl"], rel=1e-5)
         assert d["rows"][GENERALIST]["student_ppl"] == pytest.approx(generalist["student_ppl"], rel=1e-5)
-        diff = d["merged - generalist"]
-        assert diff["difference"] == pytest.approx(d["rows"]["merged (given weights)"]["kl"] - generalist["kl"],
-                                                   rel=1e-4, abs=1e-7)
-        assert diff["stderr"] > 0
+        assert list(d["merged - generalist"]) == ["merged (given weights)", "merged (uniform)"]
+        for label, diff in d["merged - generalist"].items():
+            assert diff["difference"] == pytest.approx(d["rows"][label]["kl"] - generalist["kl"], rel=1e-4, abs=1e-7)
+            assert diff["stderr"] > 0
+    rows = report["domains"]["a"]["rows"]  # the two merges differ
+    assert rows["merged (given weights)"]["kl"] != rows["merged (uniform)"]["kl"]
     # the domains' held-out documents differ, so do the measurements
     assert report["domains"]["a"]["rows"][GENERALIST]["kl"] != report["domains"]["b"]["rows"][GENERALIST]["kl"]
     markdown = (out / "report" / "domains.md").read_text()
     assert all(f"| {label} |" in markdown for label in labels) and "| teacher (" in markdown
-    assert markdown.count("merged - generalist KL") == 2
+    assert markdown.count("- generalist KL") == 4
     assert (out / "report" / "domains.png").stat().st_size > 0
 
 
@@ -130,8 +136,9 @@ def test_recipe_defaults_live_in_the_sections(tmp_path):
 
 
 def test_recipe_reference_is_current():
-    """docs/recipes.md is the generated reference of every recipe key (regenerate: python -m
-    xlstm_distill.stages.recipe > docs/recipes.md); every key has a meaning."""
+    """docs/recipes.md is the generated reference of every recipe key (regenerate: python -c "from
+    xlstm_distill.stages.recipe import recipe_reference as r; print(r(), end='')" > docs/recipes.md); every key has
+    a meaning."""
     from pathlib import Path
 
     from xlstm_distill.stages.recipe import recipe_reference

@@ -26,6 +26,8 @@ def run(ctx: RunContext) -> Path | None:
     models = {"teacher": (ctx.teacher, ctx.tokenizer), "student": str(final)}
     if (ctx.merged_dir / "config.json").exists():  # Stage III: merged experts vs the generalist
         models["merged"] = str(ctx.merged_dir)
+    if (ctx.uniform_merged_dir / "config.json").exists():
+        models["merged uniform"] = str(ctx.uniform_merged_dir)
     if cfg.tasks:
         results = evaluate_models(models, tasks=cfg.tasks, num_fewshot=cfg.shots, limit=cfg.limit,
                                   batch_size=cfg.batch_size, output_dir=out)

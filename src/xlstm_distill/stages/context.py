@@ -61,6 +61,11 @@ class RunContext:
         return self.out / "merged"
 
     @property
+    def uniform_merged_dir(self) -> Path:
+        """The uniform merge written beside a swept or weighted one (``experts.uniform_reference``)."""
+        return self.out / "merged-uniform"
+
+    @property
     def targets_dir(self) -> Path:
         return Path(self.recipe.targets.dir) if self.recipe.targets.dir else self.out / "targets"
 
@@ -71,7 +76,8 @@ class RunContext:
     def students(self) -> dict[str, Path]:
         """Every student the recipe has produced so far, by label, in pipeline order."""
         found = {"converted (untrained)": self.converted_dir, "after Stage I": self.stage1_dir,
-                 "after Stage II": self.stage2_dir, "merged experts (Stage III)": self.merged_dir}
+                 "after Stage II": self.stage2_dir, "merged experts (Stage III)": self.merged_dir,
+                 "merged experts, uniform (Stage III)": self.uniform_merged_dir}
         return {label: path for label, path in found.items() if (path / "config.json").exists()}
 
     # -- teacher ---------------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Stage III's per-domain report: on each expert domain's held-out documents (the report's held-out split of that
 domain's data weights), KL(teacher || model) and perplexity of every expert, the merged model, the generalist (the
-recipe's Stage II student, trained on the mixture) and the teacher; merged - generalist per domain, paired over the
-same held-out sequences, with its standard error. Files: ``report/domains.json``, ``.md``, ``.png``."""
+recipe's Stage II student, trained on the mixture) and the teacher; each merged model - generalist per domain, paired
+over the same held-out sequences, with its standard error. Files: ``report/domains.json``, ``.md``, ``.png``."""
 
 from __future__ import annotations
 
@@ -21,10 +21,11 @@ GENERALIST = "generalist (after Stage II)"
 
 def models(ctx: RunContext) -> dict[str, Path]:
     """The Stage III models that exist, by label: each expert, the merged one (labelled by how its weights were
-    chosen), the generalist."""
+    chosen), the uniform merge written beside chosen weights, the generalist."""
     cfg = ctx.recipe.experts
     found = {f"expert {name}": ctx.for_expert(name, weights).stage2_dir for name, weights in cfg.domains.items()}
     found[f"merged ({merge_kind(ctx.merged_dir)})"] = ctx.merged_dir
+    found.setdefault("merged (uniform)", ctx.uniform_merged_dir)
     found[GENERALIST] = ctx.stage2_dir
     return {label: path for label, path in found.items() if (path / "config.json").exists()}
 
@@ -74,17 +75,18 @@ def run(ctx: RunContext) -> dict[str, Any] | None:
     return result
 
 
-def merged_vs_generalist(by_model: dict[str, dict[str, Any]]) -> dict[str, float] | None:
-    """KL of the merged model minus the generalist's on one domain, paired over its held-out sequences."""
-    merged = next((label for label in by_model if label.startswith("merged")), None)
-    if merged is None or GENERALIST not in by_model:
-        return None
-    return paired_kl_difference(by_model[merged]["per_sequence"]["kl"], by_model[GENERALIST]["per_sequence"]["kl"])
+def merged_vs_generalist(by_model: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Merged model label -> its KL minus the generalist's on one domain, paired over the held-out sequences."""
+    if GENERALIST not in by_model:
+        return {}
+    generalist = by_model[GENERALIST]["per_sequence"]["kl"]
+    return {label: paired_kl_difference(rows["per_sequence"]["kl"], generalist)
+            for label, rows in by_model.items() if label.startswith("merged")}
 
 
 def table(name: str, result: dict[str, Any]) -> str:
-    """Markdown: one row per model, per domain its held-out KL(teacher || model) and perplexity; then merged -
-    generalist per domain (± 2 standard errors)."""
+    """Markdown: one row per model, per domain its held-out KL(teacher || model) and perplexity; then each merged
+    model - generalist per domain (± 2 standard errors)."""
     domains = result["domains"]
     labels = list(result["models"])
     first = {domain: next(iter(d["rows"].values())) for domain, d in domains.items()}
@@ -100,9 +102,8 @@ def table(name: str, result: dict[str, Any]) -> str:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines.append("")
     for domain, d in domains.items():
-        diff = d["merged - generalist"]
-        if diff is not None:
-            lines.append(f"- {domain}: merged - generalist KL {diff['difference']:+.4f} ± {2 * diff['stderr']:.4f} "
+        for label, diff in d["merged - generalist"].items():
+            lines.append(f"- {domain}: {label} - generalist KL {diff['difference']:+.4f} ± {2 * diff['stderr']:.4f} "
                          f"(± 2 standard errors, paired over {diff['sequences']} held-out sequences)")
     return "\n".join(lines).rstrip() + "\n"
 
@@ -116,7 +117,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     domains = result["domains"]
     labels = list(result["models"])
-    colors = ["tab:red" if label.startswith("merged") else "tab:gray" if label == GENERALIST else "tab:blue"
+    colors = ["tab:orange" if label == "merged (uniform)" and len(labels) > 1 and any(
+                  other.startswith("merged") and other != label for other in labels)
+              else "tab:red" if label.startswith("merged") else "tab:gray" if label == GENERALIST else "tab:blue"
               for label in labels]
     fig, axes = plt.subplots(1, len(domains), figsize=(3.2 * len(domains), 3.4), squeeze=False, sharey=True)
     for ax, (domain, d) in zip(axes[0], domains.items()):

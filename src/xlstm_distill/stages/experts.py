@@ -14,7 +14,8 @@ from xlstm_distill.stages.trainer import is_main_process
 
 
 def run(ctx: RunContext) -> Path | None:
-    """``out_dir/merged`` (each expert under ``out_dir/experts/NAME``); None without an ``experts`` section."""
+    """``out_dir/merged`` (each expert under ``out_dir/experts/NAME``; with chosen weights also the uniform merge
+    in ``out_dir/merged-uniform``); None without an ``experts`` section."""
     from xlstm_distill.merging import merge, merge_with_sweep, sweep_batches  # here: merging uses the stages' helpers
 
     cfg = ctx.recipe.experts
@@ -34,5 +35,9 @@ def run(ctx: RunContext) -> Path | None:
             merge_with_sweep(paths, out, ctx.teacher, domains, cfg.sweep, data=data, device=ctx.device,
                              dtype=ctx.autocast,
                              log=lambda line: Console().print(line, markup=False, highlight=False, soft_wrap=True))
+    uniform = ctx.uniform_merged_dir
+    if (cfg.sweep is not None or cfg.merge_weights is not None) and cfg.uniform_reference and not (uniform / "config.json").exists() \
+            and is_main_process():
+        merge(paths, None, uniform)  # the reference the chosen weights are measured against
     ctx.dist.barrier()
     return out

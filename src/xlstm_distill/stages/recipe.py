@@ -229,6 +229,8 @@ class ExpertsSection:
                                                            "default uniform).")
     sweep: SweepConfig | None = setting(None, "Choose the merge weights on each expert's domain, on the sweep split "
                                               "(`experts.sweep` below); absent: `merge_weights` or uniform.")
+    uniform_reference: bool = setting(True, "With `merge_weights` or `sweep`, also write the uniform merge of the "
+                                            "same experts (`out_dir/merged-uniform`), so the report compares both.")
     distill_steps: int | None = setting(None, "Stage II steps of each expert (default: `distill.steps`); the "
                                               "generalist keeps `distill.steps`, so it can get the experts' total.")
     num_sequences: int | None = setting(None, "Teacher target sequences of each expert (default: "
