@@ -5,6 +5,8 @@ facts ``The <key> code is <6 digits>.`` hidden in a document more than the windo
 
 * ``needles``: the share of fresh probes in held-out documents whose every answer digit is the model's argmax
   (teacher-forced: greedy decoding's answer), teacher included;
+* ``needle_information``: on the same probes, how much of the hidden fact reaches the answer (nats per answer token:
+  log p(answer) minus log p(answer) with the fact's value swapped; 0 for a model that sees nothing beyond its window);
 * ``calibration_kl``: KL(teacher || student) on the answers of the calibration probes that ``select_heads`` scores
   with (training documents, the recipe's seed and lengths), per answer token.
 
@@ -23,7 +25,7 @@ from pathlib import Path
 
 from xlstm_distill.benchmarks.report import write_results
 from xlstm_distill.data.documents import long_documents
-from xlstm_distill.evaluation.heads import head_scores, needle_probes, probe_accuracy
+from xlstm_distill.evaluation.heads import head_scores, needle_information, needle_probes, probe_accuracy
 from xlstm_distill.stages import Recipe, RunContext, select_heads
 from xlstm_distill.stages.common import autocast
 
@@ -39,11 +41,13 @@ def run(recipe_path: Path, models: dict[str, Path], probes: int, overrides: list
     calibration = select_heads.calibration(ctx, "needles", samples, length, reach)  # the ones select_heads scores
     held_out = needle_probes(long_documents(ctx.sources("held_out"), tokenizer, length, probes), tokenizer, probes,
                              length, reach, seed=seed + 1000)
-    rows = [{"model": "teacher", "needles": probe_accuracy(ctx.teacher, held_out)}]
+    rows = [{"model": "teacher", "needles": probe_accuracy(ctx.teacher, held_out),
+             "needle_information": needle_information(ctx.teacher, held_out)}]
     for name, student in students.items():
         with autocast(ctx.device, ctx.autocast):
             kl = head_scores(student, ctx.teacher, calibration, candidates=[]).baseline
             rows.append({"model": name, "path": str(models[name]), "needles": probe_accuracy(student, held_out),
+                         "needle_information": needle_information(student, held_out),
                          "calibration_kl": kl, "full_attention_heads": student.config.full_attention_heads})
         print(rows[-1], flush=True)
     return rows
@@ -55,13 +59,16 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
     names = [r["model"] for r in rows]
-    axes[0].bar(names, [r["needles"] for r in rows], color=["k"] + ["C0"] * (len(rows) - 1))
+    colors = ["k"] + ["C0"] * (len(rows) - 1)
+    axes[0].bar(names, [r["needles"] for r in rows], color=colors)
     axes[0].set_title("needles in held-out text (answer exact)")
     axes[0].set_ylim(0, 1)
-    axes[1].bar(names[1:], [r["calibration_kl"] for r in rows[1:]])
-    axes[1].set_title("KL(teacher || student) on the calibration answers")
+    axes[1].bar(names, [r["needle_information"] for r in rows], color=colors)
+    axes[1].set_title("fact reaching the answer (nats / answer token)")
+    axes[2].bar(names[1:], [r["calibration_kl"] for r in rows[1:]])
+    axes[2].set_title("KL(teacher || student) on the calibration answers")
     for ax in axes:
         ax.tick_params(axis="x", labelrotation=20, labelsize=8)
         ax.grid(alpha=0.3, axis="y")
@@ -87,7 +94,7 @@ def main() -> None:
     rows = run(args.recipe, models, args.probes, args.overrides)
     command = "python benchmarks/needle_retrieval.py " + shlex.join(sys.argv[1:])
     write_results(args.out, "needle_retrieval", rows, command,
-                  ["model", "needles", "calibration_kl", "full_attention_heads"], plot)
+                  ["model", "needles", "needle_information", "calibration_kl", "full_attention_heads"], plot)
 
 
 if __name__ == "__main__":

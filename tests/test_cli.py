@@ -81,3 +81,29 @@ def test_ruler_set_is_built_once_and_scored_by_evaluate(tmp_path, monkeypatch):
                                  "--device", "cpu", "--output-dir", str(tmp_path / "ev2")])
     message = " ".join(result.output.replace("│", " ").split())
     assert result.exit_code != 0 and "is not a RULER set" in message, message
+
+
+def test_evaluate_positions_reports_kl_by_position_and_the_memorys_gates(tmp_path):
+    """`evaluate --positions FILE`: KL by position on the file's held-out long documents, and for a student with an
+    output gate its mean per head and the memory's horizon (output_gates.json, .png, one summary line each)."""
+    import json
+
+    from helpers import REAL_TEXT
+
+    tiny_recipe(tmp_path, "unused")
+    teacher = tmp_path / "teacher"
+    student = tmp_path / "student"
+    assert runner.invoke(app, ["convert", "--teacher", str(teacher), "--out", str(student), "--window", "16"]).exit_code == 0
+    words = REAL_TEXT.split()
+    docs = [" ".join(words[i % 500:] + words[:i % 500]) for i in range(300)]  # the held-out split keeps 1 in 50
+    (tmp_path / "long.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    out = tmp_path / "ev"
+    result = runner.invoke(app, ["evaluate", "--teacher", str(teacher), "--student", f"hybrid={student}",
+                                 "--positions", str(tmp_path / "long.jsonl"), "--position-length", "64",
+                                 "--position-documents", "2", "--position-bucket", "16", "--device", "cpu",
+                                 "--output-dir", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "| 48-63 |" in (out / "by_position.md").read_text()
+    gates = json.loads((out / "output_gates.json").read_text())["hybrid"]
+    assert len(gates["horizon"]) == 2 and gates["tokens"] == {"inside": 2 * 20, "beyond": 2 * 44}  # reach 16 + 4
+    assert "hybrid: memory horizon median" in result.output and (out / "output_gates.png").stat().st_size > 0

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 from helpers import REAL_TEXT, tiny_recipe
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
@@ -59,6 +61,8 @@ def test_needle_retrieval_of_teacher_and_students(tmp_path, monkeypatch):
     rows = module.run(recipe, {"converted": converted, "all kept": tmp_path / "all-kept"}, probes=3, overrides=[])
     assert [r["model"] for r in rows] == ["teacher", "converted", "all kept"]
     assert rows[2]["calibration_kl"] < 1e-4 and rows[2]["needles"] == rows[0]["needles"]
+    assert rows[2]["needle_information"] == pytest.approx(rows[0]["needle_information"], abs=1e-4)  # the teacher
+    assert rows[1]["needle_information"] != rows[0]["needle_information"]
     assert rows[1]["calibration_kl"] > rows[2]["calibration_kl"]
     module.plot(rows, tmp_path / "needles.png")
     assert (tmp_path / "needles.png").stat().st_size > 0

@@ -40,6 +40,7 @@ def test_stage_one_with_and_without_recall(tmp_path, monkeypatch):
         ("converted", 0.0, 0), ("Stage I, plain", 0.0, 2), ("Stage I, recall", 1.0, 2)]
     for row in rows:
         assert row["kl"] >= 0 and 0 <= row["needles"] <= 1 and 0 <= row["teacher needles"] <= 1
+        assert row["needle information"] != row["teacher needle information"]
     assert rows[1]["kl"] != rows[2]["kl"]  # different training data, different students
     module.plot(rows, tmp_path / "out" / "plot.png")
     assert (tmp_path / "out" / "plot.png").stat().st_size > 0

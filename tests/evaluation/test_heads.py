@@ -9,8 +9,8 @@ from typer.testing import CliRunner
 
 import xlstm_distill as xd
 from helpers import perturb_new_parameters, tiny_recipe, tiny_teacher
-from xlstm_distill.evaluation.heads import (Calibration, choose_heads, head_scores, needle_probes, retrieval_probes,
-                                            text_calibration, write_head_scores)
+from xlstm_distill.evaluation.heads import (Calibration, choose_heads, head_scores, needle_information, needle_probes,
+                                            retrieval_probes, text_calibration, write_head_scores)
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +57,39 @@ def test_needle_probes_hide_facts_beyond_the_window_and_score_the_asked_digits(t
         assert text.count(" code is ") == 3  # two facts and the question
         before = tokenizer.decode(ids[at - 1:at])
         assert before.rstrip(" ")[-1] in ".!?\n"  # inserted at the end of a sentence
+        # the counterfactual: the same tokens except the asked fact's value (same length), the same answer
+        other = probe.counterfactual.tolist()
+        differ = [i for i in range(len(ids)) if ids[i] != other[i]]
+        assert len(other) == len(ids) and differ and at + 4 <= min(differ) and max(differ) < at + len(fact) - 1
+        swapped = tokenizer.decode(other[at:at + len(fact)])
+        assert swapped.startswith(f" The {key} code is ") and swapped[-7:-1].isdigit() and swapped[-7:-1] != value
     with pytest.raises(ValueError, match="no room"):
         needle_probes(documents, tokenizer, 1, 80, reach=70)
+
+
+def test_needle_information_is_the_answers_log_probability_gain_and_zero_beyond_the_window():
+    """needle_information: mean log p(answer | probe) - log p(answer | value swapped); exactly 0 for a student whose
+    window cannot see the swapped tokens, not 0 for the teacher, who sees them."""
+    teacher = tiny_teacher()
+    g = torch.Generator().manual_seed(0)
+    probes = []
+    for _ in range(2):
+        ids = torch.randint(3, 128, (40,), generator=g)
+        swapped = ids.clone()
+        swapped[5:8] = torch.randint(3, 128, (3,), generator=g)  # the "value", far before the answer
+        probes.append(Calibration(ids, (torch.arange(40) >= 35) & (torch.arange(40) < 39), swapped))
+    gain = needle_information(teacher, probes)
+    expected = []
+    for probe in probes:
+        where = probe.scored.nonzero().flatten()
+        logps = [torch.log_softmax(teacher(input_ids=x[None]).logits[0, where], -1)
+                 .gather(-1, probe.input_ids[where + 1, None]).mean() for x in (probe.input_ids, probe.counterfactual)]
+        expected.append((logps[0] - logps[1]).item())
+    assert gain == pytest.approx(sum(expected) / 2, rel=1e-5) and abs(gain) > 1e-4
+    window = xd.convert(teacher, xd.HybridConfig(mixer="swa", window_size=8, num_sink_tokens=2))
+    assert needle_information(window, probes) == 0.0  # the swapped tokens lie beyond its window and sinks
+    with pytest.raises(ValueError, match="counterfactual"):
+        needle_information(teacher, [Calibration(probes[0].input_ids, probes[0].scored)])
 
 
 def test_text_calibration_scores_only_past_the_window():

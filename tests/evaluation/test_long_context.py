@@ -2,6 +2,7 @@
 perplexity by position against simple truths (a student that is the teacher inside its window)."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -160,8 +161,9 @@ def test_by_position_is_zero_where_the_student_sees_what_the_teacher_sees(tmp_pa
 
 def test_output_gates_report_the_memorys_share_per_layer_and_head(tmp_path):
     """A converted student's output gates are their initial value sigmoid(-3) everywhere (zero weights), except
-    within the window's reach, where the exact student applies none; a mixer without an output gate reports nothing;
-    the heat map is drawn."""
+    within the window's reach, where the exact student applies none; the memory's horizon is 1 / -log sigmoid(bias)
+    of each head's initial forget bias, and it follows a changed bias; a mixer without an output gate reports nothing;
+    linear_swa (no forget gate) no horizon; the heat maps are drawn."""
     from xlstm_distill.evaluation.long_context import output_gates, plot_output_gates
 
     teacher = tiny_teacher("llama")
@@ -172,6 +174,17 @@ def test_output_gates_report_the_memorys_share_per_layer_and_head(tmp_path):
     start = torch.sigmoid(torch.tensor(-3.0)).item()
     torch.testing.assert_close(torch.tensor(gates["beyond"]), torch.full((2, 4), start), atol=1e-6, rtol=1e-6)
     assert torch.tensor(gates["inside"]).eq(0).all()  # exact_within_window (the default): the window branch alone
+    bias = torch.linspace(3.0, 6.0, 4)  # HybridConfig.forget_gate_bias, spread over the heads
+    expected = 1 / -torch.nn.functional.logsigmoid(bias)  # 20.6 ... 404 tokens
+    torch.testing.assert_close(torch.tensor(gates["horizon"]), expected.expand(2, 4), rtol=1e-5, atol=0)
+    gate = student.model.layers[1].self_attn.gate_proj
+    with torch.no_grad():
+        gate.bias[4 + 2] = 9.0  # layer 1, head 2: forget bias 9 (layout [input, forget, output] x heads)
+    horizon = torch.tensor(output_gates(student, documents, reach=10)["horizon"])
+    assert horizon[1, 2].item() == pytest.approx(1 / math.log1p(math.exp(-9.0)), rel=1e-4)
+    assert horizon[0, 2].item() == pytest.approx(expected[2].item(), rel=1e-5)
+    assert "horizon" not in output_gates(xd.convert(teacher, xd.HybridConfig(mixer="linear_swa", window_size=8)),
+                                         documents, 10)
     learned = xd.convert(teacher, xd.HybridConfig(window_size=8, num_sink_tokens=2, exact_within_window=False))
     torch.testing.assert_close(torch.tensor(output_gates(learned, documents, reach=10)["inside"]),
                                torch.full((2, 4), start), atol=1e-6, rtol=1e-6)
@@ -181,6 +194,8 @@ def test_output_gates_report_the_memorys_share_per_layer_and_head(tmp_path):
                                                full_attention_layers=[1]))
     beyond = torch.tensor(output_gates(kept, documents, reach=10)["beyond"])
     assert beyond[0, 2:].isnan().all() and beyond[1].isnan().all()
+    horizon = torch.tensor(output_gates(kept, documents, reach=10)["horizon"])
+    assert horizon[0, 2:].isnan().all() and horizon[1].isnan().all() and horizon[0, :2].isfinite().all()
     torch.testing.assert_close(beyond[0, :2], torch.full((2,), start), atol=1e-6, rtol=1e-6)
     plot_output_gates({"student": gates}, tmp_path / "gates.png")
     assert (tmp_path / "gates.png").stat().st_size > 0

@@ -183,23 +183,32 @@ def _ruler(models: dict, teacher_key: str, tasks: list[str], lengths: list[int],
 
 def _positions(models: dict, teacher_key: str, data: Path, length: int, count: int, bucket: int,
                output_dir: Path) -> None:
-    """KL to the teacher and perplexity by position on the held-out long documents of ``data`` (by_position.*)."""
+    """KL to the teacher and perplexity by position on the held-out long documents of ``data`` (by_position.*); for
+    students with an output gate, its mean per head and the memory's horizon (output_gates.*)."""
+    import torch
+
     from xlstm_distill.data import Source, held_out_split, long_documents, offline_sources
-    from xlstm_distill.evaluation.long_context import by_position, write_by_position
+    from xlstm_distill.evaluation.long_context import by_position, output_gates, write_by_position, write_output_gates
 
     sources = offline_sources(data) if (data / "manifest.json").exists() else [Source(data)]
     teacher, tokenizer = models[teacher_key]()
     documents = long_documents([held_out_split(s, held_out=True) for s in sources], tokenizer, length, count)
     if not documents:
         raise ValueError(f"No held-out document of {data} has {length} tokens: lower --position-length.")
-    rows = {}
+    rows, gates, windows = {}, {}, set()
     for name, loader in models.items():
         if name != teacher_key:
             student = loader()[0]
             rows[name] = by_position(student, teacher, documents, bucket)
+            if getattr(student.config, "uses_swa", False):
+                windows.add(student.config.window_size)
+                with torch.no_grad():
+                    gates[name] = output_gates(student, documents, student.config.window_reach)
             del student
     files = write_by_position(rows, output_dir, len(documents), length, bucket, None)
     typer.echo(files["markdown"].read_text())
+    for line in write_output_gates(gates, output_dir, min(windows, default=0)):
+        typer.echo(line)
 
 
 def _unique(name: str, taken) -> str:

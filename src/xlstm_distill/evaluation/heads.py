@@ -32,6 +32,7 @@ class Calibration:
 
     input_ids: torch.Tensor  # (T,) long
     scored: torch.Tensor  # (T,) bool: the prediction made at this position (of token t + 1) counts
+    counterfactual: torch.Tensor | None = None  # (T,) long: needle probes, the asked fact's value swapped (same length)
 
 
 @dataclass
@@ -110,6 +111,7 @@ def needle_probes(documents: list[torch.Tensor], tokenizer: Any, count: int, len
         asked = rng.randrange(needles)
         question = ids(f"\n\nQuestion: What is the {keys[asked]} code?\nAnswer: The {keys[asked]} code is")
         answer = ids(f" {values[asked]}")
+        other = _same_length_value(ids, keys[asked], values[asked], random.Random(seed * 1_000_003 + index))
         room = length - len(ids(header)) - len(question) - len(answer) - sum(map(len, facts))  # haystack tokens
         if room - reach < needles:
             raise ValueError(f"needle_probes: {length} tokens leave no room for {needles} facts more than {reach} "
@@ -119,17 +121,53 @@ def needle_probes(documents: list[torch.Tensor], tokenizer: Any, count: int, len
             raise ValueError(f"needle_probes needs documents of at least {room} tokens, got {len(haystack)}.")
         ends = [i for i in range(1, room - reach) if tokenizer.decode(haystack[i - 1:i]).rstrip(" ")[-1:] in ".!?\n"]
         depths = sorted(rng.sample(ends if len(ends) >= needles else range(room - reach), needles))
-        prompt = ids(header)
-        for depth, fact, start in zip(depths, facts, [0] + depths):
-            prompt += haystack[start:depth] + fact
-        prompt += haystack[depths[-1]:] + question
+        swapped = facts[:asked] + [ids(f" The {keys[asked]} code is {other}.")] + facts[asked + 1:]
+        prompts = []
+        for hidden in (facts, swapped):  # the probe, and the same text with the asked fact's value swapped
+            prompt = ids(header)
+            for depth, fact, start in zip(depths, hidden, [0] + depths):
+                prompt += haystack[start:depth] + fact
+            prompts.append(prompt + haystack[depths[-1]:] + question)
+        prompt, swapped_prompt = prompts
         while tokenizer.decode(answer[:1]).strip() == "":  # the space before the digits (a token of its own in some
             prompt, answer = prompt + answer[:1], answer[1:]  # vocabularies) is not what retrieval is about
         full = torch.tensor(prompt + answer, dtype=torch.long)
         scored = torch.zeros(len(full), dtype=torch.bool)
         scored[len(prompt) - 1:len(full) - 1] = True  # the predictions of the answer's tokens
-        out.append(Calibration(full, scored))
+        counterfactual = torch.tensor(swapped_prompt + full[len(swapped_prompt):].tolist(), dtype=torch.long)
+        out.append(Calibration(full, scored, counterfactual))
     return out
+
+
+def _same_length_value(ids: Any, key: str, value: str, rng: random.Random) -> str:
+    """Another 6-digit value whose fact sentence has as many tokens as the one with ``value``."""
+    size = len(ids(f" The {key} code is {value}."))
+    for _ in range(1000):
+        other = str(rng.randrange(100_000, 1_000_000))
+        if other != value and len(ids(f" The {key} code is {other}.")) == size:
+            return other
+    raise ValueError(f"needle_probes: no other value of the {key} code tokenizes to {size} tokens.")
+
+
+@torch.no_grad()
+def needle_information(model: torch.nn.Module, probes: list[Calibration]) -> float:
+    """How much of the hidden fact reaches the answer, in nats per answer token: the mean log-probability of the
+    answer's tokens given the probe minus given the same probe with the asked fact's value swapped. Continuous where
+    accuracy is 0 or 1: exactly 0 for a model that sees nothing beyond its window (the two prompts differ only there),
+    a few nats for one that retrieves the fact."""
+    device = next(model.parameters()).device
+    gains = []
+    for probe in probes:
+        if probe.counterfactual is None:
+            raise ValueError("needle_information needs needle probes (needle_probes), which carry a counterfactual.")
+        where = probe.scored.nonzero().flatten().to(device)
+        target = probe.input_ids.to(device)[where + 1]
+        logps = []
+        for ids in (probe.input_ids, probe.counterfactual):
+            logits = model(input_ids=ids[None].to(device)).logits[0, where].float()
+            logps.append(torch.log_softmax(logits, -1).gather(-1, target[:, None]).mean())
+        gains.append((logps[0] - logps[1]).item())
+    return sum(gains) / len(gains)
 
 
 @torch.no_grad()

@@ -388,19 +388,25 @@ def by_position(student: torch.nn.Module, teacher: torch.nn.Module, documents: S
 
 @torch.no_grad()
 def output_gates(student: torch.nn.Module, documents: Sequence[torch.Tensor], reach: int) -> dict[str, list]:
-    """How much each head uses its memory: the output gate o (the memory's share of the mix) of every layer and
-    head as the mixer applies it (0 within the window's reach of a student with ``exact_within_window``), averaged
-    over the tokens of ``documents`` inside the window's reach (positions < ``reach``) and beyond it.
-    Returns ``{"inside": [[...] per head] per layer, "beyond": ...}`` (NaN for heads that keep full attention and for
-    layers that keep the teacher's sliding-window attention); empty for a mixer without an output gate."""
+    """How much each head uses its memory, and how far back the memory reaches.
+
+    ``inside`` / ``beyond``: the output gate o (the memory's share of the mix) of every layer and head as the mixer
+    applies it (0 within the window's reach of a student with ``exact_within_window``), averaged over the tokens of
+    ``documents`` inside the window's reach (positions < ``reach``) and beyond it. ``horizon``: the memory's horizon
+    in tokens, 1 / mean(-log f) over all tokens: the distance over which the forget gates f multiply a stored
+    token's weight by 1/e (a token must lie within a few horizons to be read back); only for mixers with a forget gate.
+    Returns ``{"inside": [[...] per head] per layer, "beyond": ..., "horizon": ..., "tokens": ...}`` (NaN for heads
+    that keep full attention and for layers without the gate); empty for a mixer without an output gate."""
     from xlstm_distill.modeling.attention import window_only_within_reach
 
     layers = [layer.self_attn for layer in student.model.layers]
     gated = [i for i, mixer in enumerate(layers) if hasattr(mixer, "gate_proj") and mixer.gate_proj.output_gate]
     if not gated:
         return {}
+    forgets = [i for i in gated if layers[i].gate_proj.memory_gates]
     device = next(student.parameters()).device
-    sums = {part: torch.zeros(len(layers), layers[0].num_heads, dtype=torch.float64) for part in ("inside", "beyond")}
+    shape = (len(layers), layers[0].num_heads)
+    sums = {part: torch.zeros(shape, dtype=torch.float64) for part in ("inside", "beyond", "forget")}
     counts = {"inside": 0, "beyond": 0}
     captured: dict[int, torch.Tensor] = {}
     hooks = [layers[i].gate_proj.register_forward_hook(lambda m, args, out, i=i: captured.__setitem__(i, out))
@@ -413,9 +419,12 @@ def output_gates(student: torch.nn.Module, documents: Sequence[torch.Tensor], re
             inside = position[0] < reach  # (T,)
             for index, gates in captured.items():
                 mixer, gates = layers[index], gates.transpose(1, 2)  # (1, G*NH, T)
+                NH = mixer.num_heads
+                if mixer.gate_proj.memory_gates:  # [input, forget, output]: -log f = softplus(-pre-activation)
+                    sums["forget"][index] += F.softplus(-gates[0, NH:2 * NH].float()).sum(-1).double().cpu()
                 if mixer.exact_reach is not None:  # as the mixer applies it: the window branch alone within the reach
-                    gates = window_only_within_reach(gates, position, mixer.exact_reach, mixer.num_heads)
-                o = torch.sigmoid(gates[0, -mixer.num_heads:].float()).T  # (T, NH)
+                    gates = window_only_within_reach(gates, position, mixer.exact_reach, NH)
+                o = torch.sigmoid(gates[0, -NH:].float()).T  # (T, NH)
                 for part, where in (("inside", inside), ("beyond", ~inside)):
                     sums[part][index] += o[where].sum(0).double().cpu()
             counts["inside"] += int(inside.sum())
@@ -423,30 +432,79 @@ def output_gates(student: torch.nn.Module, documents: Sequence[torch.Tensor], re
     finally:
         for hook in hooks:
             hook.remove()
-    for index, mixer in enumerate(layers):  # heads that keep full attention and ungated layers use no gate: NaN
+    horizon = (counts["inside"] + counts["beyond"]) / sums.pop("forget")
+    for index, mixer in enumerate(layers):  # heads that keep full attention and layers without the gate: NaN
         for a, b, kept in mixer.q_runs:
-            if kept or index not in gated:
-                for part in sums:
-                    sums[part][index, a:b] = float("nan")
-    return {part: (sums[part] / max(counts[part], 1)).tolist() for part in sums} | {"tokens": counts}
+            for part, values in (*sums.items(), ("horizon", horizon)):
+                if kept or index not in (forgets if part == "horizon" else gated):
+                    values[index, a:b] = float("nan")
+    result = {part: (sums[part] / max(counts[part], 1)).tolist() for part in sums} | {"tokens": counts}
+    return result | ({"horizon": horizon.tolist()} if forgets else {})
 
 
 def plot_output_gates(gates: Mapping[str, Mapping[str, list]], path: Path) -> None:
-    """Heat maps (layers x heads) of the mean output gate beyond the window, one per model."""
+    """Heat maps (layers x heads), one column per model: the mean output gate beyond the window and, for mixers with
+    a forget gate, the memory's horizon (log scale)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
 
-    fig, axes = plt.subplots(1, len(gates), figsize=(3.2 * len(gates) + 0.8, 4.2), squeeze=False)
+    rows = 2 if any("horizon" in values for values in gates.values()) else 1
+    fig, axes = plt.subplots(rows, len(gates), figsize=(3.2 * len(gates) + 0.8, 4.4 * rows), squeeze=False)
+    fig.subplots_adjust(hspace=0.45, wspace=0.35)
     for ax, (name, values) in zip(axes[0], gates.items()):
         image = ax.imshow(values["beyond"], vmin=0, vmax=1, cmap="viridis", aspect="auto")
         ax.set_title(f"{name}\nmean output gate beyond the window", fontsize=8)
         ax.set_xlabel("head")
         ax.set_ylabel("layer")
     fig.colorbar(image, ax=axes[0].tolist(), label="o (memory's share)")
+    if rows == 2:
+        for ax, (name, values) in zip(axes[1], gates.items()):
+            if "horizon" not in values:
+                ax.axis("off")
+                continue
+            horizon = torch.tensor(values["horizon"], dtype=torch.float64).numpy()
+            image = ax.imshow(horizon, norm=LogNorm(vmin=10, vmax=1e5), cmap="magma", aspect="auto")
+            ax.set_title(f"{name}\nmemory horizon 1 / mean(-log f)", fontsize=8)
+            ax.set_xlabel("head")
+            ax.set_ylabel("layer")
+        fig.colorbar(image, ax=axes[1].tolist(), label="tokens")
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def output_gate_lines(gates: Mapping[str, Mapping[str, list]], window: int) -> list[str]:
+    """One line per model of :func:`output_gates`: the memory's mean share beyond and inside the window, the heads
+    that give it more than half, and (with a forget gate) the memory's horizon against the window."""
+    lines = []
+    for label, values in gates.items():
+        beyond = torch.tensor(values["beyond"])
+        lines.append(f"{label}: mean output gate beyond the window {beyond.nanmean():.3f} (inside "
+                     f"{torch.tensor(values['inside']).nanmean():.3f}); heads above 0.5: "
+                     f"{int((beyond > 0.5).sum())} of {int(beyond.isfinite().sum())} mixer heads")
+        if "horizon" in values:  # can the memory reach past the window at all?
+            horizon = torch.tensor(values["horizon"])
+            horizon = horizon[horizon.isfinite()]
+            lines.append(f"{label}: memory horizon median {horizon.median():.0f} tokens, max {horizon.max():.0f}; "
+                         f"heads beyond the window ({window}): {int((horizon > window).sum())} of {horizon.numel()}")
+    return lines
+
+
+def write_output_gates(gates: Mapping[str, Mapping[str, list]], out_dir: str | os.PathLike, window: int) -> list[str]:
+    """``output_gates.json`` and ``.png`` in ``out_dir`` for the models with an output gate; returns the summary
+    lines (:func:`output_gate_lines`)."""
+    import json
+
+    gates = {label: values for label, values in gates.items() if values}
+    if not gates:
+        return []
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "output_gates.json").write_text(json.dumps(gates, indent=2))
+    plot_output_gates(gates, out / "output_gates.png")
+    return output_gate_lines(gates, window)
 
 
 def perplexity(ce: Sequence[float]) -> list[float]:

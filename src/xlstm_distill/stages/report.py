@@ -15,7 +15,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from xlstm_distill.evaluation.long_context import by_position, output_gates, plot_output_gates, write_by_position
+from xlstm_distill.evaluation.long_context import by_position, output_gates, write_by_position, write_output_gates
 from xlstm_distill.metrics import paired_kl_difference
 from xlstm_distill.stages import domains
 from xlstm_distill.stages.common import autocast, compare_to_teacher
@@ -82,15 +82,8 @@ def position_report(ctx: RunContext, students: dict[str, Path], out: Path) -> di
                 gates[label] = output_gates(student, documents, student.config.window_reach)
     files = write_by_position(rows, out, len(documents), cfg.long_length, bucket, window)
     Console().print(files["markdown"].read_text())
-    gates = {label: values for label, values in gates.items() if values}
-    if gates:  # does the mix use the memory? (the output gate is the memory's share)
-        (out / "output_gates.json").write_text(json.dumps(gates, indent=2))
-        plot_output_gates(gates, out / "output_gates.png")
-        for label, values in gates.items():
-            beyond = torch.tensor(values["beyond"])
-            Console().print(f"{label}: mean output gate beyond the window {beyond.nanmean():.3f} (inside "
-                            f"{torch.tensor(values['inside']).nanmean():.3f}); heads above 0.5: "
-                            f"{int((beyond > 0.5).sum())} of {int(beyond.isfinite().sum())} mixer heads")
+    for line in write_output_gates(gates, out, window or 0):  # does the mix use the memory, how far back?
+        Console().print(line)
     return rows
 
 
