@@ -25,7 +25,7 @@ from pathlib import Path
 
 from xlstm_distill.benchmarks.report import write_results
 from xlstm_distill.data.documents import long_documents
-from xlstm_distill.evaluation.heads import head_scores, needle_information, needle_probes, probe_accuracy
+from xlstm_distill.evaluation.heads import head_scores, needle_probes, needle_scores
 from xlstm_distill.stages import Recipe, RunContext, select_heads
 from xlstm_distill.stages.common import autocast
 
@@ -41,16 +41,19 @@ def run(recipe_path: Path, models: dict[str, Path], probes: int, overrides: list
     calibration = select_heads.calibration(ctx, "needles", samples, length, reach)  # the ones select_heads scores
     held_out = needle_probes(long_documents(ctx.sources("held_out"), tokenizer, length, probes), tokenizer, probes,
                              length, reach, seed=seed + 1000)
-    rows = [{"model": "teacher", "needles": probe_accuracy(ctx.teacher, held_out),
-             "needle_information": needle_information(ctx.teacher, held_out)}]
+    rows = [{"model": "teacher", **_needles(ctx.teacher, held_out)}]
     for name, student in students.items():
         with autocast(ctx.device, ctx.autocast):
             kl = head_scores(student, ctx.teacher, calibration, candidates=[]).baseline
-            rows.append({"model": name, "path": str(models[name]), "needles": probe_accuracy(student, held_out),
-                         "needle_information": needle_information(student, held_out),
+            rows.append({"model": name, "path": str(models[name]), **_needles(student, held_out),
                          "calibration_kl": kl, "full_attention_heads": student.config.full_attention_heads})
         print(rows[-1], flush=True)
     return rows
+
+
+def _needles(model, probes) -> dict[str, float]:
+    accuracy, information = needle_scores(model, probes)
+    return {"needles": accuracy, "needle_information": information}
 
 
 def plot(rows: list[dict], path: Path) -> None:

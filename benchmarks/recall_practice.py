@@ -4,7 +4,7 @@ students (and the converted one) measured on what only a memory can answer:
 
 * held-out needles (`evaluation.heads.needle_probes` on held-out documents: two facts hidden more than the window's
   reach before a question about one of them; teacher-forced, every digit of the answer must be the argmax), a template
-  the recall corpus does not use, and how much of the fact reaches the answer (`needle_information`, nats per answer
+  the recall corpus does not use, and how much of the fact reaches the answer (`needle_scores`, nats per answer
   token; 0 for a model that sees nothing beyond its window);
 * RULER (`--ruler-file`, a set built by `xlstm-distill data ruler`): accuracy, and accuracy on the requests whose
   needle lies beyond the window (`RulerSet.beyond_window`);
@@ -27,7 +27,7 @@ from pathlib import Path
 
 from xlstm_distill.benchmarks.report import write_results
 from xlstm_distill.data.documents import long_documents
-from xlstm_distill.evaluation.heads import needle_information, needle_probes, probe_accuracy
+from xlstm_distill.evaluation.heads import needle_probes, needle_scores
 from xlstm_distill.evaluation.long_context import RulerSet
 from xlstm_distill.stages import Recipe, RunContext
 from xlstm_distill.stages import align, convert
@@ -57,8 +57,7 @@ def run(recipe_path: Path, out: Path, recall: float, probes: int, overrides: lis
     ruler = RulerSet.load(ruler_file, tokenizer) if ruler_file else None
     distances = ruler.needle_distances(tokenizer) if ruler else None
     batches = ctx.held_out_batches()
-    teacher_row = {"teacher needles": probe_accuracy(teacher, tests),
-                   "teacher needle information": needle_information(teacher, tests)}
+    teacher_row = dict(zip(("teacher needles", "teacher needle information"), needle_scores(teacher, tests)))
     if ruler:
         teacher_row["teacher ruler"] = _mean(ruler.score_requests(teacher, tokenizer))
     students = {"converted": (converted, 0.0, 0)}
@@ -74,8 +73,7 @@ def run(recipe_path: Path, out: Path, recall: float, probes: int, overrides: lis
             held = compare_to_teacher(student, teacher, batches)
             row = {"student": name, "recall weight": weight, "align steps": steps, "kl": held["kl"],
                    "kl_in_window": held.get("kl_in_window"), "kl_beyond_window": held.get("kl_beyond_window"),
-                   "needles": probe_accuracy(student, tests), "needle information": needle_information(student, tests),
-                   **teacher_row}
+                   **dict(zip(("needles", "needle information"), needle_scores(student, tests))), **teacher_row}
             if ruler:
                 scores = ruler.score_requests(student, tokenizer)
                 beyond = [c for by_length in ruler.beyond_window(scores, student.config.window_size, distances).values()

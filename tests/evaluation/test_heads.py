@@ -9,8 +9,8 @@ from typer.testing import CliRunner
 
 import xlstm_distill as xd
 from helpers import perturb_new_parameters, tiny_recipe, tiny_teacher
-from xlstm_distill.evaluation.heads import (Calibration, choose_heads, head_scores, needle_information, needle_probes,
-                                            retrieval_probes, text_calibration, write_head_scores)
+from xlstm_distill.evaluation.heads import (Calibration, choose_heads, head_scores, needle_probes, needle_scores,
+                                            probe_accuracy, retrieval_probes, text_calibration, write_head_scores)
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +68,9 @@ def test_needle_probes_hide_facts_beyond_the_window_and_score_the_asked_digits(t
 
 
 def test_needle_information_is_the_answers_log_probability_gain_and_zero_beyond_the_window():
-    """needle_information: mean log p(answer | probe) - log p(answer | value swapped); exactly 0 for a student whose
-    window cannot see the swapped tokens, not 0 for the teacher, who sees them."""
+    """needle_scores: probe_accuracy's accuracy, and the information mean log p(answer | probe) - log p(answer | value
+    swapped); exactly 0 for a student whose window cannot see the swapped tokens, not 0 for the teacher, who sees
+    them."""
     teacher = tiny_teacher()
     g = torch.Generator().manual_seed(0)
     probes = []
@@ -78,7 +79,8 @@ def test_needle_information_is_the_answers_log_probability_gain_and_zero_beyond_
         swapped = ids.clone()
         swapped[5:8] = torch.randint(3, 128, (3,), generator=g)  # the "value", far before the answer
         probes.append(Calibration(ids, (torch.arange(40) >= 35) & (torch.arange(40) < 39), swapped))
-    gain = needle_information(teacher, probes)
+    accuracy, gain = needle_scores(teacher, probes)
+    assert accuracy == probe_accuracy(teacher, probes)
     expected = []
     for probe in probes:
         where = probe.scored.nonzero().flatten()
@@ -87,9 +89,9 @@ def test_needle_information_is_the_answers_log_probability_gain_and_zero_beyond_
         expected.append((logps[0] - logps[1]).item())
     assert gain == pytest.approx(sum(expected) / 2, rel=1e-5) and abs(gain) > 1e-4
     window = xd.convert(teacher, xd.HybridConfig(mixer="swa", window_size=8, num_sink_tokens=2))
-    assert needle_information(window, probes) == 0.0  # the swapped tokens lie beyond its window and sinks
+    assert needle_scores(window, probes)[1] == 0.0  # the swapped tokens lie beyond its window and sinks
     with pytest.raises(ValueError, match="counterfactual"):
-        needle_information(teacher, [Calibration(probes[0].input_ids, probes[0].scored)])
+        needle_scores(teacher, [Calibration(probes[0].input_ids, probes[0].scored)])
 
 
 def test_text_calibration_scores_only_past_the_window():

@@ -150,36 +150,40 @@ def _same_length_value(ids: Any, key: str, value: str, rng: random.Random) -> st
 
 
 @torch.no_grad()
-def needle_information(model: torch.nn.Module, probes: list[Calibration]) -> float:
-    """How much of the hidden fact reaches the answer, in nats per answer token: the mean log-probability of the
-    answer's tokens given the probe minus given the same probe with the asked fact's value swapped. Continuous where
-    accuracy is 0 or 1: exactly 0 for a model that sees nothing beyond its window (the two prompts differ only there),
-    a few nats for one that retrieves the fact."""
-    device = next(model.parameters()).device
-    gains = []
+def needle_scores(model: torch.nn.Module, probes: list[Calibration]) -> tuple[float, float]:
+    """On needle probes (:func:`needle_probes`): the accuracy of :func:`probe_accuracy`, and how much of the hidden
+    fact reaches the answer, in nats per answer token: the mean log-probability of the answer's tokens given the probe
+    minus given the same probe with the asked fact's value swapped. The second is continuous where accuracy is 0 or 1:
+    exactly 0 for a model that sees nothing beyond its window (the two prompts differ only there), a few nats for one
+    that retrieves the fact. One forward per probe and one per counterfactual."""
+    hits, gains = 0, []
     for probe in probes:
         if probe.counterfactual is None:
-            raise ValueError("needle_information needs needle probes (needle_probes), which carry a counterfactual.")
-        where = probe.scored.nonzero().flatten().to(device)
-        target = probe.input_ids.to(device)[where + 1]
-        logps = []
-        for ids in (probe.input_ids, probe.counterfactual):
-            logits = model(input_ids=ids[None].to(device)).logits[0, where].float()
-            logps.append(torch.log_softmax(logits, -1).gather(-1, target[:, None]).mean())
+            raise ValueError("needle_scores needs needle probes (needle_probes), which carry a counterfactual.")
+        logits, target = _answer_logits(model, probe.input_ids, probe)
+        hits += bool(torch.equal(logits.argmax(-1), target))
+        swapped, _ = _answer_logits(model, probe.counterfactual, probe)
+        logps = [torch.log_softmax(x.float(), -1).gather(-1, target[:, None]).mean() for x in (logits, swapped)]
         gains.append((logps[0] - logps[1]).item())
-    return sum(gains) / len(gains)
+    return hits / len(probes), sum(gains) / len(gains)
 
 
 @torch.no_grad()
 def probe_accuracy(model: torch.nn.Module, probes: list[Calibration]) -> float:
     """Share of probes whose every scored token is the model's argmax (teacher-forced: greedy decoding's answer)."""
-    device = next(model.parameters()).device
     hits = 0
     for probe in probes:
-        ids = probe.input_ids[None].to(device)
-        where = probe.scored.nonzero().flatten().to(device)
-        hits += bool(torch.equal(model(input_ids=ids).logits[0, where].argmax(-1), ids[0, where + 1]))
+        logits, target = _answer_logits(model, probe.input_ids, probe)
+        hits += bool(torch.equal(logits.argmax(-1), target))
     return hits / len(probes)
+
+
+def _answer_logits(model: torch.nn.Module, ids: torch.Tensor, probe: Calibration) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's logits at the probe's scored positions on ``ids`` (T,) (the probe or its counterfactual), (N, V),
+    and the probe's answer tokens there, (N,)."""
+    device = next(model.parameters()).device
+    where = probe.scored.nonzero().flatten().to(device)
+    return model(input_ids=ids[None].to(device)).logits[0, where], probe.input_ids.to(device)[where + 1]
 
 
 def text_calibration(sequences: list[torch.Tensor], reach: int, per_sequence: int = 128,
