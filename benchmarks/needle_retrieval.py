@@ -23,7 +23,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from xlstm_distill.benchmarks.report import write_results
+from xlstm_distill.benchmarks.report import student_folders, write_results
 from xlstm_distill.data.documents import long_documents
 from xlstm_distill.evaluation.heads import head_scores, needle_probes, needle_scores
 from xlstm_distill.stages import Recipe, RunContext, select_heads
@@ -88,12 +88,7 @@ def main() -> None:
     parser.add_argument("--probes", type=int, default=48, help="Held-out needle probes.")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="Recipe override (repeatable).")
     args = parser.parse_args()
-    models = {}
-    for item in args.model:
-        name, sep, path = item.partition("=")
-        if not sep or not Path(path).is_dir():
-            parser.error(f"--model {item!r}: give NAME=PATH of a saved student folder.")
-        models[name] = Path(path)
+    models = student_folders(parser, args.model)
     rows = run(args.recipe, models, args.probes, args.overrides)
     command = "python benchmarks/needle_retrieval.py " + shlex.join(sys.argv[1:])
     write_results(args.out, "needle_retrieval", rows, command,

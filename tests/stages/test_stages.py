@@ -12,7 +12,7 @@ import xlstm_distill as xd
 from helpers import SyntheticPacks, teacher_samples, tiny_teacher
 from xlstm_distill.metrics import paired_kl_difference
 from xlstm_distill.modeling.cache import full_layout
-from xlstm_distill.stages.align import (capture_attention, layer_losses, layer_mse, make_align_step,
+from xlstm_distill.stages.align import (AttentionTransfer, capture_attention, layer_losses, layer_mse, make_align_step,
                                         set_stage1_trainable)
 from xlstm_distill.stages.common import compare_to_teacher, teacher_forward
 from xlstm_distill.stages.distill import OnlineTargets, make_distill_step, set_stage2_trainable, sparse_kl
@@ -67,8 +67,8 @@ def test_stage1_loss_can_weight_the_positions_beyond_the_window():
     teacher attention, so all its error lies beyond; weighting those positions w rescales the mean accordingly."""
     student, teacher = student_and_teacher("swa")
     batch = SyntheticPacks(seed=3).make(0)  # 4 rows x 3 documents of 16 tokens: 36 positions inside, 156 beyond
-    plain = list(layer_losses(student, teacher, batch))
-    weighted = list(layer_losses(student, teacher, batch, beyond_window_weight=10.0))
+    plain = [loss.mse for loss in layer_losses(student, teacher, batch)]
+    weighted = [loss.mse for loss in layer_losses(student, teacher, batch, beyond_window_weight=10.0)]
     with torch.no_grad(), capture_attention(teacher) as records:
         teacher_forward(teacher, batch)
     for a, b in zip(plain, weighted):
@@ -94,6 +94,44 @@ def test_stage1_lowers_every_layer_mse(tmp_path):
     assert torch.equal(student.model.layers[0].self_attn.q_proj.weight, frozen)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 40 and "layer_02_mse" in rows[0]
+
+
+def test_stage1_attention_transfer_teaches_the_memory_the_teachers_weights(tmp_path):
+    """With ``attention_transfer``, each layer's loss is its MSE plus the weight times the transfer cross-entropy
+    (logged per layer), the queries are the same for the same step and call, and training lowers the held-out
+    cross-entropy, which the MSE alone raises."""
+    def held_out_transfer(student, teacher):
+        losses = layer_losses(student, teacher, SyntheticPacks(seed=99).make(0), transfer=AttentionTransfer(1.0, 16),
+                              key="held-out")
+        return sum(loss.transfer.item() for loss in losses)
+
+    results = {}
+    for weight in (0.0, 0.05):
+        student, teacher = student_and_teacher()
+        student.config.window_size = 2
+        set_stage1_trainable(student)
+        start = held_out_transfer(student, teacher)
+        step = make_align_step(student, teacher, transfer=AttentionTransfer(weight, 16, seed=1))
+        if weight:
+            metrics = step(SyntheticPacks().make(0), 1.0, 0)
+            transfer = sum(v for k, v in metrics.items() if k.endswith("_transfer"))
+            mse = sum(v for k, v in metrics.items() if k.endswith("_mse"))
+            assert "layer_02_transfer" in metrics and transfer > 0
+            assert metrics["loss"] == pytest.approx(mse + weight * transfer)
+        cfg = TrainConfig(steps=30, lr=5e-2, warmup_steps=3, checkpoint_every=100)
+        Trainer(student, step, SyntheticPacks(), cfg, tmp_path / str(weight), "align").fit()
+        results[weight] = (start, held_out_transfer(student, teacher))
+    assert results[0.0][0] == pytest.approx(results[0.05][0])  # the same start and the same held-out queries
+    # the tiny teacher's attention is nearly even, so the cross-entropy's floor (its entropy) lies just below the start;
+    # the MSE alone moves the memory away from the teacher's weights, the transfer toward them
+    assert results[0.05][1] < results[0.05][0] and results[0.05][1] < results[0.0][1] - 0.05, results
+    sample = AttentionTransfer(1.0, 8, seed=3)
+    layout = full_layout(2, 30, torch.device("cpu"))
+    queries, weights = sample.sample(layout, 10, "4/0")
+    assert torch.equal(queries, sample.sample(layout, 10, "4/0")[0]) and bool((queries >= 10).all())
+    assert not torch.equal(queries, sample.sample(layout, 10, "4/1")[0]) and bool((weights == 1).all())
+    with pytest.raises(ValueError, match="attention_transfer"):
+        xd.stages.recipe.AlignSection(attention_transfer=-1.0)
 
 
 def test_stage1_with_a_full_attention_layer_trains_the_others():
@@ -361,7 +399,7 @@ def test_scheduled_window_dropout_shortens_the_window_on_a_falling_share_of_batc
 def layer_losses_values(student, teacher, batch):
     from xlstm_distill.stages.align import layer_losses
 
-    return [mse.item() for mse in layer_losses(student, teacher, batch)]
+    return [loss.mse.item() for loss in layer_losses(student, teacher, batch)]
 
 
 def test_prefetched_targets_are_the_readers_batches_and_resume_after_the_last_one_taken(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import time
@@ -22,6 +23,17 @@ def environment() -> dict[str, str]:
 def first_line(err: BaseException, limit: int = 160) -> str:
     """An exception's first line, shortened: what a result row records of a failure."""
     return str(err).splitlines()[0][:limit] if str(err) else type(err).__name__
+
+
+def student_folders(parser: argparse.ArgumentParser, items: Sequence[str]) -> dict[str, Path]:
+    """``--model NAME=PATH`` arguments as NAME -> folder; a malformed item or a missing folder is the parser's error."""
+    models = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not Path(path).is_dir():
+            parser.error(f"--model {item!r}: give NAME=PATH of a saved student folder.")
+        models[name] = Path(path)
+    return models
 
 
 def sync() -> None:

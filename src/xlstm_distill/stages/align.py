@@ -4,6 +4,11 @@ For every layer l, the student mixer gets the teacher's own attention input (tea
 reproduce the teacher's attention output: L = sum_l MSE(h^(l), h_hat^(l)). Layers are independent, so every layer
 trains in the same pass over one teacher forward, and each layer back-propagates on its own (memory of one layer).
 By default only the new parameters (feature maps, gates) train; ``train_projections`` adds q/k/v/o.
+
+``attention_transfer`` adds, per layer, the cross-entropy from the teacher's attention weights on the keys beyond the
+window to the memory's weights on them (``modeling.attention_weights.attention_transfer_loss``), at a few sampled
+query positions per sequence: the output MSE rewards a memory that reads back a rare, sharply attended token (a fact
+asked about much later) only as much as that token moves the average output; the weights name it directly.
 """
 
 from __future__ import annotations
@@ -16,10 +21,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from xlstm_distill.modeling import HybridForCausalLM
+from xlstm_distill.modeling.attention_weights import attention_transfer_loss, head_inputs
 from xlstm_distill.modeling.cache import TokenLayout, full_layout
 from xlstm_distill.stages import convert
 from xlstm_distill.stages.common import PackedBatches, autocast, teacher_forward
@@ -43,7 +50,8 @@ def run(ctx: RunContext) -> Path:
     set_stage1_trainable(student, cfg.train_projections)
     if any(p.requires_grad for p in student.parameters()):
         step = make_align_step(student, ctx.teacher, ctx.autocast, cfg.beyond_window_weight, cfg.compile,
-                               WindowDropout(cfg.window_dropout, cfg.dropout_window, cfg.steps, ctx.recipe.seed))
+                               WindowDropout(cfg.window_dropout, cfg.dropout_window, cfg.steps, ctx.recipe.seed),
+                               AttentionTransfer(cfg.attention_transfer, cfg.transfer_queries, ctx.recipe.seed))
         data = PackedBatches(ctx.packed(), cfg.batch_size)
         Trainer(student, step, data, cfg, path.parent, "stage1", seed=ctx.recipe.seed).fit()
     else:  # e.g. mixer=swa: no new parameters, the converted student is the Stage I model
@@ -83,11 +91,41 @@ def set_stage1_trainable(student: HybridForCausalLM, train_projections: bool = F
     return [n for n, p in student.named_parameters() if p.requires_grad]
 
 
+class LayerLoss(NamedTuple):
+    """One layer's Stage I losses."""
+
+    mse: torch.Tensor  # the (weighted) MSE of the mixer's output
+    transfer: torch.Tensor | None  # the attention-transfer cross-entropy (None: not asked for, or no memory)
+
+
+@dataclass
+class AttentionTransfer:
+    """Stage I's attention transfer: ``weight`` times the cross-entropy of the memory's weights beyond the window
+    against the teacher's, at ``queries`` positions per sequence drawn among those whose document prefix reaches past
+    the window and sinks (deterministic in seed, step and call)."""
+
+    weight: float = 0.0
+    queries: int = 64
+    seed: int = 0
+
+    def sample(self, layout: TokenLayout, reach: int, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, P) query indices and (B, P) weights (0 in a row with no such position)."""
+        eligible = (layout.position >= reach).float()  # (B, T)
+        rows = eligible.sum(-1, keepdim=True) > 0
+        generator = torch.Generator(device="cpu").manual_seed(random.Random(f"{self.seed}/{key}").getrandbits(63))
+        probs = torch.where(rows, eligible, torch.ones_like(eligible)).cpu()
+        queries = torch.multinomial(probs, self.queries, replacement=True, generator=generator)
+        return queries.to(layout.position.device), rows.expand(-1, self.queries).float()
+
+
 def layer_losses(
     student: HybridForCausalLM, teacher: torch.nn.Module, batch: dict[str, torch.Tensor],
     autocast_dtype: torch.dtype | None = None, beyond_window_weight: float = 1.0, compiled: bool = False,
-) -> Iterator[torch.Tensor]:
-    """One teacher forward, then for every layer in turn the MSE of the student mixer on the teacher's input.
+    transfer: AttentionTransfer | None = None, key: str = "0/0",
+) -> Iterator[LayerLoss]:
+    """One teacher forward, then for every layer in turn the MSE of the student mixer on the teacher's input (and,
+    with ``transfer``, the attention-transfer cross-entropy on the same input; ``key`` names the batch for its query
+    sample).
 
     ``beyond_window_weight``: weight of the positions past the window's reach (window + sinks, counted from the
     document start) against 1 for those inside it, where the window alone reproduces the teacher; 1 = plain MSE."""
@@ -108,7 +146,20 @@ def layer_losses(
             hidden, rope = hidden.to(dtype), tuple(r.to(dtype) for r in rope)
         with autocast(device, autocast_dtype):
             loss = mse(layer.self_attn, hidden, rope, layout, rec["output"], weights)
-        yield loss  # outside autocast: the caller runs the backward
+            extra = transfer_loss(layer.self_attn, hidden, rope, layout, transfer, key) if transfer else None
+        yield LayerLoss(loss, extra)  # outside autocast: the caller runs the backward
+
+
+def transfer_loss(mixer: torch.nn.Module, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                  layout: TokenLayout, transfer: AttentionTransfer, key: str) -> torch.Tensor | None:
+    """The attention-transfer cross-entropy of one mixer (None for a layer without a memory or whose heads all keep
+    full attention)."""
+    if not mixer.uses_memory or mixer.all_heads_full:
+        return None
+    queries, query_weight = transfer.sample(layout, mixer.window + mixer.num_sinks, key)
+    kept = torch.tensor([float(not k) for a, b, k in mixer.q_runs for _ in range(a, b)], device=hidden.device)
+    return attention_transfer_loss(mixer, head_inputs(mixer, hidden, rope), layout.doc_start, queries, query_weight,
+                                   kept)
 
 
 def mixer_mse(
@@ -169,11 +220,13 @@ def window_of(student: HybridForCausalLM, window: int) -> Iterator[None]:
 
 def make_align_step(student: HybridForCausalLM, teacher: torch.nn.Module, autocast_dtype: torch.dtype | None = None,
                     beyond_window_weight: float = 1.0, compiled: bool = False,
-                    dropout: WindowDropout | None = None):
-    """``step_fn`` for the trainer: per layer, MSE then backward right away (the memory of one layer). ``compiled``:
-    each layer's mixer and MSE through torch.compile (one graph for all layers). ``dropout``: scheduled window
-    dropout (:class:`WindowDropout`)."""
+                    dropout: WindowDropout | None = None, transfer: AttentionTransfer | None = None):
+    """``step_fn`` for the trainer: per layer, the loss then backward right away (the memory of one layer).
+    ``compiled``: each layer's mixer and MSE through torch.compile (one graph for all layers). ``dropout``: scheduled
+    window dropout (:class:`WindowDropout`). ``transfer``: the attention transfer (:class:`AttentionTransfer`; its
+    weight 0: none)."""
     dropout = dropout or WindowDropout()
+    transfer = transfer if transfer is not None and transfer.weight > 0 else None
     calls = {"step": -1, "n": 0}  # batches seen in the current optimizer step (gradient accumulation)
 
     def step(batch: dict[str, torch.Tensor], scale: float, step: int = 0) -> dict[str, float]:
@@ -183,12 +236,17 @@ def make_align_step(student: HybridForCausalLM, teacher: torch.nn.Module, autoca
         window = dropout.window_at(step, calls["n"], full) if student.config.uses_swa else full
         metrics = {}
         with window_of(student, window) if window != full else contextlib.nullcontext():
-            for idx, mse in enumerate(layer_losses(student, teacher, batch, autocast_dtype, beyond_window_weight,
-                                                   compiled)):
-                if mse.requires_grad:  # (a layer whose heads all keep full attention has nothing to train)
-                    (mse * scale).backward()
+            for idx, (mse, ce) in enumerate(layer_losses(student, teacher, batch, autocast_dtype,
+                                                         beyond_window_weight, compiled, transfer,
+                                                         f"{step}/{calls['n']}")):
+                loss = mse if ce is None else mse + transfer.weight * ce
+                if loss.requires_grad:  # (a layer whose heads all keep full attention has nothing to train)
+                    (loss * scale).backward()
                 metrics[f"layer_{idx:02d}_mse"] = mse.item()
-        metrics["loss"] = sum(metrics.values())
+                if ce is not None:
+                    metrics[f"layer_{idx:02d}_transfer"] = ce.item()
+        metrics["loss"] = sum(v for k, v in metrics.items() if k.endswith("_mse")) + (transfer.weight * sum(
+            v for k, v in metrics.items() if k.endswith("_transfer")) if transfer else 0.0)
         if dropout.rate:
             metrics["window"] = float(window)
         return metrics
@@ -201,7 +259,7 @@ def layer_mse(student: HybridForCausalLM, teacher: torch.nn.Module, batches: lis
     """Held-out per-layer MSE between the student mixers and the teacher attention (teacher-forced)."""
     totals = [0.0] * len(student.model.layers)
     for batch in batches:
-        for idx, mse in enumerate(layer_losses(student, teacher, batch)):
-            totals[idx] += mse.item() / len(batches)
+        for idx, loss in enumerate(layer_losses(student, teacher, batch)):
+            totals[idx] += loss.mse.item() / len(batches)
     return totals
 

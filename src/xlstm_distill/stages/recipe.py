@@ -114,10 +114,19 @@ class AlignSection(TrainConfig):
                                          "step, that a batch is aligned with the window shortened to `dropout_window` "
                                          "(the memory must carry the rest).")
     dropout_window: int | None = setting(None, "The shortened window (default: a quarter of the student's).")
+    attention_transfer: float = setting(0.0, "Weight of the attention transfer added to each layer's MSE: the "
+                                             "cross-entropy from the teacher's attention weights on the keys beyond "
+                                             "the window and sinks to the memory's weights on them, weighted by the "
+                                             "teacher's attention mass there (0: off).")
+    transfer_queries: int = setting(64, "Query positions per sequence the attention transfer is computed at "
+                                        "(drawn among those that reach past the window).")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_positive("align.batch_size", self.batch_size)
+        _check_positive("align.transfer_queries", self.transfer_queries)
+        if self.attention_transfer < 0:
+            raise ValueError(f"align.attention_transfer is a loss weight >= 0, got {self.attention_transfer!r}.")
         if not 0.0 <= self.window_dropout <= 1.0:
             raise ValueError(f"align.window_dropout must be in [0, 1], got {self.window_dropout!r}.")
 
