@@ -69,16 +69,13 @@ def layer_inputs(model: torch.nn.Module, ids: torch.Tensor) -> list[tuple[torch.
     return caught
 
 
-def heads_qk(attn: torch.nn.Module, hidden: torch.Tensor, pos_emb: tuple, rope: bool = True):
-    """q (1, NH, T, DH) and k (1, NH, T, DH) (GQA repeated) of a Llama-style teacher attention module or a student's
-    HybridAttention, after RoPE or not."""
+def heads_qk(attn: torch.nn.Module, hidden: torch.Tensor, pos_emb: tuple):
+    """q (1, NH, T, DH) and k (1, NH, T, DH) (GQA repeated), after RoPE, of a Llama-style teacher attention module."""
     B, T, _ = hidden.shape
-    student = hasattr(attn, "project")  # a HybridAttention (with the teacher's projections and q/k norms)
-    H, D = attn.num_heads if student else attn.config.num_attention_heads, attn.head_dim
-    q, k = attn.project(hidden)[:2] if student else (attn.q_proj(hidden), attn.k_proj(hidden))
-    q, k = q.view(B, T, H, D).transpose(1, 2), k.view(B, T, -1, D).transpose(1, 2)
-    if rope:
-        q, k = (attn.apply_rope if student else sys.modules[type(attn).__module__].apply_rotary_pos_emb)(q, k, *pos_emb)
+    H, D = attn.config.num_attention_heads, attn.head_dim
+    q = attn.q_proj(hidden).view(B, T, H, D).transpose(1, 2)
+    k = attn.k_proj(hidden).view(B, T, -1, D).transpose(1, 2)
+    q, k = sys.modules[type(attn).__module__].apply_rotary_pos_emb(q, k, *pos_emb)
     return q, k.repeat_interleave(H // k.shape[1], dim=1)
 
 
@@ -93,10 +90,7 @@ def memory_weights(attn: torch.nn.Module, hidden: torch.Tensor, pos_emb: tuple, 
     """The memory's weights a_pj over positions 0..p, (NH, p + 1), and the output gate at p, (NH,), of a student's
     HybridAttention (one document), read with feature maps sharpened by ``sharpness`` and from q, k before RoPE
     if not ``rope``."""
-    inputs = attention_weights.head_inputs(attn, hidden, pos_emb)
-    if not rope:
-        q, k = heads_qk(attn, hidden, pos_emb, rope=False)
-        inputs = inputs._replace(q=q, k=k)
+    inputs = attention_weights.head_inputs(attn, hidden, pos_emb, apply_rope=rope)
     queries = torch.tensor([[p]])
     visible = torch.arange(hidden.shape[1])[None, None] <= p  # (1, 1, T)
     with sharpened(attn, sharpness):

@@ -21,8 +21,8 @@ from xlstm_distill.kernels.swa_native import soft_cap
 class HeadInputs(NamedTuple):
     """One layer's per-head inputs (every query head; the GQA keys repeated)."""
 
-    q: torch.Tensor  # (B, NH, T, DH) after RoPE
-    k: torch.Tensor  # (B, NH, T, DH) after RoPE
+    q: torch.Tensor  # (B, NH, T, DH) after RoPE (unless head_inputs was asked otherwise)
+    k: torch.Tensor  # (B, NH, T, DH)
     log_input: torch.Tensor | None  # (B, NH, T) input gate pre-activations; None: a memory without gates
     log_forget: torch.Tensor | None  # (B, NH, T) log forget gates
     output_gate: torch.Tensor | None  # (B, NH, T) the output gate, the memory's share of the mix; None: no mix
@@ -32,6 +32,7 @@ def head_inputs(
     mixer: torch.nn.Module,  # a HybridAttention
     hidden: torch.Tensor,  # (B, T, HIDDEN) the layer's input
     rope: tuple[torch.Tensor, torch.Tensor],
+    apply_rope: bool = True,  # False: q and k before RoPE (a diagnostic read; the mixer itself uses them after)
 ) -> HeadInputs:
     """q, k and gates of every head, as ``HybridAttention.forward`` computes them (without the exact-within-reach
     override of the output gate)."""
@@ -41,7 +42,8 @@ def head_inputs(
     gates = mixer.gate_proj(torch.cat([q, k, v], dim=-1)).transpose(1, 2) if mixer.num_gates else None  # (B, G*NH, T)
     q = q.view(B, T, H, D).transpose(1, 2)
     k = k.view(B, T, KV, D).transpose(1, 2)
-    q, k = mixer.apply_rope(q, k, *rope)
+    if apply_rope:
+        q, k = mixer.apply_rope(q, k, *rope)
     i = f = o = None
     if gates is not None and mixer.gated_memory:
         i, f = gates[:, :H], F.logsigmoid(gates[:, H:2 * H].float())

@@ -156,7 +156,11 @@ def transfer_loss(mixer: torch.nn.Module, hidden: torch.Tensor, rope: tuple[torc
     full attention)."""
     if not mixer.uses_memory or mixer.all_heads_full:
         return None
-    queries, query_weight = transfer.sample(layout, mixer.window + mixer.num_sinks, key)
+    reach = mixer.window + mixer.num_sinks
+    memo = ("transfer_queries", reach)  # one sample per batch, shared by the layers (one host round trip)
+    if memo not in layout.memo:
+        layout.memo[memo] = transfer.sample(layout, reach, key)
+    queries, query_weight = layout.memo[memo]
     kept = torch.tensor([float(not k) for a, b, k in mixer.q_runs for _ in range(a, b)], device=hidden.device)
     return attention_transfer_loss(mixer, head_inputs(mixer, hidden, rope), layout.doc_start, queries, query_weight,
                                    kept)
@@ -234,7 +238,7 @@ def make_align_step(student: HybridForCausalLM, teacher: torch.nn.Module, autoca
         calls["step"] = step
         full = student.config.window_size
         window = dropout.window_at(step, calls["n"], full) if student.config.uses_swa else full
-        metrics = {}
+        metrics, total = {}, 0.0
         with window_of(student, window) if window != full else contextlib.nullcontext():
             for idx, (mse, ce) in enumerate(layer_losses(student, teacher, batch, autocast_dtype,
                                                          beyond_window_weight, compiled, transfer,
@@ -245,8 +249,8 @@ def make_align_step(student: HybridForCausalLM, teacher: torch.nn.Module, autoca
                 metrics[f"layer_{idx:02d}_mse"] = mse.item()
                 if ce is not None:
                     metrics[f"layer_{idx:02d}_transfer"] = ce.item()
-        metrics["loss"] = sum(v for k, v in metrics.items() if k.endswith("_mse")) + (transfer.weight * sum(
-            v for k, v in metrics.items() if k.endswith("_transfer")) if transfer else 0.0)
+                total += loss.item()
+        metrics["loss"] = total
         if dropout.rate:
             metrics["window"] = float(window)
         return metrics
