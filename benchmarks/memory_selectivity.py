@@ -122,14 +122,16 @@ def summarize(weights: torch.Tensor, span: torch.Tensor) -> dict[str, torch.Tens
 
 
 def train_variants(recipe_path: Path, out: Path, variants: dict[str, str], overrides: list[str]) -> dict[str, Path]:
-    """Stage I of each variant (recipe overrides) from the recipe's converted student, under out/runs/NAME (made
-    once; resumes). Returns NAME -> the Stage I model."""
+    """Stage I of each variant (recipe overrides) from the recipe's converted student (a variant that changes the
+    student is converted anew), under out/runs/NAME (made once; resumes). Returns NAME -> the Stage I model."""
     base = RunContext(Recipe.load(recipe_path, overrides + [f"out_dir={out / 'runs' / 'converted'}"]))
     converted = convert.run(base)
     models = {}
     for name, extra in variants.items():
         ctx = RunContext(Recipe.load(recipe_path, overrides + [f"out_dir={out / 'runs' / _slug(name)}", *extra.split()]))
-        if not ctx.converted_dir.exists():  # every variant starts from the one converted student
+        if ctx.recipe.student != base.recipe.student:  # its own student (e.g. student.feature_dim=256)
+            convert.run(ctx)
+        elif not ctx.converted_dir.exists():  # every other variant starts from the one converted student
             shutil.copytree(converted, ctx.converted_dir)
         models[name] = align.run(ctx)
     return models

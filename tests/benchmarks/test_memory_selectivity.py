@@ -80,11 +80,15 @@ def test_driver_trains_variants_and_measures_them(tmp_path, monkeypatch):
     out = tmp_path / "out"
     module.main(["--recipe", str(recipe), "--out", str(out), "--probes", "2", "--probe-length", "128",
                  "--sharpness", "1", "4", "--retrieval-mass", "0", "--variant", "plain: align.steps=2",
-                 "--variant", "transfer: align.steps=2 align.attention_transfer=1.0"])
+                 "--variant", "transfer: align.steps=2 align.attention_transfer=1.0",
+                 "--variant", "wide: align.steps=2 student.feature_dim=24"])
     rows = json.loads((out / "memory_selectivity.json").read_text())["rows"]
     assert [r["model"] for r in rows] == ["teacher", "plain", "plain, sharpness 4", "transfer",
-                                          "transfer, sharpness 4"]
+                                          "transfer, sharpness 4", "wide", "wide, sharpness 4"]
     assert (out / "runs" / "transfer" / "stage1" / "model" / "config.json").exists()
+    configs = {name: json.loads((out / "runs" / name / "student-init" / "config.json").read_text())
+               for name in ("plain", "wide")}  # a variant that changes the student is converted anew
+    assert configs["wide"]["feature_dim"] == 24 and configs["plain"]["feature_dim"] is None
     plain, transfer = rows[1], rows[3]
     assert plain["kl"] > 0 and transfer["kl"] > 0 and plain["kl"] != transfer["kl"]
     assert 0 <= rows[0]["needles"] <= 1 and "kl" not in rows[0] and "gate_retrieval" not in rows[0]

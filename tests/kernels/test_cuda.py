@@ -263,6 +263,22 @@ def test_student_fast_backend_matches_native_forward_backward(mixer, copy_sinks)
     assert fast_grad < max(5 * TOL[torch.bfloat16], 2 * native_grad), errors
 
 
+def test_student_with_a_larger_feature_map_fast_backend_matches_native():
+    """feature_dim = 4 x head_dim (q, k of the memory wider than v): backend 'tfla' against backend 'native' in float32,
+    as above."""
+    native, fast, ids, docs = _student_pair("mlstm_swa", feature_dim=128)  # head dim 32
+    truth = _student_run(native, ids, docs, torch.float32)
+    native_bf16 = _student_run(native, ids, docs, torch.bfloat16)
+    torch._dynamo.reset()
+    fast_bf16 = _student_run(fast, ids, docs, torch.bfloat16)
+    errors = {name: [_rel(a, b) for a, b in zip(result, truth)] for name, result in
+              (("tfla", fast_bf16), ("native bf16", native_bf16))}
+    (fast_out, fast_grad), (native_out, native_grad) = errors["tfla"], errors["native bf16"]
+    print(errors)
+    assert fast_out < max(TOL[torch.bfloat16], 2 * native_out), errors
+    assert fast_grad < max(5 * TOL[torch.bfloat16], 2 * native_grad), errors
+
+
 def test_mixed_student_fast_backend_matches_native_and_graph_decodes():
     """Full-attention heads on CUDA: one KV head of layer 0 and all of layer 1 kept. The fast backend (TFLA +
     FlexAttention on the other heads, SDPA on the kept ones) against the float32 native truth, forward and backward;

@@ -273,6 +273,21 @@ def test_feature_map_matches_reference(dtype):
         torch.testing.assert_close(d_out.float(), d_ref.float(), **tol)
 
 
+def test_larger_feature_map_starts_as_copies_of_the_identity():
+    """feature_dim = 4 x head_dim: phi(q).phi(k) starts near a quarter of the head-dim map's softmax(q).softmax(k)
+    (so the normalized memory reads the same weights), and the copies differ, so their gradients differ too."""
+    from xlstm_distill.modeling.attention import FeatureMap
+
+    torch.manual_seed(0)
+    small, large = FeatureMap(2, 16, 16), FeatureMap(2, 16, 64)
+    q, k = torch.randn(1, 2, 7, 16), torch.randn(1, 2, 7, 16)
+    kernel_small = small(q) @ small(k).transpose(-1, -2)  # (1, NH, T, T)
+    kernel_large = large(q) @ large(k).transpose(-1, -2)
+    torch.testing.assert_close(4 * kernel_large, kernel_small, rtol=0.1, atol=0)
+    copies = large.weight.view(2, 16, 4, 16)
+    assert (copies[:, :, 0] - copies[:, :, 1]).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("mixer", ["mlstm_swa", "linear_swa"])
 def test_forward_under_autocast_matches_float32(mixer):
     """The stages train under bf16 autocast on CUDA: there q leaves RoPE in float32 while the branches are bf16.

@@ -40,9 +40,18 @@ class FeatureMap(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Identity start: phi(x) = softmax(x) when feature_dim == head_dim."""
+        """Identity start: phi(x) = softmax(x) when feature_dim == head_dim (the first feature_dim inputs when it is
+        smaller). A larger map starts as copies of the identity, phi(x) = [softmax(x), softmax(x), ...] / copies, so
+        that phi(q).phi(k) is the head-dim map's up to the factor 1 / copies, which the memory's normalizer divides
+        out; a small random perturbation (std 0.1 / sqrt(head_dim)) lets the copies learn different features."""
+        NH, DH, DF = self.weight.shape
         with torch.no_grad():
-            self.weight.copy_(torch.eye(*self.weight.shape[1:]).expand_as(self.weight))
+            eye = torch.eye(DH, device=self.weight.device, dtype=self.weight.dtype)
+            if DF <= DH:
+                self.weight.copy_(eye[:, :DF].expand_as(self.weight))
+            else:
+                self.weight.copy_(eye.repeat(1, -(-DF // DH))[:, :DF].expand_as(self.weight))
+                self.weight.add_(torch.randn_like(self.weight) * (0.1 / DH ** 0.5))
             self.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, NH, T, DH) -> (B, NH, T, DF)
