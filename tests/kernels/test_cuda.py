@@ -241,6 +241,27 @@ def _student_run(model: torch.nn.Module, ids, docs, dtype: torch.dtype, autocast
     return logits.detach().float(), model.model.layers[0].self_attn.q_proj.weight.grad.float()
 
 
+def _fast_and_native_errors(native, fast, ids, docs, error_on_recompile: bool = False) -> dict[str, list[float]]:
+    """Relative errors of logits and the q_proj gradient against backend 'native' in float32 (the truth), for backend
+    'tfla' in bf16 ("tfla") and backend 'native' in bf16 ("native bf16")."""
+    truth = _student_run(native, ids, docs, torch.float32)
+    native_bf16 = _student_run(native, ids, docs, torch.bfloat16)
+    torch._dynamo.reset()  # the compiled memory branch and FlexAttention: one graph each serves both layers
+    with torch._dynamo.config.patch(error_on_recompile=error_on_recompile):
+        fast_bf16 = _student_run(fast, ids, docs, torch.bfloat16)
+    errors = {name: [_rel(a, b) for a, b in zip(result, truth)] for name, result in
+              (("tfla", fast_bf16), ("native bf16", native_bf16))}
+    print(errors)
+    return errors
+
+
+def _assert_fast_matches_native(errors: dict[str, list[float]]) -> None:
+    """Logits within the tolerance or no worse than twice native bf16; the gradient within 5x it or likewise."""
+    (fast_out, fast_grad), (native_out, native_grad) = errors["tfla"], errors["native bf16"]
+    assert fast_out < max(TOL[torch.bfloat16], 2 * native_out), errors
+    assert fast_grad < max(5 * TOL[torch.bfloat16], 2 * native_grad), errors
+
+
 @pytest.mark.parametrize("copy_sinks", ["rows", "all"])
 @pytest.mark.parametrize("mixer", ["mlstm_swa", "linear_swa"])
 def test_student_fast_backend_matches_native_forward_backward(mixer, copy_sinks):
@@ -250,33 +271,14 @@ def test_student_fast_backend_matches_native_forward_backward(mixer, copy_sinks)
     packed: FlexAttention's sinks in place (the default, "rows") or copied per query block ("all")."""
     native, fast, ids, docs = _student_pair(mixer)
     fast.config.kernels = fast.config.kernels.replace(copy_sinks=copy_sinks)
-    truth = _student_run(native, ids, docs, torch.float32)
-    native_bf16 = _student_run(native, ids, docs, torch.bfloat16)
-    torch._dynamo.reset()  # the compiled memory branch and FlexAttention: one graph each serves both layers
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        fast_bf16 = _student_run(fast, ids, docs, torch.bfloat16)
-    errors = {name: [_rel(a, b) for a, b in zip(result, truth)] for name, result in
-              (("tfla", fast_bf16), ("native bf16", native_bf16))}
-    (fast_out, fast_grad), (native_out, native_grad) = errors["tfla"], errors["native bf16"]
-    print(mixer, errors)
-    assert fast_out < max(TOL[torch.bfloat16], 2 * native_out), errors
-    assert fast_grad < max(5 * TOL[torch.bfloat16], 2 * native_grad), errors
+    _assert_fast_matches_native(_fast_and_native_errors(native, fast, ids, docs, error_on_recompile=True))
 
 
 def test_student_with_a_larger_feature_map_fast_backend_matches_native():
     """feature_dim = 4 x head_dim (q, k of the memory wider than v): backend 'tfla' against backend 'native' in float32,
     as above."""
     native, fast, ids, docs = _student_pair("mlstm_swa", feature_dim=128)  # head dim 32
-    truth = _student_run(native, ids, docs, torch.float32)
-    native_bf16 = _student_run(native, ids, docs, torch.bfloat16)
-    torch._dynamo.reset()
-    fast_bf16 = _student_run(fast, ids, docs, torch.bfloat16)
-    errors = {name: [_rel(a, b) for a, b in zip(result, truth)] for name, result in
-              (("tfla", fast_bf16), ("native bf16", native_bf16))}
-    (fast_out, fast_grad), (native_out, native_grad) = errors["tfla"], errors["native bf16"]
-    print(errors)
-    assert fast_out < max(TOL[torch.bfloat16], 2 * native_out), errors
-    assert fast_grad < max(5 * TOL[torch.bfloat16], 2 * native_grad), errors
+    _assert_fast_matches_native(_fast_and_native_errors(native, fast, ids, docs))
 
 
 def test_mixed_student_fast_backend_matches_native_and_graph_decodes():
@@ -286,15 +288,7 @@ def test_mixed_student_fast_backend_matches_native_and_graph_decodes():
     from xlstm_distill.modeling.decode import greedy_generate
 
     native, fast, ids, docs = _student_pair("mlstm_swa", full_attention_heads=[[0, 1]], full_attention_layers=[1])
-    truth = _student_run(native, ids, docs, torch.float32)
-    native_bf16 = _student_run(native, ids, docs, torch.bfloat16)
-    torch._dynamo.reset()
-    fast_bf16 = _student_run(fast, ids, docs, torch.bfloat16)
-    errors = {name: [_rel(a, b) for a, b in zip(result, truth)] for name, result in
-              (("tfla", fast_bf16), ("native bf16", native_bf16))}
-    print(errors)
-    assert errors["tfla"][0] < max(TOL[torch.bfloat16], 2 * errors["native bf16"][0]), errors
-    assert errors["tfla"][1] < max(5 * TOL[torch.bfloat16], 2 * errors["native bf16"][1]), errors
+    _assert_fast_matches_native(_fast_and_native_errors(native, fast, ids, docs))
     fast.float().eval()
     with torch.no_grad():
         prompt = ids[:, :200]
